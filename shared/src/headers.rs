@@ -1,0 +1,38 @@
+//! Kafka record header names: the contract between the receiver, the processor and operators' tools.
+
+/// The event's `eventId` (absent when the body has none).
+pub const EVENT_ID: &str = "carhook-event-id";
+/// The event's `eventType` (or legacy `eventName`).
+pub const EVENT_TYPE: &str = "carhook-event-type";
+/// `meta.deliveryId`: differs on every Smartcar attempt.
+pub const DELIVERY_ID: &str = "carhook-delivery-id";
+/// When the receiver accepted the request, epoch milliseconds as decimal text.
+pub const RECEIVED_AT: &str = "carhook-received-at";
+/// Index of the management token that verified the body (0 = current). Never the token.
+pub const TOKEN_INDEX: &str = "carhook-token-index";
+/// W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+/// W3C trace state.
+pub const TRACESTATE: &str = "tracestate";
+/// Why a quarantined delivery was rejected (signature failure reason).
+pub const REJECT_REASON: &str = "carhook-reject-reason";
+
+/// Dead-letter provenance: the topic the record was read from.
+pub const DLQ_ORIGINAL_TOPIC: &str = "carhook-dlq-original-topic";
+/// Dead-letter provenance: partition of the original record.
+pub const DLQ_ORIGINAL_PARTITION: &str = "carhook-dlq-original-partition";
+/// Dead-letter provenance: offset of the original record.
+pub const DLQ_ORIGINAL_OFFSET: &str = "carhook-dlq-original-offset";
+/// Dead-letter provenance: bounded error class (see the processor's `PoisonReason`).
+pub const DLQ_ERROR_CLASS: &str = "carhook-dlq-error-class";
+/// Dead-letter provenance: human-readable error naming the field or key.
+pub const DLQ_ERROR_MESSAGE: &str = "carhook-dlq-error-message";
+/// Dead-letter provenance: processing attempts made before giving up.
+pub const DLQ_ATTEMPTS: &str = "carhook-dlq-attempts";
+/// Dead-letter provenance: first failure time, epoch milliseconds.
+pub const DLQ_FIRST_FAILURE_AT: &str = "carhook-dlq-first-failure-at";
+/// How many times an operator re-published this record from the dead-letter topic.
+pub const REDRIVE_COUNT: &str = "carhook-redrive-count";
+
+/// Action records: which action (`RECONNECT_REQUIRED`, `RECONNECT_RESOLVED`).
+pub const ACTION_TYPE: &str = "carhook-action-type";
