@@ -1,1 +1,184 @@
+//! The carhook processor: turns the events topic into vehicle state applications can trust.
+//!
+//! - [`consumer`]: batches, partitions in parallel, one Kafka transaction per batch.
+//! - [`pipeline`]: one record — parse, claim, plan, write.
+//! - [`effects`]: what an event means (pure): freshness-ordered writes and actions.
+//! - [`store`]: the CQL claims and state tables.
+//! - [`dead_letter`]: poison records and their provenance.
+//! - [`state`]: the vehicle state view (`processor state`).
 
+pub mod consumer;
+pub mod dead_letter;
+pub mod effects;
+pub mod metrics;
+pub mod pipeline;
+pub mod state;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use shared::admin::{Admin, Readiness};
+use shared::config::Settings;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::Worker;
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::store::Store;
+
+/// Why the processor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Cql(#[from] shared::cql::CqlError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Topics(#[from] shared::kafka::TopicError),
+    #[error("kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// Connects to the store, retrying with back-off until it answers or `shutdown` fires.
+pub async fn connect_store(
+    settings: &Settings,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Option<Arc<scylla::client::session::Session>> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match shared::cql::connect(&settings.cql).await {
+            Ok(s) => return Some(Arc::new(s)),
+            Err(e) => {
+                readiness.set("store", false);
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cql store not reachable");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Applies CQL migrations and creates topics (what `processor migrate` and the Helm hook do).
+pub async fn migrate(settings: &Settings) -> Result<Vec<i32>, StartError> {
+    let session = shared::cql::connect(&settings.cql).await?;
+    let applied = shared::cql::migrate(&session, &settings.cql).await?;
+    shared::kafka::ensure_topics(&settings.kafka).await?;
+    Ok(applied)
+}
+
+/// Runs the processor until `shutdown`: admin endpoints on `admin`, the consumer loop under a
+/// supervisor that rebuilds the Kafka clients after a fatal error.
+pub async fn run(
+    settings: Settings,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let readiness = Readiness::default();
+    readiness.set("store", false);
+    readiness.set("consumer", false);
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(
+        Admin {
+            readiness: readiness.clone(),
+            registry: Arc::new(registry),
+        }
+        .serve(admin, admin_stop.clone()),
+    );
+    let result = run_inner(&settings, &readiness, &metrics, &shutdown).await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    result
+}
+
+async fn run_inner(
+    settings: &Settings,
+    readiness: &Readiness,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(), StartError> {
+    let Some(session) = connect_store(settings, readiness, shutdown).await else {
+        return Ok(());
+    };
+    if settings.cql.migrate {
+        shared::cql::migrate(&session, &settings.cql).await?;
+    }
+    if settings.kafka.create_topics {
+        shared::kafka::ensure_topics(&settings.kafka).await?;
+    }
+    let store = Store::prepare(
+        Arc::clone(&session),
+        &settings.cql.keyspace,
+        settings.cql.dedup_ttl_days,
+    )
+    .await?;
+    readiness.set("store", true);
+    let p = &settings.processor;
+    let pipeline = Arc::new(Pipeline::new(
+        store,
+        PipelineSettings {
+            instance_id: p.instance_id.clone(),
+            logic_version: p.logic_version,
+            rate_limit_backoff_secs: p.rate_limit_backoff_secs,
+            max_attempts: p.max_attempts,
+        },
+        metrics.clone(),
+    ));
+    tracing::info!(
+        group = %settings.kafka.consumer_group,
+        topic = %settings.kafka.events_topic,
+        instance = %p.instance_id,
+        keyspace = %settings.cql.keyspace,
+        "processor started"
+    );
+    let mut restarts = 0u32;
+    while !shutdown.is_cancelled() {
+        let group = settings.kafka.consumer_group.clone();
+        let consumer = Arc::new(consumer::consumer(settings, &group, metrics.clone())?);
+        let producer =
+            consumer::transactional_producer(settings, &format!("{group}-{}", p.instance_id))?;
+        let lag_stop = shutdown.child_token();
+        let lag = tokio::spawn(consumer::report_lag(
+            Arc::clone(&consumer),
+            settings.kafka.events_topic.clone(),
+            metrics.clone(),
+            lag_stop.clone(),
+        ));
+        let worker = Worker {
+            consumer,
+            producer,
+            pipeline: Arc::clone(&pipeline),
+            settings: settings.clone(),
+            readiness: readiness.clone(),
+            metrics: metrics.clone(),
+            group,
+            emit_actions: true,
+        };
+        let result = worker.run(shutdown.clone()).await;
+        lag_stop.cancel();
+        let _ = lag.await;
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                restarts += 1;
+                readiness.set("consumer", false);
+                tracing::error!(error = %e, restarts, "consumer loop failed; rebuilding kafka clients");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(u64::from(restarts.min(30)))) => {}
+                }
+            }
+        }
+        // Dropping the worker closes the consumer: it leaves the group, handing partitions over.
+    }
+    tracing::info!("processor stopped");
+    Ok(())
+}

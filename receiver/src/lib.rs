@@ -1,1 +1,116 @@
+//! The Smartcar webhook receiver.
+//!
+//! A 200 means the exact bytes Smartcar sent are durable in Kafka (acks=all); anything else makes
+//! Smartcar retry. Stateless: any instance serves any request.
+//!
+//! - [`webhook`]: the request path (limits, signature, VERIFY, persist).
+//! - [`producer`]: Kafka writes, behind the [`breaker`]; quarantine of rejected bodies.
+//! - [`outcome`]: every way a request ends, mapped once to status, log line and metrics.
+//! - [`server`]: connections, timeouts, graceful drain.
 
+pub mod breaker;
+pub mod metrics;
+pub mod outcome;
+pub mod producer;
+pub mod rate;
+pub mod server;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use shared::admin::{Admin, Readiness};
+use shared::config::{ConfigError, Settings};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::Breaker;
+use crate::producer::EventProducer;
+use crate::rate::RateLimit;
+use crate::webhook::App;
+
+/// Why the receiver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("kafka producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+    #[error("provisioning topics: {0}")]
+    Topics(#[from] shared::kafka::TopicError),
+}
+
+/// How often readiness re-checks the broker.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs the receiver on `listener` until `shutdown` fires, then drains and flushes.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let tokens = settings.smartcar.tokens()?;
+    if settings.kafka.create_topics {
+        shared::kafka::ensure_topics(&settings.kafka).await?;
+    }
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let r = &settings.receiver;
+    let breaker = Breaker::new(r.breaker_failures, Duration::from_millis(r.breaker_open_ms));
+    let producer = Arc::new(EventProducer::new(
+        &settings.kafka,
+        breaker,
+        r.quarantine_per_sec,
+        metrics.clone(),
+    )?);
+    let readiness = Readiness::default();
+    readiness.set("kafka", false);
+    let app = Arc::new(App {
+        settings: r.clone(),
+        tokens,
+        producer: Arc::clone(&producer),
+        metrics,
+        admin: Admin {
+            readiness: readiness.clone(),
+            registry: Arc::new(registry),
+        },
+        inflight: Arc::new(Semaphore::new(r.max_inflight)),
+        verify_rate: RateLimit::per_second(r.verify_per_sec),
+    });
+    let probe_stop = shutdown.child_token();
+    let probe = {
+        let producer = Arc::clone(&producer);
+        let stop = probe_stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let ok = producer.probe().await;
+                readiness.set("kafka", ok);
+                readiness.set("circuit-closed", !producer.circuit_open());
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        readiness.set("draining", false);
+                        return;
+                    }
+                    _ = tokio::time::sleep(PROBE_EVERY) => {}
+                }
+            }
+        })
+    };
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        path = %r.path,
+        topic = %settings.kafka.events_topic,
+        tokens = app.tokens.len(),
+        "receiver started"
+    );
+    let grace = Duration::from_millis(r.shutdown_grace_ms);
+    let drained = server::serve(listener, Arc::clone(&app), shutdown, grace).await;
+    probe_stop.cancel();
+    let _ = probe.await;
+    let flush = producer.clone();
+    let _ = tokio::task::spawn_blocking(move || flush.flush(Duration::from_secs(5))).await;
+    tracing::info!(drained, "receiver stopped");
+    Ok(())
+}

@@ -1,1 +1,56 @@
-fn main() {}
+//! `receiver`: parse configuration, set up telemetry, bind, serve until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Receives Smartcar webhooks and makes them durable in Kafka.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (also CARHOOK_CONFIG); environment CARHOOK__SECTION__KEY overrides it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let settings = match shared::config::Settings::load(args.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("receiver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = settings.smartcar.tokens() {
+        eprintln!("receiver: {e}");
+        return ExitCode::from(2);
+    }
+    let telemetry = match shared::telemetry::init(&settings.telemetry, "carhook-receiver") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("receiver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match shared::admin::bind(settings.receiver.listen, "receiver.listen").await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot bind");
+            eprintln!("receiver: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = shared::shutdown::on_signal();
+    let result = carhook_receiver::run(settings, listener, shutdown).await;
+    telemetry.shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("receiver: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -52,10 +52,17 @@ pub struct Admin {
 }
 
 /// A full-body response.
-pub fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -67,7 +74,11 @@ impl Admin {
             return None;
         }
         if method != Method::GET && method != Method::HEAD {
-            return Some(text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n"));
+            return Some(text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use GET\n",
+            ));
         }
         Some(match path {
             "/health" => text(StatusCode::OK, "text/plain", "ok\n"),
@@ -76,14 +87,26 @@ impl Admin {
                 if failing.is_empty() {
                     text(StatusCode::OK, "text/plain", "ready\n")
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {}\n", failing.join(", ")))
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: {}\n", failing.join(", ")),
+                    )
                 }
             }
             _ => {
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-                    Ok(()) => text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
-                    Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "metrics encoding failed\n"),
+                    Ok(()) => text(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        out,
+                    ),
+                    Err(_) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "metrics encoding failed\n",
+                    ),
                 }
             }
         })
@@ -96,13 +119,17 @@ impl Admin {
                 _ = shutdown.cancelled() => return,
                 a = listener.accept() => a,
             };
-            let Ok((stream, _peer)) = accepted else { continue };
+            let Ok((stream, _peer)) = accepted else {
+                continue;
+            };
             let admin = self.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: http::Request<Incoming>| {
                     let resp = admin
                         .respond(req.method(), req.uri().path())
-                        .unwrap_or_else(|| text(StatusCode::NOT_FOUND, "text/plain", "not found\n"));
+                        .unwrap_or_else(|| {
+                            text(StatusCode::NOT_FOUND, "text/plain", "not found\n")
+                        });
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -115,7 +142,10 @@ impl Admin {
 
 /// Binds a listener, naming the configuration key on failure.
 pub async fn bind(addr: SocketAddr, key: &'static str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (configuration key `{key}`): {e}")))
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} (configuration key `{key}`): {e}"),
+        )
+    })
 }

@@ -127,7 +127,8 @@ mod tests {
         assert_eq!(ms, Some(1761896351529));
         let s = EpochMillis::from_json(&json!(1761896351_i64)).map(EpochMillis::as_i64);
         assert_eq!(s, Some(1761896351000));
-        let iso = EpochMillis::from_json(&json!("2025-10-31T07:39:11.529Z")).map(EpochMillis::as_i64);
+        let iso =
+            EpochMillis::from_json(&json!("2025-10-31T07:39:11.529Z")).map(EpochMillis::as_i64);
         assert_eq!(iso, Some(1761896351529));
         assert_eq!(EpochMillis::from_json(&json!(0)), None);
         assert_eq!(EpochMillis::from_json(&json!(-5)), None);
@@ -139,15 +140,27 @@ mod tests {
     fn freshness_falls_back_in_order() {
         let t = |v| EpochMillis::new(v);
         let recv = EpochMillis::new(9).unwrap_or_else(EpochMillis::now);
-        assert_eq!(Freshness::pick(t(1), t(2), t(3), recv).source, FreshnessSource::OemUpdatedAt);
-        assert_eq!(Freshness::pick(None, t(2), t(3), recv).source, FreshnessSource::FetchedAt);
-        assert_eq!(Freshness::pick(None, None, t(3), recv).source, FreshnessSource::DeliveredAt);
+        assert_eq!(
+            Freshness::pick(t(1), t(2), t(3), recv).source,
+            FreshnessSource::OemUpdatedAt
+        );
+        assert_eq!(
+            Freshness::pick(None, t(2), t(3), recv).source,
+            FreshnessSource::FetchedAt
+        );
+        assert_eq!(
+            Freshness::pick(None, None, t(3), recv).source,
+            FreshnessSource::DeliveredAt
+        );
         assert_eq!(Freshness::pick(None, None, None, recv).at, recv);
     }
 
     #[test]
     fn newer_logic_wins_only_at_equal_time() {
-        let f = |ms| Freshness { at: EpochMillis::new(ms).unwrap_or_else(EpochMillis::now), source: FreshnessSource::OemUpdatedAt };
+        let f = |ms| Freshness {
+            at: EpochMillis::new(ms).unwrap_or_else(EpochMillis::now),
+            source: FreshnessSource::OemUpdatedAt,
+        };
         assert!(f(1000).write_timestamp(2) > f(1000).write_timestamp(1));
         assert!(f(1001).write_timestamp(1) > f(1000).write_timestamp(999));
     }

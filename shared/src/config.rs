@@ -27,11 +27,17 @@ pub enum ConfigError {
     #[error("configuration key `smartcar.management_tokens`: {0} (set CARHOOK__SMARTCAR__MANAGEMENT_TOKENS or smartcar.management_tokens_file)")]
     Tokens(#[from] TokensError),
     #[error("configuration key `smartcar.management_tokens_file`: cannot read {path}: {source}")]
-    TokensFile { path: PathBuf, source: std::io::Error },
+    TokensFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, problem: problem.into() }
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
 }
 
 /// All settings of both services.
@@ -59,7 +65,10 @@ pub struct SmartcarSettings {
 impl std::fmt::Debug for SmartcarSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SmartcarSettings")
-            .field("management_tokens", &self.management_tokens.as_ref().map(|_| "[redacted]"))
+            .field(
+                "management_tokens",
+                &self.management_tokens.as_ref().map(|_| "[redacted]"),
+            )
             .field("management_tokens_file", &self.management_tokens_file)
             .finish()
     }
@@ -73,8 +82,10 @@ impl SmartcarSettings {
             return Ok(ManagementTokens::from_csv(csv.expose_secret())?);
         }
         if let Some(path) = &self.management_tokens_file {
-            let csv = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::TokensFile { path: path.clone(), source })?;
+            let csv = std::fs::read_to_string(path).map_err(|source| ConfigError::TokensFile {
+                path: path.clone(),
+                source,
+            })?;
             return Ok(ManagementTokens::from_csv(&csv)?);
         }
         Err(TokensError::None.into())
@@ -330,7 +341,10 @@ impl Settings {
             validate_topic(key, topic)?;
         }
         if k.partitions < 1 {
-            return Err(invalid("kafka.partitions", format!("{} is not a positive partition count", k.partitions)));
+            return Err(invalid(
+                "kafka.partitions",
+                format!("{} is not a positive partition count", k.partitions),
+            ));
         }
         if k.replication_factor < 1 {
             return Err(invalid("kafka.replication_factor", "must be at least 1"));
@@ -338,7 +352,10 @@ impl Settings {
         if !(100..=14_000).contains(&k.delivery_timeout_ms) {
             return Err(invalid(
                 "kafka.delivery_timeout_ms",
-                format!("{} ms is outside 100..=14000: a 200 must come inside Smartcar's 15 s", k.delivery_timeout_ms),
+                format!(
+                    "{} ms is outside 100..=14000: a 200 must come inside Smartcar's 15 s",
+                    k.delivery_timeout_ms
+                ),
             ));
         }
         let c = &self.cql;
@@ -347,20 +364,35 @@ impl Settings {
         }
         if c.keyspace.is_empty()
             || c.keyspace.len() > 48
-            || !c.keyspace.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            || !c
+                .keyspace
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
             || !c.keyspace.starts_with(|ch: char| ch.is_ascii_alphabetic())
         {
-            return Err(invalid("cql.keyspace", format!("{:?} is not a CQL identifier (letters, digits, _; starts with a letter; ≤ 48)", c.keyspace)));
+            return Err(invalid(
+                "cql.keyspace",
+                format!(
+                    "{:?} is not a CQL identifier (letters, digits, _; starts with a letter; ≤ 48)",
+                    c.keyspace
+                ),
+            ));
         }
         if c.dedup_ttl_days < 7 {
-            return Err(invalid("cql.dedup_ttl_days", "must be at least 7: Smartcar retries and replays need a week of processed ids"));
+            return Err(invalid(
+                "cql.dedup_ttl_days",
+                "must be at least 7: Smartcar retries and replays need a week of processed ids",
+            ));
         }
         if c.request_timeout_ms == 0 {
             return Err(invalid("cql.request_timeout_ms", "must be positive"));
         }
         let r = &self.receiver;
         if !r.path.starts_with('/') {
-            return Err(invalid("receiver.path", format!("{:?} must start with '/'", r.path)));
+            return Err(invalid(
+                "receiver.path",
+                format!("{:?} must start with '/'", r.path),
+            ));
         }
         if r.max_body_bytes < 1024 {
             return Err(invalid("receiver.max_body_bytes", "must be at least 1024"));
@@ -385,7 +417,10 @@ impl Settings {
             return Err(invalid("processor.instance_id", "is empty"));
         }
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
-            return Err(invalid("telemetry.sampling_ratio", "must be between 0.0 and 1.0"));
+            return Err(invalid(
+                "telemetry.sampling_ratio",
+                "must be between 0.0 and 1.0",
+            ));
         }
         Ok(())
     }
@@ -394,11 +429,16 @@ impl Settings {
 fn validate_topic(key: &'static str, topic: &str) -> Result<(), ConfigError> {
     let ok = !topic.is_empty()
         && topic.len() <= 249
-        && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
-        Err(invalid(key, format!("{topic:?} is not a valid Kafka topic name")))
+        Err(invalid(
+            key,
+            format!("{topic:?} is not a valid Kafka topic name"),
+        ))
     }
 }
 
@@ -414,7 +454,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -447,20 +490,31 @@ mod tests {
         let s = s.map_err(|e| e.to_string());
         assert_eq!(s.as_ref().map(|s| s.kafka.events_topic.as_str()), Ok("t1"));
         assert_eq!(s.as_ref().map(|s| s.receiver.max_body_bytes), Ok(2048));
-        assert_eq!(s.as_ref().map(|s| s.smartcar.tokens().map(|t| t.len()).ok()), Ok(Some(2)));
+        assert_eq!(
+            s.as_ref()
+                .map(|s| s.smartcar.tokens().map(|t| t.len()).ok()),
+            Ok(Some(2))
+        );
     }
 
     #[test]
     fn bad_values_name_the_key() {
         let err = |pairs: &[(&str, &str)]| {
-            Settings::load_from(None, env(pairs)).err().map(|e| e.to_string()).unwrap_or_default()
+            Settings::load_from(None, env(pairs))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
         };
-        assert!(err(&[("CARHOOK__RECEIVER__MAX_BODY_BYTES", "lots")]).contains("receiver.max_body_bytes"));
+        assert!(err(&[("CARHOOK__RECEIVER__MAX_BODY_BYTES", "lots")])
+            .contains("receiver.max_body_bytes"));
         assert!(err(&[("CARHOOK__RECEIVER__LISTEN", "nowhere")]).contains("receiver.listen"));
-        assert!(err(&[("CARHOOK__KAFKA__EVENTS_TOPIC", "bad topic!")]).contains("kafka.events_topic"));
+        assert!(
+            err(&[("CARHOOK__KAFKA__EVENTS_TOPIC", "bad topic!")]).contains("kafka.events_topic")
+        );
         assert!(err(&[("CARHOOK__CQL__KEYSPACE", "1x")]).contains("cql.keyspace"));
         assert!(err(&[("CARHOOK__KAFKA__BROKER", "x")]).contains("broker"));
-        let no_tokens = Settings::load_from(None, env(&[])).map(|s| s.smartcar.tokens().err().map(|e| e.to_string()));
+        let no_tokens = Settings::load_from(None, env(&[]))
+            .map(|s| s.smartcar.tokens().err().map(|e| e.to_string()));
         assert!(matches!(no_tokens, Ok(Some(m)) if m.contains("smartcar.management_tokens")));
     }
 }

@@ -18,20 +18,45 @@ use crate::config::CqlSettings;
 
 /// The migrations, in order: (version, name, text).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "keyspace", include_str!("../migrations/cql/0001_keyspace.cql")),
-    (2, "processed_events", include_str!("../migrations/cql/0002_processed_events.cql")),
-    (3, "vehicle_state", include_str!("../migrations/cql/0003_vehicle_state.cql")),
+    (
+        1,
+        "keyspace",
+        include_str!("../migrations/cql/0001_keyspace.cql"),
+    ),
+    (
+        2,
+        "processed_events",
+        include_str!("../migrations/cql/0002_processed_events.cql"),
+    ),
+    (
+        3,
+        "vehicle_state",
+        include_str!("../migrations/cql/0003_vehicle_state.cql"),
+    ),
 ];
 
 /// CQL failures, naming what an operator needs.
 #[derive(Debug, thiserror::Error)]
 pub enum CqlError {
     #[error("connecting to CQL nodes {nodes}: {source}")]
-    Connect { nodes: String, source: Box<dyn std::error::Error + Send + Sync> },
+    Connect {
+        nodes: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("migration {version} ({name}): {source}")]
-    Migration { version: i32, name: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    Migration {
+        version: i32,
+        name: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("migration {version} ({name}) was applied with checksum {recorded} but the file now has {current}: the schema in keyspace {keyspace} does not match this build")]
-    Drift { version: i32, name: &'static str, keyspace: String, recorded: String, current: String },
+    Drift {
+        version: i32,
+        name: &'static str,
+        keyspace: String,
+        recorded: String,
+        current: String,
+    },
 }
 
 /// Opens a session with the project's defaults: LOCAL_QUORUM / LOCAL_SERIAL and a short request
@@ -42,18 +67,27 @@ pub async fn connect(s: &CqlSettings) -> Result<Session, CqlError> {
         .serial_consistency(Some(SerialConsistency::LocalSerial))
         .request_timeout(Some(Duration::from_millis(s.request_timeout_ms)))
         .build();
-    let nodes: Vec<&str> = s.nodes.split(',').map(str::trim).filter(|n| !n.is_empty()).collect();
+    let nodes: Vec<&str> = s
+        .nodes
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
     SessionBuilder::new()
         .known_nodes(nodes)
         .connection_timeout(Duration::from_secs(5))
         .default_execution_profile_handle(profile.into_handle())
         .build()
         .await
-        .map_err(|e| CqlError::Connect { nodes: s.nodes.clone(), source: Box::new(e) })
+        .map_err(|e| CqlError::Connect {
+            nodes: s.nodes.clone(),
+            source: Box::new(e),
+        })
 }
 
 fn render(text: &str, s: &CqlSettings) -> String {
-    text.replace("{keyspace}", &s.keyspace).replace("{replication}", &s.replication)
+    text.replace("{keyspace}", &s.keyspace)
+        .replace("{replication}", &s.replication)
 }
 
 fn statements(text: &str) -> impl Iterator<Item = String> + '_ {
@@ -76,27 +110,47 @@ fn checksum(text: &str) -> String {
 pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, CqlError> {
     let mut applied = Vec::new();
     for &(version, name, text) in MIGRATIONS {
-        let wrap = |e: Box<dyn std::error::Error + Send + Sync>| CqlError::Migration { version, name, source: e };
+        let wrap = |e: Box<dyn std::error::Error + Send + Sync>| CqlError::Migration {
+            version,
+            name,
+            source: e,
+        };
         let sum = checksum(text);
         // The keyspace must exist before the ledger can; version 1 creates it and is safe to repeat.
         if version > 1 {
             if let Some(recorded) = recorded_checksum(session, s, version).await.map_err(wrap)? {
                 if recorded != sum {
-                    return Err(CqlError::Drift { version, name, keyspace: s.keyspace.clone(), recorded, current: sum });
+                    return Err(CqlError::Drift {
+                        version,
+                        name,
+                        keyspace: s.keyspace.clone(),
+                        recorded,
+                        current: sum,
+                    });
                 }
                 continue;
             }
         }
         for stmt in statements(&render(text, s)) {
-            session.query_unpaged(stmt, ()).await.map_err(|e| wrap(Box::new(e)))?;
+            session
+                .query_unpaged(stmt, ())
+                .await
+                .map_err(|e| wrap(Box::new(e)))?;
         }
         if version == 1 {
             let ledger = format!(
                 "CREATE TABLE IF NOT EXISTS {}.schema_migrations (version int PRIMARY KEY, name text, checksum text, applied_at timestamp)",
                 s.keyspace
             );
-            session.query_unpaged(ledger, ()).await.map_err(|e| wrap(Box::new(e)))?;
-            if recorded_checksum(session, s, version).await.map_err(wrap)?.is_some() {
+            session
+                .query_unpaged(ledger, ())
+                .await
+                .map_err(|e| wrap(Box::new(e)))?;
+            if recorded_checksum(session, s, version)
+                .await
+                .map_err(wrap)?
+                .is_some()
+            {
                 continue;
             }
         }
@@ -104,7 +158,10 @@ pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, Cql
             "INSERT INTO {}.schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, toTimestamp(now()))",
             s.keyspace
         );
-        session.query_unpaged(record, (version, name, &sum)).await.map_err(|e| wrap(Box::new(e)))?;
+        session
+            .query_unpaged(record, (version, name, &sum))
+            .await
+            .map_err(|e| wrap(Box::new(e)))?;
         tracing::info!(version, name, keyspace = %s.keyspace, "cql migration applied");
         applied.push(version);
     }
@@ -116,9 +173,17 @@ async fn recorded_checksum(
     s: &CqlSettings,
     version: i32,
 ) -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
-    let q = format!("SELECT checksum FROM {}.schema_migrations WHERE version = ?", s.keyspace);
-    let rows = session.query_unpaged(q, (version,)).await?.into_rows_result()?;
-    Ok(rows.maybe_first_row::<(Option<String>,)>()?.and_then(|(c,)| c))
+    let q = format!(
+        "SELECT checksum FROM {}.schema_migrations WHERE version = ?",
+        s.keyspace
+    );
+    let rows = session
+        .query_unpaged(q, (version,))
+        .await?
+        .into_rows_result()?;
+    Ok(rows
+        .maybe_first_row::<(Option<String>,)>()?
+        .and_then(|(c,)| c))
 }
 
 #[cfg(test)]
@@ -127,10 +192,18 @@ mod tests {
 
     #[test]
     fn statements_split_and_render() {
-        let s = CqlSettings { keyspace: "ks1".into(), ..CqlSettings::default() };
-        let all: Vec<String> = MIGRATIONS.iter().flat_map(|(_, _, t)| statements(&render(t, &s)).collect::<Vec<_>>()).collect();
+        let s = CqlSettings {
+            keyspace: "ks1".into(),
+            ..CqlSettings::default()
+        };
+        let all: Vec<String> = MIGRATIONS
+            .iter()
+            .flat_map(|(_, _, t)| statements(&render(t, &s)).collect::<Vec<_>>())
+            .collect();
         assert!(all.len() >= 5, "{all:?}");
-        assert!(all.iter().all(|st| !st.contains('{') || st.contains("replication")));
+        assert!(all
+            .iter()
+            .all(|st| !st.contains('{') || st.contains("replication")));
         assert!(all.iter().all(|st| st.contains("IF NOT EXISTS")));
         assert!(all[0].starts_with("CREATE KEYSPACE IF NOT EXISTS ks1"));
     }

@@ -26,7 +26,9 @@ impl<'de> Deserialize<'de> for Lenient {
     }
 }
 
-fn lenient_obj<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+fn lenient_obj<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OrAny<T> {
@@ -142,18 +144,28 @@ mod tests {
 
     #[test]
     fn wrong_types_and_garbage_never_fail() {
-        let r = Routing::sniff(br#"{"eventId":5,"eventType":null,"meta":"x","data":{"vehicle":7}}"#);
-        assert_eq!(r, Routing { is_json_object: true, ..Routing::default() });
+        let r =
+            Routing::sniff(br#"{"eventId":5,"eventType":null,"meta":"x","data":{"vehicle":7}}"#);
+        assert_eq!(
+            r,
+            Routing {
+                is_json_object: true,
+                ..Routing::default()
+            }
+        );
         assert_eq!(Routing::sniff(b"\xff\xfe not json"), Routing::default());
         assert_eq!(Routing::sniff(b"[1,2,3]"), Routing::default());
     }
 
     #[test]
     fn verify_current_and_legacy() {
-        let v4 = Routing::sniff(br#"{"eventId":"e","eventType":"VERIFY","data":{"challenge":"abc"}}"#);
+        let v4 =
+            Routing::sniff(br#"{"eventId":"e","eventType":"VERIFY","data":{"challenge":"abc"}}"#);
         assert!(v4.is_verify());
         assert_eq!(v4.challenge.as_deref(), Some("abc"));
-        let v2 = Routing::sniff(br#"{"version":"2.0","eventName":"verify","payload":{"challenge":"xyz"}}"#);
+        let v2 = Routing::sniff(
+            br#"{"version":"2.0","eventName":"verify","payload":{"challenge":"xyz"}}"#,
+        );
         assert!(v2.is_verify());
         assert_eq!(v2.challenge.as_deref(), Some("xyz"));
     }

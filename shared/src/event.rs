@@ -24,7 +24,10 @@ pub enum EventError {
     #[error("field `{0}` is missing")]
     Missing(&'static str),
     #[error("field `{field}` has the wrong type: expected {expected}")]
-    WrongType { field: String, expected: &'static str },
+    WrongType {
+        field: String,
+        expected: &'static str,
+    },
     #[error("field `{field}` is invalid: {source}")]
     InvalidId { field: String, source: IdError },
     #[error("`data.signals` has {0} entries, more than the {MAX_SIGNALS} accepted")]
@@ -72,9 +75,15 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
     /// Signal values for one vehicle.
-    VehicleState { vehicle: VehicleId, signals: Vec<Signal> },
+    VehicleState {
+        vehicle: VehicleId,
+        signals: Vec<Signal>,
+    },
     /// Errors (or their resolution) for one vehicle.
-    VehicleError { vehicle: VehicleId, errors: Vec<VehicleErrorItem> },
+    VehicleError {
+        vehicle: VehicleId,
+        errors: Vec<VehicleErrorItem>,
+    },
     /// A handshake; answered by the receiver, never applied.
     Verify,
     /// A legacy v2 data event: recorded and counted, not applied.
@@ -99,7 +108,10 @@ pub struct Signal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignalStatus {
     Success,
-    Error { error_type: Option<String>, code: Option<String> },
+    Error {
+        error_type: Option<String>,
+        code: Option<String>,
+    },
 }
 
 impl SignalStatus {
@@ -158,32 +170,56 @@ impl VehicleErrorItem {
     }
 }
 
-fn str_field<'a>(obj: &'a Map<String, Value>, name: &str, path: &str) -> Result<Option<&'a str>, EventError> {
+fn str_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    path: &str,
+) -> Result<Option<&'a str>, EventError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
-        Some(_) => Err(EventError::WrongType { field: path.to_string(), expected: "a string" }),
+        Some(_) => Err(EventError::WrongType {
+            field: path.to_string(),
+            expected: "a string",
+        }),
     }
 }
 
-fn obj_field<'a>(obj: &'a Map<String, Value>, name: &str, path: &str) -> Result<Option<&'a Map<String, Value>>, EventError> {
+fn obj_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    path: &str,
+) -> Result<Option<&'a Map<String, Value>>, EventError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(m)),
-        Some(_) => Err(EventError::WrongType { field: path.to_string(), expected: "an object" }),
+        Some(_) => Err(EventError::WrongType {
+            field: path.to_string(),
+            expected: "an object",
+        }),
     }
 }
 
-fn array_field<'a>(obj: &'a Map<String, Value>, name: &str, path: &str) -> Result<Option<&'a Vec<Value>>, EventError> {
+fn array_field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    path: &str,
+) -> Result<Option<&'a Vec<Value>>, EventError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(a)) => Ok(Some(a)),
-        Some(_) => Err(EventError::WrongType { field: path.to_string(), expected: "an array" }),
+        Some(_) => Err(EventError::WrongType {
+            field: path.to_string(),
+            expected: "an array",
+        }),
     }
 }
 
 fn signal_code(v: &Value, path: &str) -> Result<SignalCode, EventError> {
-    let bad = |source| EventError::InvalidId { field: path.to_string(), source };
+    let bad = |source| EventError::InvalidId {
+        field: path.to_string(),
+        source,
+    };
     match v {
         Value::String(s) => SignalCode::from_group_name(s).map_err(bad),
         Value::Object(o) => {
@@ -197,14 +233,20 @@ fn signal_code(v: &Value, path: &str) -> Result<SignalCode, EventError> {
                 _ => Err(EventError::Missing("signal code")),
             }
         }
-        _ => Err(EventError::WrongType { field: path.to_string(), expected: "a signal object or \"Group.Name\"" }),
+        _ => Err(EventError::WrongType {
+            field: path.to_string(),
+            expected: "a signal object or \"Group.Name\"",
+        }),
     }
 }
 
 fn parse_signal(i: usize, v: &Value) -> Result<Signal, EventError> {
     let path = format!("data.signals[{i}]");
     let Value::Object(o) = v else {
-        return Err(EventError::WrongType { field: path, expected: "an object" });
+        return Err(EventError::WrongType {
+            field: path,
+            expected: "an object",
+        });
     };
     let code = signal_code(v, &path)?;
     let status = match obj_field(o, "status", &format!("{path}.status"))? {
@@ -213,8 +255,15 @@ fn parse_signal(i: usize, v: &Value) -> Result<Signal, EventError> {
             None | Some("SUCCESS") => SignalStatus::Success,
             Some(_) => {
                 let err = obj_field(s, "error", &format!("{path}.status.error"))?;
-                let get = |k: &str| err.and_then(|e| e.get(k)).and_then(Value::as_str).map(str::to_owned);
-                SignalStatus::Error { error_type: get("type"), code: get("code") }
+                let get = |k: &str| {
+                    err.and_then(|e| e.get(k))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                };
+                SignalStatus::Error {
+                    error_type: get("type"),
+                    code: get("code"),
+                }
             }
         },
     };
@@ -236,7 +285,10 @@ fn parse_signal(i: usize, v: &Value) -> Result<Signal, EventError> {
 fn parse_error_item(i: usize, v: &Value) -> Result<VehicleErrorItem, EventError> {
     let path = format!("data.errors[{i}]");
     let Value::Object(o) = v else {
-        return Err(EventError::WrongType { field: path, expected: "an object" });
+        return Err(EventError::WrongType {
+            field: path,
+            expected: "an object",
+        });
     };
     let error_type = str_field(o, "type", &format!("{path}.type"))?
         .ok_or(EventError::Missing("data.errors[].type"))?
@@ -251,14 +303,20 @@ fn parse_error_item(i: usize, v: &Value) -> Result<VehicleErrorItem, EventError>
         _ => None,
     };
     let signals = array_field(o, "signals", &format!("{path}.signals"))?
-        .map(|a| a.iter().enumerate().map(|(j, s)| signal_code(s, &format!("{path}.signals[{j}]"))).collect())
+        .map(|a| {
+            a.iter()
+                .enumerate()
+                .map(|(j, s)| signal_code(s, &format!("{path}.signals[{j}]")))
+                .collect()
+        })
         .transpose()?
         .unwrap_or_default();
     Ok(VehicleErrorItem {
         error_type,
         code: str_field(o, "code", &format!("{path}.code"))?.map(str::to_owned),
         state,
-        description: str_field(o, "description", &format!("{path}.description"))?.map(str::to_owned),
+        description: str_field(o, "description", &format!("{path}.description"))?
+            .map(str::to_owned),
         resolution,
         signals,
         raw: v.clone(),
@@ -268,7 +326,8 @@ fn parse_error_item(i: usize, v: &Value) -> Result<VehicleErrorItem, EventError>
 impl Event {
     /// Parses raw bytes as received from Smartcar.
     pub fn parse(body: &[u8]) -> Result<Self, EventError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
         let Value::Object(root) = value else {
             return Err(EventError::NotObject);
         };
@@ -282,9 +341,12 @@ impl Event {
             (None, Some(n)) => n.to_ascii_uppercase(),
             (None, None) => return Err(EventError::Missing("eventType")),
         };
-        let event_id = str_field(root, "eventId", "eventId")?.ok_or(EventError::Missing("eventId"))?;
-        let event_id = EventId::parse(event_id)
-            .map_err(|source| EventError::InvalidId { field: "eventId".into(), source })?;
+        let event_id =
+            str_field(root, "eventId", "eventId")?.ok_or(EventError::Missing("eventId"))?;
+        let event_id = EventId::parse(event_id).map_err(|source| EventError::InvalidId {
+            field: "eventId".into(),
+            source,
+        })?;
         let data = obj_field(root, "data", "data")?;
         let meta = obj_field(root, "meta", "meta")?;
         let vehicle_raw = match str_field(root, "vehicleId", "vehicleId")? {
@@ -299,23 +361,44 @@ impl Event {
                 .map(|v| (v, "data.vehicle.id")),
         };
         let vehicle_id = vehicle_raw
-            .map(|(v, field)| VehicleId::parse(v).map_err(|source| EventError::InvalidId { field: field.into(), source }))
+            .map(|(v, field)| {
+                VehicleId::parse(v).map_err(|source| EventError::InvalidId {
+                    field: field.into(),
+                    source,
+                })
+            })
             .transpose()?;
-        let meta_str = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_owned);
+        let meta_str = |k: &str| {
+            meta.and_then(|m| m.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
         let envelope = Envelope {
             event_id,
             event_type: event_type.clone(),
             vehicle_id: vehicle_id.clone(),
             delivery_id: meta_str("deliveryId"),
-            delivered_at: meta.and_then(|m| m.get("deliveredAt")).and_then(EpochMillis::from_json),
+            delivered_at: meta
+                .and_then(|m| m.get("deliveredAt"))
+                .and_then(EpochMillis::from_json),
             mode: meta_str("mode").map(|m| m.to_ascii_uppercase()),
-            version: meta_str("version").or_else(|| root.get("version").and_then(Value::as_str).map(str::to_owned)),
+            version: meta_str("version").or_else(|| {
+                root.get("version")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            }),
         };
         let is_legacy = legacy_name.is_some() && root.get("eventType").is_none();
-        let need_vehicle = || vehicle_id.clone().ok_or(EventError::Missing("vehicleId or data.vehicle.id"));
+        let need_vehicle = || {
+            vehicle_id
+                .clone()
+                .ok_or(EventError::Missing("vehicleId or data.vehicle.id"))
+        };
         let kind = match event_type.as_str() {
             "VERIFY" => EventKind::Verify,
-            _ if is_legacy => EventKind::Legacy { event_name: legacy_name.unwrap_or_default().to_owned() },
+            _ if is_legacy => EventKind::Legacy {
+                event_name: legacy_name.unwrap_or_default().to_owned(),
+            },
             "VEHICLE_STATE" => {
                 let vehicle = need_vehicle()?;
                 let signals = data
@@ -325,7 +408,11 @@ impl Event {
                 if signals.len() > MAX_SIGNALS {
                     return Err(EventError::TooManySignals(signals.len()));
                 }
-                let signals = signals.iter().enumerate().map(|(i, s)| parse_signal(i, s)).collect::<Result<_, _>>()?;
+                let signals = signals
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| parse_signal(i, s))
+                    .collect::<Result<_, _>>()?;
                 EventKind::VehicleState { vehicle, signals }
             }
             "VEHICLE_ERROR" => {
@@ -334,7 +421,11 @@ impl Event {
                     .ok_or(EventError::Missing("data"))
                     .and_then(|d| array_field(d, "errors", "data.errors"))?
                     .ok_or(EventError::Missing("data.errors"))?;
-                let errors = errors.iter().enumerate().map(|(i, e)| parse_error_item(i, e)).collect::<Result<_, _>>()?;
+                let errors = errors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| parse_error_item(i, e))
+                    .collect::<Result<_, _>>()?;
                 EventKind::VehicleError { vehicle, errors }
             }
             _ => EventKind::Unknown,
@@ -347,7 +438,10 @@ impl Event {
 mod tests {
     use super::*;
 
-    const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/protocol/examples");
+    const EXAMPLES: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/protocol/examples"
+    );
 
     fn example(name: &str) -> Vec<u8> {
         std::fs::read(format!("{EXAMPLES}/{name}")).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -355,33 +449,58 @@ mod tests {
 
     #[test]
     fn signal_change_example() {
-        let e = Event::parse(&example("vehicle_state.v4.signal-change.json")).map_err(|e| e.to_string());
-        let Ok(Event { envelope, kind: EventKind::VehicleState { vehicle, signals } }) = e else {
+        let e = Event::parse(&example("vehicle_state.v4.signal-change.json"))
+            .map_err(|e| e.to_string());
+        let Ok(Event {
+            envelope,
+            kind: EventKind::VehicleState { vehicle, signals },
+        }) = e
+        else {
             panic!("unexpected {e:?}");
         };
-        assert_eq!(envelope.event_id.as_str(), "550e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(
+            envelope.event_id.as_str(),
+            "550e8400-e29b-41d4-a716-446655440000"
+        );
         assert_eq!(vehicle.as_str(), "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2");
         assert_eq!(signals.len(), 3);
-        assert_eq!(signals[0].oem_updated_at.map(EpochMillis::as_i64), Some(1731940328000));
-        assert_eq!(signals[0].fetched_at.map(EpochMillis::as_i64), Some(1731940330000));
+        assert_eq!(
+            signals[0].oem_updated_at.map(EpochMillis::as_i64),
+            Some(1731940328000)
+        );
+        assert_eq!(
+            signals[0].fetched_at.map(EpochMillis::as_i64),
+            Some(1731940330000)
+        );
     }
 
     #[test]
     fn responses_page_shape_has_partial_failure_and_nested_vehicle() {
         let e = Event::parse(&example("vehicle_state.v4.responses-page-shape.json"));
-        let Ok(Event { kind: EventKind::VehicleState { vehicle, signals }, .. }) = e else {
+        let Ok(Event {
+            kind: EventKind::VehicleState { vehicle, signals },
+            ..
+        }) = e
+        else {
             panic!("unexpected {e:?}");
         };
         assert_eq!(vehicle.as_str(), "123e4567-e89b-12d3-a456-426614174000");
         assert!(signals[1].status.is_not_capable());
         assert_eq!(signals[1].body, None);
-        assert_eq!(signals[0].fetched_at.map(EpochMillis::as_i64), Some(1758668712404));
+        assert_eq!(
+            signals[0].fetched_at.map(EpochMillis::as_i64),
+            Some(1758668712404)
+        );
     }
 
     #[test]
     fn error_example_lists_signals() {
         let e = Event::parse(&example("vehicle_error.v4.error.json"));
-        let Ok(Event { kind: EventKind::VehicleError { errors, .. }, .. }) = e else {
+        let Ok(Event {
+            kind: EventKind::VehicleError { errors, .. },
+            ..
+        }) = e
+        else {
             panic!("unexpected {e:?}");
         };
         assert_eq!(errors[0].key(), "COMPATIBILITY:VEHICLE_NOT_CAPABLE");
@@ -391,27 +510,48 @@ mod tests {
 
     #[test]
     fn verify_and_legacy_route_by_shape() {
-        assert!(matches!(Event::parse(&example("verify.v4.json")).map(|e| e.kind), Ok(EventKind::Verify)));
+        assert!(matches!(
+            Event::parse(&example("verify.v4.json")).map(|e| e.kind),
+            Ok(EventKind::Verify)
+        ));
         let legacy = br#"{"version":"2.0","eventId":"e2","eventName":"schedule","payload":{"vehicleId":"v"}}"#;
-        assert!(matches!(Event::parse(legacy).map(|e| e.kind), Ok(EventKind::Legacy { .. })));
+        assert!(matches!(
+            Event::parse(legacy).map(|e| e.kind),
+            Ok(EventKind::Legacy { .. })
+        ));
     }
 
     #[test]
     fn errors_name_the_field() {
         assert_eq!(Event::parse(b"[1]").err(), Some(EventError::NotObject));
-        assert_eq!(Event::parse(br#"{"eventType":"VEHICLE_STATE"}"#).err(), Some(EventError::Missing("eventId")));
+        assert_eq!(
+            Event::parse(br#"{"eventType":"VEHICLE_STATE"}"#).err(),
+            Some(EventError::Missing("eventId"))
+        );
         assert_eq!(
             Event::parse(br#"{"eventId":1,"eventType":"X"}"#).err(),
-            Some(EventError::WrongType { field: "eventId".into(), expected: "a string" })
+            Some(EventError::WrongType {
+                field: "eventId".into(),
+                expected: "a string"
+            })
         );
         let no_vehicle = br#"{"eventId":"e","eventType":"VEHICLE_STATE","data":{"signals":[]}}"#;
-        assert_eq!(Event::parse(no_vehicle).err(), Some(EventError::Missing("vehicleId or data.vehicle.id")));
+        assert_eq!(
+            Event::parse(no_vehicle).err(),
+            Some(EventError::Missing("vehicleId or data.vehicle.id"))
+        );
         let bad_signal = br#"{"eventId":"e","eventType":"VEHICLE_STATE","vehicleId":"v","data":{"signals":[{"code":"a"},5]}}"#;
         assert_eq!(
             Event::parse(bad_signal).err(),
-            Some(EventError::WrongType { field: "data.signals[1]".into(), expected: "an object" })
+            Some(EventError::WrongType {
+                field: "data.signals[1]".into(),
+                expected: "an object"
+            })
         );
         let unknown = br#"{"eventId":"e","eventType":"SOMETHING_NEW"}"#;
-        assert!(matches!(Event::parse(unknown).map(|e| e.kind), Ok(EventKind::Unknown)));
+        assert!(matches!(
+            Event::parse(unknown).map(|e| e.kind),
+            Ok(EventKind::Unknown)
+        ));
     }
 }

@@ -101,7 +101,10 @@ mod tests {
         assert_eq!(EventId::parse("  "), Err(IdError::Empty));
         assert_eq!(EventId::parse("x".repeat(300)), Err(IdError::TooLong(300)));
         assert_eq!(VehicleId::parse("a\nb"), Err(IdError::Control));
-        assert_eq!(VehicleId::parse("v-1").map(|v| v.to_string()), Ok("v-1".into()));
+        assert_eq!(
+            VehicleId::parse("v-1").map(|v| v.to_string()),
+            Ok("v-1".into())
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ pub fn producer_config(s: &KafkaSettings) -> ClientConfig {
         .set("compression.type", "lz4")
         .set("linger.ms", s.linger_ms.to_string())
         .set("message.timeout.ms", s.delivery_timeout_ms.to_string())
-        .set("request.timeout.ms", s.delivery_timeout_ms.min(5_000).to_string())
+        .set(
+            "request.timeout.ms",
+            s.delivery_timeout_ms.min(5_000).to_string(),
+        )
         .set("partitioner", "murmur2_random")
         .set("queue.buffering.max.messages", "100000")
         .set("queue.buffering.max.kbytes", "262144");
@@ -57,18 +60,38 @@ pub fn producer_config(s: &KafkaSettings) -> ClientConfig {
 pub fn owned_topics(s: &KafkaSettings) -> Vec<TopicSpec> {
     let hours = |h: u64| h * 3_600_000;
     vec![
-        TopicSpec { name: s.events_topic.clone(), partitions: s.partitions, retention_ms: hours(s.events_retention_hours) },
-        TopicSpec { name: s.dlq_topic.clone(), partitions: s.partitions, retention_ms: hours(s.dlq_retention_hours) },
-        TopicSpec { name: s.actions_topic.clone(), partitions: s.partitions, retention_ms: hours(s.events_retention_hours) },
-        TopicSpec { name: s.quarantine_topic.clone(), partitions: 1, retention_ms: hours(s.quarantine_retention_hours) },
+        TopicSpec {
+            name: s.events_topic.clone(),
+            partitions: s.partitions,
+            retention_ms: hours(s.events_retention_hours),
+        },
+        TopicSpec {
+            name: s.dlq_topic.clone(),
+            partitions: s.partitions,
+            retention_ms: hours(s.dlq_retention_hours),
+        },
+        TopicSpec {
+            name: s.actions_topic.clone(),
+            partitions: s.partitions,
+            retention_ms: hours(s.events_retention_hours),
+        },
+        TopicSpec {
+            name: s.quarantine_topic.clone(),
+            partitions: 1,
+            retention_ms: hours(s.quarantine_retention_hours),
+        },
     ]
 }
 
 /// Creates the owned topics if missing. Idempotent: an existing topic is left as it is.
 pub async fn ensure_topics(s: &KafkaSettings) -> Result<(), TopicError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(s)
-        .create()
-        .map_err(|source| TopicError::Client { brokers: s.brokers.clone(), source })?;
+    let admin: AdminClient<DefaultClientContext> =
+        base_config(s)
+            .create()
+            .map_err(|source| TopicError::Client {
+                brokers: s.brokers.clone(),
+                source,
+            })?;
     let specs = owned_topics(s);
     let retention: Vec<String> = specs.iter().map(|t| t.retention_ms.to_string()).collect();
     let min_isr = if s.replication_factor >= 3 { "2" } else { "1" };
@@ -76,20 +99,32 @@ pub async fn ensure_topics(s: &KafkaSettings) -> Result<(), TopicError> {
         .iter()
         .zip(&retention)
         .map(|(t, r)| {
-            NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(s.replication_factor))
-                .set("retention.ms", r)
-                .set("min.insync.replicas", min_isr)
+            NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(s.replication_factor),
+            )
+            .set("retention.ms", r)
+            .set("min.insync.replicas", min_isr)
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(new.iter(), &opts)
         .await
-        .map_err(|source| TopicError::Client { brokers: s.brokers.clone(), source })?;
+        .map_err(|source| TopicError::Client {
+            brokers: s.brokers.clone(),
+            source,
+        })?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(TopicError::Create { topic, reason: code.to_string() }),
+            Err((topic, code)) => {
+                return Err(TopicError::Create {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
         }
     }
     Ok(())

@@ -118,7 +118,10 @@ impl ManagementTokens {
         if tokens.is_empty() {
             return Err(TokensError::None);
         }
-        if let Some(i) = tokens.iter().position(|t| t.expose_secret().trim().is_empty()) {
+        if let Some(i) = tokens
+            .iter()
+            .position(|t| t.expose_secret().trim().is_empty())
+        {
             return Err(TokensError::EmptyToken(i));
         }
         Ok(Self(tokens))
@@ -190,7 +193,11 @@ mod tests {
     use super::*;
 
     fn tokens(list: &[&str]) -> ManagementTokens {
-        match ManagementTokens::new(list.iter().map(|t| SecretString::from(t.to_string())).collect()) {
+        match ManagementTokens::new(
+            list.iter()
+                .map(|t| SecretString::from(t.to_string()))
+                .collect(),
+        ) {
             Ok(t) => t,
             Err(e) => panic!("{e}"),
         }
@@ -214,10 +221,15 @@ mod tests {
         let pair = tokens(&["new", "old"]);
         let body = Bytes::from_static(b"{}");
         let by_old = sign(&SecretString::from("old".to_string()), &body);
-        assert_eq!(pair.verify(Some(by_old.as_bytes()), body.clone()).map(|v| v.token_index()), Ok(1));
+        assert_eq!(
+            pair.verify(Some(by_old.as_bytes()), body.clone())
+                .map(|v| v.token_index()),
+            Ok(1)
+        );
         let by_other = sign(&SecretString::from("other".to_string()), &body);
         assert_eq!(
-            pair.verify(Some(by_other.as_bytes()), body).map(|v| v.token_index()),
+            pair.verify(Some(by_other.as_bytes()), body)
+                .map(|v| v.token_index()),
             Err(SignatureError::Mismatch)
         );
     }
@@ -226,17 +238,35 @@ mod tests {
     fn malformed_signatures_are_named() {
         let t = tokens(&["amt"]);
         let b = Bytes::from_static(b"x");
-        assert_eq!(t.verify(None, b.clone()).err(), Some(SignatureError::Missing));
-        assert_eq!(t.verify(Some(b""), b.clone()).err(), Some(SignatureError::Empty));
-        assert_eq!(t.verify(Some(b"abc"), b.clone()).err(), Some(SignatureError::WrongLength(3)));
+        assert_eq!(
+            t.verify(None, b.clone()).err(),
+            Some(SignatureError::Missing)
+        );
+        assert_eq!(
+            t.verify(Some(b""), b.clone()).err(),
+            Some(SignatureError::Empty)
+        );
+        assert_eq!(
+            t.verify(Some(b"abc"), b.clone()).err(),
+            Some(SignatureError::WrongLength(3))
+        );
         let upper = sign(&SecretString::from("amt".to_string()), &b).to_uppercase();
-        assert_eq!(t.verify(Some(upper.as_bytes()), b).err(), Some(SignatureError::NotLowerHex));
+        assert_eq!(
+            t.verify(Some(upper.as_bytes()), b).err(),
+            Some(SignatureError::NotLowerHex)
+        );
     }
 
     #[test]
     fn token_lists_refuse_empty() {
-        assert_eq!(ManagementTokens::from_csv("").err(), Some(TokensError::None));
-        assert_eq!(ManagementTokens::from_csv("a,,b").err(), Some(TokensError::EmptyToken(1)));
+        assert_eq!(
+            ManagementTokens::from_csv("").err(),
+            Some(TokensError::None)
+        );
+        assert_eq!(
+            ManagementTokens::from_csv("a,,b").err(),
+            Some(TokensError::EmptyToken(1))
+        );
         assert_eq!(ManagementTokens::from_csv("a, b").map(|t| t.len()), Ok(2));
         assert!(!format!("{:?}", tokens(&["secret-value"])).contains("secret-value"));
     }

@@ -44,10 +44,18 @@ impl Telemetry {
 }
 
 /// Builds the tracer provider (exporting only when an endpoint is configured).
-pub fn tracer_provider(s: &TelemetrySettings, default_service: &str) -> Result<SdkTracerProvider, TelemetryError> {
-    let service = s.service_name.clone().unwrap_or_else(|| default_service.to_string());
+pub fn tracer_provider(
+    s: &TelemetrySettings,
+    default_service: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let service = s
+        .service_name
+        .clone()
+        .unwrap_or_else(|| default_service.to_string());
     let mut builder = SdkTracerProvider::builder()
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(s.sampling_ratio))))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            s.sampling_ratio,
+        ))))
         .with_resource(Resource::builder().with_service_name(service).build());
     if let Some(endpoint) = &s.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
@@ -62,10 +70,14 @@ pub fn tracer_provider(s: &TelemetrySettings, default_service: &str) -> Result<S
 }
 
 /// Installs the global subscriber and propagator. Call once, from `main`, inside the runtime.
-pub fn init(s: &TelemetrySettings, default_service: &'static str) -> Result<Telemetry, TelemetryError> {
+pub fn init(
+    s: &TelemetrySettings,
+    default_service: &'static str,
+) -> Result<Telemetry, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = tracer_provider(s, default_service)?;
-    let filter = EnvFilter::try_new(&s.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let filter =
+        EnvFilter::try_new(&s.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(default_service));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = match s.log_format {
@@ -79,7 +91,9 @@ pub fn init(s: &TelemetrySettings, default_service: &'static str) -> Result<Tele
                     .with_writer(std::io::stdout),
             )
             .try_init(),
-        LogFormat::Pretty => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout)).try_init(),
+        LogFormat::Pretty => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
+            .try_init(),
     };
     result.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     Ok(Telemetry { provider })
@@ -116,7 +130,10 @@ pub fn continue_from(span: &tracing::Span, get: &dyn Fn(&str) -> Option<String>)
     struct Lookup(Vec<(&'static str, String)>);
     impl Extractor for Lookup {
         fn get(&self, key: &str) -> Option<&str> {
-            self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
+            self.0
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_str())
         }
         fn keys(&self) -> Vec<&str> {
             self.0.iter().map(|(k, _)| *k).collect()

@@ -1,1 +1,6 @@
+//! Integration suites: the real receiver and processor against the real Kafka broker and CQL store.
 
+mod config;
+mod processor;
+mod receiver;
+mod stack;

@@ -1,1 +1,387 @@
+//! Test harness: each test spawns the real services (in-process, on port 0) against the real Kafka
+//! broker and CQL store, with fresh topic, keyspace and group names so tests run in parallel.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use secrecy::SecretString;
+use shared::config::Settings;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The token the harness signs with (current), and the older one of a rotation pair.
+pub const TOKEN: &str = "test-current-token";
+pub const OLD_TOKEN: &str = "test-previous-token";
+
+/// The protocol examples shipped beside the repository.
+pub fn examples_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/protocol/examples")
+}
+
+/// A protocol example, compacted as Smartcar sends it.
+pub fn example(name: &str) -> Vec<u8> {
+    let raw = std::fs::read(examples_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let v: serde_json::Value =
+        serde_json::from_slice(&raw).unwrap_or_else(|e| panic!("{name}: {e}"));
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// A unique lower-case name for topics, keyspaces and groups.
+pub fn fresh(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}", &id[..12])
+}
+
+/// Settings for one test: fresh topics, keyspace, group; services on port 0.
+pub fn settings(extra: &[(&str, &str)]) -> Settings {
+    let name = fresh("t");
+    let mut env: HashMap<String, String> = [
+        (
+            "CARHOOK__SMARTCAR__MANAGEMENT_TOKENS",
+            format!("{TOKEN},{OLD_TOKEN}"),
+        ),
+        ("CARHOOK__KAFKA__EVENTS_TOPIC", format!("{name}.events")),
+        ("CARHOOK__KAFKA__DLQ_TOPIC", format!("{name}.events.dlq")),
+        ("CARHOOK__KAFKA__ACTIONS_TOPIC", format!("{name}.actions")),
+        (
+            "CARHOOK__KAFKA__QUARANTINE_TOPIC",
+            format!("{name}.quarantine"),
+        ),
+        ("CARHOOK__KAFKA__CONSUMER_GROUP", format!("{name}-group")),
+        ("CARHOOK__CQL__KEYSPACE", name.clone()),
+        ("CARHOOK__RECEIVER__LISTEN", "127.0.0.1:0".into()),
+        ("CARHOOK__PROCESSOR__ADMIN_LISTEN", "127.0.0.1:0".into()),
+        ("CARHOOK__PROCESSOR__INSTANCE_ID", format!("{name}-p0")),
+        ("CARHOOK__TELEMETRY__LOG_LEVEL", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert((*k).to_string(), (*v).to_string());
+    }
+    Settings::load_from(None, env).unwrap_or_else(|e| panic!("test settings: {e}"))
+}
+
+/// Lower-case hex HMAC-SHA256, as Smartcar signs.
+pub fn sign(token: &str, body: &[u8]) -> String {
+    shared::signature::sign(&SecretString::from(token.to_string()), body)
+}
+
+/// A service running inside the test process.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Signals shutdown and waits for the service to finish (bounded).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// Starts the receiver on an ephemeral port and waits until it is ready.
+pub async fn spawn_receiver(settings: &Settings) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    let shutdown = CancellationToken::new();
+    let s = settings.clone();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = carhook_receiver::run(s, listener, stop).await {
+            panic!("receiver failed: {e}");
+        }
+    });
+    let running = Running {
+        addr,
+        shutdown,
+        task,
+    };
+    eventually(Duration::from_secs(30), || async {
+        get(addr, "/ready").await.0 == 200
+    })
+    .await;
+    running
+}
+
+/// Starts the processor (admin on an ephemeral port) and waits until it is ready.
+pub async fn spawn_processor(settings: &Settings) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    let shutdown = CancellationToken::new();
+    let s = settings.clone();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = carhook_processor::run(s, listener, stop).await {
+            panic!("processor failed: {e}");
+        }
+    });
+    let running = Running {
+        addr,
+        shutdown,
+        task,
+    };
+    eventually(Duration::from_secs(60), || async {
+        get(addr, "/ready").await.0 == 200
+    })
+    .await;
+    running
+}
+
+/// Polls `check` until it holds or `within` passes (then panics).
+pub async fn eventually<F, Fut>(within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An HTTP response as a test sees it.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// POSTs `body` with optional `SC-Signature` and extra headers.
+pub async fn post(addr: SocketAddr, path: &str, body: Vec<u8>, signature: Option<&str>) -> Reply {
+    request(addr, http::Method::POST, path, body, signature).await
+}
+
+/// Any request.
+pub async fn request(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+    signature: Option<&str>,
+) -> Reply {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .header("user-agent", "Smartcar/test");
+    if let Some(sig) = signature {
+        req = req.header("SC-Signature", sig);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|e| panic!("request: {e}"));
+    let resp = client
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("http: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// GET returning (status, body text).
+pub async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let Ok(req) = http::Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new()))
+    else {
+        return (0, String::new());
+    };
+    match client.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Sum of high watermarks of `topic` (records ever written; 0 for a missing topic).
+pub fn record_count(brokers: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap_or_else(|e| panic!("consumer: {e}"));
+    let Ok(md) = c.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
+        return 0;
+    };
+    md.topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .filter_map(|p| {
+            c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .ok()
+        })
+        .map(|(_, high)| high)
+        .sum()
+}
+
+/// Reads every committed record of `topic` from the beginning until `expected` are seen or `within`
+/// passes, then keeps reading briefly so extra records (duplicates) would show up too.
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    within: Duration,
+) -> Vec<OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", fresh("reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap_or_else(|e| panic!("consumer: {e}"));
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("metadata: {e}"));
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics().iter().flat_map(|t| t.partitions()) {
+        let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
+    }
+    c.assign(&tpl).unwrap_or_else(|e| panic!("assign: {e}"));
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut settle: Option<Instant> = None;
+    loop {
+        if out.len() >= expected && settle.is_none() {
+            settle = Some(Instant::now() + Duration::from_millis(1500));
+        }
+        if settle.is_some_and(|s| Instant::now() > s) || Instant::now() > deadline {
+            break;
+        }
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+/// A header's value as text.
+pub fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
+    let h = msg.headers()?;
+    (0..h.count())
+        .map(|i| h.get(i))
+        .find(|x| x.key == name)
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Builds a compact VEHICLE_STATE body.
+pub fn state_event(
+    event_id: &str,
+    vehicle: &str,
+    signals: &[(&str, serde_json::Value, i64)],
+) -> Vec<u8> {
+    let signals: Vec<serde_json::Value> = signals
+        .iter()
+        .map(|(code, body, oem)| {
+            serde_json::json!({"code": code, "name": code, "group": code, "body": body,
+                "status": {"value": "SUCCESS"}, "meta": {"oemUpdatedAt": oem, "retrievedAt": oem + 1000}})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "eventId": event_id, "eventType": "VEHICLE_STATE",
+        "data": {"user": {"id": "u1"}, "vehicle": {"id": vehicle, "make": "TESLA", "model": "Model 3", "year": 2020}, "signals": signals},
+        "meta": {"version": "4.0", "deliveryId": uuid::Uuid::new_v4().to_string(), "deliveredAt": 1_761_896_351_529_i64, "mode": "LIVE"}
+    }))
+    .unwrap_or_default()
+}
+
+/// Builds a compact VEHICLE_ERROR body.
+pub fn error_event(
+    event_id: &str,
+    vehicle: &str,
+    errors: serde_json::Value,
+    delivered_at: i64,
+) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "eventId": event_id, "eventType": "VEHICLE_ERROR", "vehicleId": vehicle,
+        "data": {"vehicle": {"id": vehicle}, "errors": errors},
+        "meta": {"version": "4.0", "deliveryId": uuid::Uuid::new_v4().to_string(), "deliveredAt": delivered_at, "mode": "LIVE"}
+    }))
+    .unwrap_or_default()
+}
+
+/// Produces raw records straight to a topic (bypassing the receiver), e.g. poison or pre-fills.
+pub async fn produce_raw(brokers: &str, topic: &str, records: &[(Option<&str>, &[u8])]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap_or_else(|e| panic!("producer: {e}"));
+    for (key, value) in records {
+        let mut r = FutureRecord::<str, [u8]>::to(topic).payload(value);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        p.send(r, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+}
+
+/// Reads a vehicle's state as `processor state` prints it.
+pub async fn vehicle_state(settings: &Settings, vehicle: &str) -> Option<serde_json::Value> {
+    let session = shared::cql::connect(&settings.cql).await.ok()?;
+    carhook_processor::state::vehicle_state(&session, &settings.cql.keyspace, vehicle)
+        .await
+        .ok()
+}
+
+/// Drops a test's keyspace so repeated runs do not pile up tables in the store.
+pub async fn drop_keyspace(settings: &Settings) {
+    if let Ok(session) = shared::cql::connect(&settings.cql).await {
+        let _ = session
+            .query_unpaged(
+                format!("DROP KEYSPACE IF EXISTS {}", settings.cql.keyspace),
+                (),
+            )
+            .await;
+    }
+}

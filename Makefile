@@ -1,0 +1,53 @@
+# carhook — one command to run it, one to test it. See README.md.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+STACK := deploy/stack/stack.sh
+DEV_TOKEN := carhook-dev-token-NOT-FOR-PRODUCTION
+export CARHOOK__SMARTCAR__MANAGEMENT_TOKENS ?= $(DEV_TOKEN)
+RECEIVER_LISTEN := $(or $(CARHOOK__RECEIVER__LISTEN),127.0.0.1:8080)
+
+.PHONY: up down run test lint unit integration stack-up stack-down build-release status
+
+## up: build release binaries, start Kafka + Cassandra, the receiver and one processor; wait for readiness.
+up: build-release stack-up
+	@deploy/services.sh start
+	@token="$$CARHOOK__SMARTCAR__MANAGEMENT_TOKENS"; \
+	echo ""; \
+	echo "carhook is up."; \
+	echo "  webhook URL : http://$(RECEIVER_LISTEN)/webhooks/smartcar"; \
+	if [ "$$token" = "$(DEV_TOKEN)" ]; then echo "  token       : $$token  (development token; set CARHOOK__SMARTCAR__MANAGEMENT_TOKENS for real use)"; \
+	else echo "  token       : from CARHOOK__SMARTCAR__MANAGEMENT_TOKENS ($$(echo "$$token" | tr ',' '\n' | wc -l) configured)"; fi; \
+	echo "  health      : http://$(RECEIVER_LISTEN)/health  and  http://$${CARHOOK__PROCESSOR__ADMIN_LISTEN:-127.0.0.1:9091}/health"; \
+	echo "  logs        : $(CURDIR)/.stack/logs/{receiver,processor,kafka,cassandra}.log"; \
+	echo "  stop        : make down"
+
+## down: stop everything `make up` started.
+down:
+	@deploy/services.sh stop
+	@$(STACK) down
+
+## run: make up, then follow the logs; Ctrl-C stops everything.
+run: up
+	@trap '$(MAKE) --no-print-directory down' INT TERM EXIT; tail -n 20 -F .stack/logs/receiver.log .stack/logs/processor.log
+
+status:
+	@$(STACK) status; deploy/services.sh status
+
+build-release:
+	cargo build --release --bin receiver --bin processor
+
+stack-up:
+	@$(STACK) up
+
+stack-down:
+	@$(STACK) down
+
+## test: start the stack if needed, then unit + integration tests against real Kafka and CQL, then lint.
+test: stack-up
+	cargo test --workspace --no-fail-fast
+	@$(MAKE) --no-print-directory lint
+
+## lint: formatting and clippy with warnings as errors.
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings

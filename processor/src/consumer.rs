@@ -1,0 +1,555 @@
+//! The consumer loop: batches of records, one Kafka transaction per batch.
+//!
+//! Each batch is split by partition; partitions run concurrently, records within a partition run
+//! in order. The CQL effects of every record are durable before the batch's transaction starts.
+//! The transaction then carries, atomically: the batch's action records, its dead letters, and the
+//! consumer offsets (`send_offsets_to_transaction`). So:
+//! - a crash or kill -9 anywhere before the commit aborts the transaction: no action or dead letter
+//!   becomes visible to read_committed consumers, the offsets do not move, and the records are
+//!   processed again — their state writes are idempotent and their claims name them as owners;
+//! - a crash after the commit loses nothing: everything the batch did is already durable.
+//!
+//! A transient failure (store down, timeout) stops that partition at the failed record: offsets are
+//! committed only up to the record before it, the partition is rewound to it, the processor reports
+//! not ready and backs off with jitter, then resumes by itself. A poison record is dead-lettered
+//! inside the transaction and the partition moves on.
+//!
+//! Rebalances (cooperative-sticky) happen only while the loop polls. Records of partitions revoked
+//! while a batch was being collected are abandoned, not committed: the new owner starts from the
+//! last committed offset.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use shared::admin::Readiness;
+use shared::config::Settings;
+use shared::headers;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::dead_letter::{dead_letter_headers, header_str};
+use crate::metrics::Metrics;
+use crate::pipeline::{Disposition, Pipeline};
+
+/// Logs and counts rebalances.
+pub struct GroupContext {
+    metrics: Metrics,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (kind, list) = match rebalance {
+            Rebalance::Assign(l) => ("assign", Some(*l)),
+            Rebalance::Revoke(l) => ("revoke", Some(*l)),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                ("error", None)
+            }
+        };
+        let partitions: Vec<i32> = list
+            .map(|l| l.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        self.metrics
+            .rebalances
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .inc();
+        tracing::info!(kind, ?partitions, "rebalance");
+    }
+}
+
+/// The events consumer.
+pub type EventConsumer = StreamConsumer<GroupContext>;
+
+/// Why the loop stopped with an error (the supervisor restarts it).
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("kafka client setup: {0}")]
+    Setup(KafkaError),
+    #[error("kafka transaction failed fatally: {0}")]
+    Fatal(KafkaError),
+}
+
+/// Builds the consumer: manual commits through the producer's transactions, read_committed,
+/// cooperative-sticky assignment.
+pub fn consumer(
+    settings: &Settings,
+    group: &str,
+    metrics: Metrics,
+) -> Result<EventConsumer, KafkaError> {
+    let mut c: ClientConfig = shared::kafka::base_config(&settings.kafka);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("max.poll.interval.ms", "300000")
+        .set(
+            "client.id",
+            format!("carhook-processor-{}", settings.processor.instance_id),
+        );
+    c.create_with_context(GroupContext { metrics })
+}
+
+/// Builds the transactional producer. The transactional id is stable per instance, so a restarted
+/// instance fences (and aborts) whatever its predecessor left open.
+pub fn transactional_producer(
+    settings: &Settings,
+    transactional_id: &str,
+) -> Result<FutureProducer, KafkaError> {
+    let mut c = shared::kafka::base_config(&settings.kafka);
+    c.set("transactional.id", transactional_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random")
+        .set("transaction.timeout.ms", "30000")
+        .set("message.timeout.ms", "25000");
+    c.create()
+}
+
+/// A record to produce inside the transaction: topic, key, value, headers.
+type Outgoing = (String, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
+
+/// One finished record.
+struct Done {
+    msg: OwnedMessage,
+    disposition: Disposition,
+    elapsed: Duration,
+}
+
+/// One partition's share of a batch.
+struct PartitionRun {
+    partition: i32,
+    first_offset: i64,
+    done: Vec<Done>,
+    /// The record that failed transiently, and why.
+    failed: Option<(i64, String)>,
+}
+
+/// The loop's fixed parts.
+pub struct Worker {
+    pub consumer: Arc<EventConsumer>,
+    pub producer: FutureProducer,
+    pub pipeline: Arc<Pipeline>,
+    pub settings: Settings,
+    pub readiness: Readiness,
+    pub metrics: Metrics,
+    pub group: String,
+    /// Replay and dry runs: skip action emission.
+    pub emit_actions: bool,
+}
+
+impl Worker {
+    /// Runs until `shutdown`; finishes and commits the batch in hand first.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LoopError> {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || {
+            producer.init_transactions(Duration::from_secs(30))
+        })
+        .await
+        {
+            Ok(r) => r.map_err(LoopError::Setup)?,
+            Err(_) => return Err(LoopError::Setup(KafkaError::Canceled)),
+        }
+        self.consumer
+            .subscribe(&[&self.settings.kafka.events_topic])
+            .map_err(LoopError::Setup)?;
+        self.readiness.set("consumer", true);
+        let mut failures: u32 = 0;
+        while !shutdown.is_cancelled() {
+            let batch = self.collect(&shutdown).await;
+            if batch.is_empty() {
+                continue;
+            }
+            let runs = self.process(batch).await;
+            let any_failed = runs.iter().any(|r| r.failed.is_some());
+            match self.commit(&runs).await {
+                Ok(()) => self.finish(&runs),
+                Err(e) => {
+                    self.metrics
+                        .transactions
+                        .get_or_create(&vec![("result", "aborted".to_string())])
+                        .inc();
+                    tracing::warn!(error = %e, "transaction failed; batch will be processed again");
+                    if let KafkaError::Transaction(ref t) = e {
+                        if t.is_fatal() {
+                            return Err(LoopError::Fatal(e));
+                        }
+                    }
+                    self.rewind(runs.iter().map(|r| (r.partition, r.first_offset)));
+                    failures += 1;
+                    self.backoff(failures, &shutdown).await;
+                    continue;
+                }
+            }
+            if any_failed {
+                self.rewind(
+                    runs.iter()
+                        .filter_map(|r| r.failed.as_ref().map(|(o, _)| (r.partition, *o))),
+                );
+                failures += 1;
+                self.readiness.set("store", false);
+                self.backoff(failures, &shutdown).await;
+            } else {
+                failures = 0;
+                self.readiness.set("store", true);
+            }
+        }
+        self.readiness.set("consumer", false);
+        Ok(())
+    }
+
+    async fn collect(&self, shutdown: &CancellationToken) -> Vec<OwnedMessage> {
+        let p = &self.settings.processor;
+        let mut batch = Vec::new();
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return batch,
+            m = tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()) => m,
+        };
+        match first {
+            Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                return batch;
+            }
+            Err(_) => return batch,
+        }
+        let deadline = Instant::now() + Duration::from_millis(p.batch_wait_ms);
+        while batch.len() < p.batch_max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // Abandon records of partitions revoked while collecting: committing them is the new owner's job.
+        let assigned: HashSet<i32> = self
+            .consumer
+            .assignment()
+            .map(|l| l.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        batch.retain(|m| assigned.contains(&m.partition()));
+        batch
+    }
+
+    async fn process(&self, batch: Vec<OwnedMessage>) -> Vec<PartitionRun> {
+        let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+        for m in batch {
+            by_partition.entry(m.partition()).or_default().push(m);
+        }
+        join_all(
+            by_partition
+                .into_iter()
+                .map(|(partition, msgs)| self.process_partition(partition, msgs)),
+        )
+        .await
+    }
+
+    async fn process_partition(&self, partition: i32, msgs: Vec<OwnedMessage>) -> PartitionRun {
+        let first_offset = msgs.first().map_or(0, |m| m.offset());
+        let mut run = PartitionRun {
+            partition,
+            first_offset,
+            done: Vec::with_capacity(msgs.len()),
+            failed: None,
+        };
+        for msg in msgs {
+            let started = Instant::now();
+            let span = tracing::info_span!(
+                "process",
+                otel.name = format!("process {}", msg.topic()),
+                otel.kind = "consumer",
+                messaging.system = "kafka",
+                messaging.operation.name = "process",
+                messaging.operation.type = "process",
+                messaging.destination.name = msg.topic(),
+                messaging.destination.partition.id = msg.partition().to_string(),
+                messaging.kafka.offset = msg.offset(),
+                messaging.kafka.message.key = msg.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or(""),
+                messaging.consumer.group.name = self.group.as_str(),
+                event_id = tracing::field::Empty,
+                event_type = tracing::field::Empty,
+                vehicle_id = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            shared::telemetry::continue_from(&span, &|k| header_str(&msg, k).map(str::to_owned));
+            span.record("trace_id", shared::telemetry::trace_id(&span));
+            let result = async {
+                tracing::debug!(
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    "processing start"
+                );
+                self.pipeline.handle(&msg).await
+            }
+            .instrument(span.clone())
+            .await;
+            match result {
+                Ok(disposition) => run.done.push(Done {
+                    msg,
+                    disposition,
+                    elapsed: started.elapsed(),
+                }),
+                Err(e) => {
+                    let _e = span.enter();
+                    tracing::warn!(partition, offset = msg.offset(), error = %e, "transient failure; will retry this record");
+                    run.failed = Some((msg.offset(), e.to_string()));
+                    break;
+                }
+            }
+        }
+        run
+    }
+
+    /// The transaction: actions, dead letters, offsets.
+    async fn commit(&self, runs: &[PartitionRun]) -> Result<(), KafkaError> {
+        let mut offsets = TopicPartitionList::new();
+        for r in runs {
+            if let Some(last) = r.done.last() {
+                offsets.add_partition_offset(
+                    &self.settings.kafka.events_topic,
+                    r.partition,
+                    Offset::Offset(last.msg.offset() + 1),
+                )?;
+            }
+        }
+        if offsets.count() == 0 {
+            return Ok(());
+        }
+        self.producer.begin_transaction()?;
+        let result = self.commit_inner(runs, &offsets).await;
+        if result.is_err() {
+            let producer = self.producer.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                producer.abort_transaction(Duration::from_secs(10))
+            })
+            .await;
+        }
+        result
+    }
+
+    async fn commit_inner(
+        &self,
+        runs: &[PartitionRun],
+        offsets: &TopicPartitionList,
+    ) -> Result<(), KafkaError> {
+        let kafka = &self.settings.kafka;
+        let mut owned: Vec<Outgoing> = Vec::new();
+        for d in runs.iter().flat_map(|r| &r.done) {
+            match &d.disposition {
+                Disposition::Applied(plan) if self.emit_actions => {
+                    for a in &plan.actions {
+                        let mut h = OwnedHeaders::new()
+                            .insert(Header {
+                                key: headers::ACTION_TYPE,
+                                value: Some(a.kind),
+                            })
+                            .insert(Header {
+                                key: "carhook-action-id",
+                                value: Some(a.action_id.as_str()),
+                            });
+                        if let Some(tp) = header_str(&d.msg, headers::TRACEPARENT) {
+                            h = h.insert(Header {
+                                key: headers::TRACEPARENT,
+                                value: Some(tp),
+                            });
+                        }
+                        let key = plan
+                            .vehicle
+                            .as_ref()
+                            .map(|v| v.as_str().as_bytes().to_vec());
+                        owned.push((
+                            kafka.actions_topic.clone(),
+                            key,
+                            a.body.to_string().into_bytes(),
+                            h,
+                        ));
+                    }
+                }
+                Disposition::Poison(p) => {
+                    owned.push((
+                        kafka.dlq_topic.clone(),
+                        d.msg.key().map(<[u8]>::to_vec),
+                        d.msg.payload().unwrap_or_default().to_vec(),
+                        dead_letter_headers(&d.msg, p),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let mut sends = Vec::new();
+        for (topic, key, payload, h) in &owned {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
+                .payload(payload.as_slice())
+                .headers(h.clone());
+            if let Some(k) = key {
+                rec = rec.key(k.as_slice());
+            }
+            sends.push(self.producer.send(rec, Duration::from_secs(20)));
+        }
+        for r in join_all(sends).await {
+            r.map_err(|(e, _)| e)?;
+        }
+        let group = self.consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+        let producer = self.producer.clone();
+        let offsets = offsets.clone();
+        tokio::task::spawn_blocking(move || {
+            producer.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(20))?;
+            producer.commit_transaction(Duration::from_secs(20))
+        })
+        .await
+        .map_err(|_| KafkaError::Canceled)??;
+        self.metrics
+            .transactions
+            .get_or_create(&vec![("result", "committed".to_string())])
+            .inc();
+        Ok(())
+    }
+
+    /// After a commit: the per-record log line (processing end) and outcome metrics.
+    fn finish(&self, runs: &[PartitionRun]) {
+        for d in runs.iter().flat_map(|r| &r.done) {
+            let outcome = d.disposition.label();
+            self.metrics.outcome(outcome);
+            let event_id = header_str(&d.msg, headers::EVENT_ID).unwrap_or("");
+            let duration_ms = d.elapsed.as_secs_f64() * 1000.0;
+            match &d.disposition {
+                Disposition::Poison(p) => {
+                    self.metrics
+                        .dead_letters
+                        .get_or_create(&vec![("reason", p.class.to_string())])
+                        .inc();
+                    tracing::warn!(event_id, partition = d.msg.partition(), offset = d.msg.offset(), outcome, reason = p.class, error = %p.message, duration_ms, "event dead-lettered");
+                }
+                Disposition::Applied(plan) => {
+                    if self.emit_actions {
+                        for a in &plan.actions {
+                            self.metrics
+                                .actions
+                                .get_or_create(&vec![("type", a.kind.to_string())])
+                                .inc();
+                        }
+                    }
+                    tracing::info!(
+                        event_id,
+                        partition = d.msg.partition(),
+                        offset = d.msg.offset(),
+                        outcome,
+                        actions = plan.actions.len(),
+                        duration_ms,
+                        "event processed"
+                    );
+                }
+                Disposition::Ignored(why) => {
+                    tracing::info!(
+                        event_id,
+                        partition = d.msg.partition(),
+                        offset = d.msg.offset(),
+                        outcome,
+                        reason = *why,
+                        duration_ms,
+                        "event processed"
+                    )
+                }
+                Disposition::Duplicate => {
+                    tracing::info!(
+                        event_id,
+                        partition = d.msg.partition(),
+                        offset = d.msg.offset(),
+                        outcome,
+                        duration_ms,
+                        "event processed"
+                    )
+                }
+            }
+        }
+    }
+
+    fn rewind(&self, to: impl Iterator<Item = (i32, i64)>) {
+        for (partition, offset) in to {
+            if let Err(e) = self.consumer.seek(
+                &self.settings.kafka.events_topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            ) {
+                // Not assigned any more: the new owner starts from the committed offset anyway.
+                tracing::debug!(partition, offset, error = %e, "rewind skipped");
+            }
+        }
+    }
+
+    async fn backoff(&self, failures: u32, shutdown: &CancellationToken) {
+        let cap = self.settings.processor.max_backoff_ms.max(100);
+        let exp = 100u64.saturating_mul(1u64 << failures.min(16)).min(cap);
+        let wait = rand::rng().random_range(exp / 2..=exp);
+        tracing::info!(wait_ms = wait, failures, "backing off");
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+        }
+    }
+}
+
+/// Keeps `consumer_lag{partition}` current: high watermark minus position, for assigned partitions.
+pub async fn report_lag(
+    consumer: Arc<EventConsumer>,
+    topic: String,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    loop {
+        let c = Arc::clone(&consumer);
+        let t = topic.clone();
+        let lags = tokio::task::spawn_blocking(move || {
+            let Ok(pos) = c.position() else {
+                return Vec::new();
+            };
+            pos.elements()
+                .iter()
+                .filter(|e| e.topic() == t)
+                .filter_map(|e| {
+                    let (_, high) = c
+                        .fetch_watermarks(&t, e.partition(), Duration::from_secs(2))
+                        .ok()?;
+                    let at = match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => return None,
+                    };
+                    Some((e.partition(), (high - at).max(0)))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (p, lag) in lags {
+            metrics
+                .consumer_lag
+                .get_or_create(&vec![("partition", p.to_string())])
+                .set(lag);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

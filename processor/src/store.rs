@@ -1,0 +1,359 @@
+//! The CQL store: idempotency claims (LWT) and vehicle state (timestamp-ordered writes).
+//!
+//! Why two mechanisms: a claim must be decided once across processors, which needs Paxos
+//! (`INSERT … IF NOT EXISTS`); vehicle state must be ordered by the car's clock whatever the arrival
+//! order, which client write timestamps give without Paxos. CQL refuses `USING TIMESTAMP` on a
+//! conditional write, so the two live in different tables. One LWT per event (the claim) plus one
+//! plain batch per table keeps the per-event cost at roughly a single LWT.
+
+use std::sync::Arc;
+
+use scylla::client::session::Session;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::SerialConsistency;
+use scylla::value::{CqlValue, Row};
+
+use crate::effects::Plan;
+
+/// A store failure. Everything the driver reports is treated as transient except statements the
+/// server refuses as invalid, which are deterministic and count towards dead-lettering.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cql {op}: {message}")]
+    Transient { op: &'static str, message: String },
+    #[error("cql {op} refused: {message}")]
+    Refused { op: &'static str, message: String },
+}
+
+impl StoreError {
+    fn from_exec(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> Self {
+        let message = e.to_string();
+        let dbg = format!("{e:?}");
+        if dbg.contains("DbError(Invalid") || dbg.contains("DbError(SyntaxError") {
+            Self::Refused { op, message }
+        } else {
+            Self::Transient { op, message }
+        }
+    }
+
+    /// Whether retrying may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient { .. })
+    }
+}
+
+/// The Kafka position of a record: the owner of a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The result of claiming an event id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This record owns the event: apply it (again, if a crash interrupted a previous attempt).
+    Owner,
+    /// Another record owns it: this one is a duplicate and has no effect.
+    Duplicate { owner: Position },
+}
+
+/// Prepared statements against one keyspace.
+#[derive(Clone)]
+pub struct Store {
+    session: Arc<Session>,
+    keyspace: String,
+    claim: PreparedStatement,
+    read_claim: PreparedStatement,
+    take_over: PreparedStatement,
+    mark_dead: PreparedStatement,
+    put_value: PreparedStatement,
+    put_availability: PreparedStatement,
+    put_error: PreparedStatement,
+    put_vehicle: PreparedStatement,
+    dedup_ttl_secs: i32,
+}
+
+fn first_bool(rows: &[Row]) -> Option<bool> {
+    match rows.first()?.columns.first()? {
+        Some(CqlValue::Boolean(b)) => Some(*b),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Prepares every statement. Fails if the schema is missing (run the migrations first).
+    pub async fn prepare(
+        session: Arc<Session>,
+        keyspace: &str,
+        dedup_ttl_days: u32,
+    ) -> Result<Self, StoreError> {
+        let ks = keyspace;
+        let p = |q: String| {
+            let session = Arc::clone(&session);
+            async move {
+                session
+                    .prepare(q)
+                    .await
+                    .map_err(|e| StoreError::from_exec("prepare", e))
+            }
+        };
+        let mut claim = p(format!(
+            "INSERT INTO {ks}.processed_events (event_id, status, topic, partition, \"offset\", vehicle_id, claimed_by, claimed_at) \
+             VALUES (?, 'claimed', ?, ?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?"
+        ))
+        .await?;
+        claim.set_serial_consistency(Some(SerialConsistency::LocalSerial));
+        let mut read_claim = p(format!(
+            "SELECT status, topic, partition, \"offset\" FROM {ks}.processed_events WHERE event_id = ?"
+        ))
+        .await?;
+        // A linearizable read: sees any claim a concurrent LWT has committed.
+        read_claim.set_consistency(scylla::statement::Consistency::LocalSerial);
+        let take_over = p(format!(
+            "UPDATE {ks}.processed_events USING TTL ? SET status = 'claimed', topic = ?, partition = ?, \"offset\" = ?, claimed_by = ? \
+             WHERE event_id = ? IF status = 'dead_lettered'"
+        ))
+        .await?;
+        let mark_dead = p(format!(
+            "UPDATE {ks}.processed_events SET status = 'dead_lettered' WHERE event_id = ? IF topic = ? AND partition = ? AND \"offset\" = ?"
+        ))
+        .await?;
+        let put_value = p(format!(
+            "UPDATE {ks}.signal_state USING TIMESTAMP ? SET value = ?, availability = ? WHERE vehicle_id = ? AND code = ?"
+        ))
+        .await?;
+        let put_availability = p(format!(
+            "UPDATE {ks}.signal_state USING TIMESTAMP ? SET availability = ? WHERE vehicle_id = ? AND code = ?"
+        ))
+        .await?;
+        let put_error = p(format!(
+            "UPDATE {ks}.vehicle_errors USING TIMESTAMP ? SET state = ? WHERE vehicle_id = ? AND error_key = ?"
+        ))
+        .await?;
+        let put_vehicle = p(format!(
+            "UPDATE {ks}.vehicles USING TIMESTAMP ? SET info = ? WHERE vehicle_id = ?"
+        ))
+        .await?;
+        Ok(Self {
+            session,
+            keyspace: ks.to_string(),
+            claim,
+            read_claim,
+            take_over,
+            mark_dead,
+            put_value,
+            put_availability,
+            put_error,
+            put_vehicle,
+            dedup_ttl_secs: i32::try_from(u64::from(dedup_ttl_days) * 86_400).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// The session (for the state view and tests).
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// The keyspace.
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
+    }
+
+    /// Claims `event_id` for the record at `pos`.
+    ///
+    /// Why this is crash-safe: the claim names the record that owns the event. Offsets are
+    /// committed only after the owner's effects are durable, so if a processor dies anywhere between
+    /// claim and commit, the owner record is delivered again, finds its own position in the claim,
+    /// and applies the (idempotent) effects again. Any *other* record with the same event id — a
+    /// Smartcar retry, a second delivery — is a duplicate whatever the claim's progress, because the
+    /// owner will certainly be (re)applied. An LWT timeout is retried the same way: if the insert
+    /// did land, the retry reads our own position back and we are still the owner.
+    pub async fn claim(
+        &self,
+        event_id: &str,
+        vehicle: Option<&str>,
+        pos: &Position,
+        instance: &str,
+    ) -> Result<Claim, StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(
+                &self.claim,
+                (
+                    event_id,
+                    &pos.topic,
+                    pos.partition,
+                    pos.offset,
+                    vehicle,
+                    instance,
+                    self.dedup_ttl_secs,
+                ),
+            )
+            .await
+            .map_err(|e| StoreError::from_exec("claim", e))?;
+        let rows: Vec<Row> = res
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec("claim", e))?
+            .rows::<Row>()
+            .map_err(|e| StoreError::from_exec("claim", e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::from_exec("claim", e))?;
+        if first_bool(&rows) == Some(true) {
+            return Ok(Claim::Owner);
+        }
+        let (status, owner) = self.read_claim(event_id).await?;
+        if owner == *pos {
+            return Ok(Claim::Owner);
+        }
+        if status.as_deref() == Some("dead_lettered")
+            && self.take_over(event_id, pos, instance).await?
+        {
+            return Ok(Claim::Owner);
+        }
+        Ok(Claim::Duplicate { owner })
+    }
+
+    async fn read_claim(&self, event_id: &str) -> Result<(Option<String>, Position), StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(&self.read_claim, (event_id,))
+            .await
+            .map_err(|e| StoreError::from_exec("read claim", e))?;
+        let row = res
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec("read claim", e))?
+            .maybe_first_row::<(Option<String>, Option<String>, Option<i32>, Option<i64>)>()
+            .map_err(|e| StoreError::from_exec("read claim", e))?;
+        let Some((status, topic, partition, offset)) = row else {
+            // Expired between the insert and this read: nobody owns it any more; report no owner.
+            return Err(StoreError::Transient {
+                op: "read claim",
+                message: format!("claim for {event_id} vanished; retrying"),
+            });
+        };
+        Ok((
+            status,
+            Position {
+                topic: topic.unwrap_or_default(),
+                partition: partition.unwrap_or(-1),
+                offset: offset.unwrap_or(-1),
+            },
+        ))
+    }
+
+    async fn take_over(
+        &self,
+        event_id: &str,
+        pos: &Position,
+        instance: &str,
+    ) -> Result<bool, StoreError> {
+        let res = self
+            .session
+            .execute_unpaged(
+                &self.take_over,
+                (
+                    self.dedup_ttl_secs,
+                    &pos.topic,
+                    pos.partition,
+                    pos.offset,
+                    instance,
+                    event_id,
+                ),
+            )
+            .await
+            .map_err(|e| StoreError::from_exec("take over claim", e))?;
+        let rows: Vec<Row> = res
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec("take over claim", e))?
+            .rows::<Row>()
+            .map_err(|e| StoreError::from_exec("take over claim", e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::from_exec("take over claim", e))?;
+        Ok(first_bool(&rows) == Some(true))
+    }
+
+    /// Marks a claim dead-lettered (only if `pos` still owns it), so a redriven copy may take it over.
+    pub async fn mark_dead_lettered(
+        &self,
+        event_id: &str,
+        pos: &Position,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.mark_dead,
+                (event_id, &pos.topic, pos.partition, pos.offset),
+            )
+            .await
+            .map_err(|e| StoreError::from_exec("mark dead-lettered", e))?;
+        Ok(())
+    }
+
+    /// Executes a plan: one unlogged single-partition batch per table. Idempotent.
+    pub async fn apply(&self, plan: &Plan) -> Result<(), StoreError> {
+        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
+            return Ok(());
+        };
+        if !plan.values.is_empty() || !plan.availability.is_empty() {
+            let mut batch = Batch::new(BatchType::Unlogged);
+            let mut values: Vec<(i64, Option<&str>, &str, &str, &str)> = Vec::new();
+            for w in &plan.values {
+                batch.append_statement(self.put_value.clone());
+                values.push((
+                    w.value.timestamp,
+                    Some(&w.value.doc),
+                    &w.availability.doc,
+                    vehicle,
+                    w.code.as_str(),
+                ));
+            }
+            let mut avail: Vec<(i64, &str, &str, &str)> = Vec::new();
+            for w in &plan.availability {
+                avail.push((
+                    w.availability.timestamp,
+                    &w.availability.doc,
+                    vehicle,
+                    w.code.as_str(),
+                ));
+            }
+            // Two statement shapes: run values and availability-only writes as two batches.
+            if !values.is_empty() {
+                self.session
+                    .batch(&batch, values)
+                    .await
+                    .map_err(|e| StoreError::from_exec("write signal values", e))?;
+            }
+            if !avail.is_empty() {
+                let mut b = Batch::new(BatchType::Unlogged);
+                for _ in &avail {
+                    b.append_statement(self.put_availability.clone());
+                }
+                self.session
+                    .batch(&b, avail)
+                    .await
+                    .map_err(|e| StoreError::from_exec("write signal availability", e))?;
+            }
+        }
+        if !plan.errors.is_empty() {
+            let mut b = Batch::new(BatchType::Unlogged);
+            let mut vals: Vec<(i64, &str, &str, &str)> = Vec::new();
+            for w in &plan.errors {
+                b.append_statement(self.put_error.clone());
+                vals.push((w.state.timestamp, &w.state.doc, vehicle, &w.key));
+            }
+            self.session
+                .batch(&b, vals)
+                .await
+                .map_err(|e| StoreError::from_exec("write vehicle errors", e))?;
+        }
+        if let Some(info) = &plan.vehicle_info {
+            self.session
+                .execute_unpaged(&self.put_vehicle, (info.timestamp, &info.doc, vehicle))
+                .await
+                .map_err(|e| StoreError::from_exec("write vehicle", e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,220 @@
+//! Persisting verified bodies to the events topic, and rejected ones to quarantine.
+//!
+//! [`EventProducer::persist`] takes a [`Verified`] body — only a successful signature check makes
+//! one — and resolves only when the broker acknowledged the record with acks=all, or with the error
+//! that must become a 503. The circuit breaker turns a dead broker into immediate 503s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use shared::clock::EpochMillis;
+use shared::config::KafkaSettings;
+use shared::envelope::Routing;
+use shared::headers;
+use shared::signature::{SignatureError, Verified};
+use tracing::Instrument;
+
+use crate::breaker::{Admit, Breaker};
+use crate::metrics::Metrics;
+use crate::rate::RateLimit;
+
+/// Why a record was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("circuit open after repeated produce failures")]
+    CircuitOpen,
+    #[error("kafka did not acknowledge the record on {topic}: {source}")]
+    Kafka { topic: String, source: KafkaError },
+}
+
+/// Where a record landed.
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// The receiver's producer: events (awaited) and quarantine (fire-and-forget, rate-limited).
+pub struct EventProducer {
+    producer: FutureProducer,
+    settings: KafkaSettings,
+    breaker: Breaker,
+    quarantine_rate: RateLimit,
+    metrics: Metrics,
+}
+
+fn add(h: OwnedHeaders, key: &str, value: Option<&str>) -> OwnedHeaders {
+    match value {
+        Some(v) => h.insert(Header {
+            key,
+            value: Some(v),
+        }),
+        None => h,
+    }
+}
+
+impl EventProducer {
+    /// Creates the producer. Connects lazily; readiness is checked by [`EventProducer::probe`].
+    pub fn new(
+        settings: &KafkaSettings,
+        breaker: Breaker,
+        quarantine_per_sec: u32,
+        metrics: Metrics,
+    ) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = shared::kafka::producer_config(settings).create()?;
+        Ok(Self {
+            producer,
+            settings: settings.clone(),
+            breaker,
+            quarantine_rate: RateLimit::per_second(quarantine_per_sec),
+            metrics,
+        })
+    }
+
+    /// Whether the breaker is open.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// Persists a verified body to the events topic and waits for the broker's acknowledgement.
+    pub async fn persist(&self, body: Verified, routing: &Routing) -> Result<Acked, PersistError> {
+        let admit = self.breaker.admit();
+        self.metrics
+            .circuit_open
+            .set(i64::from(self.breaker.is_open() && admit == Admit::No));
+        if admit == Admit::No {
+            return Err(PersistError::CircuitOpen);
+        }
+        let topic = self.settings.events_topic.as_str();
+        let span = tracing::info_span!(
+            "send",
+            otel.name = format!("send {topic}"),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.name = "send",
+            messaging.operation.type = "send",
+            messaging.destination.name = topic,
+            messaging.kafka.message.key = routing.key().unwrap_or(""),
+            messaging.destination.partition.id = tracing::field::Empty,
+            messaging.kafka.offset = tracing::field::Empty,
+        );
+        let received_at = EpochMillis::now().as_i64().to_string();
+        let token_index = body.token_index().to_string();
+        let mut h = OwnedHeaders::new();
+        h = add(h, headers::EVENT_ID, routing.event_id.as_deref());
+        h = add(h, headers::EVENT_TYPE, routing.event_type.as_deref());
+        h = add(h, headers::DELIVERY_ID, routing.delivery_id.as_deref());
+        h = add(h, headers::RECEIVED_AT, Some(&received_at));
+        h = add(h, headers::TOKEN_INDEX, Some(&token_index));
+        for (k, v) in shared::telemetry::inject(&span) {
+            h = h.insert(Header {
+                key: &k,
+                value: Some(&v),
+            });
+        }
+        let payload = body.into_body();
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(&payload)
+            .headers(h);
+        if let Some(key) = routing.key() {
+            record = record.key(key);
+        }
+        let started = Instant::now();
+        let result = self
+            .producer
+            .send(record, Timeout::After(self.settings.delivery_timeout()))
+            .instrument(span.clone())
+            .await;
+        self.metrics
+            .produce_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.breaker.record(result.is_ok());
+        self.metrics
+            .circuit_open
+            .set(i64::from(self.breaker.is_open()));
+        match result {
+            Ok(delivery) => {
+                span.record(
+                    "messaging.destination.partition.id",
+                    delivery.partition.to_string(),
+                );
+                span.record("messaging.kafka.offset", delivery.offset);
+                Ok(Acked {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                })
+            }
+            Err((source, _)) => Err(PersistError::Kafka {
+                topic: topic.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Keeps the raw bytes of a rejected delivery on the short-retention quarantine topic, so an
+    /// operator can diagnose "VERIFY passes, live events fail". Rate-limited and never awaited:
+    /// quarantine must not slow down or fail the 401.
+    pub fn quarantine(&self, body: &[u8], routing: &Routing, reason: &SignatureError) {
+        if !self.quarantine_rate.try_take() {
+            self.metrics
+                .quarantined
+                .get_or_create(&vec![("result", "rate_limited")])
+                .inc();
+            return;
+        }
+        tracing::debug!(
+            event_id = routing.event_id.as_deref().unwrap_or(""),
+            body = %String::from_utf8_lossy(body),
+            "quarantined body"
+        );
+        let mut h = OwnedHeaders::new();
+        h = add(h, headers::REJECT_REASON, Some(reason.reason()));
+        h = add(h, headers::EVENT_ID, routing.event_id.as_deref());
+        h = add(h, headers::DELIVERY_ID, routing.delivery_id.as_deref());
+        h = add(
+            h,
+            headers::RECEIVED_AT,
+            Some(&EpochMillis::now().as_i64().to_string()),
+        );
+        let record = FutureRecord::<str, [u8]>::to(&self.settings.quarantine_topic)
+            .payload(body)
+            .headers(h);
+        let outcome = match self.producer.send_result(record) {
+            Ok(_) => "queued",
+            Err(_) => "dropped",
+        };
+        self.metrics
+            .quarantined
+            .get_or_create(&vec![("result", outcome)])
+            .inc();
+    }
+
+    /// A real metadata request for the events topic: the readiness check.
+    pub async fn probe(self: &Arc<Self>) -> bool {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            me.producer
+                .client()
+                .fetch_metadata(Some(&me.settings.events_topic), Duration::from_secs(2))
+                .map(|md| {
+                    md.topics()
+                        .iter()
+                        .any(|t| t.error().is_none() && !t.partitions().is_empty())
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Waits for everything queued (quarantine included) to be delivered, up to `timeout`.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+            tracing::warn!(error = %e, "producer flush incomplete at shutdown");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The webhook request path: route, bound the body, verify, answer VERIFY or persist.
+//!
+//! Order matters: the body is read under a byte limit and a time limit first, the signature is
+//! checked on the exact bytes before any parsing decides anything, and only a [`Verified`] body can
+//! be handed to the producer. A VERIFY is answered only when signed, or — when unsigned — when its
+//! challenge looks like Smartcar's and the rate limit allows (the signing-oracle guard, SMARTCAR.md §3).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use shared::admin::Admin;
+use shared::config::ReceiverSettings;
+use shared::envelope::Routing;
+use shared::signature::{ManagementTokens, SignatureError, Verified, SIGNATURE_HEADER};
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::metrics::Metrics;
+use crate::outcome::{Delivery, Outcome};
+use crate::producer::{EventProducer, PersistError};
+use crate::rate::RateLimit;
+
+/// Longest challenge an unsigned VERIFY may carry.
+const MAX_CHALLENGE_LEN: usize = 128;
+
+/// Everything a request needs, shared by all connections.
+pub struct App {
+    pub settings: ReceiverSettings,
+    pub tokens: ManagementTokens,
+    pub producer: Arc<EventProducer>,
+    pub metrics: Metrics,
+    pub admin: Admin,
+    pub inflight: Arc<Semaphore>,
+    pub verify_rate: RateLimit,
+}
+
+/// Counts a request in `inflight_requests` for as long as it lives.
+struct InflightGuard<'a> {
+    metrics: &'a Metrics,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.metrics.inflight.dec();
+    }
+}
+
+/// Whether an unsigned challenge looks like Smartcar's: short, `[A-Za-z0-9-]`, so never JSON and
+/// never a payload an attacker would want signed.
+pub fn plausible_challenge(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= MAX_CHALLENGE_LEN
+        && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+impl App {
+    /// Handles one HTTP request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if let Some(resp) = self.admin.respond(req.method(), req.uri().path()) {
+            return resp;
+        }
+        let span = tracing::info_span!(
+            "request",
+            otel.name = format!("{} {}", req.method(), self.settings.path),
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            url.path = req.uri().path(),
+            http.response.status_code = tracing::field::Empty,
+            event_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        span.record("trace_id", shared::telemetry::trace_id(&span));
+        let resp = self.route(req).instrument(span.clone()).await;
+        span.record("http.response.status_code", resp.status().as_u16());
+        resp
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let mut delivery = Delivery::start();
+        let retry_after = self.settings.retry_after_secs;
+        let outcome = if req.uri().path() != self.settings.path {
+            Outcome::NotFound
+        } else if req.method() != Method::POST {
+            Outcome::MethodNotAllowed
+        } else {
+            match Arc::clone(&self.inflight).try_acquire_owned() {
+                Err(_) => Outcome::Overloaded,
+                Ok(permit) => {
+                    self.metrics.inflight.inc();
+                    let _guard = InflightGuard {
+                        metrics: &self.metrics,
+                        _permit: permit,
+                    };
+                    self.webhook(req, &mut delivery).await
+                }
+            }
+        };
+        tracing::Span::current().record(
+            "event_id",
+            delivery.routing.event_id.as_deref().unwrap_or(""),
+        );
+        delivery.finish(outcome, &self.metrics, retry_after)
+    }
+
+    async fn webhook(&self, req: Request<Incoming>, delivery: &mut Delivery) -> Outcome {
+        let limit = self.settings.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Outcome::TooLarge { limit };
+        }
+        let signature = req
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+        let read = Limited::new(req.into_body(), limit).collect();
+        let body =
+            match tokio::time::timeout(Duration::from_millis(self.settings.body_timeout_ms), read)
+                .await
+            {
+                Err(_) => return Outcome::Timeout,
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Outcome::TooLarge { limit }
+                }
+                Ok(Err(_)) => return Outcome::BadRequest("request body could not be read"),
+                Ok(Ok(collected)) => collected.to_bytes(),
+            };
+        delivery.body_len = body.len();
+        match signature {
+            Some(sig) => match self.tokens.verify(Some(&sig), body.clone()) {
+                Ok(verified) => {
+                    delivery.routing = Routing::sniff(verified.body());
+                    self.verified(verified, delivery).await
+                }
+                Err(e) => self.reject(&body, delivery, e),
+            },
+            None => {
+                delivery.routing = Routing::sniff(&body);
+                if delivery.routing.is_verify() {
+                    self.unsigned_verify(&delivery.routing)
+                } else {
+                    self.reject(&body, delivery, SignatureError::Missing)
+                }
+            }
+        }
+    }
+
+    fn reject(&self, body: &Bytes, delivery: &mut Delivery, e: SignatureError) -> Outcome {
+        if delivery.routing == Routing::default() {
+            delivery.routing = Routing::sniff(body);
+        }
+        self.producer.quarantine(body, &delivery.routing, &e);
+        Outcome::Unauthorized(e)
+    }
+
+    async fn verified(&self, verified: Verified, delivery: &Delivery) -> Outcome {
+        let routing = &delivery.routing;
+        if routing.is_verify() {
+            self.metrics
+                .verify_challenges
+                .get_or_create(&vec![("result", "signed")])
+                .inc();
+            return match &routing.challenge {
+                Some(c) => Outcome::Challenge {
+                    answer: self.tokens.answer_challenge(c),
+                    signed: true,
+                },
+                None => Outcome::BadRequest("VERIFY without data.challenge"),
+            };
+        }
+        let token_index = verified.token_index();
+        match self.producer.persist(verified, routing).await {
+            Ok(acked) => Outcome::Accepted {
+                partition: acked.partition,
+                offset: acked.offset,
+                token_index,
+            },
+            Err(PersistError::CircuitOpen) => Outcome::Unavailable {
+                cause: "circuit open".into(),
+                breaker_open: true,
+            },
+            Err(e) => Outcome::Unavailable {
+                cause: e.to_string(),
+                breaker_open: false,
+            },
+        }
+    }
+
+    fn unsigned_verify(&self, routing: &Routing) -> Outcome {
+        let Some(challenge) = routing.challenge.as_deref() else {
+            return Outcome::VerifyRefused("no challenge");
+        };
+        if !plausible_challenge(challenge) {
+            self.metrics
+                .verify_challenges
+                .get_or_create(&vec![("result", "refused_shape")])
+                .inc();
+            return Outcome::VerifyRefused("challenge is not a short [A-Za-z0-9-] token");
+        }
+        if !self.verify_rate.try_take() {
+            self.metrics
+                .verify_challenges
+                .get_or_create(&vec![("result", "refused_rate")])
+                .inc();
+            return Outcome::VerifyRefused("rate limit");
+        }
+        self.metrics
+            .verify_challenges
+            .get_or_create(&vec![("result", "unsigned")])
+            .inc();
+        Outcome::Challenge {
+            answer: self.tokens.answer_challenge(challenge),
+            signed: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_guard() {
+        assert!(plausible_challenge("3a5c8f72-e6d9-4b1a-9f2e-8c7d6a5b4e3f"));
+        assert!(!plausible_challenge(r#"{"eventId":"x"}"#));
+        assert!(!plausible_challenge(""));
+        assert!(!plausible_challenge(&"a".repeat(129)));
+        assert!(!plausible_challenge("abc def"));
+    }
+}

@@ -1,0 +1,416 @@
+//! The processor against real Kafka and CQL: exactly-once effects, freshest-wins state, error
+//! actions, dead letters, rebalances and crashes.
+
+use std::time::Duration;
+
+use carhook_tests::*;
+use rdkafka::Message;
+use serde_json::{json, Value};
+use shared::headers;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn state_where(
+    s: &shared::config::Settings,
+    vehicle: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut last = Value::Null;
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        if let Some(v) = vehicle_state(s, vehicle).await {
+            if pred(&v) {
+                return v;
+            }
+            last = v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("state of {vehicle} never matched; last: {last:#}");
+}
+
+async fn metric(p: &Running, line_prefix: &str) -> f64 {
+    let (_, text) = get(p.addr, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn duplicate_delivery_applies_once() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    // Same eventId, different deliveryId (and so different bytes and signature): a Smartcar retry.
+    let first = state_event(
+        "evt-dup",
+        "car-dup",
+        &[(
+            "tractionbattery-stateofcharge",
+            json!({"unit":"percent","value":50}),
+            1_731_940_328_000,
+        )],
+    );
+    let retry = state_event(
+        "evt-dup",
+        "car-dup",
+        &[(
+            "tractionbattery-stateofcharge",
+            json!({"unit":"percent","value":50}),
+            1_731_940_328_000,
+        )],
+    );
+    assert_ne!(first, retry);
+    for b in [&first, &retry] {
+        assert_eq!(
+            post(
+                r.addr,
+                "/webhooks/smartcar",
+                b.clone(),
+                Some(&sign(TOKEN, b))
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let st = state_where(&s, "car-dup", |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["body"]["value"] == 50
+    })
+    .await;
+    assert_eq!(
+        st["signals"]["tractionbattery-stateofcharge"]["eventId"],
+        "evt-dup"
+    );
+    eventually(WAIT, || async {
+        metric(&p, r#"carhook_processor_events_total{outcome="duplicate"}"#).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(&p, r#"carhook_processor_events_total{outcome="applied"}"#).await,
+        1.0
+    );
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn older_signal_never_overwrites_newer() {
+    let s = settings(&[]);
+    let p = spawn_processor(&s).await;
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let newer = state_event(
+        "evt-new",
+        "car-ooo",
+        &[(
+            "odometer-traveleddistance",
+            json!({"unit":"km","value":200}),
+            1_731_940_400_000,
+        )],
+    );
+    let older = state_event(
+        "evt-old",
+        "car-ooo",
+        &[
+            (
+                "odometer-traveleddistance",
+                json!({"unit":"km","value":100}),
+                1_731_940_300_000,
+            ),
+            (
+                "charge-ischarging",
+                json!({"value": true}),
+                1_731_940_300_000,
+            ),
+        ],
+    );
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some("car-ooo"), &newer), (Some("car-ooo"), &older)],
+    )
+    .await;
+    let st = state_where(&s, "car-ooo", |v| {
+        v["signals"]["charge-ischarging"]["body"]["value"] == true
+    })
+    .await;
+    assert_eq!(
+        st["signals"]["odometer-traveleddistance"]["body"]["value"], 200,
+        "{st:#}"
+    );
+    assert_eq!(
+        st["signals"]["odometer-traveleddistance"]["eventId"],
+        "evt-new"
+    );
+    assert_eq!(
+        st["signals"]["odometer-traveleddistance"]["oemUpdatedAt"],
+        1_731_940_400_000_i64
+    );
+    p.stop().await;
+    drop_keyspace(&s).await;
+}
+
+fn with_event_id(body: Vec<u8>, id: &str) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    v["eventId"] = json!(id);
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn protocol_examples_partial_failure_and_legacy_are_handled() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let legacy = br#"{"version":"2.0","eventId":"legacy-1","eventName":"schedule","payload":{"vehicleId":"v2car"}}"#.to_vec();
+    let bodies = vec![
+        example("vehicle_state.v4.signal-change.json"),
+        with_event_id(
+            example("vehicle_state.v4.responses-page-shape.json"),
+            "page-shape-1",
+        ),
+        legacy,
+    ];
+    for b in &bodies {
+        assert_eq!(
+            post(
+                r.addr,
+                "/webhooks/smartcar",
+                b.clone(),
+                Some(&sign(TOKEN, b))
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let st = state_where(&s, "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2", |v| {
+        v["signals"].as_object().map(|o| o.len()) == Some(3)
+    })
+    .await;
+    assert_eq!(
+        st["signals"]["charge-voltage"]["body"],
+        json!({"unit":"volts","value":240})
+    );
+    assert_eq!(
+        st["signals"]["tractionbattery-stateofcharge"]["status"],
+        "available"
+    );
+    // responses-page shape: vehicle from data.vehicle.id; one signal not capable -> unsupported.
+    let st = state_where(&s, "123e4567-e89b-12d3-a456-426614174000", |v| {
+        v["signals"].as_object().map(|o| o.len()) == Some(3)
+    })
+    .await;
+    assert_eq!(
+        st["signals"]["location-preciselocation"]["body"]["latitude"],
+        37.7749
+    );
+    assert_eq!(st["signals"]["location-isathome"]["status"], "unsupported");
+    assert_eq!(st["unsupportedSignals"], json!(["location-isathome"]));
+    // A later partial failure keeps the last good value and marks the signal unavailable.
+    let failing = serde_json::to_vec(&json!({
+        "eventId": "page-shape-2", "eventType": "VEHICLE_STATE",
+        "data": {"vehicle": {"id": "123e4567-e89b-12d3-a456-426614174000"}, "signals": [
+            {"code": "tractionbattery-stateofcharge", "status": {"value": "ERROR", "error": {"type": "UPSTREAM", "code": "NO_RESPONSE"}}},
+            {"code": "location-preciselocation", "body": {"latitude": 1.5, "longitude": 2.5}, "meta": {"oemUpdatedAt": 1_758_668_800_000_i64}}
+        ]},
+        "meta": {"deliveredAt": 1_758_668_900_000_i64}
+    })).unwrap_or_default();
+    assert_eq!(
+        post(
+            r.addr,
+            "/webhooks/smartcar",
+            failing.clone(),
+            Some(&sign(TOKEN, &failing))
+        )
+        .await
+        .status,
+        200
+    );
+    let st = state_where(&s, "123e4567-e89b-12d3-a456-426614174000", |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["status"] == "unavailable"
+    })
+    .await;
+    let soc = &st["signals"]["tractionbattery-stateofcharge"];
+    assert_eq!(soc["body"]["value"], 75, "last good value kept: {soc}");
+    assert_eq!(soc["error"]["code"], "NO_RESPONSE");
+    assert_eq!(
+        st["signals"]["location-preciselocation"]["body"]["latitude"],
+        1.5
+    );
+    eventually(WAIT, || async {
+        metric(&p, r#"carhook_processor_events_total{outcome="ignored"}"#).await == 1.0
+    })
+    .await;
+    assert!(
+        vehicle_state(&s, "no-such-car").await.is_none(),
+        "unknown vehicle has no state"
+    );
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn vehicle_errors_flag_act_and_resolve() {
+    let s = settings(&[]);
+    let p = spawn_processor(&s).await;
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let car = "car-err";
+    let t0 = 1_761_896_351_529_i64;
+    let events = [
+        error_event(
+            "e1",
+            car,
+            json!([{"type":"PERMISSION","code":null,"state":"ERROR","description":"grant lacks scope","signals":[]}]),
+            t0,
+        ),
+        error_event(
+            "e2",
+            car,
+            json!([{"type":"COMPATIBILITY","code":"VEHICLE_NOT_CAPABLE","state":"ERROR","signals":[{"code":"location-preciselocation"}]}]),
+            t0 + 1,
+        ),
+        error_event(
+            "e3",
+            car,
+            json!([{"type":"UPSTREAM","code":"NO_RESPONSE","state":"ERROR"}]),
+            t0 + 2,
+        ),
+        error_event(
+            "e4",
+            car,
+            json!([{"type":"RATE_LIMIT","code":"VEHICLE","state":"ERROR"}]),
+            t0 + 3,
+        ),
+        error_event(
+            "e5",
+            car,
+            json!([{"type":"CONNECTED_SERVICES_ACCOUNT","code":"AUTHENTICATION_FAILED","state":"ERROR","resolution":{"type":"REAUTHENTICATE"}}]),
+            t0 + 4,
+        ),
+    ];
+    let recs: Vec<(Option<&str>, &[u8])> =
+        events.iter().map(|e| (Some(car), e.as_slice())).collect();
+    produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &recs).await;
+    let st = state_where(&s, car, |v| {
+        v["activeErrors"].as_array().map(Vec::len) == Some(5)
+    })
+    .await;
+    assert_eq!(st["needsReconnect"], true);
+    assert_eq!(
+        st["unsupportedSignals"],
+        json!(["location-preciselocation"])
+    );
+    assert!(st["rateLimitedUntil"].as_i64().is_some_and(|t| t > t0));
+    // Resolve both reconnect errors (the PERMISSION one delivered out of order, older than it).
+    let resolved = [
+        error_event(
+            "r1",
+            car,
+            json!([{"type":"PERMISSION","code":null,"state":"RESOLVED"}]),
+            t0 + 10,
+        ),
+        error_event(
+            "r5",
+            car,
+            json!([{"type":"CONNECTED_SERVICES_ACCOUNT","code":"AUTHENTICATION_FAILED","state":"RESOLVED","resolution":{"type":"REAUTHENTICATE"}}]),
+            t0 + 11,
+        ),
+    ];
+    let recs: Vec<(Option<&str>, &[u8])> =
+        resolved.iter().map(|e| (Some(car), e.as_slice())).collect();
+    produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &recs).await;
+    let st = state_where(&s, car, |v| v["needsReconnect"] == false).await;
+    assert_eq!(st["activeErrors"].as_array().map(Vec::len), Some(3));
+    let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, 4, WAIT);
+    let mut kinds: Vec<String> = actions
+        .iter()
+        .filter_map(|m| header(m, headers::ACTION_TYPE))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            "RECONNECT_REQUIRED",
+            "RECONNECT_REQUIRED",
+            "RECONNECT_RESOLVED",
+            "RECONNECT_RESOLVED"
+        ]
+    );
+    assert!(actions.iter().all(|m| m.key() == Some(car.as_bytes())));
+    let body: Value =
+        serde_json::from_slice(actions[0].payload().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(body["vehicleId"], car);
+    p.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn poison_goes_to_the_dead_letter_topic_with_provenance_and_the_partition_continues() {
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "1")]);
+    let p = spawn_processor(&s).await;
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let good = state_event(
+        "after-poison",
+        "car-p",
+        &[(
+            "charge-ischarging",
+            json!({"value": false}),
+            1_731_940_328_000,
+        )],
+    );
+    let no_id =
+        br#"{"eventType":"VEHICLE_STATE","vehicleId":"car-p","data":{"signals":[]}}"#.to_vec();
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[
+            (Some("car-p"), b"{not json".as_slice()),
+            (Some("car-p"), no_id.as_slice()),
+            (Some("car-p"), good.as_slice()),
+        ],
+    )
+    .await;
+    state_where(&s, "car-p", |v| {
+        v["signals"]["charge-ischarging"]["body"]["value"] == false
+    })
+    .await;
+    let dead = read_topic(&s.kafka.brokers, &s.kafka.dlq_topic, 2, WAIT);
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].payload(), Some(&b"{not json"[..]));
+    assert_eq!(dead[0].key(), Some(&b"car-p"[..]));
+    assert_eq!(
+        header(&dead[0], headers::DLQ_ERROR_CLASS).as_deref(),
+        Some("not_json")
+    );
+    assert_eq!(
+        header(&dead[0], headers::DLQ_ORIGINAL_TOPIC).as_deref(),
+        Some(s.kafka.events_topic.as_str())
+    );
+    assert_eq!(
+        header(&dead[0], headers::DLQ_ORIGINAL_PARTITION).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        header(&dead[0], headers::DLQ_ORIGINAL_OFFSET).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        header(&dead[1], headers::DLQ_ERROR_CLASS).as_deref(),
+        Some("missing_field")
+    );
+    assert!(header(&dead[1], headers::DLQ_ERROR_MESSAGE).is_some_and(|m| m.contains("eventId")));
+    assert!(header(&dead[1], headers::DLQ_ATTEMPTS).is_some());
+    assert!(header(&dead[1], headers::DLQ_FIRST_FAILURE_AT).is_some());
+    p.stop().await;
+    drop_keyspace(&s).await;
+}
