@@ -44,6 +44,7 @@ stack-down:
 
 ## test: start the stack if needed, then unit + integration tests against real Kafka and CQL, then lint.
 test: stack-up
+	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory lint
 

@@ -1,6 +1,7 @@
 //! Integration suites: the real receiver and processor against the real Kafka broker and CQL store.
 
 mod config;
+mod crash;
 mod processor;
 mod receiver;
 mod stack;

@@ -385,3 +385,83 @@ pub async fn drop_keyspace(settings: &Settings) {
             .await;
     }
 }
+
+/// The `CARHOOK__*` environment that reproduces `settings` for a child process.
+pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String, String)> {
+    [
+        ("CARHOOK__SMARTCAR__MANAGEMENT_TOKENS", format!("{TOKEN},{OLD_TOKEN}")),
+        ("CARHOOK__KAFKA__BROKERS", s.kafka.brokers.clone()),
+        ("CARHOOK__KAFKA__EVENTS_TOPIC", s.kafka.events_topic.clone()),
+        ("CARHOOK__KAFKA__DLQ_TOPIC", s.kafka.dlq_topic.clone()),
+        ("CARHOOK__KAFKA__ACTIONS_TOPIC", s.kafka.actions_topic.clone()),
+        ("CARHOOK__KAFKA__QUARANTINE_TOPIC", s.kafka.quarantine_topic.clone()),
+        ("CARHOOK__KAFKA__CONSUMER_GROUP", s.kafka.consumer_group.clone()),
+        ("CARHOOK__KAFKA__PARTITIONS", s.kafka.partitions.to_string()),
+        ("CARHOOK__CQL__KEYSPACE", s.cql.keyspace.clone()),
+        ("CARHOOK__PROCESSOR__ADMIN_LISTEN", admin.to_string()),
+        ("CARHOOK__PROCESSOR__INSTANCE_ID", instance.to_string()),
+        ("CARHOOK__PROCESSOR__BATCH_MAX", s.processor.batch_max.to_string()),
+        ("CARHOOK__TELEMETRY__LOG_LEVEL", "info".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    l.local_addr().unwrap_or_else(|e| panic!("addr: {e}"))
+}
+
+/// Path of a workspace binary built next to the test executable.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    exe.parent().and_then(|d| d.parent()).map(|d| d.join(name)).unwrap_or_else(|| panic!("no target dir"))
+}
+
+/// A processor running as its own OS process (so it can be killed with SIGKILL).
+pub struct ChildProcessor {
+    pub child: std::process::Child,
+    pub admin: SocketAddr,
+}
+
+impl ChildProcessor {
+    /// Starts `processor run` and waits until ready. Logs go to `log`.
+    pub async fn start(s: &Settings, instance: &str, log: &std::path::Path) -> Self {
+        let admin = free_port();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap_or_else(|e| panic!("{e}"));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = std::process::Command::new(workspace_bin("processor"))
+            .arg("run")
+            .env_clear()
+            .envs(child_env(s, admin, instance))
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn processor: {e}"));
+        eventually(Duration::from_secs(60), || async { get(admin, "/ready").await.0 == 200 }).await;
+        Self { child, admin }
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) -> Option<i32> {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+/// Reads a counter or gauge sample from a `/metrics` page (0 when absent).
+pub async fn metric_value(admin: SocketAddr, line_prefix: &str) -> f64 {
+    let (_, text) = get(admin, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}

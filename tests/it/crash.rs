@@ -1,0 +1,93 @@
+//! Crashes and rebalances: kill -9 mid-batch and a second instance joining and leaving mid-stream
+//! leave state and actions exactly as an undisturbed run would.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use carhook_tests::*;
+use rdkafka::Message;
+use serde_json::json;
+
+const VEHICLES: usize = 24;
+const STATES_PER_VEHICLE: i64 = 12;
+
+/// Per vehicle: STATES_PER_VEHICLE state events (rising odometer) and one PERMISSION error (one action).
+fn workload() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for v in 0..VEHICLES {
+        let car = format!("car-{v}");
+        for i in 0..STATES_PER_VEHICLE {
+            let body = state_event(&format!("{car}-s{i}"), &car, &[("odometer-traveleddistance", json!({"unit":"km","value": i}), 1_731_940_000_000 + i * 1000)]);
+            out.push((car.clone(), body));
+        }
+        out.push((car.clone(), error_event(&format!("{car}-perm"), &car, json!([{"type":"PERMISSION","code":null,"state":"ERROR"}]), 1_761_896_351_529)));
+    }
+    out
+}
+
+async fn produce(s: &shared::config::Settings, records: &[(String, Vec<u8>)]) {
+    let refs: Vec<(Option<&str>, &[u8])> = records.iter().map(|(k, v)| (Some(k.as_str()), v.as_slice())).collect();
+    produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &refs).await;
+}
+
+async fn assert_exact_outcome(s: &shared::config::Settings) {
+    for v in 0..VEHICLES {
+        let car = format!("car-{v}");
+        let want = STATES_PER_VEHICLE - 1;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let st = vehicle_state(s, &car).await.unwrap_or_default();
+            if st["signals"]["odometer-traveleddistance"]["body"]["value"] == want && st["needsReconnect"] == true {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{car} never converged: {st:#}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, VEHICLES, Duration::from_secs(60));
+    let ids: Vec<String> = actions.iter().filter_map(|m| header(m, "carhook-action-id")).collect();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), VEHICLES, "exactly one action per PERMISSION event, got {}", ids.len());
+    assert_eq!(distinct.len(), VEHICLES);
+    assert!(actions.iter().all(|m| m.key().is_some()));
+}
+
+#[tokio::test]
+async fn kill_9_mid_batch_then_restart_gives_the_same_state_and_actions() {
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "3"), ("CARHOOK__PROCESSOR__BATCH_MAX", "20")]);
+    shared::kafka::ensure_topics(&s.kafka).await.unwrap_or_else(|e| panic!("{e}"));
+    let log = std::env::temp_dir().join(format!("{}.processor.log", s.cql.keyspace));
+    let first = ChildProcessor::start(&s, "crashy", &log).await;
+    produce(&s, &workload()).await;
+    eventually(Duration::from_secs(60), || async {
+        metric_value(first.admin, "carhook_processor_events_total").await >= 40.0
+    })
+    .await;
+    first.kill9();
+    let second = ChildProcessor::start(&s, "crashy", &log).await;
+    assert_exact_outcome(&s).await;
+    assert_eq!(second.terminate(), Some(0), "clean exit on SIGTERM");
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn second_instance_joining_and_first_leaving_mid_stream_loses_nothing_and_acts_once() {
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "4"), ("CARHOOK__PROCESSOR__BATCH_MAX", "10")]);
+    let mut s_b = s.clone();
+    s_b.processor.instance_id = format!("{}-b", s.processor.instance_id);
+    let a = spawn_processor(&s).await;
+    let work = workload();
+    let (first_half, second_half) = work.split_at(work.len() / 2);
+    produce(&s, first_half).await;
+    let b = spawn_processor(&s_b).await;
+    produce(&s, second_half).await;
+    eventually(Duration::from_secs(60), || async {
+        metric_value(b.addr, "carhook_processor_events_total").await >= 1.0
+            || metric_value(a.addr, "carhook_processor_events_total").await >= work.len() as f64 * 0.6
+    })
+    .await;
+    a.stop().await;
+    assert_exact_outcome(&s).await;
+    b.stop().await;
+    drop_keyspace(&s).await;
+}
