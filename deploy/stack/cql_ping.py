@@ -1,94 +1,196 @@
 #!/usr/bin/env python3
-"""Readiness probe for the local CQL store: a real query over the CQL native protocol (v4).
+"""Dependency-free Cassandra readiness probe speaking CQL native protocol v4.
 
-Usage: cql_ping.py [host] [port]. Prints the server's release_version and exits 0 when
-`SELECT release_version FROM system.local` answers; exits 1 with a short reason otherwise.
-Dependency-free on purpose: it runs before anything else of the project is installed.
+Connects, sends STARTUP (CQL_VERSION 3.0.0), expects READY, then runs
+`SELECT release_version FROM system.local` at consistency ONE, parses the ROWS
+result and prints the release_version. Exit 0 on success; non-zero with a short
+message on stderr otherwise (1 = connection/protocol/server error, 2 = usage).
+
+Usage: cql_ping.py [host] [port] [--timeout SECONDS]     (defaults: 127.0.0.1 9042, 5 s)
 """
+
+import argparse
 import socket
 import struct
 import sys
 
-OP_ERROR, OP_STARTUP, OP_READY, OP_QUERY, OP_RESULT = 0x00, 0x01, 0x02, 0x07, 0x08
+PROTOCOL_VERSION = 0x04
+OP_ERROR, OP_STARTUP, OP_READY, OP_AUTHENTICATE = 0x00, 0x01, 0x02, 0x03
+OP_QUERY, OP_RESULT = 0x07, 0x08
+RESULT_ROWS = 0x0002
+CONSISTENCY_ONE = 0x0001
+QUERY = "SELECT release_version FROM system.local"
 
 
-def frame(stream, opcode, body):
-    return struct.pack(">BBhBi", 0x04, 0, stream, opcode, len(body)) + body
+class ProbeError(Exception):
+    pass
 
 
-def string(s):
-    b = s.encode()
-    return struct.pack(">H", len(b)) + b
+class Reader:
+    """Cursor over a frame body with the [int]/[short]/[string]/... primitives of the spec."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ProbeError("truncated response body")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return chunk
+
+    def int(self) -> int:
+        return struct.unpack(">i", self.take(4))[0]
+
+    def short(self) -> int:
+        return struct.unpack(">H", self.take(2))[0]
+
+    def string(self) -> str:
+        return self.take(self.short()).decode("utf-8", "replace")
+
+    def bytes(self):
+        n = self.int()
+        return None if n < 0 else self.take(n)
+
+    def option(self) -> None:
+        """Skip a column type [option], recursing into collection/UDT/tuple parameters."""
+        type_id = self.short()
+        if type_id == 0x0000:  # custom: class name
+            self.string()
+        elif type_id in (0x0020, 0x0022):  # list, set
+            self.option()
+        elif type_id == 0x0021:  # map
+            self.option()
+            self.option()
+        elif type_id == 0x0030:  # UDT
+            self.string()
+            self.string()
+            for _ in range(self.short()):
+                self.string()
+                self.option()
+        elif type_id == 0x0031:  # tuple
+            for _ in range(self.short()):
+                self.option()
 
 
-def recv_exact(sock, n):
-    buf = b""
+def frame(opcode: int, body: bytes, stream: int) -> bytes:
+    return struct.pack(">BBhBi", PROTOCOL_VERSION, 0, stream, opcode, len(body)) + body
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise ConnectionError("connection closed")
-        buf += chunk
-    return buf
+            raise ProbeError("connection closed by server")
+        buf.extend(chunk)
+    return bytes(buf)
 
 
-def read_frame(sock):
-    _version, _flags, _stream, opcode, length = struct.unpack(">BBhBi", recv_exact(sock, 9))
-    return opcode, recv_exact(sock, length)
+def read_frame(sock: socket.socket):
+    version, flags, _stream, opcode, length = struct.unpack(">BBhBi", recv_exact(sock, 9))
+    if version & 0x7F != PROTOCOL_VERSION or not version & 0x80:
+        raise ProbeError(f"unexpected response protocol version byte 0x{version:02x}")
+    body = recv_exact(sock, length)
+    if flags & 0x01:
+        raise ProbeError("server sent a compressed frame although none was negotiated")
+    reader = Reader(body)
+    if flags & 0x02:  # tracing id
+        reader.take(16)
+    if flags & 0x08:  # custom payload
+        for _ in range(reader.short()):
+            reader.string()
+            reader.bytes()
+    if flags & 0x04:  # warnings
+        for _ in range(reader.short()):
+            reader.string()
+    return opcode, reader
 
 
-def error_text(body):
-    code = struct.unpack(">i", body[:4])[0]
-    n = struct.unpack(">H", body[4:6])[0]
-    return f"server error 0x{code:04x}: {body[6:6 + n].decode(errors='replace')}"
+def raise_if_error(opcode: int, reader: Reader, expected: str) -> None:
+    if opcode == OP_ERROR:
+        code = reader.int()
+        raise ProbeError(f"server error 0x{code:04x}: {reader.string()}")
+    if opcode == OP_AUTHENTICATE:
+        raise ProbeError(f"server requires authentication ({reader.string()})")
+    raise ProbeError(f"expected {expected}, got opcode 0x{opcode:02x}")
 
 
-def main():
-    host = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
-    port = int(sys.argv[2]) if len(sys.argv) > 2 else 9042
-    with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(frame(1, OP_STARTUP, struct.pack(">H", 1) + string("CQL_VERSION") + string("3.0.0")))
-        op, body = read_frame(s)
-        if op != OP_READY:
-            raise RuntimeError(error_text(body) if op == OP_ERROR else f"unexpected opcode {op} to STARTUP")
-        query = b"SELECT release_version FROM system.local"
-        # [long string query][short consistency ONE=0x0001][byte flags]
-        s.sendall(frame(2, OP_QUERY, struct.pack(">i", len(query)) + query + struct.pack(">HB", 0x0001, 0)))
-        op, body = read_frame(s)
-        if op != OP_RESULT:
-            raise RuntimeError(error_text(body) if op == OP_ERROR else f"unexpected opcode {op} to QUERY")
-        kind = struct.unpack(">i", body[:4])[0]
-        if kind != 2:
-            raise RuntimeError(f"result kind {kind}, expected rows")
-        pos = 4
-        flags, ncols = struct.unpack(">ii", body[pos:pos + 8])
-        pos += 8
-        if flags & 0x0002:  # has_more_pages: skip paging state
-            n = struct.unpack(">i", body[pos:pos + 4])[0]
-            pos += 4 + max(n, 0)
-        global_spec = flags & 0x0001
+def startup_body() -> bytes:
+    entries = {"CQL_VERSION": "3.0.0"}
+    out = struct.pack(">H", len(entries))
+    for key, value in entries.items():
+        for s in (key, value):
+            raw = s.encode()
+            out += struct.pack(">H", len(raw)) + raw
+    return out
+
+
+def query_body(cql: str) -> bytes:
+    raw = cql.encode()
+    # [long string] query, [consistency], [byte] flags (no values, no paging options)
+    return struct.pack(">i", len(raw)) + raw + struct.pack(">HB", CONSISTENCY_ONE, 0)
+
+
+def parse_rows(reader: Reader):
+    kind = reader.int()
+    if kind != RESULT_ROWS:
+        raise ProbeError(f"expected a ROWS result, got result kind {kind}")
+    flags, column_count = reader.int(), reader.int()
+    if flags & 0x0002:  # has_more_pages: paging state
+        reader.bytes()
+    names = []
+    if not flags & 0x0004:  # metadata present
+        global_spec = bool(flags & 0x0001)
         if global_spec:
-            for _ in range(2):
-                n = struct.unpack(">H", body[pos:pos + 2])[0]
-                pos += 2 + n
-        for _ in range(ncols):
+            reader.string()
+            reader.string()
+        for _ in range(column_count):
             if not global_spec:
-                for _ in range(2):
-                    n = struct.unpack(">H", body[pos:pos + 2])[0]
-                    pos += 2 + n
-            n = struct.unpack(">H", body[pos:pos + 2])[0]
-            pos += 2 + n
-            pos += 2  # type id (varchar: no extra option bytes)
-        rows = struct.unpack(">i", body[pos:pos + 4])[0]
-        pos += 4
-        if rows < 1:
-            raise RuntimeError("system.local returned no row")
-        n = struct.unpack(">i", body[pos:pos + 4])[0]
-        print(body[pos + 4:pos + 4 + n].decode())
+                reader.string()
+                reader.string()
+            names.append(reader.string())
+            reader.option()
+    rows = []
+    for _ in range(reader.int()):
+        rows.append([reader.bytes() for _ in range(column_count)])
+    return names, rows
+
+
+def ping(host: str, port: int, timeout: float) -> str:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(frame(OP_STARTUP, startup_body(), 0))
+        opcode, reader = read_frame(sock)
+        if opcode != OP_READY:
+            raise_if_error(opcode, reader, "READY")
+        sock.sendall(frame(OP_QUERY, query_body(QUERY), 1))
+        opcode, reader = read_frame(sock)
+        if opcode != OP_RESULT:
+            raise_if_error(opcode, reader, "RESULT")
+        names, rows = parse_rows(reader)
+        if not rows:
+            raise ProbeError("system.local returned no rows")
+        idx = names.index("release_version") if "release_version" in names else 0
+        value = rows[0][idx]
+        if value is None:
+            raise ProbeError("release_version is null")
+        return value.decode("utf-8", "replace")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="CQL readiness probe (native protocol v4)")
+    parser.add_argument("host", nargs="?", default="127.0.0.1")
+    parser.add_argument("port", nargs="?", type=int, default=9042)
+    parser.add_argument("--timeout", type=float, default=5.0, help="socket timeout in seconds")
+    args = parser.parse_args()
+    try:
+        print(ping(args.host, args.port, args.timeout))
+        return 0
+    except (OSError, ProbeError) as exc:
+        print(f"cql_ping: {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as e:  # noqa: BLE001 - any failure means "not ready"
-        print(f"cql not ready: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main())

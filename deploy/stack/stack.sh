@@ -1,183 +1,471 @@
 #!/usr/bin/env bash
-# The local stack, real parts, no Docker: Apache Kafka (KRaft, one node, 127.0.0.1:9092) and Apache
-# Cassandra (127.0.0.1:9042), resolved from Maven Central into .stack/ and run as plain JVMs.
+# The local stack, real parts, no Docker: Apache Kafka (KRaft, one combined broker+controller node,
+# 127.0.0.1:9092) and Apache Cassandra (127.0.0.1:9042), resolved from Maven Central into .stack/
+# and run as plain background JVMs. Versions are pinned in deploy/stack/versions.env.
 #
-# Usage: deploy/stack/stack.sh fetch|up|down|status|restart [kafka|cassandra]
-#   fetch    resolve the jars (idempotent; quick when cached)
-#   up       fetch, start what is not running, wait for real readiness (a metadata request, a CQL query)
-#   down     stop by recorded pid (TERM, then KILL after 30 s)
-#   restart  down then up (used by outage tests)
-# Everything lives under ${CARHOOK_STACK_DIR:-<repo>/.stack}: libs, config, data, logs, pids.
+# Usage: deploy/stack/stack.sh COMMAND [kafka|cassandra]...      (no component = both)
+#   fetch     resolve the jars with Maven (idempotent; instant when cached)
+#   up        fetch, start what is not running (both concurrently), wait for real readiness:
+#             Kafka answers a metadata request, Cassandra answers `SELECT release_version FROM system.local`
+#   down      stop by recorded pid (SIGTERM, SIGKILL after 30 s); leaves nothing of ours listening
+#   status    one line per component: ready / running (not ready) / stopped
+#   logs      last lines of each log (-n N for more, -f to follow)
+#   restart   down, then up
+#
+# Everything lives under ${CARHOOK_STACK_DIR:-<repo>/.stack}:
+#   kafka-<v>/libs, cassandra-<v>/libs   jars (marker .carhook-fetched written after a successful fetch)
+#   conf/                                 generated configuration (rewritten on every start)
+#   data/kafka, data/cassandra            persistent data; kafka-cluster-id keeps the KRaft cluster id
+#   logs/<component>.log                  logs;  run/<component>.pid  pid files
+#
+# Environment (all optional):
+#   CARHOOK_STACK_DIR                     root directory (default <repo>/.stack)
+#   CARHOOK_KAFKA_READY_TIMEOUT           seconds to wait for Kafka readiness (default 90)
+#   CARHOOK_CASSANDRA_READY_TIMEOUT       seconds to wait for Cassandra readiness (default 180)
+#   CARHOOK_STACK_STOP_TIMEOUT            seconds between SIGTERM and SIGKILL on down (default 30)
+#   CARHOOK_KAFKA_HEAP, CARHOOK_CASSANDRA_HEAP   heap flags (default "-Xms512m -Xmx1g", "-Xms1g -Xmx2g")
+#   CARHOOK_JAVA, CARHOOK_PYTHON          interpreters (default: java, python3 on PATH)
 set -euo pipefail
 
-here="$(cd "$(dirname "$0")" && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
-stack="${CARHOOK_STACK_DIR:-$root/.stack}"
-run="$stack/run"; logs="$stack/logs"; conf="$stack/conf"; data="$stack/data"
-kafka_libs="$stack/kafka-$KAFKA_VERSION/libs"
-cass_libs="$stack/cassandra-$CASSANDRA_VERSION/libs"
-KAFKA_DEADLINE="${KAFKA_DEADLINE:-90}"
-CASSANDRA_DEADLINE="${CASSANDRA_DEADLINE:-180}"
-mkdir -p "$run" "$logs" "$conf" "$data"
+: "${KAFKA_VERSION:?versions.env}" "${SCALA_BINARY:?versions.env}" "${LOG4J_VERSION:?versions.env}"
+: "${SLF4J_VERSION:?versions.env}" "${CASSANDRA_VERSION:?versions.env}"
+
+STACK_DIR="${CARHOOK_STACK_DIR:-$root/.stack}"
+mkdir -p "$STACK_DIR"
+STACK_DIR="$(cd "$STACK_DIR" && pwd)"
+RUN="$STACK_DIR/run" LOGS="$STACK_DIR/logs" CONF="$STACK_DIR/conf" DATA="$STACK_DIR/data"
+JAVA="${CARHOOK_JAVA:-java}"
+PYTHON="${CARHOOK_PYTHON:-python3}"
+KAFKA_READY_TIMEOUT="${CARHOOK_KAFKA_READY_TIMEOUT:-${KAFKA_DEADLINE:-90}}"
+CASSANDRA_READY_TIMEOUT="${CARHOOK_CASSANDRA_READY_TIMEOUT:-${CASSANDRA_DEADLINE:-180}}"
+STOP_TIMEOUT="${CARHOOK_STACK_STOP_TIMEOUT:-30}"
+read -r -a KAFKA_HEAP <<<"${CARHOOK_KAFKA_HEAP:--Xms512m -Xmx1g}"
+read -r -a CASSANDRA_HEAP <<<"${CARHOOK_CASSANDRA_HEAP:--Xms1g -Xmx2g}"
+
+# Fixed on purpose: the services and tests connect to these.
+KAFKA_PORT=9092 KAFKA_CONTROLLER_PORT=9093
+CQL_PORT=9042 CASSANDRA_STORAGE_PORT=7000 CASSANDRA_JMX_PORT=7199
+LOG_ROTATE_BYTES=$((64 * 1024 * 1024))
+
+mkdir -p "$RUN" "$LOGS" "$CONF" "$DATA"
 
 log() { echo "stack: $*" >&2; }
+die() { echo "stack: error: $*" >&2; exit 1; }
 
-fetch_one() { # name pom libs extra-props...
-  local name=$1 pom=$2 libs=$3; shift 3
-  [[ -f "$libs/.complete" ]] && return 0
-  log "resolving $name from Maven Central into $libs"
-  rm -rf "$libs"
-  mvn -q -B -f "$pom" "$@" dependency:copy-dependencies -DoutputDirectory="$libs" >"$logs/mvn-$name.log" 2>&1 || {
-    log "error: maven could not resolve $name; see $logs/mvn-$name.log"; tail -n 20 "$logs/mvn-$name.log" >&2; exit 1; }
-  touch "$libs/.complete"
+ports_of() {
+  case $1 in
+    kafka) echo "$KAFKA_PORT $KAFKA_CONTROLLER_PORT" ;;
+    cassandra) echo "$CQL_PORT $CASSANDRA_STORAGE_PORT $CASSANDRA_JMX_PORT" ;;
+  esac
+}
+libs_of() {
+  case $1 in
+    kafka) echo "$STACK_DIR/kafka-$KAFKA_VERSION/libs" ;;
+    cassandra) echo "$STACK_DIR/cassandra-$CASSANDRA_VERSION/libs" ;;
+  esac
+}
+log_of() { echo "$LOGS/$1.log"; }
+pidfile_of() { echo "$RUN/$1.pid"; }
+timeout_of() { if [[ $1 == kafka ]]; then echo "$KAFKA_READY_TIMEOUT"; else echo "$CASSANDRA_READY_TIMEOUT"; fi; }
+
+# ------------------------------------------------------------------------------------------ fetch
+
+fetch_fingerprint() { # component -> hash of everything that determines the resolved jar set
+  {
+    cat "$here/$1/pom.xml"
+    case $1 in
+      kafka) echo "$KAFKA_VERSION $SCALA_BINARY $LOG4J_VERSION $SLF4J_VERSION" ;;
+      cassandra) echo "$CASSANDRA_VERSION" ;;
+    esac
+  } | sha256sum | cut -d' ' -f1
 }
 
-fetch() {
-  fetch_one kafka "$here/kafka/pom.xml" "$kafka_libs" -Dkafka.version="$KAFKA_VERSION" \
-    -Dscala.binary="$SCALA_BINARY" -Dlog4j.version="$LOG4J_VERSION" -Dslf4j.version="$SLF4J_VERSION"
-  fetch_one cassandra "$here/cassandra/pom.xml" "$cass_libs" -Dcassandra.version="$CASSANDRA_VERSION"
+jar_listing() { (cd "$1" && find . -maxdepth 1 -name '*.jar' -printf '%f %s\n' | sort); }
+
+fetch_one() {
+  local comp=$1 libs fp marker tmp mlog main_jar
+  libs=$(libs_of "$comp"); fp=$(fetch_fingerprint "$comp"); marker="$libs/.carhook-fetched"
+  if [[ -f $marker && "$(<"$marker")" == "$fp" ]]; then return 0; fi
+  command -v mvn >/dev/null || die "Maven (mvn) is needed once to download the $comp jars; install it (e.g. apt-get install maven)"
+  local props=()
+  case $comp in
+    kafka)
+      props=(-Dkafka.version="$KAFKA_VERSION" -Dscala.binary="$SCALA_BINARY" -Dlog4j.version="$LOG4J_VERSION"
+        -Dslf4j.version="$SLF4J_VERSION")
+      main_jar="kafka_$SCALA_BINARY-$KAFKA_VERSION.jar" ;;
+    cassandra)
+      props=(-Dcassandra.version="$CASSANDRA_VERSION")
+      main_jar="cassandra-all-$CASSANDRA_VERSION.jar" ;;
+  esac
+  tmp="$libs.partial.$$"; mlog="$LOGS/mvn-$comp.log"
+  log "$comp: resolving jars from Maven Central into $libs (log: $mlog)"
+  rm -rf "$tmp"
+  if ! mvn -q -B -f "$here/$comp/pom.xml" "${props[@]}" dependency:copy-dependencies \
+      -DoutputDirectory="$tmp" >"$mlog" 2>&1; then
+    rm -rf "$tmp"
+    tail -n 20 "$mlog" >&2 || true
+    die "$comp: Maven could not resolve the jars; full log: $mlog"
+  fi
+  [[ -f "$tmp/$main_jar" ]] || { rm -rf "$tmp"; die "$comp: $main_jar missing after resolution; see $mlog"; }
+  if [[ -d $libs ]] && [[ "$(jar_listing "$libs")" == "$(jar_listing "$tmp")" ]]; then
+    rm -rf "$tmp" # same jars already in place (e.g. fetched by an older revision of this script)
+  else
+    if running_pid "$comp" >/dev/null; then log "$comp: jars changed while it is running; restart it to use them"; fi
+    rm -rf "$libs.old"
+    if [[ -d $libs ]]; then mv "$libs" "$libs.old"; fi
+    mv "$tmp" "$libs"
+    rm -rf "$libs.old"
+  fi
+  echo "$fp" >"$marker"
 }
 
-pid_of() { local f="$run/$1.pid"; [[ -f "$f" ]] && cat "$f"; }
-alive() { local p; p=$(pid_of "$1") && [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null && grep -q "carhook-stack=$1" "/proc/$p/cmdline" 2>/dev/null; }
+cmd_fetch() {
+  local comp
+  if command -v flock >/dev/null; then
+    (
+      flock 9
+      for comp in "$@"; do fetch_one "$comp"; done
+    ) 9>"$RUN/fetch.lock"
+  else
+    for comp in "$@"; do fetch_one "$comp"; done
+  fi
+}
 
-# ---------------------------------------------------------------- Kafka
-kafka_config() {
-  mkdir -p "$data/kafka"
-  cat >"$conf/kafka.properties" <<PROPS
+# ------------------------------------------------------------------------------- process identity
+
+cmdline_of() { # pid -> its argv, one argument per line
+  if [[ -r /proc/$1/cmdline ]]; then
+    tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null
+  else
+    ps -ww -o args= -p "$1" 2>/dev/null | tr ' ' '\n'
+  fi
+}
+
+# Ours = a JVM this script started for this component out of this stack directory. Processes started
+# by the previous revision of this script (-Dcarhook-stack=<component>) are recognised too.
+is_ours() { # pid component
+  local args
+  args=$(cmdline_of "$1") || return 1
+  [[ -n $args ]] || return 1
+  if grep -qxF -- "-Dcarhook.stack.component=$2" <<<"$args" &&
+    grep -qxF -- "-Dcarhook.stack.dir=$STACK_DIR" <<<"$args"; then
+    return 0
+  fi
+  grep -qxF -- "-Dcarhook-stack=$2" <<<"$args" && grep -qF -- "$STACK_DIR/" <<<"$args"
+}
+
+recorded_pid() {
+  local f p
+  f=$(pidfile_of "$1")
+  [[ -f $f ]] || return 1
+  p=$(<"$f")
+  [[ $p =~ ^[0-9]+$ ]] || return 1
+  echo "$p"
+}
+
+running_pid() { # component -> pid, if its recorded process is alive and ours
+  local p
+  p=$(recorded_pid "$1") || return 1
+  kill -0 "$p" 2>/dev/null && is_ours "$p" "$1" || return 1
+  echo "$p"
+}
+
+find_ours() { # component -> pids of our processes for it, recorded or not
+  local f p
+  [[ -d /proc ]] || return 0
+  for f in $(grep -laF -- carhook /proc/[0-9]*/cmdline 2>/dev/null); do
+    p=${f#/proc/}; p=${p%/cmdline}
+    if is_ours "$p" "$1"; then echo "$p"; fi
+  done
+}
+
+describe_pid() { ps -o pid=,args= -p "$1" 2>/dev/null | cut -c1-160 || echo "$1"; }
+
+port_in_use() { # port -> is anything listening on it?
+  if command -v ss >/dev/null; then
+    [[ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+  fi
+}
+
+listener_pids() { # port -> pids listening on it (as far as we may see)
+  if command -v ss >/dev/null; then
+    ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u
+  elif command -v lsof >/dev/null; then
+    lsof -nP -t -iTCP:"$1" -sTCP:LISTEN 2>/dev/null | sort -u
+  fi
+}
+
+# -------------------------------------------------------------------------------------- launching
+
+rotate_log() {
+  local f=$1
+  if [[ -f $f ]] && (($(stat -c %s "$f" 2>/dev/null || echo 0) > LOG_ROTATE_BYTES)); then mv -f "$f" "$f.1"; fi
+}
+
+launch() { # component command... ; runs it detached (own session) with stdout/stderr appended to the log
+  local comp=$1 pf log i
+  shift
+  pf=$(pidfile_of "$comp"); log=$(log_of "$comp")
+  rm -f "$pf"
+  rotate_log "$log"
+  printf '===== %s carhook stack.sh: starting %s =====\n' "$(date '+%F %T')" "$comp" >>"$log"
+  # `bash -c 'echo $$ ...; exec java'` records the pid the JVM will have; setsid detaches it from the
+  # caller's session so Ctrl-C in a terminal or a finishing CI step does not take the stack down.
+  if command -v setsid >/dev/null; then
+    setsid -f bash -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pf" "$@" </dev/null >>"$log" 2>&1
+  else
+    nohup bash -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pf" "$@" </dev/null >>"$log" 2>&1 &
+  fi
+  for ((i = 0; i < 100; i++)); do # until the pid file exists and the pid has become the JVM
+    if running_pid "$comp" >/dev/null; then
+      log "$comp: started (pid $(recorded_pid "$comp")), log: $log"
+      return 0
+    fi
+    sleep 0.05
+  done
+  tail -n 30 "$log" >&2 || true
+  die "$comp: the JVM did not start; log: $log"
+}
+
+# ------------------------------------------------------------------------------------------ Kafka
+
+kafka_tool() { # main-class args... ; a short-lived JVM on the Kafka classpath
+  "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
+    -Dlog4j2.configurationFile="$CONF/kafka-tools-log4j2.xml" -cp "$(libs_of kafka)/*" "$@"
+}
+
+kafka_configure() {
+  mkdir -p "$CONF" "$DATA/kafka"
+  cat >"$CONF/kafka.properties" <<EOF
+# Generated by deploy/stack/stack.sh on every start; edit the script, not this file.
+# KRaft combined mode: one node is both broker and controller.
 node.id=1
 process.roles=broker,controller
-listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
-advertised.listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093
-controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
-controller.quorum.bootstrap.servers=127.0.0.1:9093
-log.dirs=$data/kafka
-num.partitions=6
+controller.listener.names=CONTROLLER
+# Dynamic quorum (KIP-853): storage formatted with --standalone, this node is the only voter.
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+log.dirs=$DATA/kafka
+
+# Single node: every internal topic has one replica.
 default.replication.factor=1
+min.insync.replicas=1
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=6
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=6
-min.insync.replicas=1
-group.initial.rebalance.delay.ms=0
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+
+num.partitions=6
 auto.create.topics.enable=false
 delete.topic.enable=true
+group.initial.rebalance.delay.ms=0
+
+# Sized for a 2-core development machine.
 num.network.threads=2
 num.io.threads=4
+num.recovery.threads.per.data.dir=1
+background.threads=4
 log.retention.hours=168
 log.segment.bytes=67108864
-PROPS
-  cat >"$conf/kafka-log4j2.yaml" <<YAML
-Configuration:
-  Appenders:
-    Console: { name: STDOUT, PatternLayout: { pattern: "[%d] %p %m (%c)%n" } }
-  Loggers:
-    Root: { level: INFO, AppenderRef: [ { ref: STDOUT } ] }
-    Logger:
-      - { name: kafka, level: WARN }
-      - { name: org.apache.kafka, level: WARN }
-      - { name: kafka.server.KafkaServer, level: INFO }
-      - { name: kafka.server.KafkaRaftServer, level: INFO }
-YAML
+EOF
+
+  cat >"$CONF/kafka-log4j2.xml" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Generated by deploy/stack/stack.sh. Kafka broker logging (log4j2), appended to the stack log. -->
+<Configuration status="WARN">
+  <Appenders>
+    <File name="file" fileName="$(log_of kafka)" append="true">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Root level="INFO"><AppenderRef ref="file"/></Root>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="kafka.network.RequestChannel\$" level="WARN"/>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Logger name="kafka.authorizer.logger" level="WARN"/>
+    <Logger name="kafka.log.LogCleaner" level="WARN"/>
+    <Logger name="org.apache.kafka.storage.internals.log" level="WARN"/>
+    <Logger name="kafka.cluster.Partition" level="WARN"/>
+    <Logger name="kafka.server.ReplicaFetcherManager" level="WARN"/>
+    <Logger name="kafka.server.ReplicaAlterLogDirsManager" level="WARN"/>
+    <Logger name="org.apache.kafka.clients" level="WARN"/>
+    <Logger name="org.apache.kafka.common.utils.AppInfoParser" level="WARN"/>
+    <Logger name="org.apache.kafka.common.metrics" level="WARN"/>
+  </Loggers>
+</Configuration>
+EOF
+
+  cat >"$CONF/kafka-tools-log4j2.xml" <<'EOF'
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Generated by deploy/stack/stack.sh. Logging for short-lived Kafka tools (format, readiness probe). -->
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stderr" target="SYSTEM_ERR"><PatternLayout pattern="[%d] %p %m (%c)%n"/></Console>
+  </Appenders>
+  <Loggers>
+    <Root level="WARN"><AppenderRef ref="stderr"/></Root>
+    <Logger name="org.apache.kafka.clients" level="ERROR"/>
+  </Loggers>
+</Configuration>
+EOF
+
+  cat >"$CONF/kafka-client.properties" <<'EOF'
+# Generated by deploy/stack/stack.sh. Admin client settings for the readiness probe: fail fast, retry soon.
+request.timeout.ms=5000
+default.api.timeout.ms=10000
+socket.connection.setup.timeout.ms=2000
+socket.connection.setup.timeout.max.ms=5000
+retry.backoff.ms=200
+EOF
 }
 
-kafka_java() { # main-class args...
-  java -Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:ActiveProcessorCount=2 \
-    -Dlog4j2.configurationFile="$conf/kafka-log4j2.yaml" -cp "$kafka_libs/*" "$@"
+kafka_format() { # once: generate (or reuse) the cluster id and format the log dir
+  local meta="$DATA/kafka/meta.properties" idf="$STACK_DIR/kafka-cluster-id" cid flog
+  if [[ -f $meta ]]; then
+    cid=$(sed -n 's/^cluster\.id=//p' "$meta")
+    if [[ -n $cid && (! -f $idf || "$(<"$idf")" != "$cid") ]]; then echo "$cid" >"$idf"; fi
+    return 0
+  fi
+  if [[ -s $idf ]]; then
+    cid=$(<"$idf")
+  else
+    cid=$(kafka_tool kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1) || true
+    [[ $cid =~ ^[A-Za-z0-9_-]{22}$ ]] || die "kafka: could not generate a cluster id (got '$cid')"
+    echo "$cid" >"$idf"
+  fi
+  flog=$(log_of kafka)
+  log "kafka: formatting storage in $DATA/kafka (cluster id $cid)"
+  if ! kafka_tool kafka.tools.StorageTool format -t "$cid" -c "$CONF/kafka.properties" --standalone >>"$flog" 2>&1; then
+    tail -n 30 "$flog" >&2 || true
+    die "kafka: formatting the storage failed; log: $flog"
+  fi
 }
 
 kafka_start() {
-  kafka_config
-  if [[ ! -f "$data/kafka/meta.properties" ]]; then
-    local cid; cid=$(cat "$stack/kafka-cluster-id" 2>/dev/null || true)
-    if [[ -z "$cid" ]]; then cid=$(kafka_java org.apache.kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1 || true); fi
-    [[ -n "$cid" ]] || cid=$(python3 -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
-    echo "$cid" >"$stack/kafka-cluster-id"
-    log "formatting Kafka storage (cluster id $cid)"
-    kafka_java kafka.tools.StorageTool format -t "$cid" -c "$conf/kafka.properties" --standalone >>"$logs/kafka.log" 2>&1 || {
-      log "error: formatting Kafka storage failed; see $logs/kafka.log"; tail -n 30 "$logs/kafka.log" >&2; return 1; }
+  kafka_configure
+  kafka_format
+  launch kafka "$JAVA" -Dcarhook.stack.component=kafka -Dcarhook.stack.dir="$STACK_DIR" \
+    "${KAFKA_HEAP[@]}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+    -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$CONF/kafka-log4j2.xml" -Dkafka.logs.dir="$LOGS" \
+    -cp "$(libs_of kafka)/*" kafka.Kafka "$CONF/kafka.properties"
+}
+
+kafka_probe() { # a real metadata request (list topics); the reason for failure goes to stdout
+  port_in_use "$KAFKA_PORT" || { echo "nothing listening on 127.0.0.1:$KAFKA_PORT yet"; return 1; }
+  local out
+  if out=$(timeout 30 "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
+      -Dlog4j2.configurationFile="$CONF/kafka-tools-log4j2.xml" -cp "$(libs_of kafka)/*" \
+      org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list \
+      --command-config "$CONF/kafka-client.properties" 2>&1 >/dev/null); then
+    return 0
   fi
-  nohup java -Dcarhook-stack=kafka -Xms512m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:ActiveProcessorCount=2 \
-    -Dlog4j2.configurationFile="$conf/kafka-log4j2.yaml" -cp "$kafka_libs/*" kafka.Kafka "$conf/kafka.properties" \
-    >>"$logs/kafka.log" 2>&1 &
-  echo $! >"$run/kafka.pid"
+  echo "metadata request failed: $(grep -v '^\s*at ' <<<"$out" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+  return 1
 }
 
-kafka_ready() {
-  kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:9092 --list \
-    --command-config /dev/null >/dev/null 2>&1
-}
+# -------------------------------------------------------------------------------------- Cassandra
 
-# ---------------------------------------------------------------- Cassandra
-cassandra_config() {
-  mkdir -p "$conf/cassandra" "$data/cassandra"/{data,commitlog,saved_caches,hints,cdc_raw}
-  cat >"$conf/cassandra/cassandra.yaml" <<YAML
+cassandra_configure() {
+  local c="$CONF/cassandra" d="$DATA/cassandra"
+  mkdir -p "$c/triggers" "$d"/{data,commitlog,saved_caches,hints,cdc_raw}
+  cat >"$c/cassandra.yaml" <<EOF
+# Generated by deploy/stack/stack.sh on every start; edit the script, not this file.
+# Minimal single-node Cassandra 5.0 configuration; everything not set here keeps its default.
 cluster_name: carhook-local
 num_tokens: 16
 allocate_tokens_for_local_replication_factor: 1
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
-data_file_directories: [ "$data/cassandra/data" ]
-commitlog_directory: $data/cassandra/commitlog
-saved_caches_directory: $data/cassandra/saved_caches
-hints_directory: $data/cassandra/hints
-cdc_raw_directory: $data/cassandra/cdc_raw
-commitlog_sync: periodic
-commitlog_sync_period: 10000ms
-commitlog_segment_size: 32MiB
+endpoint_snitch: SimpleSnitch
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
-      - seeds: "127.0.0.1:7000"
+      - seeds: "127.0.0.1:$CASSANDRA_STORAGE_PORT"
 listen_address: 127.0.0.1
 rpc_address: 127.0.0.1
-storage_port: 7000
-native_transport_port: 9042
+storage_port: $CASSANDRA_STORAGE_PORT
+native_transport_port: $CQL_PORT
 start_native_transport: true
-endpoint_snitch: SimpleSnitch
-authenticator: AllowAllAuthenticator
-authorizer: AllowAllAuthorizer
+
+data_file_directories:
+  - $d/data
+commitlog_directory: $d/commitlog
+saved_caches_directory: $d/saved_caches
+hints_directory: $d/hints
+cdc_raw_directory: $d/cdc_raw
+
+commitlog_sync: periodic
+commitlog_sync_period: 10000ms
+commitlog_segment_size: 32MiB
 paxos_variant: v2
 auto_snapshot: false
 snapshot_before_compaction: false
+incremental_backups: false
+disk_failure_policy: stop
+commit_failure_policy: stop
+
+authenticator: AllowAllAuthenticator
+authorizer: AllowAllAuthorizer
+role_manager: CassandraRoleManager
+network_authorizer: AllowAllNetworkAuthorizer
+
+# Sized for a 2-core development machine.
 concurrent_reads: 8
 concurrent_writes: 8
 concurrent_counter_writes: 8
+concurrent_materialized_view_writes: 8
 concurrent_compactors: 1
+memtable_flush_writers: 1
 memtable_heap_space: 256MiB
 memtable_offheap_space: 256MiB
-read_request_timeout: 5000ms
-write_request_timeout: 2000ms
-cas_contention_timeout: 1000ms
-request_timeout: 10000ms
-disk_failure_policy: stop
-commit_failure_policy: stop
-materialized_views_enabled: false
-sasi_indexes_enabled: false
-YAML
-  cat >"$conf/cassandra/logback.xml" <<XML
+compaction_throughput: 64MiB/s
+EOF
+
+  cat >"$c/logback.xml" <<EOF
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Generated by deploy/stack/stack.sh. Cassandra logging (logback), appended to the stack log. -->
 <configuration scan="false">
-  <appender name="STDOUT" class="ch.qos.logback.core.ConsoleAppender">
+  <appender name="FILE" class="ch.qos.logback.core.FileAppender">
+    <file>$(log_of cassandra)</file>
+    <append>true</append>
     <encoder><pattern>%-5level [%thread] %date{ISO8601} %F:%L - %msg%n</pattern></encoder>
   </appender>
   <logger name="org.apache.cassandra" level="INFO"/>
-  <logger name="com.thinkaurelius" level="ERROR"/>
-  <root level="WARN"><appender-ref ref="STDOUT"/></root>
+  <logger name="org.apache.cassandra.utils.SigarLibrary" level="WARN"/>
+  <logger name="org.apache.cassandra.db.compaction" level="WARN"/>
+  <logger name="org.apache.cassandra.db.ColumnFamilyStore" level="WARN"/>
+  <logger name="org.apache.cassandra.db.Memtable" level="WARN"/>
+  <logger name="io.netty" level="WARN"/>
+  <logger name="com.datastax" level="WARN"/>
+  <root level="INFO"><appender-ref ref="FILE"/></root>
 </configuration>
-XML
+EOF
 }
 
 cassandra_start() {
-  cassandra_config
-  local jamm; jamm=$(ls "$cass_libs"/jamm-*.jar | head -n1)
-  nohup java -Dcarhook-stack=cassandra \
-    -Xms1g -Xmx2g -Xss256k -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 \
-    -XX:G1HeapRegionSize=16m -XX:MaxGCPauseMillis=300 -XX:ActiveProcessorCount=2 -XX:+AlwaysPreTouch \
-    -XX:+HeapDumpOnOutOfMemoryError -XX:HeapDumpPath="$data/cassandra" \
+  cassandra_configure
+  local libs jamm
+  libs=$(libs_of cassandra)
+  jamm=$(compgen -G "$libs/jamm-*.jar" | head -n 1) || true
+  [[ -n $jamm ]] || die "cassandra: no jamm jar in $libs (needed as -javaagent); run: $0 fetch"
+  launch cassandra "$JAVA" -Dcarhook.stack.component=cassandra -Dcarhook.stack.dir="$STACK_DIR" \
+    "${CASSANDRA_HEAP[@]}" -Xss256k -ea -da:net.openhft... \
+    -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 -XX:G1HeapRegionSize=16m \
+    -XX:G1RSetUpdatingPauseTimePercent=5 -XX:MaxGCPauseMillis=300 -XX:InitiatingHeapOccupancyPercent=70 \
+    -XX:+UseTLAB -XX:+ResizeTLAB -Djava.net.preferIPv4Stack=true \
     -Djdk.attach.allowAttachSelf=true \
     --add-exports java.base/jdk.internal.misc=ALL-UNNAMED \
     --add-exports java.management.rmi/com.sun.jmx.remote.internal.rmi=ALL-UNNAMED \
@@ -205,76 +493,244 @@ cassandra_start() {
     -Dio.netty.tryReflectionSetAccessible=true \
     -Dio.netty.allocator.useCacheForAllThreads=true -Dio.netty.allocator.maxOrder=11 \
     -javaagent:"$jamm" \
-    -Dcassandra.config="file://$conf/cassandra/cassandra.yaml" \
-    -Dlogback.configurationFile="$conf/cassandra/logback.xml" \
-    -Dcassandra.storagedir="$data/cassandra" \
-    -Dcassandra.logdir="$logs" \
+    -Dcassandra.jmx.local.port="$CASSANDRA_JMX_PORT" \
     -Dcassandra-foreground=yes \
+    -Dcassandra.config="file://$CONF/cassandra/cassandra.yaml" \
+    -Dlogback.configurationFile="$CONF/cassandra/logback.xml" \
+    -Dcassandra.storagedir="$DATA/cassandra" \
+    -Dcassandra.logdir="$LOGS" \
+    -Dcassandra.triggers_dir="$CONF/cassandra/triggers" \
     -Dcassandra.skip_wait_for_gossip_to_settle=0 \
-    -Dcassandra.ring_delay_ms=100 \
-    -Dcassandra.superuser_setup_delay_ms=0 \
-    -Dcassandra.auto_bootstrap=false \
-    -cp "$conf/cassandra:$cass_libs/*" org.apache.cassandra.service.CassandraDaemon \
-    >>"$logs/cassandra.log" 2>&1 &
-  echo $! >"$run/cassandra.pid"
+    -cp "$CONF/cassandra:$libs/*" org.apache.cassandra.service.CassandraDaemon
 }
 
-cassandra_ready() { python3 "$here/cql_ping.py" 127.0.0.1 9042 >/dev/null 2>&1; }
+cassandra_probe() { # a real CQL query; the reason for failure goes to stdout
+  port_in_use "$CQL_PORT" || { echo "nothing listening on 127.0.0.1:$CQL_PORT yet"; return 1; }
+  local out
+  out=$("$PYTHON" "$here/cql_ping.py" 127.0.0.1 "$CQL_PORT" --timeout 3 2>&1) && return 0
+  echo "$out"
+  return 1
+}
 
-# ---------------------------------------------------------------- common
-wait_ready() { # name deadline
-  local name=$1 deadline=$((SECONDS + $2))
-  until "${name}_ready"; do
-    if ! alive "$name"; then
-      log "error: $name exited during start-up. Last lines of $logs/$name.log:"; tail -n 30 "$logs/$name.log" >&2; return 1
+# ------------------------------------------------------------------------------------------- up
+
+preflight() { # component...
+  local comp major
+  command -v "$JAVA" >/dev/null || die "java not found (Java 17 is needed); set CARHOOK_JAVA or put java on PATH"
+  major=$("$JAVA" -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n 1)
+  if [[ -z $major || $major -lt 17 ]]; then die "Java 17 is needed, found: $("$JAVA" -version 2>&1 | head -n 1)"; fi
+  for comp in "$@"; do
+    if [[ $comp == cassandra && $major != 17 ]]; then
+      log "warning: Cassandra $CASSANDRA_VERSION supports Java 11 and 17; found Java $major"
     fi
-    if (( SECONDS > deadline )); then
-      log "error: $name not ready after $2 s. Last lines of $logs/$name.log:"; tail -n 30 "$logs/$name.log" >&2; return 1
+    if [[ $comp == cassandra ]] && ! command -v "$PYTHON" >/dev/null; then
+      die "$PYTHON not found; it runs the Cassandra readiness probe (set CARHOOK_PYTHON)"
     fi
-    sleep 1
   done
-  log "$name ready"
+  command -v timeout >/dev/null || die "coreutils 'timeout' not found"
 }
 
-up() {
-  fetch
-  local c started=()
-  for c in "$@"; do
-    if alive "$c"; then continue; fi
-    "${c}_start"; started+=("$c")
-  done
-  for c in "$@"; do wait_ready "$c" "$( [[ $c == kafka ]] && echo "$KAFKA_DEADLINE" || echo "$CASSANDRA_DEADLINE")"; done
-}
-
-stop_one() {
-  local name=$1 p
-  p=$(pid_of "$name") || true
-  if [[ -n "${p:-}" ]] && alive "$name"; then
-    log "stopping $name (pid $p)"
-    kill -TERM "$p" 2>/dev/null || true
-    for _ in $(seq 1 150); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$p" 2>/dev/null; then log "$name did not stop in 30 s; killing"; kill -KILL "$p" 2>/dev/null || true; sleep 0.5; fi
+# Before starting a component: adopt an unrecorded process of ours, refuse ports held by others.
+# Returns 0 when the component must be started, 1 when it is (now) known to be running.
+check_before_start() {
+  local comp=$1 p port pids owner
+  if p=$(running_pid "$comp"); then return 1; fi
+  rm -f "$(pidfile_of "$comp")"
+  p=$(find_ours "$comp" | head -n 1)
+  if [[ -n $p ]]; then
+    echo "$p" >"$(pidfile_of "$comp")"
+    log "$comp: found our running process without a pid file (pid $p); adopting it"
+    return 1
   fi
-  rm -f "$run/$name.pid"
+  for port in $(ports_of "$comp"); do
+    port_in_use "$port" || continue
+    owner=""
+    pids=$(listener_pids "$port")
+    for p in $pids; do owner+=$'\n'"  $(describe_pid "$p")"; done
+    die "$comp: cannot start, 127.0.0.1:$port is already in use by another process:${owner:- (unknown process)}
+  stop it first (it is not one this script started from $STACK_DIR)"
+  done
+  return 0
 }
 
-status() {
-  local c
-  for c in "$@"; do
-    if alive "$c"; then
-      if "${c}_ready"; then echo "$c: ready (pid $(pid_of "$c"))"; else echo "$c: running, not ready (pid $(pid_of "$c"))"; fi
-    else echo "$c: stopped"; fi
+fail_report() { # component reason
+  local comp=$1 log
+  log=$(log_of "$comp")
+  {
+    echo "stack: error: $comp: $2"
+    echo "stack: last 30 lines of $log:"
+    tail -n 30 "$log" 2>/dev/null | sed 's/^/    /' || true
+    echo "stack: full $comp log: $log"
+  } >&2
+}
+
+wait_ready() { # component ; prints the ready line on stdout, a failure report on stderr
+  local comp=$1 limit t0=$SECONDS reason p
+  limit=$(timeout_of "$comp")
+  while :; do
+    if ! p=$(running_pid "$comp"); then
+      fail_report "$comp" "the process exited during start-up (before it became ready)"
+      rm -f "$(pidfile_of "$comp")"
+      return 1
+    fi
+    if reason=$("${comp}_probe"); then
+      echo "stack: $comp ready after $((SECONDS - t0)) s (pid $p, 127.0.0.1:$(ports_of "$comp" | cut -d' ' -f1))"
+      return 0
+    fi
+    if ((SECONDS - t0 >= limit)); then
+      fail_report "$comp" "not ready within $limit s (last probe: ${reason:-no detail})"
+      return 1
+    fi
+    sleep 0.5
   done
 }
 
-cmd="${1:-}"; shift || true
-components=("$@"); ((${#components[@]})) || components=(kafka cassandra)
-for c in "${components[@]}"; do [[ $c == kafka || $c == cassandra ]] || { log "unknown component $c"; exit 2; }; done
+cmd_up() {
+  local comp rc=0 order=() to_start=()
+  preflight "$@"
+  cmd_fetch "$@"
+  # Start the slow one (Cassandra) first so Kafka's storage format runs while it boots.
+  for comp in cassandra kafka; do [[ " $* " == *" $comp "* ]] && order+=("$comp"); done
+  for comp in "${order[@]}"; do
+    if check_before_start "$comp"; then to_start+=("$comp"); else log "$comp: already running (pid $(recorded_pid "$comp"))"; fi
+  done
+  for comp in "${to_start[@]}"; do "${comp}_start"; done
+
+  local -A waiter=() errf=()
+  for comp in "${order[@]}"; do
+    errf[$comp]="$RUN/$comp.wait.err"
+    wait_ready "$comp" 2>"${errf[$comp]}" &
+    waiter[$comp]=$!
+  done
+  for comp in "${order[@]}"; do
+    if ! wait "${waiter[$comp]}"; then rc=1; fi
+    cat "${errf[$comp]}" >&2 || true
+    rm -f "${errf[$comp]}"
+  done
+  ((rc == 0)) || die "the stack is not ready (see above); '$0 status' shows the state, '$0 down' stops it"
+}
+
+# ----------------------------------------------------------------------------------------- down
+
+cmd_down() {
+  local comp p port pids=() deadline leftover owner
+  local -A name_of=()
+  for comp in "$@"; do
+    for p in $(
+      running_pid "$comp" || true
+      find_ours "$comp"
+    ); do
+      [[ -n ${name_of[$p]:-} ]] && continue
+      name_of[$p]=$comp; pids+=("$p")
+      log "$comp: stopping (pid $p)"
+      kill -TERM "$p" 2>/dev/null || true
+    done
+  done
+  deadline=$((SECONDS + STOP_TIMEOUT))
+  while :; do
+    leftover=()
+    for p in "${pids[@]}"; do if kill -0 "$p" 2>/dev/null && is_ours "$p" "${name_of[$p]}"; then leftover+=("$p"); fi; done
+    ((${#leftover[@]})) || break
+    if ((SECONDS >= deadline)); then
+      for p in "${leftover[@]}"; do
+        log "${name_of[$p]}: did not stop within $STOP_TIMEOUT s; sending SIGKILL to pid $p"
+        kill -KILL "$p" 2>/dev/null || true
+      done
+      sleep 0.5
+      break
+    fi
+    sleep 0.2
+  done
+  for comp in "$@"; do
+    rm -f "$(pidfile_of "$comp")"
+    # Anything of ours still listening on this component's ports (e.g. started outside a pid file).
+    for port in $(ports_of "$comp"); do
+      for p in $(listener_pids "$port"); do
+        if is_ours "$p" kafka || is_ours "$p" cassandra; then
+          log "$comp: pid $p of ours still listens on $port; sending SIGKILL"
+          kill -KILL "$p" 2>/dev/null || true
+        fi
+      done
+    done
+  done
+  deadline=$((SECONDS + 5))
+  for comp in "$@"; do
+    for port in $(ports_of "$comp"); do
+      while port_in_use "$port" && ((SECONDS < deadline)); do sleep 0.2; done
+      if port_in_use "$port"; then
+        owner=$(listener_pids "$port" | while read -r p; do describe_pid "$p"; done)
+        log "warning: 127.0.0.1:$port is still in use, not by this stack: ${owner:-unknown process}"
+      fi
+    done
+    log "$comp: stopped"
+  done
+}
+
+# --------------------------------------------------------------------------------- status, logs
+
+cmd_status() {
+  local comp p reason port busy
+  for comp in "$@"; do
+    if p=$(running_pid "$comp"); then
+      if reason=$("${comp}_probe"); then
+        echo "$comp: ready (pid $p, 127.0.0.1:$(ports_of "$comp" | cut -d' ' -f1))"
+      else
+        echo "$comp: running, not ready (pid $p): $reason"
+      fi
+    else
+      busy=""
+      for port in $(ports_of "$comp"); do if port_in_use "$port"; then busy+=" $port"; fi; done
+      if [[ -n $busy ]]; then echo "$comp: stopped (but ports in use by another process:$busy)"; else echo "$comp: stopped"; fi
+    fi
+  done
+}
+
+cmd_logs() { # [-f] [-n N] component...
+  local follow=0 lines=50 comps=() comp files=()
+  while (($#)); do
+    case $1 in
+      -f | --follow) follow=1 ;;
+      -n) lines=${2:?-n needs a number}; shift ;;
+      *) comps+=("$1") ;;
+    esac
+    shift
+  done
+  for comp in "${comps[@]}"; do files+=("$(log_of "$comp")"); done
+  if ((follow)); then exec tail -n "$lines" -F "${files[@]}"; fi
+  for comp in "${comps[@]}"; do
+    echo "==> $(log_of "$comp") <=="
+    tail -n "$lines" "$(log_of "$comp")" 2>/dev/null || echo "(no log yet)"
+  done
+}
+
+# ----------------------------------------------------------------------------------------- main
+
+usage() {
+  echo "usage: $0 fetch|up|down|status|logs|restart [kafka|cassandra]...   (logs also takes -f, -n N)" >&2
+  exit 2
+}
+
+cmd="${1:-}"
+(($#)) && shift
+components=() opts=()
+for arg in "$@"; do
+  case $arg in
+    kafka | cassandra) [[ " ${components[*]} " == *" $arg "* ]] || components+=("$arg") ;;
+    -*) [[ $cmd == logs ]] || usage; opts+=("$arg") ;;
+    *) if [[ $cmd == logs && ${opts[*]: -1} == -n ]]; then opts+=("$arg"); else log "unknown component '$arg'"; usage; fi ;;
+  esac
+done
+((${#components[@]})) || components=(kafka cassandra)
+
 case "$cmd" in
-  fetch) fetch ;;
-  up) up "${components[@]}" ;;
-  down) for c in "${components[@]}"; do stop_one "$c"; done ;;
-  restart) for c in "${components[@]}"; do stop_one "$c"; done; up "${components[@]}" ;;
-  status) status "${components[@]}" ;;
-  *) echo "usage: $0 fetch|up|down|restart|status [kafka|cassandra]" >&2; exit 2 ;;
+  fetch) cmd_fetch "${components[@]}" ;;
+  up) cmd_up "${components[@]}" ;;
+  down) cmd_down "${components[@]}" ;;
+  status) cmd_status "${components[@]}" ;;
+  logs) cmd_logs "${opts[@]}" "${components[@]}" ;;
+  restart)
+    cmd_down "${components[@]}"
+    cmd_up "${components[@]}"
+    ;;
+  *) usage ;;
 esac

@@ -90,16 +90,18 @@ fn render(text: &str, s: &CqlSettings) -> String {
         .replace("{replication}", &s.replication)
 }
 
-fn statements(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(';').filter_map(|stmt| {
-        let body: String = stmt
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        let body = body.trim();
-        (!body.is_empty()).then(|| body.to_string())
-    })
+fn statements(text: &str) -> Vec<String> {
+    // Comments first: a ';' inside a comment must not split a statement.
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn checksum(text: &str) -> String {
@@ -198,7 +200,7 @@ mod tests {
         };
         let all: Vec<String> = MIGRATIONS
             .iter()
-            .flat_map(|(_, _, t)| statements(&render(t, &s)).collect::<Vec<_>>())
+            .flat_map(|(_, _, t)| statements(&render(t, &s)))
             .collect();
         assert!(all.len() >= 5, "{all:?}");
         assert!(all

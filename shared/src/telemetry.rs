@@ -12,7 +12,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
@@ -78,8 +78,12 @@ pub fn init(
     let provider = tracer_provider(s, default_service)?;
     let filter =
         EnvFilter::try_new(&s.log_level).map_err(|e| TelemetryError::Filter(e.to_string()))?;
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(default_service));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // The log level filters log lines only: request and record spans are always traced, so a quiet
+    // log level never breaks trace propagation between receiver and processor.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(default_service))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let registry = tracing_subscriber::registry().with(otel);
     let result = match s.log_format {
         LogFormat::Json => registry
             .with(
@@ -88,11 +92,16 @@ pub fn init(
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(std::io::stdout),
+                    .with_writer(std::io::stdout)
+                    .with_filter(filter),
             )
             .try_init(),
         LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stdout))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stdout)
+                    .with_filter(filter),
+            )
             .try_init(),
     };
     result.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;

@@ -17,16 +17,35 @@ fn workload() -> Vec<(String, Vec<u8>)> {
     for v in 0..VEHICLES {
         let car = format!("car-{v}");
         for i in 0..STATES_PER_VEHICLE {
-            let body = state_event(&format!("{car}-s{i}"), &car, &[("odometer-traveleddistance", json!({"unit":"km","value": i}), 1_731_940_000_000 + i * 1000)]);
+            let body = state_event(
+                &format!("{car}-s{i}"),
+                &car,
+                &[(
+                    "odometer-traveleddistance",
+                    json!({"unit":"km","value": i}),
+                    1_731_940_000_000 + i * 1000,
+                )],
+            );
             out.push((car.clone(), body));
         }
-        out.push((car.clone(), error_event(&format!("{car}-perm"), &car, json!([{"type":"PERMISSION","code":null,"state":"ERROR"}]), 1_761_896_351_529)));
+        out.push((
+            car.clone(),
+            error_event(
+                &format!("{car}-perm"),
+                &car,
+                json!([{"type":"PERMISSION","code":null,"state":"ERROR"}]),
+                1_761_896_351_529,
+            ),
+        ));
     }
     out
 }
 
 async fn produce(s: &shared::config::Settings, records: &[(String, Vec<u8>)]) {
-    let refs: Vec<(Option<&str>, &[u8])> = records.iter().map(|(k, v)| (Some(k.as_str()), v.as_slice())).collect();
+    let refs: Vec<(Option<&str>, &[u8])> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.as_slice()))
+        .collect();
     produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &refs).await;
 }
 
@@ -37,25 +56,48 @@ async fn assert_exact_outcome(s: &shared::config::Settings) {
         let deadline = std::time::Instant::now() + Duration::from_secs(90);
         loop {
             let st = vehicle_state(s, &car).await.unwrap_or_default();
-            if st["signals"]["odometer-traveleddistance"]["body"]["value"] == want && st["needsReconnect"] == true {
+            if st["signals"]["odometer-traveleddistance"]["body"]["value"] == want
+                && st["needsReconnect"] == true
+            {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "{car} never converged: {st:#}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{car} never converged: {st:#}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, VEHICLES, Duration::from_secs(60));
-    let ids: Vec<String> = actions.iter().filter_map(|m| header(m, "carhook-action-id")).collect();
+    let actions = read_topic(
+        &s.kafka.brokers,
+        &s.kafka.actions_topic,
+        VEHICLES,
+        Duration::from_secs(60),
+    );
+    let ids: Vec<String> = actions
+        .iter()
+        .filter_map(|m| header(m, "carhook-action-id"))
+        .collect();
     let distinct: HashSet<&String> = ids.iter().collect();
-    assert_eq!(ids.len(), VEHICLES, "exactly one action per PERMISSION event, got {}", ids.len());
+    assert_eq!(
+        ids.len(),
+        VEHICLES,
+        "exactly one action per PERMISSION event, got {}",
+        ids.len()
+    );
     assert_eq!(distinct.len(), VEHICLES);
     assert!(actions.iter().all(|m| m.key().is_some()));
 }
 
 #[tokio::test]
 async fn kill_9_mid_batch_then_restart_gives_the_same_state_and_actions() {
-    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "3"), ("CARHOOK__PROCESSOR__BATCH_MAX", "20")]);
-    shared::kafka::ensure_topics(&s.kafka).await.unwrap_or_else(|e| panic!("{e}"));
+    let s = settings(&[
+        ("CARHOOK__KAFKA__PARTITIONS", "3"),
+        ("CARHOOK__PROCESSOR__BATCH_MAX", "20"),
+    ]);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let log = std::env::temp_dir().join(format!("{}.processor.log", s.cql.keyspace));
     let first = ChildProcessor::start(&s, "crashy", &log).await;
     produce(&s, &workload()).await;
@@ -72,7 +114,10 @@ async fn kill_9_mid_batch_then_restart_gives_the_same_state_and_actions() {
 
 #[tokio::test]
 async fn second_instance_joining_and_first_leaving_mid_stream_loses_nothing_and_acts_once() {
-    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "4"), ("CARHOOK__PROCESSOR__BATCH_MAX", "10")]);
+    let s = settings(&[
+        ("CARHOOK__KAFKA__PARTITIONS", "4"),
+        ("CARHOOK__PROCESSOR__BATCH_MAX", "10"),
+    ]);
     let mut s_b = s.clone();
     s_b.processor.instance_id = format!("{}-b", s.processor.instance_id);
     let a = spawn_processor(&s).await;
@@ -83,7 +128,8 @@ async fn second_instance_joining_and_first_leaving_mid_stream_loses_nothing_and_
     produce(&s, second_half).await;
     eventually(Duration::from_secs(60), || async {
         metric_value(b.addr, "carhook_processor_events_total").await >= 1.0
-            || metric_value(a.addr, "carhook_processor_events_total").await >= work.len() as f64 * 0.6
+            || metric_value(a.addr, "carhook_processor_events_total").await
+                >= work.len() as f64 * 0.6
     })
     .await;
     a.stop().await;

@@ -41,8 +41,24 @@ pub fn fresh(prefix: &str) -> String {
     format!("{prefix}_{}", &id[..12])
 }
 
+/// Installs the services' own logging and tracing once per test process (warn level), so spans get
+/// real trace ids and `traceparent` headers are written as in production.
+pub fn telemetry() {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let t = shared::config::TelemetrySettings {
+            log_level: "warn".into(),
+            ..Default::default()
+        };
+        if let Ok(handle) = shared::telemetry::init(&t, "carhook-tests") {
+            std::mem::forget(handle);
+        }
+    });
+}
+
 /// Settings for one test: fresh topics, keyspace, group; services on port 0.
 pub fn settings(extra: &[(&str, &str)]) -> Settings {
+    telemetry();
     let name = fresh("t");
     let mut env: HashMap<String, String> = [
         (
@@ -389,18 +405,33 @@ pub async fn drop_keyspace(settings: &Settings) {
 /// The `CARHOOK__*` environment that reproduces `settings` for a child process.
 pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String, String)> {
     [
-        ("CARHOOK__SMARTCAR__MANAGEMENT_TOKENS", format!("{TOKEN},{OLD_TOKEN}")),
+        (
+            "CARHOOK__SMARTCAR__MANAGEMENT_TOKENS",
+            format!("{TOKEN},{OLD_TOKEN}"),
+        ),
         ("CARHOOK__KAFKA__BROKERS", s.kafka.brokers.clone()),
         ("CARHOOK__KAFKA__EVENTS_TOPIC", s.kafka.events_topic.clone()),
         ("CARHOOK__KAFKA__DLQ_TOPIC", s.kafka.dlq_topic.clone()),
-        ("CARHOOK__KAFKA__ACTIONS_TOPIC", s.kafka.actions_topic.clone()),
-        ("CARHOOK__KAFKA__QUARANTINE_TOPIC", s.kafka.quarantine_topic.clone()),
-        ("CARHOOK__KAFKA__CONSUMER_GROUP", s.kafka.consumer_group.clone()),
+        (
+            "CARHOOK__KAFKA__ACTIONS_TOPIC",
+            s.kafka.actions_topic.clone(),
+        ),
+        (
+            "CARHOOK__KAFKA__QUARANTINE_TOPIC",
+            s.kafka.quarantine_topic.clone(),
+        ),
+        (
+            "CARHOOK__KAFKA__CONSUMER_GROUP",
+            s.kafka.consumer_group.clone(),
+        ),
         ("CARHOOK__KAFKA__PARTITIONS", s.kafka.partitions.to_string()),
         ("CARHOOK__CQL__KEYSPACE", s.cql.keyspace.clone()),
         ("CARHOOK__PROCESSOR__ADMIN_LISTEN", admin.to_string()),
         ("CARHOOK__PROCESSOR__INSTANCE_ID", instance.to_string()),
-        ("CARHOOK__PROCESSOR__BATCH_MAX", s.processor.batch_max.to_string()),
+        (
+            "CARHOOK__PROCESSOR__BATCH_MAX",
+            s.processor.batch_max.to_string(),
+        ),
         ("CARHOOK__TELEMETRY__LOG_LEVEL", "info".to_string()),
     ]
     .into_iter()
@@ -417,7 +448,10 @@ pub fn free_port() -> SocketAddr {
 /// Path of a workspace binary built next to the test executable.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
-    exe.parent().and_then(|d| d.parent()).map(|d| d.join(name)).unwrap_or_else(|| panic!("no target dir"))
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| panic!("no target dir"))
 }
 
 /// A processor running as its own OS process (so it can be killed with SIGKILL).
@@ -430,7 +464,11 @@ impl ChildProcessor {
     /// Starts `processor run` and waits until ready. Logs go to `log`.
     pub async fn start(s: &Settings, instance: &str, log: &std::path::Path) -> Self {
         let admin = free_port();
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap_or_else(|e| panic!("{e}"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("{e}"));
         let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
         let child = std::process::Command::new(workspace_bin("processor"))
             .arg("run")
@@ -440,7 +478,10 @@ impl ChildProcessor {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn processor: {e}"));
-        eventually(Duration::from_secs(60), || async { get(admin, "/ready").await.0 == 200 }).await;
+        eventually(Duration::from_secs(60), || async {
+            get(admin, "/ready").await.0 == 200
+        })
+        .await;
         Self { child, admin }
     }
 
@@ -452,7 +493,10 @@ impl ChildProcessor {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(mut self) -> Option<i32> {
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.child.wait().ok().and_then(|s| s.code())
     }
 }
