@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use shared::clock::EpochMillis;
 use shared::config::KafkaSettings;
@@ -124,11 +125,23 @@ impl EventProducer {
             record = record.key(key);
         }
         let started = Instant::now();
-        let result = self
+        // librdkafka's own message timeout can overrun (idempotent producers wait out in-flight
+        // retries), so the answer is bounded here too: past the budget Smartcar gets a 503 and
+        // retries; if the record lands after all, eventId dedup absorbs the second copy.
+        let budget = self.settings.delivery_timeout() + Duration::from_millis(250);
+        let send = self
             .producer
-            .send(record, Timeout::After(self.settings.delivery_timeout()))
+            .send(record, Timeout::After(self.settings.delivery_timeout()));
+        let result = match tokio::time::timeout(budget, send)
             .instrument(span.clone())
-            .await;
+            .await
+        {
+            Ok(Ok(delivery)) => Ok(delivery),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )),
+        };
         self.metrics
             .produce_duration
             .observe(started.elapsed().as_secs_f64());
@@ -148,7 +161,7 @@ impl EventProducer {
                     offset: delivery.offset,
                 })
             }
-            Err((source, _)) => Err(PersistError::Kafka {
+            Err(source) => Err(PersistError::Kafka {
                 topic: topic.to_string(),
                 source,
             }),

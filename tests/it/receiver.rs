@@ -328,3 +328,54 @@ async fn unreachable_broker_answers_503_with_retry_after_within_the_bound() {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_loses_no_acknowledged_event() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let addr = r.addr;
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let body = state_event(
+            &format!("term-{i}"),
+            &format!("car-{}", i % 13),
+            &[(
+                "charge-ischarging",
+                serde_json::json!({"value": true}),
+                1_731_940_328_000,
+            )],
+        );
+        let sig = sign(TOKEN, &body);
+        tasks.push(tokio::spawn(async move {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(20), try_post(addr, PATH, body, &sig))
+                    .await;
+            (i, matches!(reply, Ok(Some(200))))
+        }));
+        if i == 150 {
+            r.shutdown.cancel();
+        }
+    }
+    let mut acked = std::collections::HashSet::new();
+    for t in tasks {
+        if let Ok((i, true)) = t.await {
+            acked.insert(format!("term-{i}"));
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+    assert!(
+        !acked.is_empty(),
+        "some requests were acknowledged before the drain"
+    );
+    let on_topic: std::collections::HashSet<String> = read_topic(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        acked.len(),
+        Duration::from_secs(30),
+    )
+    .iter()
+    .filter_map(|m| header(m, headers::EVENT_ID))
+    .collect();
+    let lost: Vec<_> = acked.difference(&on_topic).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+}

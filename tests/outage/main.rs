@@ -1,0 +1,205 @@
+//! Outages of the real dependencies: the Kafka broker and the CQL store are stopped and started
+//! again with `deploy/stack/stack.sh`. These tests stop shared services, so they run one at a time
+//! (a process-wide lock) and in their own test binary, which cargo runs apart from the parallel suite.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use carhook_tests::*;
+use serde_json::json;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn stack(args: &[&str]) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stack/stack.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("stack.sh: {e}"));
+    assert!(status.success(), "stack.sh {args:?} failed");
+}
+
+/// Starts the component again even if the test panics half-way.
+struct Restore(&'static str);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        stack(&["up", self.0]);
+    }
+}
+
+async fn send(addr: std::net::SocketAddr, i: usize) -> Reply {
+    let body = state_event(
+        &format!("out-{i}"),
+        &format!("car-{}", i % 7),
+        &[(
+            "charge-ischarging",
+            json!({"value": true}),
+            1_731_940_328_000,
+        )],
+    );
+    let sig = sign(TOKEN, &body);
+    post(addr, "/webhooks/smartcar", body, Some(&sig)).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_down_gives_503_with_retry_after_and_broker_back_gives_200_with_nothing_acknowledged_lost(
+) {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = settings(&[
+        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "3000"),
+        ("CARHOOK__RECEIVER__BREAKER_FAILURES", "3"),
+        ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "1000"),
+    ]);
+    let r = spawn_receiver(&s).await;
+    let mut acked = HashSet::new();
+    for i in 0..20 {
+        assert_eq!(send(r.addr, i).await.status, 200);
+        acked.insert(format!("out-{i}"));
+    }
+    {
+        let _restore = Restore("kafka");
+        stack(&["down", "kafka"]);
+        let mut saw_503 = 0;
+        for i in 20..30 {
+            let started = Instant::now();
+            let reply = send(r.addr, i).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "answer took {:?}",
+                started.elapsed()
+            );
+            if reply.status == 200 {
+                acked.insert(format!("out-{i}"));
+            } else {
+                assert_eq!(reply.status, 503);
+                assert!(reply.headers.get("retry-after").is_some());
+                saw_503 += 1;
+            }
+        }
+        assert!(
+            saw_503 >= 9,
+            "broker down must mean 503, got {saw_503} of 10"
+        );
+    }
+    // Broker back: the breaker's probe succeeds and requests are acknowledged again.
+    let mut next = 30;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let reply = send(r.addr, next).await;
+        if reply.status == 200 {
+            acked.insert(format!("out-{next}"));
+            next += 1;
+            break;
+        }
+        next += 1;
+        assert!(Instant::now() < deadline, "receiver never recovered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for i in next..next + 10 {
+        assert_eq!(send(r.addr, i).await.status, 200);
+        acked.insert(format!("out-{i}"));
+    }
+    let on_topic: HashSet<String> = read_topic(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        acked.len(),
+        Duration::from_secs(60),
+    )
+    .iter()
+    .filter_map(|m| header(m, shared::headers::EVENT_ID))
+    .collect();
+    let lost: Vec<_> = acked.difference(&on_topic).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but not on the topic: {lost:?}"
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_down_mid_stream_commits_nothing_dead_letters_nothing_and_completes_after_restart() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = settings(&[
+        ("CARHOOK__CQL__REQUEST_TIMEOUT_MS", "1000"),
+        ("CARHOOK__PROCESSOR__MAX_BACKOFF_MS", "2000"),
+    ]);
+    let p = spawn_processor(&s).await;
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let applied = r#"carhook_processor_events_total{outcome="applied"}"#;
+    let before = state_event(
+        "before",
+        "car-s",
+        &[(
+            "odometer-traveleddistance",
+            json!({"value": 1}),
+            1_731_940_000_000,
+        )],
+    );
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some("car-s"), &before)],
+    )
+    .await;
+    eventually(Duration::from_secs(60), || async {
+        metric_value(p.addr, applied).await == 1.0
+    })
+    .await;
+    {
+        let _restore = Restore("cassandra");
+        stack(&["down", "cassandra"]);
+        let during: Vec<Vec<u8>> = (0..5)
+            .map(|i| {
+                state_event(
+                    &format!("during-{i}"),
+                    "car-s",
+                    &[(
+                        "odometer-traveleddistance",
+                        json!({"value": 10 + i}),
+                        1_731_940_100_000 + i64::from(i),
+                    )],
+                )
+            })
+            .collect();
+        let recs: Vec<(Option<&str>, &[u8])> = during
+            .iter()
+            .map(|b| (Some("car-s"), b.as_slice()))
+            .collect();
+        produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &recs).await;
+        eventually(Duration::from_secs(60), || async {
+            get(p.addr, "/ready").await.0 == 503
+        })
+        .await;
+        assert_eq!(
+            metric_value(p.addr, applied).await,
+            1.0,
+            "nothing applied while the store is down"
+        );
+        assert_eq!(
+            record_count(&s.kafka.brokers, &s.kafka.dlq_topic),
+            0,
+            "a store outage is never poison"
+        );
+    }
+    eventually(Duration::from_secs(120), || async {
+        metric_value(p.addr, applied).await == 6.0
+    })
+    .await;
+    eventually(Duration::from_secs(30), || async {
+        get(p.addr, "/ready").await.0 == 200
+    })
+    .await;
+    let st = vehicle_state(&s, "car-s").await.unwrap_or_default();
+    assert_eq!(
+        st["signals"]["odometer-traveleddistance"]["body"]["value"],
+        14
+    );
+    assert_eq!(record_count(&s.kafka.brokers, &s.kafka.dlq_topic), 0);
+    p.stop().await;
+    drop_keyspace(&s).await;
+}
