@@ -130,6 +130,8 @@ struct Done {
     msg: OwnedMessage,
     disposition: Disposition,
     elapsed: Duration,
+    /// The record's consumer span: the end-of-processing log line is written inside it (trace id).
+    span: tracing::Span,
 }
 
 /// One partition's share of a batch.
@@ -294,7 +296,7 @@ impl Worker {
             shared::telemetry::continue_from(&span, &|k| header_str(&msg, k).map(str::to_owned));
             span.record("trace_id", shared::telemetry::trace_id(&span));
             let result = async {
-                tracing::debug!(
+                tracing::info!(
                     partition = msg.partition(),
                     offset = msg.offset(),
                     "processing start"
@@ -308,6 +310,7 @@ impl Worker {
                     msg,
                     disposition,
                     elapsed: started.elapsed(),
+                    span,
                 }),
                 Err(e) => {
                     let _e = span.enter();
@@ -428,6 +431,7 @@ impl Worker {
     /// After a commit: the per-record log line (processing end) and outcome metrics.
     fn finish(&self, runs: &[PartitionRun]) {
         for d in runs.iter().flat_map(|r| &r.done) {
+            let _in_span = d.span.enter();
             let outcome = d.disposition.label();
             self.metrics.outcome(outcome);
             let event_id = header_str(&d.msg, headers::EVENT_ID).unwrap_or("");

@@ -9,9 +9,11 @@
 
 pub mod consumer;
 pub mod dead_letter;
+pub mod dlq;
 pub mod effects;
 pub mod metrics;
 pub mod pipeline;
+pub mod replay;
 pub mod state;
 pub mod store;
 

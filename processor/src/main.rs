@@ -28,6 +28,70 @@ enum Command {
         /// The vehicle id.
         vehicle_id: String,
     },
+    /// Re-derive state from a range of the events topic with the current logic (no actions).
+    Replay {
+        /// Start: an RFC 3339 time, or a partition:offset list such as 0:120,1:98.
+        #[arg(long)]
+        from: carhook_processor::replay::Bound,
+        /// End (exclusive), same forms; default: the end of each partition at start.
+        #[arg(long)]
+        to: Option<carhook_processor::replay::Bound>,
+        /// Only this vehicle's events.
+        #[arg(long)]
+        vehicle: Option<String>,
+        /// Report what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Consumer group holding progress (default derived from the range, so re-running resumes).
+        #[arg(long)]
+        group: Option<String>,
+        /// Stop after this many records; run the same command again to continue.
+        #[arg(long)]
+        max_records: Option<u64>,
+    },
+    /// Inspect and redrive dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Table of dead letters.
+    List {
+        /// Only letters with this error class (e.g. not_json, missing_field).
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One letter with its headers and body; POSITION is partition:offset (or an offset on partition 0).
+    Show {
+        position: carhook_processor::dlq::LetterPos,
+    },
+    /// Re-publish letters to the events topic.
+    Redrive {
+        /// Every letter.
+        #[arg(long, conflicts_with_all = ["offset", "reason"])]
+        all: bool,
+        /// These positions (partition:offset), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        offset: Vec<carhook_processor::dlq::LetterPos>,
+        /// Letters with this error class.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Show what would be redriven.
+        #[arg(long)]
+        dry_run: bool,
+        /// Loop guard: refuse letters already redriven this many times.
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
+    },
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -56,6 +120,50 @@ async fn main() -> ExitCode {
                 Err(e) => fail(e, 1),
             }
         }
+        Command::Replay {
+            from,
+            to,
+            vehicle,
+            dry_run,
+            group,
+            max_records,
+        } => {
+            let mut s = settings;
+            s.telemetry.log_format = shared::config::LogFormat::Pretty;
+            let _t = shared::telemetry::init(&s.telemetry, "carhook-processor");
+            let session = match shared::cql::connect(&s.cql).await {
+                Ok(x) => std::sync::Arc::new(x),
+                Err(e) => return fail(e, 1),
+            };
+            let store = match carhook_processor::store::Store::prepare(
+                session,
+                &s.cql.keyspace,
+                s.cql.dedup_ttl_days,
+            )
+            .await
+            {
+                Ok(x) => x,
+                Err(e) => return fail(e, 1),
+            };
+            let req = carhook_processor::replay::ReplayRequest {
+                from,
+                to,
+                vehicle,
+                dry_run,
+                group,
+                max_records,
+            };
+            match carhook_processor::replay::replay(&s, &store, &req, shared::shutdown::on_signal())
+                .await
+            {
+                Ok(sum) => {
+                    println!("{}", serde_json::to_string_pretty(&sum).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e, 1),
+            }
+        }
+        Command::Dlq { command } => dlq(settings, command).await,
         Command::State { vehicle_id } => {
             let session = match shared::cql::connect(&settings.cql).await {
                 Ok(s) => s,
@@ -95,5 +203,65 @@ async fn serve(settings: Settings) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),
+    }
+}
+
+async fn dlq(settings: Settings, command: DlqCommand) -> ExitCode {
+    use carhook_processor::dlq;
+    match command {
+        DlqCommand::List {
+            reason,
+            limit,
+            json,
+        } => match dlq::read_letters(&settings) {
+            Ok(letters) => {
+                let shown: Vec<_> = letters
+                    .into_iter()
+                    .filter(|l| reason.as_deref().is_none_or(|r| l.reason() == r))
+                    .take(limit.unwrap_or(usize::MAX))
+                    .collect();
+                dlq::print_list(&shown, json);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
+        },
+        DlqCommand::Show { position } => match dlq::read_letters(&settings) {
+            Ok(letters) => match letters.iter().find(|l| l.pos == position) {
+                Some(l) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&l.to_json(true)).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                None => fail(dlq::DlqError::NotFound(position.to_string()), 1),
+            },
+            Err(e) => fail(e, 1),
+        },
+        DlqCommand::Redrive {
+            all,
+            offset,
+            reason,
+            dry_run,
+            max_redrives,
+        } => {
+            let selection = match (all, offset.is_empty(), reason) {
+                (true, _, _) => dlq::Selection::All,
+                (false, false, _) => dlq::Selection::Positions(offset),
+                (false, true, Some(r)) => dlq::Selection::Reason(r),
+                (false, true, None) => return fail("redrive needs --all, --offset or --reason", 2),
+            };
+            let session = match shared::cql::connect(&settings.cql).await {
+                Ok(x) => x,
+                Err(e) => return fail(e, 1),
+            };
+            match dlq::redrive(&settings, &session, &selection, dry_run, max_redrives).await {
+                Ok(sum) => {
+                    println!("{}", serde_json::to_string_pretty(&sum).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e, 1),
+            }
+        }
     }
 }

@@ -72,6 +72,7 @@ pub async fn vehicle_state(
                 "oemUpdatedAt": value.get("oemUpdatedAt").cloned().unwrap_or(Value::Null),
                 "fetchedAt": value.get("fetchedAt").cloned().unwrap_or(Value::Null),
                 "eventId": value.get("eventId").cloned().unwrap_or(Value::Null),
+                "logicVersion": value.get("logicVersion").cloned().unwrap_or(Value::Null),
                 "error": availability.get("error").cloned().filter(|e| !e.is_null() && status != "available"),
                 "unavailableSince": (status != "available").then(|| availability.get("since").cloned()).flatten(),
             }),

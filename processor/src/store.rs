@@ -73,6 +73,8 @@ pub struct Store {
     put_availability: PreparedStatement,
     put_error: PreparedStatement,
     put_vehicle: PreparedStatement,
+    signal_times: PreparedStatement,
+    error_times: PreparedStatement,
     dedup_ttl_secs: i32,
 }
 
@@ -137,6 +139,14 @@ impl Store {
             "UPDATE {ks}.vehicles USING TIMESTAMP ? SET info = ? WHERE vehicle_id = ?"
         ))
         .await?;
+        let signal_times = p(format!(
+            "SELECT code, WRITETIME(value), WRITETIME(availability) FROM {ks}.signal_state WHERE vehicle_id = ?"
+        ))
+        .await?;
+        let error_times = p(format!(
+            "SELECT error_key, WRITETIME(state) FROM {ks}.vehicle_errors WHERE vehicle_id = ?"
+        ))
+        .await?;
         Ok(Self {
             session,
             keyspace: ks.to_string(),
@@ -148,6 +158,8 @@ impl Store {
             put_availability,
             put_error,
             put_vehicle,
+            signal_times,
+            error_times,
             dedup_ttl_secs: i32::try_from(u64::from(dedup_ttl_days) * 86_400).unwrap_or(i32::MAX),
         })
     }
@@ -289,6 +301,74 @@ impl Store {
             .await
             .map_err(|e| StoreError::from_exec("mark dead-lettered", e))?;
         Ok(())
+    }
+
+    /// Compares a plan with the stored write times: (cells the plan would change, cells that lose
+    /// to a fresher stored value). Used by replay accounting and dry runs; live processing never
+    /// reads before writing.
+    pub async fn compare(&self, plan: &Plan) -> Result<(u64, u64), StoreError> {
+        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
+            return Ok((0, 0));
+        };
+        let rows = self
+            .session
+            .execute_unpaged(&self.signal_times, (vehicle,))
+            .await
+            .map_err(|e| StoreError::from_exec("read signal write times", e))?
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec("read signal write times", e))?;
+        let mut signals = std::collections::HashMap::new();
+        for row in rows
+            .rows::<(String, Option<i64>, Option<i64>)>()
+            .map_err(|e| StoreError::from_exec("read signal write times", e))?
+        {
+            let (code, v, a) =
+                row.map_err(|e| StoreError::from_exec("read signal write times", e))?;
+            signals.insert(code, (v, a));
+        }
+        let rows = self
+            .session
+            .execute_unpaged(&self.error_times, (vehicle,))
+            .await
+            .map_err(|e| StoreError::from_exec("read error write times", e))?
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec("read error write times", e))?;
+        let mut errors = std::collections::HashMap::new();
+        for row in rows
+            .rows::<(String, Option<i64>)>()
+            .map_err(|e| StoreError::from_exec("read error write times", e))?
+        {
+            let (key, t) = row.map_err(|e| StoreError::from_exec("read error write times", e))?;
+            errors.insert(key, t);
+        }
+        let newer = |planned: i64, stored: Option<i64>| stored.is_none_or(|s| planned > s);
+        let mut counts = (0u64, 0u64);
+        let mut tally = |is_newer: bool| {
+            if is_newer {
+                counts.0 += 1
+            } else {
+                counts.1 += 1
+            }
+        };
+        for w in &plan.values {
+            tally(newer(
+                w.value.timestamp,
+                signals.get(w.code.as_str()).and_then(|s| s.0),
+            ));
+        }
+        for w in &plan.availability {
+            tally(newer(
+                w.availability.timestamp,
+                signals.get(w.code.as_str()).and_then(|s| s.1),
+            ));
+        }
+        for w in &plan.errors {
+            tally(newer(
+                w.state.timestamp,
+                errors.get(&w.key).copied().flatten(),
+            ));
+        }
+        Ok(counts)
     }
 
     /// Executes a plan: one unlogged single-partition batch per table. Idempotent.

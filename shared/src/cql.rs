@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "vehicle_state",
         include_str!("../migrations/cql/0003_vehicle_state.cql"),
     ),
+    (
+        4,
+        "redriven_letters",
+        include_str!("../migrations/cql/0004_redriven_letters.cql"),
+    ),
 ];
 
 /// CQL failures, naming what an operator needs.

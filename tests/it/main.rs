@@ -2,6 +2,7 @@
 
 mod config;
 mod crash;
+mod history;
 mod processor;
 mod receiver;
 mod stack;

@@ -38,7 +38,7 @@ async fn cql_store_migrates_idempotently_and_reads_back_writes() {
     let first = shared::cql::migrate(&session, &s.cql)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(first, vec![1, 2, 3]);
+    assert_eq!(first, vec![1, 2, 3, 4]);
     let second = shared::cql::migrate(&session, &s.cql)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
