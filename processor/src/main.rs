@@ -199,7 +199,8 @@ async fn serve(settings: Settings) -> ExitCode {
     };
     let shutdown = shared::shutdown::on_signal();
     let result = carhook_processor::run(settings, admin, shutdown).await;
-    telemetry.shutdown();
+    // Flushing exports over gRPC: keep it off the async worker threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),

@@ -45,7 +45,8 @@ async fn main() -> ExitCode {
     };
     let shutdown = shared::shutdown::on_signal();
     let result = carhook_receiver::run(settings, listener, shutdown).await;
-    telemetry.shutdown();
+    // Flushing exports over gRPC: keep it off the async worker threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -99,14 +99,14 @@ async fn kill_9_mid_batch_then_restart_gives_the_same_state_and_actions() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let log = std::env::temp_dir().join(format!("{}.processor.log", s.cql.keyspace));
-    let first = ChildProcessor::start(&s, "crashy", &log).await;
+    let first = ChildService::processor(&s, "crashy", &log, &[]).await;
     produce(&s, &workload()).await;
     eventually(Duration::from_secs(60), || async {
-        metric_value(first.admin, "carhook_processor_events_total").await >= 40.0
+        metric_value(first.addr, "carhook_processor_events_total").await >= 40.0
     })
     .await;
     first.kill9();
-    let second = ChildProcessor::start(&s, "crashy", &log).await;
+    let second = ChildService::processor(&s, "crashy", &log, &[]).await;
     assert_exact_outcome(&s).await;
     assert_eq!(second.terminate(), Some(0), "clean exit on SIGTERM");
     drop_keyspace(&s).await;

@@ -6,3 +6,4 @@ mod history;
 mod processor;
 mod receiver;
 mod stack;
+mod trace;

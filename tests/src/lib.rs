@@ -454,35 +454,76 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("no target dir"))
 }
 
-/// A processor running as its own OS process (so it can be killed with SIGKILL).
-pub struct ChildProcessor {
+/// A service running as its own OS process (so it can be killed with SIGKILL or sent SIGTERM).
+pub struct ChildService {
     pub child: std::process::Child,
-    pub admin: SocketAddr,
+    /// The address serving `/ready` (receiver listen address, or processor admin address).
+    pub addr: SocketAddr,
 }
 
-impl ChildProcessor {
-    /// Starts `processor run` and waits until ready. Logs go to `log`.
-    pub async fn start(s: &Settings, instance: &str, log: &std::path::Path) -> Self {
+impl ChildService {
+    /// Starts `processor run` with `settings` (plus `extra` environment) and waits until ready.
+    pub async fn processor(
+        s: &Settings,
+        instance: &str,
+        log: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let admin = free_port();
+        let mut env = child_env(s, admin, instance);
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
+        );
+        Self::start(
+            "processor",
+            &["run"],
+            env,
+            admin,
+            log,
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// Starts `receiver` with `settings` (plus `extra` environment) and waits until ready.
+    pub async fn receiver(s: &Settings, log: &std::path::Path, extra: &[(&str, &str)]) -> Self {
+        let listen = free_port();
+        let mut env = child_env(s, free_port(), "unused");
+        env.push(("CARHOOK__RECEIVER__LISTEN".into(), listen.to_string()));
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
+        );
+        Self::start("receiver", &[], env, listen, log, Duration::from_secs(30)).await
+    }
+
+    async fn start(
+        bin: &str,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        addr: SocketAddr,
+        log: &std::path::Path,
+        within: Duration,
+    ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap_or_else(|e| panic!("{e}"));
         let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = std::process::Command::new(workspace_bin("processor"))
-            .arg("run")
+        let child = std::process::Command::new(workspace_bin(bin))
+            .args(args)
             .env_clear()
-            .envs(child_env(s, admin, instance))
+            .envs(env)
             .stdout(out)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn processor: {e}"));
-        eventually(Duration::from_secs(60), || async {
-            get(admin, "/ready").await.0 == 200
-        })
-        .await;
-        Self { child, admin }
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        eventually(within, || async { get(addr, "/ready").await.0 == 200 }).await;
+        Self { child, addr }
     }
 
     /// SIGKILL: no drain, no commit, no goodbye.
@@ -491,7 +532,7 @@ impl ChildProcessor {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         let _ = std::process::Command::new("kill")
             .arg("-TERM")

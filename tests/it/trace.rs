@@ -1,0 +1,226 @@
+//! One trace from HTTP to state: a real OTLP/gRPC receiver inside the test decodes what the real
+//! `receiver` and `processor` binaries export, and the spans must form one trace with the right
+//! kinds, parentage and messaging attributes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use carhook_tests::*;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+/// Spans received, with the `service.name` of the resource that sent them.
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<(String, Span)>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self
+            .0
+            .lock()
+            .map_err(|_| tonic::Status::internal("poisoned"))?;
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(AnyValue::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(AnyValue::StringValue(s)) => Some(s.clone()),
+            Some(AnyValue::IntValue(i)) => Some(i.to_string()),
+            Some(AnyValue::BoolValue(b)) => Some(b.to_string()),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let otlp = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let collector = Collector::default();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let server = tokio::spawn(server);
+
+    let s = settings(&[]);
+    let endpoint = format!("http://{otlp}");
+    let extra = [("CARHOOK__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())];
+    let log = std::env::temp_dir().join(format!("{}.trace.log", s.cql.keyspace));
+    let processor = ChildService::processor(&s, "traced", &log, &extra).await;
+    let receiver = ChildService::receiver(&s, &log, &extra).await;
+    let body = example("vehicle_state.v4.signal-change.json");
+    let reply = post(
+        receiver.addr,
+        "/webhooks/smartcar",
+        body.clone(),
+        Some(&sign(TOKEN, &body)),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let vehicle = "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2";
+    eventually(Duration::from_secs(60), || async {
+        vehicle_state(&s, vehicle).await.is_some()
+    })
+    .await;
+    // SIGTERM flushes the batch exporters.
+    assert_eq!(receiver.terminate(), Some(0));
+    assert_eq!(processor.terminate(), Some(0));
+    eventually(Duration::from_secs(30), || async {
+        collector
+            .0
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("write"))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    let spans = collector.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let find = |service: &str, pred: &dyn Fn(&Span) -> bool| -> Span {
+        spans
+            .iter()
+            .find(|(svc, sp)| svc == service && pred(sp))
+            .map(|(_, sp)| sp.clone())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no matching {service} span in {:#?}",
+                    spans
+                        .iter()
+                        .map(|(s, sp)| (s, &sp.name, sp.kind))
+                        .collect::<Vec<_>>()
+                )
+            })
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for (svc, sp) in &spans {
+        println!(
+            "{svc:<18} {:<28} kind={} trace={} span={} parent={}",
+            sp.name,
+            sp.kind,
+            hex(&sp.trace_id),
+            hex(&sp.span_id),
+            hex(&sp.parent_span_id)
+        );
+    }
+    let server_span = find("carhook-receiver", &|sp| sp.kind == SpanKind::Server as i32);
+    let producer = find("carhook-receiver", &|sp| {
+        sp.kind == SpanKind::Producer as i32
+    });
+    let consumer = find("carhook-processor", &|sp| {
+        sp.kind == SpanKind::Consumer as i32
+    });
+    let claim = find("carhook-processor", &|sp| sp.name == "claim eventId");
+    let write = find("carhook-processor", &|sp| sp.name == "write vehicle state");
+
+    assert_eq!(server_span.name, "POST /webhooks/smartcar");
+    assert_eq!(producer.name, format!("send {}", s.kafka.events_topic));
+    assert_eq!(consumer.name, format!("process {}", s.kafka.events_topic));
+    for sp in [&producer, &consumer, &claim, &write] {
+        assert_eq!(
+            sp.trace_id, server_span.trace_id,
+            "{} is in another trace",
+            sp.name
+        );
+    }
+    assert_eq!(
+        producer.parent_span_id, server_span.span_id,
+        "send is a child of the request"
+    );
+    assert_eq!(
+        consumer.parent_span_id, producer.span_id,
+        "process continues the record's traceparent"
+    );
+    assert_eq!(claim.parent_span_id, consumer.span_id);
+    assert_eq!(write.parent_span_id, consumer.span_id);
+
+    assert_eq!(
+        attr(&producer, "messaging.system").as_deref(),
+        Some("kafka")
+    );
+    assert_eq!(
+        attr(&producer, "messaging.destination.name").as_deref(),
+        Some(s.kafka.events_topic.as_str())
+    );
+    assert_eq!(
+        attr(&producer, "messaging.kafka.message.key").as_deref(),
+        Some(vehicle)
+    );
+    assert!(attr(&producer, "messaging.destination.partition.id").is_some());
+    assert_eq!(
+        attr(&consumer, "messaging.system").as_deref(),
+        Some("kafka")
+    );
+    assert_eq!(
+        attr(&consumer, "messaging.consumer.group.name").as_deref(),
+        Some(s.kafka.consumer_group.as_str())
+    );
+    assert_eq!(
+        attr(&consumer, "messaging.kafka.message.key").as_deref(),
+        Some(vehicle)
+    );
+    assert!(attr(&consumer, "messaging.kafka.offset").is_some());
+    assert_eq!(
+        attr(&consumer, "event_id").as_deref(),
+        Some("550e8400-e29b-41d4-a716-446655440000")
+    );
+    assert_eq!(
+        attr(&consumer, "event_type").as_deref(),
+        Some("VEHICLE_STATE")
+    );
+    assert_eq!(attr(&consumer, "vehicle_id").as_deref(), Some(vehicle));
+    assert_eq!(
+        attr(&server_span, "event_id").as_deref(),
+        Some("550e8400-e29b-41d4-a716-446655440000")
+    );
+
+    // The JSON log lines of that request and record carry the same trace id.
+    let trace_hex: String = server_span
+        .trace_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    let with_trace = logs.lines().filter(|l| l.contains(&trace_hex)).count();
+    assert!(
+        with_trace >= 3,
+        "expected receiver and processor log lines with trace id {trace_hex}"
+    );
+    server.abort();
+    drop_keyspace(&s).await;
+}
