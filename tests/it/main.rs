@@ -5,5 +5,6 @@ mod crash;
 mod history;
 mod processor;
 mod receiver;
+mod sim;
 mod stack;
 mod trace;

@@ -1,0 +1,338 @@
+//! `smartcar-sim`: send realistic signed Smartcar traffic, check the system against ground truth,
+//! perform the VERIFY handshake, and drive load. Reads the same `CARHOOK__*` configuration as the
+//! services for `check` (CQL store, topics).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use carhook_tests::sim::{self, generate::Faults, load::Mode};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Realistic Smartcar webhook traffic with ground truth"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate and deliver events; write the run (with ground truth) for `check`.
+    Send {
+        /// Webhook URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/smartcar")]
+        url: String,
+        /// Management token to sign with.
+        #[arg(
+            long,
+            env = "SMARTCAR_SIM_TOKEN",
+            default_value = "carhook-dev-token-NOT-FOR-PRODUCTION"
+        )]
+        token: String,
+        #[arg(long, default_value_t = 20)]
+        vehicles: usize,
+        #[arg(long, default_value_t = 25)]
+        events_per_vehicle: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Multiply Smartcar's 25/50/100 s retry schedule (e.g. 0.01 for tests).
+        #[arg(long, default_value_t = 1.0)]
+        retry_scale: f64,
+        /// Turn every fault mix on at its default ratio.
+        #[arg(long)]
+        all_faults: bool,
+        #[arg(long)]
+        duplicates: Option<f64>,
+        #[arg(long)]
+        out_of_order: Option<f64>,
+        #[arg(long)]
+        invalid_signatures: Option<f64>,
+        #[arg(long)]
+        partial_failures: Option<f64>,
+        #[arg(long)]
+        large_bodies: Option<f64>,
+        #[arg(long)]
+        missing_optional: Option<f64>,
+        #[arg(long)]
+        unknown_types: Option<f64>,
+        #[arg(long)]
+        errors: Option<f64>,
+        /// Where to write the run.
+        #[arg(long, default_value = ".stack/sim/last-run.json")]
+        out: PathBuf,
+    },
+    /// Compare the system with a run's ground truth; non-zero exit on any difference.
+    Check {
+        #[arg(long, default_value = ".stack/sim/last-run.json")]
+        run: PathBuf,
+        /// Keep re-checking until this deadline (processing is asynchronous).
+        #[arg(long, default_value = "60s", value_parser = humantime_secs)]
+        wait: Duration,
+    },
+    /// Perform the VERIFY handshake like Smartcar's dashboard.
+    Verify {
+        url: String,
+        #[arg(
+            long,
+            env = "SMARTCAR_SIM_TOKEN",
+            default_value = "carhook-dev-token-NOT-FOR-PRODUCTION"
+        )]
+        token: String,
+        /// Also sign the VERIFY body (it is not documented whether Smartcar does).
+        #[arg(long)]
+        signed: bool,
+    },
+    /// Fixed-rate or fixed-concurrency load for a duration.
+    Load {
+        #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/smartcar")]
+        url: String,
+        #[arg(
+            long,
+            env = "SMARTCAR_SIM_TOKEN",
+            default_value = "carhook-dev-token-NOT-FOR-PRODUCTION"
+        )]
+        token: String,
+        #[arg(long, conflicts_with = "concurrency")]
+        rate: Option<u32>,
+        #[arg(long)]
+        concurrency: Option<usize>,
+        #[arg(long, default_value = "10s", value_parser = humantime_secs)]
+        duration: Duration,
+        /// Body size in bytes (4 KB typical, 50 KB maximum).
+        #[arg(long, default_value_t = 4096)]
+        body_bytes: usize,
+        #[arg(long, default_value_t = 2048)]
+        max_inflight: usize,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.trim().len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 30s, 2m, 500ms"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn split_url(url: &str) -> Result<(SocketAddr, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs (local testing)"))?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let addr = host
+        .to_socket_addrs()
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    Ok((addr, path))
+}
+
+fn bar(len: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(len);
+        if let Ok(s) = indicatif::ProgressStyle::with_template(&format!(
+            "{what} [{{bar:40}}] {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        )) {
+            b.set_style(s.progress_chars("=> "));
+        }
+        b
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Args::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("smartcar-sim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<ExitCode, String> {
+    match args.command {
+        Command::Send {
+            url,
+            token,
+            vehicles,
+            events_per_vehicle,
+            seed,
+            concurrency,
+            retry_scale,
+            all_faults,
+            duplicates,
+            out_of_order,
+            invalid_signatures,
+            partial_failures,
+            large_bodies,
+            missing_optional,
+            unknown_types,
+            errors,
+            out,
+        } => {
+            let (addr, path) = split_url(&url)?;
+            let mut f = if all_faults {
+                Faults::all()
+            } else {
+                Faults::default()
+            };
+            for (slot, v) in [
+                (&mut f.duplicates, duplicates),
+                (&mut f.out_of_order, out_of_order),
+                (&mut f.invalid_signatures, invalid_signatures),
+                (&mut f.partial_failures, partial_failures),
+                (&mut f.large_bodies, large_bodies),
+                (&mut f.missing_optional, missing_optional),
+                (&mut f.unknown_types, unknown_types),
+                (&mut f.errors, errors),
+            ] {
+                if let Some(v) = v {
+                    if !(0.0..=1.0).contains(&v) {
+                        return Err(format!("fault ratios are between 0 and 1, got {v}"));
+                    }
+                    *slot = v;
+                }
+            }
+            let events = sim::generate::generate(seed, vehicles, events_per_vehicle, f);
+            let started = Instant::now();
+            let (deliveries, report) = sim::send::send_all(
+                addr,
+                &path,
+                &token,
+                &events,
+                concurrency,
+                retry_scale,
+                bar(events.len() as u64, "send"),
+            )
+            .await;
+            let run = sim::Run::new(seed, f, &events, deliveries, report);
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            std::fs::write(&out, serde_json::to_vec(&run).unwrap_or_default())
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&run.report).unwrap_or_default()
+            );
+            println!(
+                "sent {} events in {:.1} s; run written to {}",
+                events.len(),
+                started.elapsed().as_secs_f64(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { run, wait } => {
+            let raw = std::fs::read(&run).map_err(|e| format!("{}: {e}", run.display()))?;
+            let run: sim::Run =
+                serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", run.display()))?;
+            let settings = shared::config::Settings::load(None).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + wait;
+            loop {
+                let diff = sim::check::diff(&settings, &run.truth, &run.deliveries).await;
+                if diff.is_empty() {
+                    println!(
+                        "check passed: {} vehicles, {} actions, {} rejected deliveries, {} dropped events",
+                        run.truth.vehicles.len(),
+                        run.truth.actions.len(),
+                        run.truth.rejected.len(),
+                        run.truth.dropped.len()
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if Instant::now() >= deadline {
+                    println!("check FAILED: {} difference(s)", diff.len());
+                    for d in diff.iter().take(200) {
+                        println!("  - {d}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        Command::Verify { url, token, signed } => {
+            let (addr, path) = split_url(&url)?;
+            let challenge = format!("sim-{}", std::process::id());
+            let body = serde_json::to_vec(&serde_json::json!({"eventId": format!("verify-{challenge}"), "eventType": "VERIFY",
+                "data": {"challenge": challenge}, "meta": {"version": "4.0", "deliveryId": "sim", "deliveredAt": 1_764_000_000_000_i64}}))
+            .unwrap_or_default();
+            let secret = secrecy::SecretString::from(token.clone());
+            let expected = shared::signature::sign(&secret, challenge.as_bytes());
+            let sig = signed.then(|| shared::signature::sign(&secret, &body));
+            let reply = carhook_tests::post(addr, &path, body, sig.as_deref()).await;
+            let answer: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+            if reply.status == 200 && answer["challenge"] == expected.as_str() {
+                println!("VERIFY passed: {url} answered the challenge correctly");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "VERIFY FAILED: status {}, body {}",
+                    reply.status,
+                    String::from_utf8_lossy(&reply.body)
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Load {
+            url,
+            token,
+            rate,
+            concurrency,
+            duration,
+            body_bytes,
+            max_inflight,
+            json,
+        } => {
+            let (addr, path) = split_url(&url)?;
+            let mode = match (rate, concurrency) {
+                (Some(r), _) => Mode::Rate(r),
+                (None, Some(c)) => Mode::Concurrency(c),
+                (None, None) => Mode::Concurrency(64),
+            };
+            let report = sim::load::run(
+                addr,
+                &path,
+                &token,
+                mode,
+                duration,
+                body_bytes,
+                max_inflight,
+                bar(duration.as_secs().max(1), "load"),
+            )
+            .await;
+            println!("{}", report.table());
+            let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+            if let Some(p) = json {
+                std::fs::write(&p, &text).map_err(|e| format!("{}: {e}", p.display()))?;
+            } else {
+                println!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

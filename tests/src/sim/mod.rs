@@ -1,0 +1,50 @@
+//! smartcar-sim: realistic signed traffic, ground truth, and the comparison with what the system holds.
+//!
+//! - [`generate`]: events from a seed, with fault mixes, in both payload shapes.
+//! - [`send`]: delivering them like Smartcar (concurrent, retries after 25/50/100 s, scalable).
+//! - [`truth`]: what the system must hold afterwards, from the simulator's own model.
+//! - [`check`]: the readable diff between truth and the system.
+//! - [`load`]: fixed-rate or fixed-concurrency load with HDR latency percentiles.
+
+pub mod check;
+pub mod generate;
+pub mod load;
+pub mod send;
+pub mod truth;
+
+use std::collections::BTreeSet;
+
+/// Everything a `send` run leaves for `check`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Run {
+    pub seed: u64,
+    pub faults: generate::Faults,
+    pub report: send::SendReport,
+    pub deliveries: Vec<send::Delivery>,
+    pub truth: truth::Truth,
+}
+
+impl Run {
+    /// Builds the run record from what was sent and how it went.
+    pub fn new(
+        seed: u64,
+        faults: generate::Faults,
+        events: &[generate::SimEvent],
+        deliveries: Vec<send::Delivery>,
+        report: send::SendReport,
+    ) -> Self {
+        let acked: BTreeSet<String> = deliveries
+            .iter()
+            .filter(|d| d.acknowledged)
+            .map(|d| d.event_id.clone())
+            .collect();
+        let truth = truth::Truth::compute(events, &acked);
+        Self {
+            seed,
+            faults,
+            report,
+            deliveries,
+            truth,
+        }
+    }
+}

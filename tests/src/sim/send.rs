@@ -1,0 +1,130 @@
+//! Delivering events the way Smartcar does: one event per request, concurrently, retrying every
+//! non-2xx answer (and every connection failure) after 25, 50 and 100 seconds — scaled down for tests
+//! by `retry_scale` — and then giving up for good.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use secrecy::SecretString;
+
+use super::generate::{body, SimEvent};
+
+/// Smartcar's retry schedule after the first attempt.
+pub const RETRY_SCHEDULE_SECS: [f64; 3] = [25.0, 50.0, 100.0];
+
+/// How one event's deliveries went.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Delivery {
+    pub event_id: String,
+    pub statuses: Vec<u16>,
+    pub acknowledged: bool,
+}
+
+/// Totals of a send run.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SendReport {
+    pub events: usize,
+    pub requests: usize,
+    pub ok_2xx: usize,
+    pub unauthorized_401: usize,
+    pub unavailable_5xx: usize,
+    pub other: usize,
+    pub connection_errors: usize,
+    pub duplicates_sent: usize,
+    pub dropped_after_4_attempts: usize,
+}
+
+/// Sends every event (and each duplicate), returns per-event results and totals.
+pub async fn send_all(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+    events: &[SimEvent],
+    concurrency: usize,
+    retry_scale: f64,
+    progress: Option<indicatif::ProgressBar>,
+) -> (Vec<Delivery>, SendReport) {
+    let token = Arc::new(SecretString::from(token.to_string()));
+    let wrong = Arc::new(SecretString::from(
+        "not-this-applications-token".to_string(),
+    ));
+    let path: Arc<str> = Arc::from(path);
+    let results: Vec<(Delivery, usize)> = stream::iter(events.iter().cloned())
+        .map(|e| {
+            let (token, wrong, path, progress) = (
+                Arc::clone(&token),
+                Arc::clone(&wrong),
+                Arc::clone(&path),
+                progress.clone(),
+            );
+            async move {
+                let key = if e.bad_signature { &wrong } else { &token };
+                let mut d = Delivery {
+                    event_id: e.event_id.clone(),
+                    ..Delivery::default()
+                };
+                for attempt in 0..=RETRY_SCHEDULE_SECS.len() {
+                    if attempt > 0 {
+                        let wait = RETRY_SCHEDULE_SECS[attempt - 1] * retry_scale;
+                        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                    }
+                    let b = body(&e, attempt as u32);
+                    let sig = shared::signature::sign(key, &b);
+                    let status = crate::try_post(addr, &path, b, &sig).await.unwrap_or(0);
+                    d.statuses.push(status);
+                    if (200..300).contains(&status) {
+                        d.acknowledged = true;
+                        break;
+                    }
+                }
+                let mut dups = 0;
+                if d.acknowledged && e.duplicate {
+                    // A second delivery of the same event: new deliveryId and deliveredAt.
+                    let b = body(&e, 7);
+                    let sig = shared::signature::sign(key, &b);
+                    d.statuses
+                        .push(crate::try_post(addr, &path, b, &sig).await.unwrap_or(0));
+                    dups = 1;
+                }
+                if let Some(p) = progress {
+                    p.inc(1);
+                }
+                (d, dups)
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut report = SendReport {
+        events: events.len(),
+        ..SendReport::default()
+    };
+    let mut out = Vec::with_capacity(results.len());
+    for (d, dups) in results {
+        report.duplicates_sent += dups;
+        for s in &d.statuses {
+            report.requests += 1;
+            match s {
+                200..=299 => report.ok_2xx += 1,
+                401 => report.unauthorized_401 += 1,
+                500..=599 => report.unavailable_5xx += 1,
+                0 => report.connection_errors += 1,
+                _ => report.other += 1,
+            }
+        }
+        out.push(d);
+    }
+    let bad: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e.bad_signature)
+        .map(|e| e.event_id.as_str())
+        .collect();
+    report.dropped_after_4_attempts = out
+        .iter()
+        .filter(|d| !d.acknowledged && !bad.contains(d.event_id.as_str()))
+        .count();
+    (out, report)
+}

@@ -1,0 +1,162 @@
+//! Ground truth: what the system must hold after a `send`, computed from the simulator's own model
+//! of the events it delivered (never from the code under test).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use super::generate::{SimEvent, SimKind};
+
+/// Expected state of one signal.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SignalTruth {
+    /// The freshest value (None when only an error/unsupported status was ever delivered).
+    pub body: Option<Value>,
+    pub event_id: Option<String>,
+    value_t: i64,
+    /// `available`, `unavailable` or `unsupported`.
+    pub status: String,
+    status_t: i64,
+}
+
+/// Expected state of one vehicle.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VehicleTruth {
+    pub signals: BTreeMap<String, SignalTruth>,
+    /// Per error key: (time, active, needs reconnect).
+    errors: BTreeMap<String, (i64, bool, bool)>,
+}
+
+impl VehicleTruth {
+    /// Whether an active error asks the user to reconnect.
+    pub fn needs_reconnect(&self) -> bool {
+        self.errors
+            .values()
+            .any(|(_, active, reconnect)| *active && *reconnect)
+    }
+
+    /// Signals marked not supported.
+    pub fn unsupported(&self) -> BTreeSet<String> {
+        self.signals
+            .iter()
+            .filter(|(_, s)| s.status == "unsupported")
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    fn status(&mut self, code: &str, t: i64, status: &str) {
+        let e = self
+            .signals
+            .entry(code.to_string())
+            .or_insert_with(|| SignalTruth {
+                body: None,
+                event_id: None,
+                value_t: i64::MIN,
+                status: status.to_string(),
+                status_t: i64::MIN,
+            });
+        if t > e.status_t {
+            e.status = status.to_string();
+            e.status_t = t;
+        }
+    }
+}
+
+/// Everything `check` compares.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Truth {
+    pub vehicles: BTreeMap<String, VehicleTruth>,
+    /// Vehicles that must have no state at all (only unknown or rejected events).
+    pub absent: BTreeSet<String>,
+    /// Action ids (`eventId:index`) that must be on the actions topic, each exactly once.
+    pub actions: BTreeSet<String>,
+    /// Event ids whose every delivery had to be refused (invalid signature).
+    pub rejected: BTreeSet<String>,
+    /// Event ids that never got a 2xx in 4 attempts although they should have.
+    pub dropped: BTreeSet<String>,
+    /// Dead letters expected (the simulator sends no poison).
+    pub dead_letters: usize,
+}
+
+impl Truth {
+    /// Builds the truth from the events and, per event, whether it was acknowledged.
+    pub fn compute(events: &[SimEvent], acknowledged: &BTreeSet<String>) -> Self {
+        let mut t = Self::default();
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        for e in events {
+            seen.insert(e.vehicle.clone());
+            if e.bad_signature {
+                t.rejected.insert(e.event_id.clone());
+                continue;
+            }
+            if !acknowledged.contains(&e.event_id) {
+                t.dropped.insert(e.event_id.clone());
+                continue;
+            }
+            match &e.kind {
+                SimKind::Unknown => {}
+                SimKind::State(signals) => {
+                    let v = t.vehicles.entry(e.vehicle.clone()).or_default();
+                    for s in signals {
+                        match (&s.body, &s.error) {
+                            (Some(body), _) => {
+                                v.status(&s.code, s.oem, "available");
+                                if let Some(st) = v.signals.get_mut(&s.code) {
+                                    if s.oem > st.value_t {
+                                        st.body = Some(body.clone());
+                                        st.event_id = Some(e.event_id.clone());
+                                        st.value_t = s.oem;
+                                    }
+                                }
+                            }
+                            (None, err) => {
+                                let not_capable = err.as_ref().is_some_and(|(_, c)| {
+                                    c.as_deref() == Some("VEHICLE_NOT_CAPABLE")
+                                });
+                                v.status(
+                                    &s.code,
+                                    e.t,
+                                    if not_capable {
+                                        "unsupported"
+                                    } else {
+                                        "unavailable"
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+                SimKind::Errors(errors) => {
+                    let v = t.vehicles.entry(e.vehicle.clone()).or_default();
+                    for (i, x) in errors.iter().enumerate() {
+                        let entry = v.errors.entry(x.key()).or_insert((i64::MIN, false, false));
+                        if e.t > entry.0 {
+                            *entry = (e.t, !x.resolved, x.needs_reconnect());
+                        }
+                        if x.code.as_deref() == Some("VEHICLE_NOT_CAPABLE") {
+                            for code in &x.signals {
+                                v.status(
+                                    code,
+                                    e.t,
+                                    if x.resolved {
+                                        "available"
+                                    } else {
+                                        "unsupported"
+                                    },
+                                );
+                            }
+                        }
+                        if x.needs_reconnect() {
+                            t.actions.insert(format!("{}:{i}", e.event_id));
+                        }
+                    }
+                }
+            }
+        }
+        t.absent = seen
+            .into_iter()
+            .filter(|v| !t.vehicles.contains_key(v))
+            .collect();
+        t
+    }
+}
