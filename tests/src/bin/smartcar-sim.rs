@@ -314,17 +314,16 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 (None, Some(c)) => Mode::Concurrency(c),
                 (None, None) => Mode::Concurrency(64),
             };
-            let report = sim::load::run(
+            let spec = sim::load::LoadSpec {
                 addr,
-                &path,
-                &token,
+                path,
+                token,
                 mode,
                 duration,
                 body_bytes,
                 max_inflight,
-                bar(duration.as_secs().max(1), "load"),
-            )
-            .await;
+            };
+            let report = sim::load::run(spec, bar(duration.as_secs().max(1), "load")).await;
             println!("{}", report.table());
             let text = serde_json::to_string_pretty(&report).unwrap_or_default();
             if let Some(p) = json {
