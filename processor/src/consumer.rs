@@ -521,6 +521,7 @@ pub async fn report_lag(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
+    let mut reported: HashSet<i32> = HashSet::new();
     loop {
         let c = Arc::clone(&consumer);
         let t = topic.clone();
@@ -545,12 +546,20 @@ pub async fn report_lag(
         })
         .await
         .unwrap_or_default();
+        let now: HashSet<i32> = lags.iter().map(|(p, _)| *p).collect();
+        // Partitions handed to another instance stop being reported here, instead of freezing.
+        for gone in reported.difference(&now) {
+            metrics
+                .consumer_lag
+                .remove(&vec![("partition", gone.to_string())]);
+        }
         for (p, lag) in lags {
             metrics
                 .consumer_lag
                 .get_or_create(&vec![("partition", p.to_string())])
                 .set(lag);
         }
+        reported = now;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}

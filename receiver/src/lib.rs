@@ -82,12 +82,15 @@ pub async fn run(
     let probe_stop = shutdown.child_token();
     let probe = {
         let producer = Arc::clone(&producer);
+        let metrics = app.metrics.clone();
         let stop = probe_stop.clone();
         tokio::spawn(async move {
             loop {
                 let ok = producer.probe().await;
                 readiness.set("kafka", ok);
                 readiness.set("circuit-closed", !producer.circuit_open());
+                // Also refreshed here so the gauge is right when no request arrives.
+                metrics.circuit_open.set(i64::from(producer.circuit_open()));
                 tokio::select! {
                     _ = stop.cancelled() => {
                         readiness.set("draining", false);

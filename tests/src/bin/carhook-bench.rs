@@ -1,0 +1,462 @@
+//! `carhook-bench` (run by `make bench`): every figure next to its limit, measured in one run on one
+//! machine against the real broker and store.
+//!
+//! - receiver: acknowledged requests/s and p99 vs (a) a bare hyper server answering 200 to the same
+//!   requests from the same load tool, and (b) a plain rdkafka producer loop writing records of the
+//!   same size with acks=all; the ratio is to the smaller of the two;
+//! - processor: events/s drained from a pre-filled topic vs a plain loop doing the same CQL writes;
+//! - end to end: latency from the receiver's 200 to the state being visible, at half the measured
+//!   receiver maximum;
+//! - replay: catch-up rate over the same backlog.
+//!
+//! Results go to `bench/results-<date>.json` and `bench/latest.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use carhook_tests::sim::load::{self, body_from, body_template, LoadSpec, Mode};
+use carhook_tests::*;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+
+const CONCURRENCY: usize = 64;
+
+fn secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+/// A hyper server that answers 200 to anything: the HTTP ceiling of this machine.
+async fn bare_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    use http_body_util::BodyExt;
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"{\"status\":\"accepted\"}"),
+                    )))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The same record sizes through a plain idempotent acks=all producer, CONCURRENCY in flight.
+async fn producer_loop(
+    s: &shared::config::Settings,
+    body_bytes: usize,
+    duration: Duration,
+) -> Value {
+    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let template: Arc<str> = Arc::from(body_template(body_bytes));
+    let topic = s.kafka.events_topic.clone();
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..CONCURRENCY {
+        let (producer, template, topic) = (producer.clone(), Arc::clone(&template), topic.clone());
+        workers.push(tokio::spawn(async move {
+            let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+            let mut n = w as u64 * 1_000_000;
+            while Instant::now() < deadline {
+                let body = body_from(&template, n);
+                let key = format!("load-veh-{}", n % 1000);
+                let t = Instant::now();
+                let ok = producer
+                    .send(
+                        FutureRecord::to(&topic).key(&key).payload(&body),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .is_ok();
+                if ok {
+                    let _ = h.record(
+                        u64::try_from(t.elapsed().as_micros())
+                            .unwrap_or(u64::MAX)
+                            .max(1),
+                    );
+                }
+                n += 1;
+            }
+            h
+        }));
+    }
+    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+    for w in workers {
+        if let Ok(h) = w.await {
+            let _ = all.add(h);
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    json!({"throughput_per_sec": all.len() as f64 / secs, "p99_ms": all.value_at_quantile(0.99) as f64 / 1000.0, "requests": all.len()})
+}
+
+fn load_json(r: &load::LoadReport) -> Value {
+    json!({"throughput_per_sec": r.throughput_per_sec, "p99_ms": r.latency_ms.get("p99"), "p50_ms": r.latency_ms.get("p50"),
+        "requests": r.requests, "statuses": r.statuses})
+}
+
+async fn receiver_figures(body_bytes: usize, duration: Duration) -> Value {
+    let bare = bare_server().await;
+    let spec = |addr, path: &str| LoadSpec {
+        addr,
+        path: path.to_string(),
+        token: TOKEN.to_string(),
+        mode: Mode::Concurrency(CONCURRENCY),
+        duration,
+        body_bytes,
+        max_inflight: 4096,
+    };
+    let bare_r = load::run(spec(bare, "/webhooks/smartcar"), None).await;
+    let s = settings(&[("CARHOOK__RECEIVER__MAX_INFLIGHT", "4096")]);
+    let r = spawn_receiver(&s).await;
+    let recv_r = load::run(spec(r.addr, &s.receiver.path), None).await;
+    r.stop().await;
+    let prod = producer_loop(&s, body_bytes, duration).await;
+    let limit = bare_r
+        .throughput_per_sec
+        .min(prod["throughput_per_sec"].as_f64().unwrap_or(f64::MAX));
+    json!({
+        "body_bytes": recv_r.body_bytes,
+        "receiver": load_json(&recv_r),
+        "bare_hyper": load_json(&bare_r),
+        "plain_producer": prod,
+        "ratio_to_smaller_limit": recv_r.throughput_per_sec / limit,
+    })
+}
+
+/// Pre-fills a fresh events topic with `n` events, then measures the processor draining it, the
+/// plain CQL loop doing the same writes, and replay over the same backlog.
+async fn processor_figures(n: u64, body_bytes: usize) -> Value {
+    let s = settings(&[]);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let template = body_template(body_bytes);
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let body = body_from(&template, i);
+        let key = format!("load-veh-{}", i % 1000);
+        pending.push(async {
+            let (producer, body, key, topic) =
+                (producer.clone(), body, key, s.kafka.events_topic.clone());
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&body),
+                    Duration::from_secs(30),
+                )
+                .await
+                .is_ok()
+        });
+        if pending.len() >= 512 {
+            futures::future::join_all(pending.drain(..)).await;
+        }
+    }
+    futures::future::join_all(pending).await;
+    let started = Instant::now();
+    let p = spawn_processor(&s).await;
+    eventually(Duration::from_secs(900), || async {
+        metric_value(p.addr, "carhook_processor_events_total").await >= n as f64
+    })
+    .await;
+    let drain = n as f64 / started.elapsed().as_secs_f64();
+    p.stop().await;
+
+    // The same CQL writes from a plain loop: claim + state batch per event, one loop per partition.
+    let session = Arc::new(
+        shared::cql::connect(&s.cql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let store = carhook_processor::store::Store::prepare(session, &s.cql.keyspace, 7)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ctx = carhook_processor::effects::Context {
+        received_at: shared::clock::EpochMillis::now(),
+        logic_version: 1,
+        rate_limit_backoff_secs: 900,
+    };
+    let started = Instant::now();
+    let loops = usize::try_from(s.kafka.partitions).unwrap_or(6);
+    let template = Arc::new(template);
+    let mut tasks = Vec::new();
+    for l in 0..loops {
+        let (store, template) = (store.clone(), Arc::clone(&template));
+        tasks.push(tokio::spawn(async move {
+            let mut i = l as u64;
+            while i < n {
+                let body = body_from(&template.replace("load-", "plain-"), i);
+                if let Ok(ev) = shared::event::Event::parse(&body) {
+                    let pos = carhook_processor::store::Position {
+                        topic: "plain".into(),
+                        partition: l as i32,
+                        offset: i as i64,
+                    };
+                    let _ = store
+                        .claim(ev.envelope.event_id.as_str(), None, &pos, "plain")
+                        .await;
+                    let _ = store
+                        .apply(&carhook_processor::effects::plan(&ev, ctx))
+                        .await;
+                }
+                i += loops as u64;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let plain = n as f64 / started.elapsed().as_secs_f64();
+
+    let st = store.clone();
+    let req = carhook_processor::replay::ReplayRequest {
+        from: carhook_processor::replay::Bound::Offsets(BTreeMap::new()),
+        to: None,
+        vehicle: None,
+        dry_run: false,
+        group: None,
+        max_records: None,
+    };
+    let started = Instant::now();
+    let sum = carhook_processor::replay::replay(
+        &s,
+        &st,
+        &req,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let replay_rate = sum.read as f64 / started.elapsed().as_secs_f64();
+    drop_keyspace(&s).await;
+    json!({"events": n, "body_bytes": body_from(&template, 0).len(), "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain,
+        "ratio": drain / plain, "replay_per_sec": replay_rate})
+}
+
+/// Receiver + processor running; load at `rate`; a sample of events is polled in the store until
+/// visible after its 200.
+async fn end_to_end(rate: u32, duration: Duration) -> Value {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let bg = tokio::spawn(load::run(
+        LoadSpec {
+            addr: r.addr,
+            path: s.receiver.path.clone(),
+            token: TOKEN.to_string(),
+            mode: Mode::Rate(rate),
+            duration,
+            body_bytes: 4096,
+            max_inflight: 4096,
+        },
+        None,
+    ));
+    let session = Arc::new(
+        shared::cql::connect(&s.cql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let q = format!(
+        "SELECT code FROM {}.signal_state WHERE vehicle_id = ? LIMIT 1",
+        s.cql.keyspace
+    );
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + duration;
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let vehicle = format!("e2e-probe-{i}");
+        let body = state_event(
+            &format!("e2e-{i}"),
+            &vehicle,
+            &[(
+                "charge-ischarging",
+                json!({"value": true}),
+                1_764_000_000_000,
+            )],
+        );
+        let reply = post(
+            r.addr,
+            &s.receiver.path,
+            body.clone(),
+            Some(&sign(TOKEN, &body)),
+        )
+        .await;
+        let acked = Instant::now();
+        if reply.status == 200 {
+            loop {
+                let seen = session
+                    .query_unpaged(q.as_str(), (vehicle.as_str(),))
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_rows_result().ok())
+                    .is_some_and(|r| r.rows_num() > 0);
+                if seen || acked.elapsed() > Duration::from_secs(30) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let _ = hist.record(
+                u64::try_from(acked.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bg = bg.await.ok();
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+    json!({"load_rate_per_sec": rate, "achieved_per_sec": bg.map(|b| b.throughput_per_sec), "samples": hist.len(),
+        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": hist.max() as f64 / 1000.0})
+}
+
+fn f(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |x| {
+        if x >= 100.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.2}")
+        }
+    })
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let dur = secs("BENCH_SECONDS", 10);
+    let events: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let machine = format!(
+        "{} cores, {} GB RAM, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m
+                .lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok()))
+            .map_or(0, |kb| kb / 1_048_576),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    );
+    eprintln!("bench: receiver 4 KB ...");
+    let r4 = receiver_figures(4096, dur).await;
+    eprintln!("bench: receiver 50 KB ...");
+    let r50 = receiver_figures(50_000, dur).await;
+    eprintln!("bench: processor 4 KB ...");
+    let p4 = processor_figures(events, 4096).await;
+    eprintln!("bench: processor 50 KB ...");
+    let p50 = processor_figures(events / 5, 50_000).await;
+    let half = (r4["receiver"]["throughput_per_sec"]
+        .as_f64()
+        .unwrap_or(200.0)
+        / 2.0)
+        .min(p4["processor_drain_per_sec"].as_f64().unwrap_or(f64::MAX)) as u32;
+    eprintln!("bench: end to end at {half}/s ...");
+    let e2e = end_to_end(half.max(1), dur).await;
+    let date = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{:04}-{:02}-{:02}T{:02}{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day(),
+        date.hour(),
+        date.minute()
+    );
+    let all = json!({"date": stamp, "machine": machine, "git": std::env::var("BENCH_GIT").unwrap_or_default(),
+        "receiver_4kb": r4, "receiver_50kb": r50, "processor_4kb": p4, "processor_50kb": p50, "end_to_end": e2e});
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(
+        dir.join(format!("results-{stamp}.json")),
+        serde_json::to_string_pretty(&all).unwrap_or_default(),
+    );
+    let mut md = format!("Measured {stamp} UTC on {machine} (`make bench`; Kafka, Cassandra and the services all on this machine).\n\n");
+    md.push_str("| figure | 4 KB | 50 KB | limit it is measured against |\n|---|---|---|---|\n");
+    for (label, key) in [
+        ("receiver acknowledged req/s (64 conns)", "receiver"),
+        ("bare hyper 200 req/s", "bare_hyper"),
+        ("plain rdkafka producer rec/s (acks=all)", "plain_producer"),
+    ] {
+        md.push_str(&format!(
+            "| {label} | {} | {} | |\n",
+            f(&r4[key]["throughput_per_sec"]),
+            f(&r50[key]["throughput_per_sec"])
+        ));
+        md.push_str(&format!(
+            "| {label}: p99 ms | {} | {} | |\n",
+            f(&r4[key]["p99_ms"]),
+            f(&r50[key]["p99_ms"])
+        ));
+    }
+    md.push_str(&format!(
+        "| receiver / min(bare hyper, plain producer) | {} | {} | 1.0 = at the limit |\n",
+        f(&r4["ratio_to_smaller_limit"]),
+        f(&r50["ratio_to_smaller_limit"])
+    ));
+    md.push_str(&format!(
+        "| processor drain events/s | {} | {} | |\n",
+        f(&p4["processor_drain_per_sec"]),
+        f(&p50["processor_drain_per_sec"])
+    ));
+    md.push_str(&format!(
+        "| plain CQL loop (same writes) events/s | {} | {} | |\n",
+        f(&p4["plain_cql_loop_per_sec"]),
+        f(&p50["plain_cql_loop_per_sec"])
+    ));
+    md.push_str(&format!(
+        "| processor / plain CQL loop | {} | {} | 1.0 = at the limit |\n",
+        f(&p4["ratio"]),
+        f(&p50["ratio"])
+    ));
+    md.push_str(&format!(
+        "| replay catch-up events/s | {} | {} | processor drain |\n",
+        f(&p4["replay_per_sec"]),
+        f(&p50["replay_per_sec"])
+    ));
+    md.push_str(&format!("| end to end 200 → state visible p50 / p99 ms (at {}/s) | {} / {} | | Smartcar budget: none; SLO target < 1 s |\n", half, f(&e2e["p50_ms"]), f(&e2e["p99_ms"])));
+    let _ = std::fs::write(dir.join("latest.md"), &md);
+    println!("{md}");
+}
