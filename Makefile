@@ -6,7 +6,7 @@ DEV_TOKEN := carhook-dev-token-NOT-FOR-PRODUCTION
 export CARHOOK__SMARTCAR__MANAGEMENT_TOKENS ?= $(DEV_TOKEN)
 RECEIVER_LISTEN := $(or $(CARHOOK__RECEIVER__LISTEN),127.0.0.1:8080)
 
-.PHONY: up down run test lint bench stack-up stack-down build-release status
+.PHONY: up down run test lint bench fuzz chaos stack-up stack-down build-release status
 
 ## up: build release binaries, start Kafka + Cassandra, the receiver and one processor; wait for readiness.
 up: build-release stack-up
@@ -47,12 +47,23 @@ test: stack-up
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
 	bash deploy/check-observability.sh
+	bash helm/check.sh
 	@$(MAKE) --no-print-directory lint
 
 ## bench: measure each figure next to its limit (release build, real broker and store); writes bench/.
 bench: stack-up
 	cargo build --release -p carhook-tests --bin carhook-bench
 	BENCH_GIT=$$(git rev-parse --short HEAD) target/release/carhook-bench
+
+## chaos: the fault campaign at a larger size (kill -9 of every part, SIGSTOP), against ground truth.
+chaos: stack-up
+	cargo build --workspace --bins
+	CHAOS_VEHICLES=$${CHAOS_VEHICLES:-60} CHAOS_EVENTS_PER_VEHICLE=$${CHAOS_EVENTS_PER_VEHICLE:-60} \
+	  cargo test -p carhook-tests --test outage -- fault_campaign --nocapture
+
+## fuzz: cargo-fuzz on signature verification, envelope parsing, event parsing (FUZZ_SECONDS each, default 60).
+fuzz:
+	bash fuzz/run.sh
 
 ## lint: formatting and clippy with warnings as errors.
 lint:

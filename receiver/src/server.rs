@@ -49,18 +49,26 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let first_byte_within = Duration::from_millis(app.settings.header_timeout_ms);
         let app = Arc::clone(&app);
         let svc = service_fn(move |req| {
             let app = Arc::clone(&app);
             async move { Ok::<_, std::convert::Infallible>(app.handle(req).await) }
         });
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), svc)
-                .into_owned(),
-        );
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ = conn.await;
+            // A connection that never sends a byte is closed after the header timeout: idle
+            // sockets must not pile up (hyper's header timer only starts with the first byte).
+            // `peek` consumes nothing, so hyper still reads the whole request.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(first_byte_within, stream.peek(&mut first)).await, Ok(Ok(n)) if n > 0)
+            {
+                return;
+            }
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     drop(listener);

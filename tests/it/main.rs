@@ -1,5 +1,6 @@
 //! Integration suites: the real receiver and processor against the real Kafka broker and CQL store.
 
+mod bad_input;
 mod config;
 mod crash;
 mod history;

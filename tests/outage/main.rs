@@ -203,3 +203,121 @@ async fn store_down_mid_stream_commits_nothing_dead_letters_nothing_and_complete
     p.stop().await;
     drop_keyspace(&s).await;
 }
+
+fn kill9_stack(component: &str) {
+    let pidfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../.stack/run/{component}.pid"));
+    if let Ok(pid) = std::fs::read_to_string(pidfile) {
+        let _ = Command::new("kill").arg("-KILL").arg(pid.trim()).status();
+    }
+}
+
+/// The short fault campaign (`make chaos` runs a longer one): signed traffic with duplicates and
+/// out-of-order deliveries while a receiver, a processor (of two), the broker and the store are
+/// killed with SIGKILL and restarted, and a processor is stalled with SIGSTOP. Afterwards the system
+/// must match the simulator's ground truth: every acknowledged event reflected, every action exactly
+/// once, and nothing dropped while the system was healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_campaign_loses_nothing_acknowledged_and_applies_nothing_twice() {
+    use carhook_tests::sim::{self, generate::Faults};
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let vehicles: usize = std::env::var("CHAOS_VEHICLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let per_vehicle: usize = std::env::var("CHAOS_EVENTS_PER_VEHICLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "4")]);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = std::env::temp_dir().join(format!("{}.chaos.log", s.cql.keyspace));
+    let fast = [
+        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "3000"),
+        ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "1000"),
+    ];
+    let mut proc_a = ChildService::processor(&s, "chaos-a", &log, &[]).await;
+    let proc_b = ChildService::processor(&s, "chaos-b", &log, &[]).await;
+    let mut recv = ChildService::receiver(&s, &log, &fast).await;
+    let addr = recv.addr;
+    let faults = Faults {
+        duplicates: 0.2,
+        out_of_order: 0.2,
+        errors: 0.15,
+        partial_failures: 0.1,
+        invalid_signatures: 0.03,
+        ..Faults::default()
+    };
+    let events = sim::generate::generate(99, vehicles, per_vehicle, faults);
+    let path = s.receiver.path.clone();
+    // Retries compressed to 5/10/20 s: still longer than any single outage below.
+    let sender = tokio::spawn({
+        let events = events.clone();
+        async move { sim::send::send_all(addr, &path, TOKEN, &events, 8, 0.2, None).await }
+    });
+    let mut injected = Vec::new();
+    let pause = |secs: u64| tokio::time::sleep(Duration::from_secs(secs));
+    pause(2).await;
+    recv.kill9();
+    injected.push("kill -9 receiver");
+    recv = ChildService::receiver_on(addr, &s, &log, &fast).await;
+    pause(2).await;
+    proc_a.kill9();
+    injected.push("kill -9 processor a");
+    proc_a = ChildService::processor(&s, "chaos-a", &log, &[]).await;
+    pause(2).await;
+    proc_b.signal("STOP");
+    injected.push("SIGSTOP processor b (4 s)");
+    pause(4).await;
+    proc_b.signal("CONT");
+    pause(1).await;
+    kill9_stack("kafka");
+    injected.push("kill -9 kafka");
+    stack(&["up", "kafka"]);
+    pause(2).await;
+    kill9_stack("cassandra");
+    injected.push("kill -9 cassandra");
+    stack(&["up", "cassandra"]);
+    let (deliveries, report) = sender.await.unwrap_or_else(|e| panic!("{e}"));
+    let run = sim::Run::new(99, faults, &events, deliveries, report.clone());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut diff;
+    loop {
+        diff = sim::check::diff(&s, &run.truth, &run.deliveries).await;
+        if diff.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let duplicated = diff.iter().filter(|d| d.contains("emitted")).count();
+    println!("| events | faults injected | 200s | 503s | 401s | dropped after 4 attempts | differences | duplicated effects |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} ({}) | {} | {} | {} | {} | {} | {} |",
+        report.events,
+        injected.len(),
+        injected.join(", "),
+        report.ok_2xx,
+        report.unavailable_5xx,
+        report.unauthorized_401,
+        report.dropped_after_4_attempts,
+        diff.len(),
+        duplicated
+    );
+    assert_eq!(
+        report.dropped_after_4_attempts, 0,
+        "Smartcar would have dropped events: {:?}",
+        run.truth.dropped
+    );
+    assert!(
+        diff.is_empty(),
+        "system differs from ground truth after the campaign:\n{}",
+        diff.join("\n")
+    );
+    let _ = recv.terminate();
+    let _ = proc_a.terminate();
+    let _ = proc_b.terminate();
+    drop_keyspace(&s).await;
+}

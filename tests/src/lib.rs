@@ -491,7 +491,16 @@ impl ChildService {
 
     /// Starts `receiver` with `settings` (plus `extra` environment) and waits until ready.
     pub async fn receiver(s: &Settings, log: &std::path::Path, extra: &[(&str, &str)]) -> Self {
-        let listen = free_port();
+        Self::receiver_on(free_port(), s, log, extra).await
+    }
+
+    /// Starts `receiver` listening on `listen` (e.g. the address of one it replaces).
+    pub async fn receiver_on(
+        listen: SocketAddr,
+        s: &Settings,
+        log: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let mut env = child_env(s, free_port(), "unused");
         env.push(("CARHOOK__RECEIVER__LISTEN".into(), listen.to_string()));
         env.extend(
@@ -526,6 +535,14 @@ impl ChildService {
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         eventually(within, || async { get(addr, "/ready").await.0 == 200 }).await;
         Self { child, addr }
+    }
+
+    /// SIGSTOP / SIGCONT: a stalled process (GC pause, noisy neighbour).
+    pub fn signal(&self, sig: &str) {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
     }
 
     /// SIGKILL: no drain, no commit, no goodbye.

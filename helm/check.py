@@ -1,0 +1,581 @@
+#!/usr/bin/env python3
+"""Structural checks behind helm/check.sh: what a schema cannot say about the rendered chart, the
+compose file and the Dockerfile. Each subcommand prints one line per problem and exits 1 if any.
+
+  check.py manifests RENDER.yaml...      rendered chart: selectors, ports, probes, env, security, KEDA
+  check.py compose COMPOSE_SCHEMA.json   deploy/compose.yaml (+ deploy/compose/*): compose-spec schema
+                                         and cross-references
+  check.py dockerfile                    deploy/docker/Dockerfile and .dockerignore
+  check.py config-keys                   print the CARHOOK__ variables the application accepts
+
+The application's configuration keys are read from shared/src/config.rs (the structs with
+deny_unknown_fields), so a variable the chart or compose file sets but the binaries would refuse
+(exit code 2 at start) is caught here, before a pod crash-loops.
+"""
+import fnmatch
+import json
+import math
+import os
+import re
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_RS = os.path.join(ROOT, "shared", "src", "config.rs")
+problems = []
+
+
+def problem(msg):
+    problems.append(msg)
+    print(f"  FAIL {msg}")
+
+
+def done(what):
+    if problems:
+        print(f"check.py {what}: {len(problems)} problem(s)")
+        sys.exit(1)
+    print(f"check.py {what}: ok")
+
+
+# ------------------------------------------------------------------------------- application keys
+
+def config_keys():
+    """{"CARHOOK__KAFKA__BROKERS", ...} from shared/src/config.rs."""
+    src = open(CONFIG_RS, encoding="utf-8").read()
+
+    def struct_fields(name):
+        m = re.search(r"pub struct %s\s*\{(.*?)\n\}" % re.escape(name), src, re.S)
+        if not m:
+            return None
+        return re.findall(r"^\s*pub\s+(\w+)\s*:\s*([\w:<>]+)", m.group(1), re.M)
+
+    sections = struct_fields("Settings")
+    if not sections:
+        sys.exit(f"check.py: cannot find `pub struct Settings` in {CONFIG_RS}")
+    keys = set()
+    for section, typ in sections:
+        fields = struct_fields(typ)
+        if fields is None:
+            sys.exit(f"check.py: cannot find `pub struct {typ}` in {CONFIG_RS}")
+        for field, _ in fields:
+            keys.add(f"CARHOOK__{section.upper()}__{field.upper()}")
+    return keys
+
+
+def check_env_names(where, names, keys):
+    for n in names:
+        if n.startswith("CARHOOK__") and n not in keys:
+            problem(f"{where}: {n} is not a configuration key of the application (shared/src/config.rs); "
+                    "the process would exit with code 2")
+
+
+# ------------------------------------------------------------------------------------- manifests
+
+def load_docs(paths):
+    docs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for d in yaml.safe_load_all(f):
+                if d:
+                    d["__file"] = os.path.basename(p)
+                    docs.append(d)
+    return docs
+
+
+def labels_match(selector, labels):
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        val = labels.get(e["key"])
+        op = e["operator"]
+        if op == "In" and val not in e.get("values", []):
+            return False
+        if op == "NotIn" and val in e.get("values", []):
+            return False
+        if op == "Exists" and e["key"] not in labels:
+            return False
+        if op == "DoesNotExist" and e["key"] in labels:
+            return False
+    return True
+
+
+def env_map(container):
+    out = {}
+    for e in container.get("env") or []:
+        out[e["name"]] = e
+    return out
+
+
+def env_value(container, name):
+    e = env_map(container).get(name)
+    return None if e is None else e.get("value")
+
+
+def ms_to_s(v, default):
+    return math.ceil(int(v if v is not None else default) / 1000)
+
+
+def check_pod(where, pod, keys, component):
+    spec = pod["spec"]
+    if spec.get("automountServiceAccountToken") is not False:
+        problem(f"{where}: automountServiceAccountToken should be false (carhook never calls the API)")
+    psc = spec.get("securityContext") or {}
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        cw = f"{where} container {c['name']}"
+        sc = c.get("securityContext") or {}
+        if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+            problem(f"{cw}: runAsNonRoot is not set")
+        if (sc.get("runAsUser", psc.get("runAsUser")) or 0) == 0:
+            problem(f"{cw}: runs as uid 0")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problem(f"{cw}: readOnlyRootFilesystem is not true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problem(f"{cw}: allowPrivilegeEscalation is not false")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            problem(f"{cw}: capabilities do not drop ALL")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problem(f"{cw}: seccompProfile is {seccomp!r}, expected RuntimeDefault")
+        res = c.get("resources") or {}
+        for kind in ("requests", "limits"):
+            for r in ("cpu", "memory"):
+                if r not in (res.get(kind) or {}):
+                    problem(f"{cw}: resources.{kind}.{r} is missing")
+        names = [e["name"] for e in c.get("env") or []]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            problem(f"{cw}: environment variables set twice: {sorted(dup)}")
+        check_env_names(cw, names, keys)
+        env = env_map(c)
+        tok = env.get("CARHOOK__SMARTCAR__MANAGEMENT_TOKENS")
+        if tok is not None and "valueFrom" not in tok:
+            problem(f"{cw}: CARHOOK__SMARTCAR__MANAGEMENT_TOKENS has a literal value; tokens must come from a Secret")
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
+        for probe_name, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
+            probe = c.get(probe_name)
+            if component in ("receiver", "processor"):
+                if not probe:
+                    problem(f"{cw}: {probe_name} is missing")
+                    continue
+                get = probe.get("httpGet") or {}
+                if get.get("path") != path:
+                    problem(f"{cw}: {probe_name} path is {get.get('path')!r}, expected {path}")
+                port = get.get("port")
+                if isinstance(port, str) and port not in ports:
+                    problem(f"{cw}: {probe_name} port {port!r} is not a declared container port {sorted(ports)}")
+                if isinstance(port, int) and port not in ports.values():
+                    problem(f"{cw}: {probe_name} port {port} is not a declared container port")
+        listen_var = {"receiver": "CARHOOK__RECEIVER__LISTEN", "processor": "CARHOOK__PROCESSOR__ADMIN_LISTEN"}.get(component)
+        if listen_var:
+            listen = env_value(c, listen_var) or ""
+            port = int(listen.rsplit(":", 1)[-1]) if ":" in listen else None
+            if port not in ports.values():
+                problem(f"{cw}: {listen_var}={listen!r} does not listen on a declared container port {sorted(ports.values())}")
+            if listen.startswith("127.") or listen.startswith("[::1]"):
+                problem(f"{cw}: {listen_var}={listen!r} is loopback-only: probes and Services cannot reach it")
+            for var in ("CARHOOK__CQL__MIGRATE", "CARHOOK__KAFKA__CREATE_TOPICS"):
+                if env_value(c, var) != "false":
+                    problem(f"{cw}: {var} should be \"false\" (the migration hook Job does it)")
+        if component == "processor":
+            iid = env.get("CARHOOK__PROCESSOR__INSTANCE_ID") or {}
+            if ((iid.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") != "metadata.name":
+                problem(f"{cw}: CARHOOK__PROCESSOR__INSTANCE_ID must come from fieldRef metadata.name")
+        if component == "receiver":
+            tf = env_value(c, "CARHOOK__SMARTCAR__MANAGEMENT_TOKENS_FILE")
+            if tok is None and tf is None:
+                problem(f"{cw}: no token source (CARHOOK__SMARTCAR__MANAGEMENT_TOKENS or _FILE)")
+            if tf is not None:
+                mounts = [m for m in c.get("volumeMounts") or [] if tf.startswith(m["mountPath"].rstrip("/") + "/")]
+                if not mounts:
+                    problem(f"{cw}: CARHOOK__SMARTCAR__MANAGEMENT_TOKENS_FILE={tf} is not under a volume mount")
+                for m in mounts:
+                    if "secret" not in volumes.get(m["name"], {}):
+                        problem(f"{cw}: the tokens file comes from volume {m['name']}, which is not a Secret")
+            sleep = (((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0)
+            need = sleep + ms_to_s(env_value(c, "CARHOOK__RECEIVER__SHUTDOWN_GRACE_MS"), 10000)
+            if spec.get("terminationGracePeriodSeconds", 30) < need:
+                problem(f"{cw}: terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} "
+                        f"< preStop sleep + drain ({need} s)")
+        if component == "processor":
+            need = ms_to_s(env_value(c, "CARHOOK__PROCESSOR__SHUTDOWN_GRACE_MS"), 20000)
+            if spec.get("terminationGracePeriodSeconds", 30) < need:
+                problem(f"{cw}: terminationGracePeriodSeconds < processor drain ({need} s)")
+
+
+def check_manifests(paths):
+    keys = config_keys()
+    for p in paths:
+        check_render(p, keys)
+    done("manifests")
+
+
+def check_render(path, keys):
+    docs = load_docs([path])
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    deployments = by_kind.get("Deployment", [])
+    dep_by_name = {d["metadata"]["name"]: d for d in deployments}
+
+    def component_of(obj):
+        return (obj["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+
+    def pods_selected(selector):
+        return [d for d in deployments if labels_match(selector, d["spec"]["template"]["metadata"].get("labels") or {})]
+
+    comps = sorted(component_of(d) for d in deployments)
+    if comps != ["processor", "receiver"]:
+        problem(f"expected one receiver and one processor Deployment, found {comps}")
+
+    for d in deployments:
+        where = f"{d['__file']}: Deployment {d['metadata']['name']}"
+        sel = d["spec"]["selector"]
+        tmpl_labels = d["spec"]["template"]["metadata"].get("labels") or {}
+        if not labels_match(sel, tmpl_labels):
+            problem(f"{where}: selector {sel} does not match its pod template labels")
+        others = [o["metadata"]["name"] for o in pods_selected(sel) if o is not d]
+        if others:
+            problem(f"{where}: selector also matches the pods of {others}")
+        check_pod(where, d["spec"]["template"], keys, component_of(d))
+
+    for svc in by_kind.get("Service", []):
+        where = f"{svc['__file']}: Service {svc['metadata']['name']}"
+        targets = pods_selected({"matchLabels": svc["spec"].get("selector") or {}})
+        if len(targets) != 1:
+            problem(f"{where}: selector matches {len(targets)} Deployments, expected 1")
+            continue
+        cports = {p.get("name"): p["containerPort"] for c in targets[0]["spec"]["template"]["spec"]["containers"]
+                  for p in c.get("ports") or []}
+        for p in svc["spec"]["ports"]:
+            tp = p.get("targetPort", p["port"])
+            if (isinstance(tp, str) and tp not in cports) or (isinstance(tp, int) and tp not in cports.values()):
+                problem(f"{where}: targetPort {tp!r} is not a container port of {targets[0]['metadata']['name']}")
+
+    for pdb in by_kind.get("PodDisruptionBudget", []):
+        where = f"{pdb['__file']}: PodDisruptionBudget {pdb['metadata']['name']}"
+        if len(pods_selected(pdb["spec"]["selector"])) != 1:
+            problem(f"{where}: selector does not match exactly one Deployment")
+
+    so_targets = set()
+    for so in by_kind.get("ScaledObject", []):
+        where = f"{so['__file']}: ScaledObject {so['metadata']['name']}"
+        ref = so["spec"]["scaleTargetRef"]["name"]
+        target = dep_by_name.get(ref)
+        if target is None:
+            problem(f"{where}: scaleTargetRef {ref} is not a rendered Deployment")
+            continue
+        so_targets.add(ref)
+        if "replicas" in target["spec"]:
+            problem(f"{where}: Deployment {ref} sets replicas although KEDA owns them (every upgrade would reset the scale)")
+        c = target["spec"]["template"]["spec"]["containers"][0]
+        partitions = int(env_value(c, "CARHOOK__KAFKA__PARTITIONS") or 6)
+        if so["spec"].get("maxReplicaCount", 100) > partitions:
+            problem(f"{where}: maxReplicaCount {so['spec'].get('maxReplicaCount')} > {partitions} partitions")
+        triggers = so["spec"].get("triggers") or []
+        kafka = [t for t in triggers if t.get("type") == "kafka"]
+        if len(kafka) != 1:
+            problem(f"{where}: expected one kafka trigger, found {len(kafka)}")
+            continue
+        md = kafka[0].get("metadata") or {}
+        for k, v in md.items():
+            if not isinstance(v, str):
+                problem(f"{where}: trigger metadata {k} is {type(v).__name__}, KEDA needs strings")
+        expect = {
+            "bootstrapServers": env_value(c, "CARHOOK__KAFKA__BROKERS"),
+            "consumerGroup": env_value(c, "CARHOOK__KAFKA__CONSUMER_GROUP"),
+            "topic": env_value(c, "CARHOOK__KAFKA__EVENTS_TOPIC"),
+            "offsetResetPolicy": "earliest",
+            "excludePersistentLag": "true",
+            "limitToPartitionsWithLag": "true",
+        }
+        for k, v in expect.items():
+            if md.get(k) != v:
+                problem(f"{where}: trigger metadata {k}={md.get(k)!r}, expected {v!r}")
+        for k in ("lagThreshold", "activationLagThreshold"):
+            if not re.fullmatch(r"[0-9]+", str(md.get(k, ""))):
+                problem(f"{where}: trigger metadata {k}={md.get(k)!r} is not a whole number")
+
+    for hpa in by_kind.get("HorizontalPodAutoscaler", []):
+        where = f"{hpa['__file']}: HorizontalPodAutoscaler {hpa['metadata']['name']}"
+        ref = hpa["spec"]["scaleTargetRef"]["name"]
+        if ref not in dep_by_name:
+            problem(f"{where}: scaleTargetRef {ref} is not a rendered Deployment")
+        elif component_of(dep_by_name[ref]) == "processor":
+            problem(f"{where}: targets the processor; KEDA makes the processor's HPA, a second one would fight it")
+        elif "replicas" in dep_by_name[ref]["spec"]:
+            problem(f"{where}: Deployment {ref} sets replicas although the HPA owns them")
+        if ref in so_targets:
+            problem(f"{where}: {ref} is also scaled by a ScaledObject")
+
+    receiver = next((d for d in deployments if component_of(d) == "receiver"), None)
+    webhook_path = env_value(receiver["spec"]["template"]["spec"]["containers"][0], "CARHOOK__RECEIVER__PATH") if receiver else None
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    for ing in by_kind.get("Ingress", []):
+        where = f"{ing['__file']}: Ingress {ing['metadata']['name']}"
+        for rule in ing["spec"].get("rules") or []:
+            for p in (rule.get("http") or {}).get("paths") or []:
+                if p.get("path") != webhook_path or p.get("pathType") != "Exact":
+                    problem(f"{where}: exposes {p.get('path')!r} ({p.get('pathType')}); only the webhook path "
+                            f"{webhook_path!r} (Exact) may be public")
+                b = p["backend"]["service"]
+                svc = services.get(b["name"])
+                if svc is None:
+                    problem(f"{where}: backend Service {b['name']} is not rendered")
+                elif b["port"].get("name") not in [sp.get("name") for sp in svc["spec"]["ports"]] and \
+                        b["port"].get("number") not in [sp["port"] for sp in svc["spec"]["ports"]]:
+                    problem(f"{where}: backend port {b['port']} is not a port of Service {b['name']}")
+
+    for job in by_kind.get("Job", []):
+        where = f"{job['__file']}: Job {job['metadata']['name']}"
+        ann = job["metadata"].get("annotations") or {}
+        hooks = set((ann.get("helm.sh/hook") or "").split(","))
+        if not {"pre-install", "pre-upgrade"} <= hooks:
+            problem(f"{where}: helm.sh/hook is {ann.get('helm.sh/hook')!r}, expected pre-install,pre-upgrade")
+        if "before-hook-creation" not in (ann.get("helm.sh/hook-delete-policy") or ""):
+            problem(f"{where}: hook-delete-policy lacks before-hook-creation (the next upgrade would fail on the old Job)")
+        try:
+            int(ann.get("helm.sh/hook-weight", "0"))
+        except ValueError:
+            problem(f"{where}: helm.sh/hook-weight is not an integer string")
+        pod = job["spec"]["template"]
+        if pod["spec"].get("restartPolicy") not in ("Never", "OnFailure"):
+            problem(f"{where}: restartPolicy must be Never or OnFailure")
+        if pod["spec"].get("serviceAccountName") and pod["spec"]["serviceAccountName"] in \
+                [s["metadata"]["name"] for s in by_kind.get("ServiceAccount", [])]:
+            problem(f"{where}: uses the chart's ServiceAccount, which does not exist yet when a pre-install hook runs")
+        c = pod["spec"]["containers"][0]
+        if (c.get("command") or [""])[0].rsplit("/", 1)[-1] != "processor" or c.get("args") != ["migrate"]:
+            problem(f"{where}: expected `processor migrate`, got {c.get('command')} {c.get('args')}")
+        check_pod(where, pod, keys, "migrate")
+
+    for sm in by_kind.get("ServiceMonitor", []):
+        where = f"{sm['__file']}: ServiceMonitor {sm['metadata']['name']}"
+        selected = [s for s in services.values() if labels_match(sm["spec"]["selector"], s["metadata"].get("labels") or {})]
+        if len(selected) != 2:
+            problem(f"{where}: selects {len(selected)} Services, expected the receiver's and the processor's")
+        job_label = sm["spec"].get("jobLabel")
+        for s in selected:
+            port_names = {p.get("name") for p in s["spec"]["ports"]}
+            if not port_names & {e.get("port") for e in sm["spec"]["endpoints"]}:
+                problem(f"{where}: no endpoint port matches Service {s['metadata']['name']} ports {sorted(port_names)}")
+            if job_label and job_label not in (s["metadata"].get("labels") or {}):
+                problem(f"{where}: Service {s['metadata']['name']} lacks the jobLabel {job_label}")
+
+    for pr in by_kind.get("PrometheusRule", []):
+        where = f"{pr['__file']}: PrometheusRule {pr['metadata']['name']}"
+        src = os.path.join(ROOT, "deploy", "prometheus", "rules.yml")
+        if os.path.exists(src):
+            want = yaml.safe_load(open(src, encoding="utf-8")).get("groups")
+            if pr["spec"].get("groups") != want:
+                problem(f"{where}: groups differ from deploy/prometheus/rules.yml (run helm/sync-rules.sh)")
+        jobs = set(re.findall(r'job=~?"([^"]+)"', json.dumps(pr["spec"])))
+        labelled = {(s["metadata"].get("labels") or {}).get("carhook.io/prometheus-job") for s in services.values()}
+        for j in jobs:
+            for alt in j.split("|"):
+                if alt not in labelled:
+                    problem(f"{where}: rules select job {alt!r}, but no Service carries that carhook.io/prometheus-job")
+
+    print(f"check.py manifests: {os.path.basename(path)}: {len(docs)} objects checked")
+
+
+# --------------------------------------------------------------------------------------- compose
+
+def check_compose(schema_path):
+    import jsonschema
+
+    keys = config_keys()
+    deploy = os.path.join(ROOT, "deploy")
+    path = os.path.join(deploy, "compose.yaml")
+    doc = yaml.safe_load(open(path, encoding="utf-8"))
+    schema = json.load(open(schema_path, encoding="utf-8"))
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        problem(f"compose.yaml {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}")
+
+    services = doc.get("services") or {}
+    want = ["kafka", "scylla", "migrate", "receiver", "processor", "otel-collector", "jaeger", "prometheus", "grafana"]
+    for s in want:
+        if s not in services:
+            problem(f"compose.yaml: service {s} is missing")
+    for name, svc in services.items():
+        deps = svc.get("depends_on") or {}
+        for dep in (deps if isinstance(deps, list) else deps.keys()):
+            if dep not in services:
+                problem(f"compose.yaml: {name} depends on unknown service {dep}")
+            elif isinstance(deps, dict) and deps[dep].get("condition") == "service_healthy" and not services[dep].get("healthcheck"):
+                problem(f"compose.yaml: {name} waits for {dep} to be healthy, but {dep} has no healthcheck")
+        env = svc.get("environment") or {}
+        if isinstance(env, list):
+            env = dict(x.split("=", 1) for x in env)
+        check_env_names(f"compose.yaml service {name}", env.keys(), keys)
+        for vol in svc.get("volumes") or []:
+            src = vol.split(":", 1)[0] if isinstance(vol, str) else vol.get("source", "")
+            if src.startswith("."):
+                full = os.path.normpath(os.path.join(deploy, src))
+                rel = os.path.relpath(full, ROOT)
+                if not os.path.exists(full):
+                    if rel in ("deploy/grafana/carhook.json", "deploy/prometheus/rules.yml"):
+                        print(f"  note compose.yaml {name}: {rel} does not exist yet (another change provides it)")
+                    else:
+                        problem(f"compose.yaml {name}: bind-mount source {rel} does not exist")
+
+    carhook = {n: services[n] for n in ("migrate", "receiver", "processor") if n in services}
+    for name, svc in carhook.items():
+        env = svc.get("environment") or {}
+        if name != "migrate":
+            dep = (svc.get("depends_on") or {}).get("migrate") or {}
+            if dep.get("condition") != "service_completed_successfully":
+                problem(f"compose.yaml {name}: must wait for migrate (condition service_completed_successfully)")
+            for var in ("CARHOOK__CQL__MIGRATE", "CARHOOK__KAFKA__CREATE_TOPICS"):
+                if str(env.get(var)).lower() != "false":
+                    problem(f"compose.yaml {name}: {var} should be false (the migrate service does it)")
+        otlp = env.get("CARHOOK__TELEMETRY__OTLP_ENDPOINT")
+        if otlp != "http://otel-collector:4317":
+            problem(f"compose.yaml {name}: CARHOOK__TELEMETRY__OTLP_ENDPOINT={otlp!r}, expected http://otel-collector:4317")
+        repl = env.get("CARHOOK__CQL__REPLICATION", "")
+        if "tablets" not in repl or "'enabled': false" not in repl:
+            problem(f"compose.yaml {name}: CARHOOK__CQL__REPLICATION must disable tablets for ScyllaDB LWTs")
+        if "MANAGEMENT_TOKENS" in " ".join(env) and name != "receiver":
+            problem(f"compose.yaml {name}: only the receiver needs the Smartcar tokens")
+    mig = services.get("migrate") or {}
+    if (mig.get("command") or [""])[-1] != "migrate":
+        problem("compose.yaml migrate: command should be `processor migrate`")
+    for need in ("kafka", "scylla"):
+        if ((mig.get("depends_on") or {}).get(need) or {}).get("condition") != "service_healthy":
+            problem(f"compose.yaml migrate: should wait for {need} to be healthy")
+    scylla_cmd = " ".join(map(str, (services.get("scylla") or {}).get("command") or []))
+    for flag in ("--smp 1", "--memory 750M"):
+        if flag not in scylla_cmd:
+            problem(f"compose.yaml scylla: command lacks {flag}")
+
+    # Prometheus: scrape jobs named as the rules expect, targets on the services' listen ports.
+    prom = yaml.safe_load(open(os.path.join(deploy, "compose", "prometheus.yml"), encoding="utf-8"))
+    jobs = {j["job_name"]: j for j in prom.get("scrape_configs") or []}
+    port_of = {
+        "carhook-receiver": ("receiver", "CARHOOK__RECEIVER__LISTEN"),
+        "carhook-processor": ("processor", "CARHOOK__PROCESSOR__ADMIN_LISTEN"),
+    }
+    for job, (svc, var) in port_of.items():
+        if job not in jobs:
+            problem(f"compose/prometheus.yml: scrape job {job} is missing (rules.yml selects it)")
+            continue
+        listen = str(((services.get(svc) or {}).get("environment") or {}).get(var, ""))
+        want_target = f"{svc}:{listen.rsplit(':', 1)[-1]}"
+        targets = [t for sc in jobs[job].get("static_configs") or [] for t in sc.get("targets") or []]
+        if targets != [want_target]:
+            problem(f"compose/prometheus.yml: job {job} scrapes {targets}, expected [{want_target!r}]")
+    rules_src = os.path.join(deploy, "prometheus", "rules.yml")
+    if os.path.exists(rules_src):
+        used = set(re.findall(r'job=~?"([^"]+)"', open(rules_src, encoding="utf-8").read()))
+        for j in {a for u in used for a in u.split("|")}:
+            if j not in jobs:
+                problem(f"compose/prometheus.yml: rules.yml selects job {j!r}, which is not scraped")
+    mounts = [v.split(":")[1] for v in (services.get("prometheus") or {}).get("volumes") or [] if isinstance(v, str)]
+    for pattern in prom.get("rule_files") or []:
+        if not any(fnmatch.fnmatch(m, pattern) for m in mounts):
+            problem(f"compose/prometheus.yml: rule_files {pattern} matches no file mounted into the prometheus service")
+    if not any(v.startswith("./prometheus/rules.yml:") for v in (services.get("prometheus") or {}).get("volumes") or []):
+        problem("compose.yaml prometheus: deploy/prometheus/rules.yml is not mounted")
+
+    # OpenTelemetry collector: OTLP gRPC in, traces out to a service that exists.
+    otel = yaml.safe_load(open(os.path.join(deploy, "compose", "otel-collector.yaml"), encoding="utf-8"))
+    grpc = (((otel.get("receivers") or {}).get("otlp") or {}).get("protocols") or {}).get("grpc") or {}
+    if not str(grpc.get("endpoint", "")).endswith(":4317"):
+        problem("compose/otel-collector.yaml: the otlp receiver does not listen for gRPC on :4317")
+    pipelines = ((otel.get("service") or {}).get("pipelines") or {})
+    if "traces" not in pipelines:
+        problem("compose/otel-collector.yaml: no traces pipeline")
+    for kind in ("receivers", "processors", "exporters"):
+        for name in (pipelines.get("traces") or {}).get(kind) or []:
+            if name not in (otel.get(kind) or {}):
+                problem(f"compose/otel-collector.yaml: traces pipeline uses undefined {kind[:-1]} {name}")
+    for name, exp in (otel.get("exporters") or {}).items():
+        host = str((exp or {}).get("endpoint", "")).split("://")[-1].split(":")[0]
+        if host and host not in services:
+            problem(f"compose/otel-collector.yaml: exporter {name} sends to {host}, not a compose service")
+
+    # Grafana: provisioned datasource and the dashboard directory the compose file mounts into.
+    prov = os.path.join(deploy, "compose", "grafana", "provisioning")
+    ds = yaml.safe_load(open(os.path.join(prov, "datasources", "datasources.yaml"), encoding="utf-8"))
+    if not any(d.get("type") == "prometheus" and "prometheus:9090" in d.get("url", "") for d in ds.get("datasources") or []):
+        problem("compose/grafana: no Prometheus datasource at http://prometheus:9090")
+    dash = yaml.safe_load(open(os.path.join(prov, "dashboards", "carhook.yaml"), encoding="utf-8"))
+    dirs = [((p.get("options") or {}).get("path") or "") for p in dash.get("providers") or []]
+    gmounts = [v.split(":")[1] for v in (services.get("grafana") or {}).get("volumes") or [] if isinstance(v, str)]
+    if not any(m.startswith(d.rstrip("/") + "/") for d in dirs for m in gmounts):
+        problem(f"compose/grafana: dashboard provider paths {dirs} contain no mounted dashboard {gmounts}")
+    if not any(v.startswith("./grafana/carhook.json:") for v in (services.get("grafana") or {}).get("volumes") or []):
+        problem("compose.yaml grafana: deploy/grafana/carhook.json is not mounted")
+    done("compose")
+
+
+# ------------------------------------------------------------------------------------ dockerfile
+
+def check_dockerfile():
+    path = os.path.join(ROOT, "deploy", "docker", "Dockerfile")
+    lines, cur = [], ""
+    for raw in open(path, encoding="utf-8"):
+        s = raw.rstrip("\n")
+        if not cur and (s.lstrip().startswith("#") or not s.strip()):
+            continue
+        if s.endswith("\\"):
+            cur += s[:-1] + " "
+            continue
+        lines.append((cur + s).strip())
+        cur = ""
+    instr = [(l.split(None, 1)[0].upper(), l.split(None, 1)[1] if " " in l else "") for l in lines]
+    froms = [a for i, a in instr if i == "FROM"]
+    if not froms or not re.match(r"rust:\$\{RUST_VERSION\}-bookworm|rust:1\.95-bookworm", froms[0]):
+        problem(f"Dockerfile: the first stage should build FROM rust:1.95-bookworm, got {froms[:1]}")
+    args = dict(re.findall(r"^(\w+)=(\S+)$", "\n".join(a for i, a in instr if i == "ARG"), re.M))
+    if args.get("RUST_VERSION") not in (None, "1.95"):
+        problem(f"Dockerfile: RUST_VERSION is {args.get('RUST_VERSION')}, expected 1.95")
+    final = froms[-1] if froms else ""
+    if not (final.startswith("gcr.io/distroless/cc-debian12:nonroot") or final.startswith("debian:bookworm-slim")):
+        problem(f"Dockerfile: the runtime stage is {final!r}, expected distroless cc-debian12:nonroot or bookworm-slim")
+    last_from = max(n for n, (i, _) in enumerate(instr) if i == "FROM")
+    runtime = instr[last_from:]
+    users = [a for i, a in runtime if i == "USER"]
+    if not users or users[-1].split(":")[0] in ("0", "root"):
+        problem("Dockerfile: the runtime stage must end with a non-root USER")
+    copied = " ".join(a for i, a in runtime if i == "COPY")
+    for b in ("receiver", "processor"):
+        if b not in copied:
+            problem(f"Dockerfile: the runtime stage does not copy the {b} binary")
+    build = " ".join(a for i, a in instr[:last_from] if i == "RUN")
+    if "--bin receiver" not in build or "--bin processor" not in build:
+        problem("Dockerfile: the builder does not build both binaries (--bin receiver --bin processor)")
+    env = " ".join(a for i, a in runtime if i == "ENV")
+    if "0.0.0.0:8080" not in env or "0.0.0.0:9091" not in env:
+        problem("Dockerfile: the runtime stage should listen on all interfaces (CARHOOK__RECEIVER__LISTEN, __ADMIN_LISTEN)")
+    check_env_names("Dockerfile ENV", re.findall(r"(CARHOOK__\w+)=", env), config_keys())
+
+    # .dockerignore is an allow-list: every workspace member must be in the build context.
+    ignore = [l.strip() for l in open(os.path.join(ROOT, ".dockerignore"), encoding="utf-8")
+              if l.strip() and not l.startswith("#")]
+    cargo = open(os.path.join(ROOT, "Cargo.toml"), encoding="utf-8").read()
+    m = re.search(r"members\s*=\s*\[(.*?)\]", cargo, re.S)
+    members = re.findall(r'"([^"]+)"', m.group(1)) if m else []
+    allowed = {l[1:].rstrip("/") for l in ignore if l.startswith("!")}
+    if "*" in ignore:
+        for need in ["Cargo.toml", "Cargo.lock"] + members:
+            if need not in allowed:
+                problem(f".dockerignore: {need} is not allowed into the build context (workspace member or manifest)")
+    done("dockerfile")
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "manifests" and len(sys.argv) > 2:
+        check_manifests(sys.argv[2:])
+    elif cmd == "compose" and len(sys.argv) == 3:
+        check_compose(sys.argv[2])
+    elif cmd == "dockerfile":
+        check_dockerfile()
+    elif cmd == "config-keys":
+        print("\n".join(sorted(config_keys())))
+    else:
+        sys.exit(__doc__)
