@@ -37,6 +37,21 @@ pub struct SendReport {
     pub dropped_after_4_attempts: usize,
 }
 
+impl SendReport {
+    /// Adds another report's counts to this one.
+    pub fn absorb(&mut self, o: &SendReport) {
+        self.events += o.events;
+        self.requests += o.requests;
+        self.ok_2xx += o.ok_2xx;
+        self.unauthorized_401 += o.unauthorized_401;
+        self.unavailable_5xx += o.unavailable_5xx;
+        self.other += o.other;
+        self.connection_errors += o.connection_errors;
+        self.duplicates_sent += o.duplicates_sent;
+        self.dropped_after_4_attempts += o.dropped_after_4_attempts;
+    }
+}
+
 /// Sends every event (and each duplicate), returns per-event results and totals.
 pub async fn send_all(
     addr: SocketAddr,
