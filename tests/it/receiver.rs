@@ -161,6 +161,10 @@ async fn bad_signatures_get_401_and_nothing_reaches_the_events_topic() {
         metrics.contains(r#"carhook_receiver_signature_failures_total{reason="mismatch"} 1"#),
         "{metrics}"
     );
+    assert!(
+        !metrics.contains(TOKEN) && !metrics.contains(OLD_TOKEN),
+        "a token leaked into the metrics"
+    );
     r.stop().await;
 }
 

@@ -221,6 +221,17 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
         with_trace >= 3,
         "expected receiver and processor log lines with trace id {trace_hex}"
     );
+    // The management tokens appear in no log line, no span and no metric.
+    for secret in [TOKEN, OLD_TOKEN] {
+        assert!(!logs.contains(secret), "a token leaked into the logs");
+        assert!(
+            !spans.iter().any(|(_, sp)| sp
+                .attributes
+                .iter()
+                .any(|kv| format!("{:?}", kv.value).contains(secret))),
+            "a token leaked into a span"
+        );
+    }
     server.abort();
     drop_keyspace(&s).await;
 }
