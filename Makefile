@@ -65,7 +65,10 @@ chaos: stack-up
 fuzz:
 	bash fuzz/run.sh
 
-## lint: formatting and clippy with warnings as errors.
+## lint: formatting, clippy with warnings as errors, cargo-deny (licences, bans, sources; advisories
+## only with CARGO_DENY_ADVISORIES=1, since the advisory database cannot be fetched here).
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	@command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
+	cargo deny check licenses bans sources $${CARGO_DENY_ADVISORIES:+advisories}
