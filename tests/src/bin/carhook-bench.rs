@@ -349,8 +349,123 @@ fn f(v: &Value) -> String {
     })
 }
 
+/// Per-write cost of the two freshness designs and of the dedup claim, on the real store:
+/// (a) `INSERT … IF NOT EXISTS` (the claim), (b) a conditional `UPDATE … IF ts < ?` (the LWT way to
+/// order state), (c) `UPDATE … USING TIMESTAMP` (the chosen way). Sequential latency and 6-way rate.
+async fn cql_costs(n: usize) -> Value {
+    let s = settings(&[]);
+    let session = Arc::new(
+        shared::cql::connect(&s.cql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    shared::cql::migrate(&session, &s.cql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ks = &s.cql.keyspace;
+    session
+        .query_unpaged(format!("CREATE TABLE IF NOT EXISTS {ks}.lwt_state (vehicle_id text, code text, ts bigint, value text, PRIMARY KEY (vehicle_id, code))"), ())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let claim = session.prepare(format!("INSERT INTO {ks}.processed_events (event_id, status) VALUES (?, 'claimed') IF NOT EXISTS")).await.unwrap_or_else(|e| panic!("{e}"));
+    let lwt_seed = session.prepare(format!("INSERT INTO {ks}.lwt_state (vehicle_id, code, ts, value) VALUES (?, 'c', 0, '') IF NOT EXISTS")).await.unwrap_or_else(|e| panic!("{e}"));
+    let lwt = session.prepare(format!("UPDATE {ks}.lwt_state SET ts = ?, value = ? WHERE vehicle_id = ? AND code = 'c' IF ts < ?")).await.unwrap_or_else(|e| panic!("{e}"));
+    let ts = session.prepare(format!("UPDATE {ks}.signal_state USING TIMESTAMP ? SET value = ? WHERE vehicle_id = ? AND code = 'c'")).await.unwrap_or_else(|e| panic!("{e}"));
+    let value = "x".repeat(200);
+    let mut out = serde_json::Map::new();
+    for (name, which) in [
+        ("claim_insert_if_not_exists", 0),
+        ("lwt_update_if_older", 1),
+        ("update_using_timestamp", 2),
+    ] {
+        let (session2, claim2, lwt_seed2, lwt2, ts2, value2) = (
+            Arc::clone(&session),
+            claim.clone(),
+            lwt_seed.clone(),
+            lwt.clone(),
+            ts.clone(),
+            value.clone(),
+        );
+        let one = move |i: usize| {
+            let (session, claim, lwt_seed, lwt, ts, value) = (
+                Arc::clone(&session2),
+                claim2.clone(),
+                lwt_seed2.clone(),
+                lwt2.clone(),
+                ts2.clone(),
+                value2.clone(),
+            );
+            async move {
+                let v = format!("veh-{}", i % 500);
+                let t = 1_764_000_000_000_000_i64 + i as i64;
+                let r = match which {
+                    0 => session
+                        .execute_unpaged(&claim, (format!("ev-{i}"),))
+                        .await
+                        .map(|_| ()),
+                    1 => {
+                        if i < 500 {
+                            let _ = session.execute_unpaged(&lwt_seed, (v.clone(),)).await;
+                        }
+                        session
+                            .execute_unpaged(&lwt, (t, value.as_str(), v.as_str(), t))
+                            .await
+                            .map(|_| ())
+                    }
+                    _ => session
+                        .execute_unpaged(&ts, (t, value.as_str(), v.as_str()))
+                        .await
+                        .map(|_| ()),
+                };
+                if let Err(e) = r {
+                    panic!("{name} failed: {e}");
+                }
+            }
+        };
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..n {
+            let t = Instant::now();
+            one(i + which * 1_000_000).await;
+            let _ = h.record(
+                u64::try_from(t.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..6)
+            .map(|w| {
+                let one = one.clone();
+                tokio::spawn(async move {
+                    for i in 0..n / 6 {
+                        one(2_000_000 + which * 1_000_000 + w * 100_000 + i).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let rate = (n / 6 * 6) as f64 / started.elapsed().as_secs_f64();
+        out.insert(name.to_string(), json!({"p50_ms": h.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": h.value_at_quantile(0.99) as f64 / 1000.0, "writes_per_sec_6_way": rate}));
+    }
+    drop_keyspace(&s).await;
+    Value::Object(out)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("cql") {
+        let v = cql_costs(
+            std::env::var("BENCH_EVENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1200),
+        )
+        .await;
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
     let dur = secs("BENCH_SECONDS", 10);
     let events: u64 = std::env::var("BENCH_EVENTS")
         .ok()
@@ -389,6 +504,8 @@ async fn main() {
     let p4 = processor_figures(events, 4096).await;
     eprintln!("bench: processor 50 KB ...");
     let p50 = processor_figures(events / 5, 50_000).await;
+    eprintln!("bench: CQL write costs ...");
+    let cql = cql_costs(1200).await;
     let half = (r4["receiver"]["throughput_per_sec"]
         .as_f64()
         .unwrap_or(200.0)
@@ -406,7 +523,7 @@ async fn main() {
         date.minute()
     );
     let all = json!({"date": stamp, "machine": machine, "git": std::env::var("BENCH_GIT").unwrap_or_default(),
-        "receiver_4kb": r4, "receiver_50kb": r50, "processor_4kb": p4, "processor_50kb": p50, "end_to_end": e2e});
+        "receiver_4kb": r4, "receiver_50kb": r50, "processor_4kb": p4, "processor_50kb": p50, "end_to_end": e2e, "cql_write_costs": cql});
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(
@@ -457,6 +574,19 @@ async fn main() {
         f(&p50["replay_per_sec"])
     ));
     md.push_str(&format!("| end to end 200 → state visible p50 / p99 ms (at {}/s) | {} / {} | | Smartcar budget: none; SLO target < 1 s |\n", half, f(&e2e["p50_ms"]), f(&e2e["p99_ms"])));
+    md.push_str("\nCQL write cost on this store (sequential p50 / p99 ms; writes/s with 6 concurrent writers):\n\n| write | p50 ms | p99 ms | writes/s |\n|---|---|---|---|\n");
+    for k in [
+        "claim_insert_if_not_exists",
+        "lwt_update_if_older",
+        "update_using_timestamp",
+    ] {
+        md.push_str(&format!(
+            "| {k} | {} | {} | {} |\n",
+            f(&cql[k]["p50_ms"]),
+            f(&cql[k]["p99_ms"]),
+            f(&cql[k]["writes_per_sec_6_way"])
+        ));
+    }
     let _ = std::fs::write(dir.join("latest.md"), &md);
     println!("{md}");
 }
