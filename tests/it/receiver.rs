@@ -338,6 +338,7 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
     let s = settings(&[]);
     let r = spawn_receiver(&s).await;
     let addr = r.addr;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..300 {
         let body = state_event(
@@ -350,13 +351,24 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
             )],
         );
         let sig = sign(TOKEN, &body);
+        let counter = std::sync::Arc::clone(&answered);
         tasks.push(tokio::spawn(async move {
             let reply =
                 tokio::time::timeout(Duration::from_secs(20), try_post(addr, PATH, body, &sig))
                     .await;
-            (i, matches!(reply, Ok(Some(200))))
+            let ok = matches!(reply, Ok(Some(200)));
+            if ok {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            (i, ok)
         }));
         if i == 150 {
+            // SIGTERM arrives mid-load: after some acknowledgements, with the rest still coming.
+            eventually(Duration::from_secs(30), || {
+                let n = answered.load(std::sync::atomic::Ordering::SeqCst);
+                async move { n >= 20 }
+            })
+            .await;
             r.shutdown.cancel();
         }
     }
