@@ -257,17 +257,7 @@ async fn mark_redriven(
         .query_unpaged(q, (topic, pos.partition, pos.offset))
         .await
         .map_err(|e| DlqError::Cql(e.to_string()))?;
-    let rows = res
-        .into_rows_result()
-        .map_err(|e| DlqError::Cql(e.to_string()))?;
-    let applied = rows
-        .rows::<scylla::value::Row>()
-        .map_err(|e| DlqError::Cql(e.to_string()))?
-        .next()
-        .and_then(Result::ok)
-        .and_then(|r| r.columns.into_iter().next().flatten())
-        .is_some_and(|c| matches!(c, scylla::value::CqlValue::Boolean(true)));
-    Ok(applied)
+    crate::store::lwt_applied(res).map_err(DlqError::Cql)
 }
 
 async fn was_redriven(

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use scylla::client::session::Session;
+use scylla::response::query_result::QueryResult;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::SerialConsistency;
@@ -78,11 +79,20 @@ pub struct Store {
     dedup_ttl_secs: i32,
 }
 
-fn first_bool(rows: &[Row]) -> Option<bool> {
-    match rows.first()?.columns.first()? {
-        Some(CqlValue::Boolean(b)) => Some(*b),
-        _ => None,
-    }
+/// Whether a lightweight transaction applied. Read generically: Cassandra returns only `[applied]`
+/// when applied, ScyllaDB adds the row's columns, and a not-applied answer carries the existing row.
+pub fn lwt_applied(res: QueryResult) -> Result<bool, String> {
+    let rows = res.into_rows_result().map_err(|e| e.to_string())?;
+    let first = rows
+        .rows::<Row>()
+        .map_err(|e| e.to_string())?
+        .next()
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok(matches!(
+        first.and_then(|r| r.columns.into_iter().next().flatten()),
+        Some(CqlValue::Boolean(true))
+    ))
 }
 
 impl Store {
@@ -206,14 +216,7 @@ impl Store {
             )
             .await
             .map_err(|e| StoreError::from_exec("claim", e))?;
-        let rows: Vec<Row> = res
-            .into_rows_result()
-            .map_err(|e| StoreError::from_exec("claim", e))?
-            .rows::<Row>()
-            .map_err(|e| StoreError::from_exec("claim", e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::from_exec("claim", e))?;
-        if first_bool(&rows) == Some(true) {
+        if lwt_applied(res).map_err(|e| StoreError::from_exec("claim", e))? {
             return Ok(Claim::Owner);
         }
         let (status, owner) = self.read_claim(event_id).await?;
@@ -277,14 +280,7 @@ impl Store {
             )
             .await
             .map_err(|e| StoreError::from_exec("take over claim", e))?;
-        let rows: Vec<Row> = res
-            .into_rows_result()
-            .map_err(|e| StoreError::from_exec("take over claim", e))?
-            .rows::<Row>()
-            .map_err(|e| StoreError::from_exec("take over claim", e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::from_exec("take over claim", e))?;
-        Ok(first_bool(&rows) == Some(true))
+        lwt_applied(res).map_err(|e| StoreError::from_exec("take over claim", e))
     }
 
     /// Marks a claim dead-lettered (only if `pos` still owns it), so a redriven copy may take it over.
