@@ -110,8 +110,13 @@ impl Running {
     }
 }
 
-/// Starts the receiver on an ephemeral port and waits until it is ready.
-pub async fn spawn_receiver(settings: &Settings) -> Running {
+/// Runs a service in-process on an ephemeral port and waits until its `/ready` answers 200.
+async fn spawn_in_process<F, Fut, E>(name: &'static str, ready_within: Duration, run: F) -> Running
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("bind: {e}"));
@@ -119,11 +124,10 @@ pub async fn spawn_receiver(settings: &Settings) -> Running {
         .local_addr()
         .unwrap_or_else(|e| panic!("addr: {e}"));
     let shutdown = CancellationToken::new();
-    let s = settings.clone();
-    let stop = shutdown.clone();
+    let service = run(listener, shutdown.clone());
     let task = tokio::spawn(async move {
-        if let Err(e) = carhook_receiver::run(s, listener, stop).await {
-            panic!("receiver failed: {e}");
+        if let Err(e) = service.await {
+            panic!("{name} failed: {e}");
         }
     });
     let running = Running {
@@ -131,39 +135,29 @@ pub async fn spawn_receiver(settings: &Settings) -> Running {
         shutdown,
         task,
     };
-    eventually(Duration::from_secs(30), || async {
+    eventually(ready_within, || async {
         get(addr, "/ready").await.0 == 200
     })
     .await;
     running
 }
 
+/// Starts the receiver on an ephemeral port and waits until it is ready.
+pub async fn spawn_receiver(settings: &Settings) -> Running {
+    let s = settings.clone();
+    spawn_in_process("receiver", Duration::from_secs(30), move |l, stop| {
+        carhook_receiver::run(s, l, stop)
+    })
+    .await
+}
+
 /// Starts the processor (admin on an ephemeral port) and waits until it is ready.
 pub async fn spawn_processor(settings: &Settings) -> Running {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("addr: {e}"));
-    let shutdown = CancellationToken::new();
     let s = settings.clone();
-    let stop = shutdown.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = carhook_processor::run(s, listener, stop).await {
-            panic!("processor failed: {e}");
-        }
-    });
-    let running = Running {
-        addr,
-        shutdown,
-        task,
-    };
-    eventually(Duration::from_secs(60), || async {
-        get(addr, "/ready").await.0 == 200
+    spawn_in_process("processor", Duration::from_secs(60), move |l, stop| {
+        carhook_processor::run(s, l, stop)
     })
-    .await;
-    running
+    .await
 }
 
 /// Polls `check` until it holds or `within` passes (then panics).
@@ -461,6 +455,16 @@ pub struct ChildService {
     pub child: std::process::Child,
     /// The address serving `/ready` (receiver listen address, or processor admin address).
     pub addr: SocketAddr,
+}
+
+impl Drop for ChildService {
+    /// A test that fails half-way must not leave its services running: kill whatever is still alive.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl ChildService {
