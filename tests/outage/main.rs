@@ -258,7 +258,8 @@ async fn fault_campaign_loses_nothing_acknowledged_and_applies_nothing_twice() {
     };
     let events = sim::generate::generate(99, vehicles, per_vehicle, faults);
     let path = s.receiver.path.clone();
-    // Retries compressed to 5/10/20 s: still longer than any single outage below. (Invalid
+    // Retries compressed to 12.5/25/50 s (Smartcar: 25/50/100 s): longer than any outage below, even
+    // when a killed broker needs its log recovery on a loaded machine. (Invalid
     // signatures are left to the matrix: their four refused attempts would only stretch the run.)
     // Traffic is spread over the whole fault window: slices of events with pauses in between.
     let sender = tokio::spawn({
@@ -267,7 +268,7 @@ async fn fault_campaign_loses_nothing_acknowledged_and_applies_nothing_twice() {
             let mut all = Vec::new();
             let mut total = sim::send::SendReport::default();
             for slice in events.chunks(events.len().div_ceil(12).max(1)) {
-                let (d, r) = sim::send::send_all(addr, &path, TOKEN, slice, 8, 0.2, None).await;
+                let (d, r) = sim::send::send_all(addr, &path, TOKEN, slice, 8, 0.5, None).await;
                 all.extend(d);
                 total.absorb(&r);
                 tokio::time::sleep(Duration::from_secs(2)).await;
