@@ -151,8 +151,53 @@ pub async fn spawn_receiver(settings: &Settings) -> Running {
     .await
 }
 
+/// Waits once per test process until the broker's transaction coordinator answers: one committed
+/// transaction on a scratch topic. On a freshly formatted broker the coordinator loads lazily, and
+/// the first transactions of a test would otherwise spend their deadline waiting for it.
+pub async fn warm_transactions(settings: &Settings) {
+    static WARM: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    WARM.get_or_init(|| async {
+        let mut k = settings.kafka.clone();
+        k.events_topic = "carhook-test-warmup".into();
+        k.dlq_topic = "carhook-test-warmup.dlq".into();
+        k.actions_topic = "carhook-test-warmup.actions".into();
+        k.quarantine_topic = "carhook-test-warmup.q".into();
+        shared::kafka::ensure_topics(&k)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut full = settings.clone();
+        full.kafka = k.clone();
+        let producer =
+            carhook_processor::consumer::transactional_producer(&full, "carhook-test-warmup")
+                .unwrap_or_else(|e| panic!("{e}"));
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while let Err(e) = producer.init_transactions(Duration::from_secs(30)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "transaction coordinator never became ready: {e}"
+                );
+            }
+            producer
+                .begin_transaction()
+                .unwrap_or_else(|e| panic!("{e}"));
+            let rec =
+                rdkafka::producer::FutureRecord::<str, str>::to(&k.events_topic).payload("warm-up");
+            let _ = producer.send_result(rec);
+            producer
+                .commit_transaction(Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("warm-up commit: {e}"));
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    })
+    .await;
+}
+
 /// Starts the processor (admin on an ephemeral port) and waits until it is ready.
 pub async fn spawn_processor(settings: &Settings) -> Running {
+    warm_transactions(settings).await;
     let s = settings.clone();
     spawn_in_process("processor", Duration::from_secs(60), move |l, stop| {
         carhook_processor::run(s, l, stop)
@@ -475,6 +520,7 @@ impl ChildService {
         log: &std::path::Path,
         extra: &[(&str, &str)],
     ) -> Self {
+        warm_transactions(s).await;
         let admin = free_port();
         let mut env = child_env(s, admin, instance);
         env.extend(
