@@ -414,3 +414,30 @@ async fn poison_goes_to_the_dead_letter_topic_with_provenance_and_the_partition_
     p.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// The harness runs services on runtimes of their own: a test blocked in a synchronous Kafka read
+/// must not freeze the processor it is waiting for (before, the processor shared the test's
+/// single-threaded runtime, its transaction outlived `transaction.timeout.ms` and was aborted by
+/// the broker, and the reader saw nothing).
+#[tokio::test]
+async fn processor_commits_while_the_test_thread_is_blocked_reading() {
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "1")]);
+    let p = spawn_processor(&s).await;
+    let car = "car-blocked-reader";
+    let e = error_event(
+        "blocked-1",
+        car,
+        json!([{"type":"PERMISSION","code":null,"state":"ERROR"}]),
+        1_761_896_351_529,
+    );
+    produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &[(Some(car), &e)]).await;
+    // Blocks this thread (and with it the test's runtime) until the action is visible.
+    let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, 1, WAIT);
+    assert_eq!(actions.len(), 1, "the action was never committed");
+    assert_eq!(
+        header(&actions[0], headers::ACTION_TYPE).as_deref(),
+        Some("RECONNECT_REQUIRED")
+    );
+    p.stop().await;
+    drop_keyspace(&s).await;
+}

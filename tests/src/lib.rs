@@ -111,24 +111,44 @@ impl Running {
 }
 
 /// Runs a service in-process on an ephemeral port and waits until its `/ready` answers 200.
+///
+/// The service gets a runtime of its own on its own thread, as in production. Tests run on a
+/// single-threaded runtime and call blocking helpers (`read_topic`, `record_count`); a service
+/// spawned onto the test's runtime would be frozen for as long as such a call blocks — its Kafka
+/// transaction then outlives `transaction.timeout.ms` and the broker aborts it, so the records it
+/// produced never become visible to the very reader that is waiting for them.
 async fn spawn_in_process<F, Fut, E>(name: &'static str, ready_within: Duration, run: F) -> Running
 where
-    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    F: FnOnce(TcpListener, CancellationToken) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    listener
+        .set_nonblocking(true)
+        .unwrap_or_else(|e| panic!("nonblocking: {e}"));
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("addr: {e}"));
     let shutdown = CancellationToken::new();
-    let service = run(listener, shutdown.clone());
-    let task = tokio::spawn(async move {
-        if let Err(e) = service.await {
-            panic!("{name} failed: {e}");
-        }
+    let stop = shutdown.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{name} runtime: {e}"));
+        rt.block_on(async move {
+            let listener =
+                TcpListener::from_std(listener).unwrap_or_else(|e| panic!("listener: {e}"));
+            if let Err(e) = run(listener, stop).await {
+                panic!("{name} failed: {e}");
+            }
+        });
+        // Tasks the service left behind (e.g. a lag reporter) end with its runtime.
+        rt.shutdown_timeout(Duration::from_secs(5));
     });
     let running = Running {
         addr,
