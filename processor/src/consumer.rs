@@ -117,9 +117,33 @@ pub fn transactional_producer(
         .set("compression.type", "lz4")
         .set("linger.ms", "5")
         .set("partitioner", "murmur2_random")
-        .set("transaction.timeout.ms", "30000")
+        .set(
+            "transaction.timeout.ms",
+            TRANSACTION_BUDGET.as_millis().to_string(),
+        )
         .set("message.timeout.ms", "25000");
     c.create()
+}
+
+/// How long one transaction may take from its first call to its end: librdkafka's
+/// `transaction.timeout.ms` (set below), after which the broker aborts it anyway.
+const TRANSACTION_BUDGET: Duration = Duration::from_secs(30);
+
+/// Why a batch's transaction did not commit.
+#[derive(Debug)]
+enum TxnFailure {
+    /// Aborted cleanly: the batch is processed again with the same clients.
+    Aborted(KafkaError),
+    /// The producer cannot go on (fenced, fatal, or an abort that never completed).
+    Unusable(KafkaError),
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_fatal())
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable() && !t.is_fatal() && !t.txn_requires_abort())
 }
 
 /// A record to produce inside the transaction: topic, key, value, headers.
@@ -157,7 +181,10 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Runs until `shutdown`; finishes and commits the batch in hand first.
+    /// Runs until `shutdown`; finishes and commits the batch in hand first. Returns
+    /// `LoopError::Fatal` when the producer can no longer be used (fenced, fatal error, a
+    /// transaction that could neither commit nor abort): the supervisor then rebuilds both Kafka
+    /// clients and rejoins the group, instead of rewinding the same batch forever.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LoopError> {
         let producer = self.producer.clone();
         match tokio::task::spawn_blocking(move || {
@@ -172,6 +199,7 @@ impl Worker {
             .subscribe(&[&self.settings.kafka.events_topic])
             .map_err(LoopError::Setup)?;
         self.readiness.set("consumer", true);
+        self.readiness.set("transactions", true);
         let mut failures: u32 = 0;
         while !shutdown.is_cancelled() {
             let batch = self.collect(&shutdown).await;
@@ -181,22 +209,29 @@ impl Worker {
             let runs = self.process(batch).await;
             let any_failed = runs.iter().any(|r| r.failed.is_some());
             match self.commit(&runs).await {
-                Ok(()) => self.finish(&runs),
-                Err(e) => {
+                Ok(()) => {
+                    self.readiness.set("transactions", true);
+                    self.finish(&runs);
+                }
+                Err(TxnFailure::Aborted(e)) => {
                     self.metrics
                         .transactions
                         .get_or_create(&vec![("result", "aborted".to_string())])
                         .inc();
-                    tracing::warn!(error = %e, "transaction failed; batch will be processed again");
-                    if let KafkaError::Transaction(ref t) = e {
-                        if t.is_fatal() {
-                            return Err(LoopError::Fatal(e));
-                        }
-                    }
+                    self.readiness.set("transactions", false);
+                    tracing::warn!(error = %e, "transaction aborted; batch will be processed again");
                     self.rewind(runs.iter().map(|r| (r.partition, r.first_offset)));
                     failures += 1;
                     self.backoff(failures, &shutdown).await;
                     continue;
+                }
+                Err(TxnFailure::Unusable(e)) => {
+                    self.metrics
+                        .transactions
+                        .get_or_create(&vec![("result", "failed".to_string())])
+                        .inc();
+                    self.readiness.set("transactions", false);
+                    return Err(LoopError::Fatal(e));
                 }
             }
             if any_failed {
@@ -324,30 +359,93 @@ impl Worker {
     }
 
     /// The transaction: actions, dead letters, offsets.
-    async fn commit(&self, runs: &[PartitionRun]) -> Result<(), KafkaError> {
+    ///
+    /// Follows librdkafka's rules for the transactional API: a call that fails with a retriable
+    /// error (its timeout ran out while the operation goes on inside librdkafka) is called again
+    /// with the time left of the transaction budget; an error that requires an abort aborts (and
+    /// the abort is itself resumed until it completes); anything fatal, or an abort that cannot
+    /// complete, makes the producer unusable and the clients are rebuilt.
+    async fn commit(&self, runs: &[PartitionRun]) -> Result<(), TxnFailure> {
         let mut offsets = TopicPartitionList::new();
         for r in runs {
             if let Some(last) = r.done.last() {
-                offsets.add_partition_offset(
-                    &self.settings.kafka.events_topic,
-                    r.partition,
-                    Offset::Offset(last.msg.offset() + 1),
-                )?;
+                offsets
+                    .add_partition_offset(
+                        &self.settings.kafka.events_topic,
+                        r.partition,
+                        Offset::Offset(last.msg.offset() + 1),
+                    )
+                    .map_err(TxnFailure::Unusable)?;
             }
         }
         if offsets.count() == 0 {
             return Ok(());
         }
-        self.producer.begin_transaction()?;
-        let result = self.commit_inner(runs, &offsets).await;
-        if result.is_err() {
-            let producer = self.producer.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                producer.abort_transaction(Duration::from_secs(10))
-            })
-            .await;
+        // Refused only when the previous transaction is still open (a commit or abort that never
+        // completed): nothing more can be done with this producer.
+        self.producer
+            .begin_transaction()
+            .map_err(TxnFailure::Unusable)?;
+        match self.commit_inner(runs, &offsets).await {
+            Ok(()) => {
+                self.metrics.committed();
+                Ok(())
+            }
+            Err(e) if is_fatal(&e) => Err(TxnFailure::Unusable(e)),
+            Err(e) => match self.abort().await {
+                Ok(()) => Err(TxnFailure::Aborted(e)),
+                Err(abort) => {
+                    tracing::error!(error = %e, abort_error = %abort, "transaction could not be aborted");
+                    Err(TxnFailure::Unusable(abort))
+                }
+            },
         }
-        result
+    }
+
+    /// Runs one blocking transactional call, resuming it while it fails retriably (its call
+    /// timeout `per_call` ran out) and the transaction budget has time left.
+    async fn resumable<F>(
+        &self,
+        call: &'static str,
+        per_call: Duration,
+        op: F,
+    ) -> Result<(), KafkaError>
+    where
+        F: Fn(&FutureProducer, Duration) -> Result<(), KafkaError> + Send + Sync + 'static,
+    {
+        let deadline = Instant::now() + TRANSACTION_BUDGET;
+        let op = Arc::new(op);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let producer = self.producer.clone();
+            let op = Arc::clone(&op);
+            let timeout = per_call.min(left).max(Duration::from_millis(1));
+            let result = tokio::task::spawn_blocking(move || op(&producer, timeout))
+                .await
+                .map_err(|_| KafkaError::Canceled)?;
+            match result {
+                Err(e) if is_retriable(&e) && !left.is_zero() => {
+                    self.metrics
+                        .transaction_retries
+                        .get_or_create(&vec![("call", call.to_string())])
+                        .inc();
+                    tracing::debug!(call, error = %e, "transactional call ran out of time; resuming");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// How long commit and abort calls may block before they are resumed.
+    fn commit_call_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.processor.commit_timeout_ms)
+    }
+
+    async fn abort(&self) -> Result<(), KafkaError> {
+        self.resumable("abort", self.commit_call_timeout(), |p, t| {
+            p.abort_transaction(t)
+        })
+        .await
     }
 
     async fn commit_inner(
@@ -412,20 +510,18 @@ impl Worker {
         for r in join_all(sends).await {
             r.map_err(|(e, _)| e)?;
         }
-        let group = self.consumer.group_metadata().ok_or(KafkaError::Canceled)?;
-        let producer = self.producer.clone();
-        let offsets = offsets.clone();
-        tokio::task::spawn_blocking(move || {
-            producer.send_offsets_to_transaction(&offsets, &group, Duration::from_secs(20))?;
-            producer.commit_transaction(Duration::from_secs(20))
+        let group = Arc::new(self.consumer.group_metadata().ok_or(KafkaError::Canceled)?);
+        let offsets = Arc::new(offsets.clone());
+        // Offsets go to the group coordinator within the whole budget: a timeout there leaves the
+        // transaction abortable, not resumable.
+        self.resumable("send_offsets", TRANSACTION_BUDGET, move |p, t| {
+            p.send_offsets_to_transaction(&offsets, &group, t)
+        })
+        .await?;
+        self.resumable("commit", self.commit_call_timeout(), |p, t| {
+            p.commit_transaction(t)
         })
         .await
-        .map_err(|_| KafkaError::Canceled)??;
-        self.metrics
-            .transactions
-            .get_or_create(&vec![("result", "committed".to_string())])
-            .inc();
-        Ok(())
     }
 
     /// After a commit: the per-record log line (processing end) and outcome metrics.

@@ -1,5 +1,7 @@
 //! The processor's Prometheus metrics, all `carhook_processor_*`.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,6 +25,14 @@ pub struct Metrics {
     pub consumer_lag: Family<Labels, Gauge>,
     pub transactions: Family<Labels, Counter>,
     pub rebalances: Family<Labels, Counter>,
+    /// Transactional calls that ran out of time and were resumed, by call.
+    pub transaction_retries: Family<Labels, Counter>,
+    /// Unix time of the last committed transaction (0 until the first).
+    pub last_commit: Gauge<f64, AtomicU64>,
+    /// Kafka clients rebuilt after a fatal or unusable producer state.
+    pub client_rebuilds: Counter,
+    /// Timestamps ahead of receive time by more than the allowed skew, by clock.
+    pub untrusted_timestamps: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -40,7 +50,21 @@ impl Metrics {
             consumer_lag: Family::default(),
             transactions: Family::default(),
             rebalances: Family::default(),
+            transaction_retries: Family::default(),
+            last_commit: Gauge::default(),
+            client_rebuilds: Counter::default(),
+            untrusted_timestamps: Family::default(),
         };
+        for call in ["send_offsets", "commit", "abort"] {
+            let _ = m
+                .transaction_retries
+                .get_or_create(&vec![("call", call.to_string())]);
+        }
+        for clock in ["oem_updated_at", "fetched_at", "delivered_at"] {
+            let _ = m
+                .untrusted_timestamps
+                .get_or_create(&vec![("clock", clock.to_string())]);
+        }
         let r = registry.sub_registry_with_prefix("carhook_processor");
         r.register(
             "events",
@@ -98,7 +122,39 @@ impl Metrics {
             "Consumer group rebalances, by kind (assign, revoke)",
             m.rebalances.clone(),
         );
+        r.register(
+            "transaction_retries",
+            "Transactional calls that ran out of their call timeout and were resumed, by call",
+            m.transaction_retries.clone(),
+        );
+        r.register_with_unit(
+            "last_commit_timestamp",
+            "Unix time of the last committed transaction (0 until the first)",
+            Unit::Seconds,
+            m.last_commit.clone(),
+        );
+        r.register(
+            "client_rebuilds",
+            "Kafka consumer and producer rebuilt after a fatal or unusable transactional state",
+            m.client_rebuilds.clone(),
+        );
+        r.register(
+            "untrusted_timestamps",
+            "Timestamps later than receive time plus the allowed skew, not trusted, by clock",
+            m.untrusted_timestamps.clone(),
+        );
         m
+    }
+
+    /// Records a committed transaction.
+    pub fn committed(&self) {
+        self.transactions
+            .get_or_create(&vec![("result", "committed".to_string())])
+            .inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_commit.set(now);
     }
 
     /// Counts one event outcome.

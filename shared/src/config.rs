@@ -241,6 +241,13 @@ pub struct ProcessorSettings {
     /// Longest pause between retries of a transient failure.
     pub max_backoff_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// Time one `commit_transaction` or `abort_transaction` call may block. A call that runs out
+    /// is resumed with the time left of the transaction budget (`transaction.timeout.ms`), never
+    /// abandoned: librdkafka keeps committing in the background.
+    pub commit_timeout_ms: u64,
+    /// How far a car's or Smartcar's clock may run ahead of receive time before the timestamp is
+    /// not trusted (the next clock is used instead).
+    pub max_clock_skew_ms: u64,
 }
 
 impl Default for ProcessorSettings {
@@ -255,6 +262,8 @@ impl Default for ProcessorSettings {
             rate_limit_backoff_secs: 900,
             max_backoff_ms: 30_000,
             shutdown_grace_ms: 20_000,
+            commit_timeout_ms: 10_000,
+            max_clock_skew_ms: 60_000,
         }
     }
 }
@@ -412,6 +421,18 @@ impl Settings {
         }
         if p.logic_version > 999 {
             return Err(invalid("processor.logic_version", "must be at most 999"));
+        }
+        if !(1..=60_000).contains(&p.commit_timeout_ms) {
+            return Err(invalid(
+                "processor.commit_timeout_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+        if !(1_000..=86_400_000).contains(&p.max_clock_skew_ms) {
+            return Err(invalid(
+                "processor.max_clock_skew_ms",
+                "must be between 1000 and 86400000 (one day)",
+            ));
         }
         if p.instance_id.trim().is_empty() {
             return Err(invalid("processor.instance_id", "is empty"));

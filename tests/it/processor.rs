@@ -441,3 +441,42 @@ async fn processor_commits_while_the_test_thread_is_blocked_reading() {
     p.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// A transactional call that runs out of its call timeout leaves the commit running inside
+/// librdkafka. Before, the loop then called abort (refused, error ignored) and every later
+/// `begin_transaction` failed: the instance rewound one batch forever while reporting ready.
+/// Now the call is resumed with the time left and the processor keeps committing.
+#[tokio::test]
+async fn a_commit_that_outlives_its_call_timeout_is_resumed_and_processing_goes_on() {
+    let s = settings(&[
+        ("CARHOOK__KAFKA__PARTITIONS", "1"),
+        ("CARHOOK__PROCESSOR__COMMIT_TIMEOUT_MS", "1"),
+    ]);
+    let p = spawn_processor(&s).await;
+    let car = "car-slow-commit";
+    let t0 = 1_761_896_351_529_i64;
+    for (i, state) in ["ERROR", "RESOLVED", "ERROR"].iter().enumerate() {
+        let e = error_event(
+            &format!("slow-commit-{i}"),
+            car,
+            json!([{"type":"PERMISSION","code":null,"state":state}]),
+            t0 + i as i64 * 1000,
+        );
+        produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &[(Some(car), &e)]).await;
+        let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, i + 1, WAIT);
+        assert_eq!(actions.len(), i + 1, "batch {i} was never committed");
+    }
+    assert!(
+        metric(
+            &p,
+            r#"carhook_processor_transaction_retries_total{call="commit"}"#
+        )
+        .await
+            > 0.0,
+        "no call ran out of its 1 ms timeout: the test did not exercise the resume path"
+    );
+    assert!(metric(&p, "carhook_processor_last_commit_timestamp_seconds").await > 1.7e9);
+    assert_eq!(get(p.addr, "/ready").await.0, 200);
+    p.stop().await;
+    drop_keyspace(&s).await;
+}

@@ -336,7 +336,7 @@ async fn unreachable_broker_answers_503_with_retry_after_within_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_loses_no_acknowledged_event() {
     let s = settings(&[]);
-    let r = spawn_receiver(&s).await;
+    let mut r = spawn_receiver(&s).await;
     let addr = r.addr;
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -378,7 +378,7 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
             acked.insert(format!("term-{i}"));
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(30), r.task).await;
+    r.join(Duration::from_secs(30)).await;
     assert!(
         !acked.is_empty(),
         "some requests were acknowledged before the drain"

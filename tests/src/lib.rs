@@ -95,18 +95,32 @@ pub fn sign(token: &str, body: &[u8]) -> String {
     shared::signature::sign(&SecretString::from(token.to_string()), body)
 }
 
-/// A service running inside the test process.
+/// A service running inside the test process, on a runtime of its own. Dropping it (a test that
+/// panicked half-way) tells the service to stop, so the test process never waits on it forever.
 pub struct Running {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Running {
     /// Signals shutdown and waits for the service to finish (bounded).
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        self.join(Duration::from_secs(30)).await;
+    }
+
+    /// Waits up to `within` for the service to finish by itself (after a signal or a shutdown).
+    pub async fn join(&mut self, within: Duration) {
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(within, task).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -153,7 +167,7 @@ where
     let running = Running {
         addr,
         shutdown,
-        task,
+        task: Some(task),
     };
     eventually(ready_within, || async {
         get(addr, "/ready").await.0 == 200
