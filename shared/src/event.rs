@@ -5,14 +5,26 @@
 //! only where the processor cannot act: a body that is not a JSON object, an event without a usable
 //! `eventId`, a known event type whose required structure is missing. Those are [`EventError`]s,
 //! each naming the field, and the processor dead-letters them.
+//!
+//! Legacy v2 bodies (`version: "2.0"`, `eventName`, `payload`) are recognised by that shape before
+//! anything else is read, because they carry no top-level `eventId` or `vehicleId`. Their
+//! idempotency key is derived (see [`Envelope::event_id`]) so that every retry of the same bytes
+//! deduplicates like a current event.
 
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::clock::EpochMillis;
-use crate::ids::{EventId, IdError, SignalCode, VehicleId};
+use crate::ids::{EventId, IdError, SignalCode, VehicleId, MAX_ID_LEN};
 
-/// Signals in one event beyond which the event is refused (Smartcar's 50 KB cap allows ~500).
+/// Signals (or legacy readings) in one event beyond which the event is refused
+/// (Smartcar's 50 KB cap allows ~500).
 pub const MAX_SIGNALS: usize = 2_000;
+
+/// Prefix of a legacy event id built from the vehicles' `requestId`s.
+pub const LEGACY_REQUEST_ID_PREFIX: &str = "v2-request:";
+/// Prefix of a legacy event id built from the SHA-256 of the raw body.
+pub const LEGACY_BODY_HASH_PREFIX: &str = "sha256:";
 
 /// Why an event cannot be applied. Deterministic: retrying the same bytes fails the same way.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,7 +42,7 @@ pub enum EventError {
     },
     #[error("field `{field}` is invalid: {source}")]
     InvalidId { field: String, source: IdError },
-    #[error("`data.signals` has {0} entries, more than the {MAX_SIGNALS} accepted")]
+    #[error("event has {0} signals or legacy readings, more than the {MAX_SIGNALS} accepted")]
     TooManySignals(usize),
 }
 
@@ -51,14 +63,20 @@ impl EventError {
 /// Fields every event carries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
+    /// The idempotency key: `eventId`. Legacy v2 bodies: `payload.eventId`, else a top-level
+    /// `eventId`, else `v2-request:` + the vehicles' `requestId`s joined with `,` (when every vehicle
+    /// has one and the result fits an id), else `sha256:` + hex SHA-256 of the raw body.
     pub event_id: EventId,
     /// `eventType` as sent (legacy `eventName` upper-cased).
     pub event_type: String,
-    /// `vehicleId`, else `data.vehicle.id`.
+    /// `vehicleId`, else `data.vehicle.id`. Legacy: `payload.vehicleId`, else the first
+    /// `payload.vehicles[].vehicleId`.
     pub vehicle_id: Option<VehicleId>,
+    /// `meta.deliveryId` (legacy bodies carry none).
     pub delivery_id: Option<String>,
+    /// `meta.deliveredAt` (legacy bodies carry none).
     pub delivered_at: Option<EpochMillis>,
-    /// `meta.mode` normalised to upper case (`LIVE`, `TEST`, `SIMULATED`).
+    /// `meta.mode` (legacy: top-level `mode`) normalised to upper case (`LIVE`, `TEST`, `SIMULATED`).
     pub mode: Option<String>,
     /// `meta.version`, or the legacy top-level `version`.
     pub version: Option<String>,
@@ -86,10 +104,58 @@ pub enum EventKind {
     },
     /// A handshake; answered by the receiver, never applied.
     Verify,
-    /// A legacy v2 data event: recorded and counted, not applied.
-    Legacy { event_name: String },
+    /// A legacy v2 data event (`eventBased`, `dynamic`, `scheduled`, …), one entry per vehicle.
+    Legacy(LegacyEvent),
     /// An event type this version does not know: counted, not failed.
     Unknown,
+}
+
+/// A legacy v2 data event (`SMARTCAR.md` §4).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyEvent {
+    /// `eventName` as sent: "eventBased", "dynamic", "scheduled", or anything else.
+    pub event_name: String,
+    /// One entry per vehicle (eventBased: exactly one; dynamic/scheduled: `payload.vehicles[]`).
+    /// Never empty.
+    pub vehicles: Vec<LegacyVehicle>,
+}
+
+/// One vehicle of a legacy event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyVehicle {
+    /// `payload.vehicleId` (eventBased) or `payload.vehicles[].vehicleId`.
+    pub vehicle: VehicleId,
+    /// `payload.vehicles[].requestId` (dynamic/scheduled); empty strings are `None`.
+    pub request_id: Option<String>,
+    /// eventBased: `payload.eventType`, e.g. `CHARGING_COMPLETED`.
+    pub event_type: Option<String>,
+    /// eventBased: `payload.eventTime` (ISO-8601, epoch ms or epoch seconds).
+    pub event_time: Option<EpochMillis>,
+    /// dynamic/scheduled: the usable `data[]` entries, in order.
+    pub readings: Vec<LegacyReading>,
+}
+
+/// One `data[]` entry of a legacy vehicle: the answer of one v2 endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyReading {
+    /// The endpoint, e.g. "/odometer", as sent.
+    pub path: String,
+    /// HTTP status of that path; anything other than 200 is that path's error.
+    pub code: i64,
+    /// The body as sent (on error: Smartcar's error object with `type`, `code`, `description`);
+    /// `Null` when absent.
+    pub body: Value,
+    /// `headers.sc-data-age`: when the car produced the reading (ISO-8601 or epoch).
+    pub data_age: Option<EpochMillis>,
+    /// `headers.sc-unit-system`, e.g. "metric".
+    pub unit_system: Option<String>,
+}
+
+impl LegacyReading {
+    /// Whether the path was read successfully (`code` 200).
+    pub fn is_success(&self) -> bool {
+        self.code == 200
+    }
 }
 
 /// One entry of `data.signals[]`.
@@ -323,6 +389,199 @@ fn parse_error_item(i: usize, v: &Value) -> Result<VehicleErrorItem, EventError>
     })
 }
 
+/// The legacy v2 shape: `eventName` without `eventType`, or a top-level `version` "2…".
+fn is_legacy_shape(root: &Map<String, Value>) -> Result<bool, EventError> {
+    let named = str_field(root, "eventName", "eventName")?.is_some()
+        && matches!(root.get("eventType"), None | Some(Value::Null));
+    let v2 = root
+        .get("version")
+        .and_then(Value::as_str)
+        .is_some_and(|v| v.starts_with('2'));
+    Ok(named || v2)
+}
+
+fn parse_vehicle_id(v: &str, field: impl Into<String>) -> Result<VehicleId, EventError> {
+    VehicleId::parse(v).map_err(|source| EventError::InvalidId {
+        field: field.into(),
+        source,
+    })
+}
+
+/// A `data[]` entry, or `None` when the processor could not act on it: no `path` string, or no
+/// usable `code` (a missing one means 200 only when a `body` came with it).
+fn parse_legacy_reading(v: &Value) -> Option<LegacyReading> {
+    let o = v.as_object()?;
+    let path = o.get("path")?.as_str().filter(|p| !p.is_empty())?;
+    let body = o.get("body").cloned().unwrap_or(Value::Null);
+    let code = match o.get("code") {
+        None | Some(Value::Null) if body.is_null() => return None,
+        None | Some(Value::Null) => 200,
+        Some(c) => c
+            .as_i64()
+            .or_else(|| c.as_str().and_then(|s| s.trim().parse().ok()))?,
+    };
+    // HTTP header names are case-insensitive; Smartcar copies them into JSON as received.
+    let headers = o.get("headers").and_then(Value::as_object);
+    let header = |name: &str| {
+        headers.and_then(|h| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+    };
+    Some(LegacyReading {
+        path: path.to_owned(),
+        code,
+        body,
+        data_age: header("sc-data-age").and_then(EpochMillis::from_json),
+        unit_system: header("sc-unit-system")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+    })
+}
+
+/// One vehicle: `payload` itself (eventBased) or an entry of `payload.vehicles[]`.
+fn parse_legacy_vehicle(
+    o: &Map<String, Value>,
+    path: &str,
+    missing_vehicle: &'static str,
+) -> Result<LegacyVehicle, EventError> {
+    let vehicle_field = format!("{path}.vehicleId");
+    let vehicle =
+        str_field(o, "vehicleId", &vehicle_field)?.ok_or(EventError::Missing(missing_vehicle))?;
+    let optional = |k: &str| {
+        o.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_owned)
+    };
+    let readings = array_field(o, "data", &format!("{path}.data"))?
+        .map(|a| a.iter().filter_map(parse_legacy_reading).collect())
+        .unwrap_or_default();
+    Ok(LegacyVehicle {
+        vehicle: parse_vehicle_id(vehicle, vehicle_field)?,
+        request_id: optional("requestId"),
+        event_type: optional("eventType"),
+        event_time: o.get("eventTime").and_then(EpochMillis::from_json),
+        readings,
+    })
+}
+
+/// Entries of `data[]` in the given vehicle objects, counted before anything is built.
+fn legacy_reading_count<'a>(vehicles: impl Iterator<Item = &'a Value>) -> usize {
+    vehicles
+        .filter_map(|v| v.get("data"))
+        .filter_map(Value::as_array)
+        .map(Vec::len)
+        .sum()
+}
+
+fn parse_legacy_vehicles(
+    event_name: &str,
+    payload: &Map<String, Value>,
+) -> Result<Vec<LegacyVehicle>, EventError> {
+    let listed = ["dynamic", "scheduled"]
+        .iter()
+        .any(|n| event_name.eq_ignore_ascii_case(n));
+    // Unknown names are read by shape: a `vehicles` array is the list form.
+    let list = if event_name.eq_ignore_ascii_case("eventBased") {
+        None
+    } else {
+        match array_field(payload, "vehicles", "payload.vehicles")? {
+            None if listed => return Err(EventError::Missing("payload.vehicles")),
+            list => list,
+        }
+    };
+    let Some(list) = list else {
+        let readings = payload
+            .get("data")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        if readings > MAX_SIGNALS {
+            return Err(EventError::TooManySignals(readings));
+        }
+        return Ok(vec![parse_legacy_vehicle(
+            payload,
+            "payload",
+            "payload.vehicleId",
+        )?]);
+    };
+    if list.is_empty() {
+        return Err(EventError::Missing("payload.vehicles[0]"));
+    }
+    let readings = legacy_reading_count(list.iter());
+    if readings > MAX_SIGNALS {
+        return Err(EventError::TooManySignals(readings));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let path = format!("payload.vehicles[{i}]");
+            let Value::Object(o) = v else {
+                return Err(EventError::WrongType {
+                    field: path,
+                    expected: "an object",
+                });
+            };
+            parse_legacy_vehicle(o, &path, "payload.vehicles[].vehicleId")
+        })
+        .collect()
+}
+
+/// The idempotency key of a legacy body (see [`Envelope::event_id`]).
+fn legacy_event_id(
+    root: &Map<String, Value>,
+    payload: &Map<String, Value>,
+    vehicles: &[LegacyVehicle],
+    body: &[u8],
+) -> Result<EventId, EventError> {
+    let given = |obj, field: &'static str| -> Result<Option<EventId>, EventError> {
+        str_field(obj, "eventId", field)?
+            .map(|id| {
+                EventId::parse(id).map_err(|source| EventError::InvalidId {
+                    field: field.into(),
+                    source,
+                })
+            })
+            .transpose()
+    };
+    if let Some(id) = given(payload, "payload.eventId")? {
+        return Ok(id);
+    }
+    if let Some(id) = given(root, "eventId")? {
+        return Ok(id);
+    }
+    if let Some(id) = request_ids_key(vehicles) {
+        return Ok(id);
+    }
+    let hash = format!(
+        "{LEGACY_BODY_HASH_PREFIX}{}",
+        hex::encode(Sha256::digest(body))
+    );
+    EventId::parse(hash).map_err(|source| EventError::InvalidId {
+        field: "body".into(),
+        source,
+    })
+}
+
+/// `v2-request:r1,r2,…` when every vehicle has a `requestId`. `None` when one lacks it, when one
+/// contains the separator (two lists could then join to the same key), or when the key would
+/// not be a valid id (too long, control characters): the body hash is used instead.
+fn request_ids_key(vehicles: &[LegacyVehicle]) -> Option<EventId> {
+    if vehicles.is_empty() {
+        return None;
+    }
+    let ids = vehicles
+        .iter()
+        .map(|v| v.request_id.as_deref().filter(|r| !r.contains(',')))
+        .collect::<Option<Vec<_>>>()?;
+    let key = format!("{LEGACY_REQUEST_ID_PREFIX}{}", ids.join(","));
+    if key.len() > MAX_ID_LEN {
+        return None;
+    }
+    EventId::parse(key).ok()
+}
+
 impl Event {
     /// Parses raw bytes as received from Smartcar.
     pub fn parse(body: &[u8]) -> Result<Self, EventError> {
@@ -331,16 +590,51 @@ impl Event {
         let Value::Object(root) = value else {
             return Err(EventError::NotObject);
         };
+        if is_legacy_shape(&root)? {
+            return Self::from_legacy(&root, body);
+        }
         Self::from_object(&root)
     }
 
-    fn from_object(root: &Map<String, Value>) -> Result<Self, EventError> {
-        let legacy_name = str_field(root, "eventName", "eventName")?;
-        let event_type = match (str_field(root, "eventType", "eventType")?, legacy_name) {
-            (Some(t), _) => t.to_owned(),
-            (None, Some(n)) => n.to_ascii_uppercase(),
-            (None, None) => return Err(EventError::Missing("eventType")),
+    /// A legacy v2 body; `body` is the raw bytes, hashed when nothing else identifies the event.
+    fn from_legacy(root: &Map<String, Value>, body: &[u8]) -> Result<Self, EventError> {
+        let event_name =
+            str_field(root, "eventName", "eventName")?.ok_or(EventError::Missing("eventName"))?;
+        let empty = Map::new();
+        let payload = obj_field(root, "payload", "payload")?.unwrap_or(&empty);
+        let (legacy, vehicle_id) = if event_name.eq_ignore_ascii_case("verify") {
+            (None, None)
+        } else {
+            let vehicles = parse_legacy_vehicles(event_name, payload)?;
+            let vehicle_id = match str_field(payload, "vehicleId", "payload.vehicleId")? {
+                Some(v) => Some(parse_vehicle_id(v, "payload.vehicleId")?),
+                None => vehicles.first().map(|v| v.vehicle.clone()),
+            };
+            let legacy = LegacyEvent {
+                event_name: event_name.to_owned(),
+                vehicles,
+            };
+            (Some(legacy), vehicle_id)
         };
+        let vehicles = legacy.as_ref().map_or(&[][..], |l| l.vehicles.as_slice());
+        let root_str = |k: &str| root.get(k).and_then(Value::as_str).map(str::to_owned);
+        let envelope = Envelope {
+            event_id: legacy_event_id(root, payload, vehicles, body)?,
+            event_type: event_name.to_ascii_uppercase(),
+            vehicle_id,
+            delivery_id: None,
+            delivered_at: None,
+            mode: root_str("mode").map(|m| m.to_ascii_uppercase()),
+            version: root_str("version"),
+        };
+        let kind = legacy.map_or(EventKind::Verify, EventKind::Legacy);
+        Ok(Event { envelope, kind })
+    }
+
+    fn from_object(root: &Map<String, Value>) -> Result<Self, EventError> {
+        let event_type = str_field(root, "eventType", "eventType")?
+            .ok_or(EventError::Missing("eventType"))?
+            .to_owned();
         let event_id =
             str_field(root, "eventId", "eventId")?.ok_or(EventError::Missing("eventId"))?;
         let event_id = EventId::parse(event_id).map_err(|source| EventError::InvalidId {
@@ -388,7 +682,6 @@ impl Event {
                     .map(str::to_owned)
             }),
         };
-        let is_legacy = legacy_name.is_some() && root.get("eventType").is_none();
         let need_vehicle = || {
             vehicle_id
                 .clone()
@@ -396,9 +689,6 @@ impl Event {
         };
         let kind = match event_type.as_str() {
             "VERIFY" => EventKind::Verify,
-            _ if is_legacy => EventKind::Legacy {
-                event_name: legacy_name.unwrap_or_default().to_owned(),
-            },
             "VEHICLE_STATE" => {
                 let vehicle = need_vehicle()?;
                 let signals = data
@@ -514,11 +804,222 @@ mod tests {
             Event::parse(&example("verify.v4.json")).map(|e| e.kind),
             Ok(EventKind::Verify)
         ));
+        // An unknown legacy name without `vehicles` is read as one vehicle; a top-level
+        // `eventId`, when a legacy body has one, is the key.
         let legacy = br#"{"version":"2.0","eventId":"e2","eventName":"schedule","payload":{"vehicleId":"v"}}"#;
-        assert!(matches!(
-            Event::parse(legacy).map(|e| e.kind),
-            Ok(EventKind::Legacy { .. })
-        ));
+        let e = Event::parse(legacy);
+        let Ok(Event {
+            envelope,
+            kind:
+                EventKind::Legacy(LegacyEvent {
+                    event_name,
+                    vehicles,
+                }),
+        }) = e
+        else {
+            panic!("unexpected {e:?}");
+        };
+        assert_eq!(event_name, "schedule");
+        assert_eq!(vehicles.len(), 1);
+        assert_eq!(vehicles[0].vehicle.as_str(), "v");
+        assert_eq!(envelope.event_id.as_str(), "e2");
+        assert_eq!(envelope.event_type, "SCHEDULE");
+    }
+
+    /// The SMARTCAR.md §4 scheduled body, with a second vehicle.
+    const SCHEDULED: &[u8] = br#"{"version":"2.0","webhookId":"wh-1","eventName":"scheduled","mode":"live","payload":{"vehicles":[{"vehicleId":"car-a","requestId":"r1","data":[{"path":"/odometer","code":200,"body":{"distance":1234.5},"headers":{"sc-data-age":"2023-01-02T03:04:05.000Z","sc-unit-system":"metric"}},{"path":"/battery","code":409,"body":{"type":"VEHICLE_STATE","code":"ASLEEP","statusCode":409,"description":"The vehicle is asleep."}}]},{"vehicleId":"car-b","requestId":"r2","data":[{"path":"/odometer","code":200,"body":{"distance":99.0},"headers":{"sc-data-age":1672628645}}]}]}}"#;
+
+    /// The SMARTCAR.md §4 dynamic body: no event id, no request id.
+    const DYNAMIC: &[u8] = br#"{"version":"2.0","webhookId":"wh-1","eventName":"dynamic","mode":"live","payload":{"vehicles":[{"vehicleId":"car-a","data":[{"path":"/odometer","code":200,"body":{"distance":1234.5},"headers":{"sc-data-age":"2023-01-02T03:04:05.000Z","sc-unit-system":"metric"}}]}]}}"#;
+
+    fn legacy(body: &[u8]) -> (Envelope, LegacyEvent) {
+        match Event::parse(body) {
+            Ok(Event {
+                envelope,
+                kind: EventKind::Legacy(l),
+            }) => (envelope, l),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn legacy_event_based_takes_id_vehicle_type_and_time_from_payload() {
+        let body = br#"{"version":"2.0","webhookId":"wh-1","eventName":"eventBased","mode":"test","payload":{"eventId":"ev-1","vehicleId":"car-a","eventType":"CHARGING_COMPLETED","eventTime":"2023-01-02T03:04:05.000Z"}}"#;
+        let (envelope, event) = legacy(body);
+        assert_eq!(envelope.event_id.as_str(), "ev-1");
+        assert_eq!(envelope.event_type, "EVENTBASED");
+        assert_eq!(
+            envelope.vehicle_id.as_ref().map(VehicleId::as_str),
+            Some("car-a")
+        );
+        assert_eq!(envelope.mode.as_deref(), Some("TEST"));
+        assert_eq!(envelope.version.as_deref(), Some("2.0"));
+        assert_eq!(envelope.delivered_at, None);
+        assert_eq!(event.event_name, "eventBased");
+        let [v] = event.vehicles.as_slice() else {
+            panic!("expected one vehicle: {event:?}");
+        };
+        assert_eq!(v.vehicle.as_str(), "car-a");
+        assert_eq!(v.event_type.as_deref(), Some("CHARGING_COMPLETED"));
+        assert_eq!(v.event_time.map(EpochMillis::as_i64), Some(1672628645000));
+        assert!(v.readings.is_empty());
+    }
+
+    #[test]
+    fn legacy_scheduled_lists_every_vehicle_keyed_by_request_ids() {
+        let (envelope, event) = legacy(SCHEDULED);
+        assert_eq!(envelope.event_id.as_str(), "v2-request:r1,r2");
+        assert_eq!(envelope.event_type, "SCHEDULED");
+        assert_eq!(
+            envelope.vehicle_id.as_ref().map(VehicleId::as_str),
+            Some("car-a")
+        );
+        assert_eq!(envelope.mode.as_deref(), Some("LIVE"));
+        let [a, b] = event.vehicles.as_slice() else {
+            panic!("expected two vehicles: {event:?}");
+        };
+        assert_eq!(a.vehicle.as_str(), "car-a");
+        assert_eq!(a.request_id.as_deref(), Some("r1"));
+        assert_eq!(b.vehicle.as_str(), "car-b");
+        let [odometer, battery] = a.readings.as_slice() else {
+            panic!("expected two readings: {a:?}");
+        };
+        assert_eq!(odometer.path, "/odometer");
+        assert!(odometer.is_success());
+        assert_eq!(odometer.body["distance"], 1234.5);
+        assert_eq!(
+            odometer.data_age.map(EpochMillis::as_i64),
+            Some(1672628645000)
+        );
+        assert_eq!(odometer.unit_system.as_deref(), Some("metric"));
+        assert_eq!(battery.code, 409);
+        assert!(!battery.is_success());
+        assert_eq!(battery.body["code"], "ASLEEP");
+        assert_eq!(battery.data_age, None);
+        // Epoch seconds are accepted too.
+        assert_eq!(
+            b.readings[0].data_age.map(EpochMillis::as_i64),
+            Some(1672628645000)
+        );
+    }
+
+    #[test]
+    fn legacy_dynamic_without_request_ids_is_keyed_by_body_hash() {
+        let (envelope, event) = legacy(DYNAMIC);
+        assert_eq!(
+            envelope.event_id.as_str(),
+            "sha256:680f04fa5160e334bee1613b4172538f835ee269785732576aa7637127d29904"
+        );
+        assert_eq!(event.vehicles[0].readings.len(), 1);
+        // The same bytes always give the same id; other bytes (a retry re-serialised with a
+        // space, or another vehicle) give another.
+        assert_eq!(legacy(DYNAMIC).0.event_id, envelope.event_id);
+        let spaced = String::from_utf8_lossy(DYNAMIC).replacen(',', ", ", 1);
+        assert_ne!(legacy(spaced.as_bytes()).0.event_id, envelope.event_id);
+        let other = String::from_utf8_lossy(DYNAMIC).replace("car-a", "car-b");
+        assert_ne!(legacy(other.as_bytes()).0.event_id, envelope.event_id);
+    }
+
+    #[test]
+    fn legacy_request_key_falls_back_to_hash_when_any_request_id_is_missing_or_too_long() {
+        let one_missing = String::from_utf8_lossy(SCHEDULED).replace(r#","requestId":"r2""#, "");
+        let (envelope, _) = legacy(one_missing.as_bytes());
+        assert!(envelope.event_id.as_str().starts_with("sha256:"));
+        let long = "r".repeat(MAX_ID_LEN);
+        let too_long =
+            String::from_utf8_lossy(SCHEDULED).replace(r#""r1""#, &format!("\"{long}\""));
+        let (envelope, _) = legacy(too_long.as_bytes());
+        assert!(envelope.event_id.as_str().starts_with("sha256:"));
+    }
+
+    #[test]
+    fn legacy_readings_without_path_or_status_are_skipped() {
+        let body = br#"{"version":"2.0","eventName":"dynamic","payload":{"vehicles":[{"vehicleId":"v","data":[{"code":200,"body":{}},{"path":"/fuel"},{"path":"/location","body":{"latitude":1.5}},{"path":"/odometer","code":"500","body":null},7]}]}}"#;
+        let (_, event) = legacy(body);
+        let readings = &event.vehicles[0].readings;
+        assert_eq!(readings.len(), 2);
+        assert_eq!(
+            (readings[0].path.as_str(), readings[0].code),
+            ("/location", 200)
+        );
+        assert_eq!(
+            (readings[1].path.as_str(), readings[1].code),
+            ("/odometer", 500)
+        );
+        assert_eq!(readings[1].body, Value::Null);
+    }
+
+    #[test]
+    fn legacy_readings_count_against_max_signals() {
+        let reading = r#"{"path":"/odometer","code":200,"body":{}}"#;
+        let data = vec![reading; MAX_SIGNALS / 2 + 1].join(",");
+        let body = format!(
+            r#"{{"version":"2.0","eventName":"scheduled","payload":{{"vehicles":[{{"vehicleId":"a","data":[{data}]}},{{"vehicleId":"b","data":[{data}]}}]}}}}"#
+        );
+        assert_eq!(
+            Event::parse(body.as_bytes()).err(),
+            Some(EventError::TooManySignals(MAX_SIGNALS + 2))
+        );
+    }
+
+    #[test]
+    fn legacy_verify_without_event_id_is_still_verify() {
+        let body = br#"{"version":"2.0","eventName":"verify","payload":{"challenge":"xyz"}}"#;
+        let e = Event::parse(body);
+        let Ok(Event {
+            envelope,
+            kind: EventKind::Verify,
+        }) = e
+        else {
+            panic!("unexpected {e:?}");
+        };
+        assert_eq!(envelope.event_type, "VERIFY");
+        assert!(envelope.event_id.as_str().starts_with("sha256:"));
+        assert_eq!(envelope.vehicle_id, None);
+    }
+
+    #[test]
+    fn legacy_without_vehicle_names_the_missing_field() {
+        let cases: [(&[u8], EventError); 6] = [
+            (
+                br#"{"version":"2.0","eventName":"eventBased","payload":{"eventId":"e","eventType":"CHARGING_COMPLETED"}}"#,
+                EventError::Missing("payload.vehicleId"),
+            ),
+            (
+                br#"{"version":"2.0","eventName":"scheduled","payload":{}}"#,
+                EventError::Missing("payload.vehicles"),
+            ),
+            (
+                br#"{"version":"2.0","eventName":"dynamic","payload":{"vehicles":[]}}"#,
+                EventError::Missing("payload.vehicles[0]"),
+            ),
+            (
+                br#"{"version":"2.0","eventName":"scheduled","payload":{"vehicles":[{"vehicleId":"a"},{"requestId":"r2"}]}}"#,
+                EventError::Missing("payload.vehicles[].vehicleId"),
+            ),
+            (
+                br#"{"version":"2.0","eventName":"scheduled","payload":{"vehicles":[{"vehicleId":"a"},5]}}"#,
+                EventError::WrongType {
+                    field: "payload.vehicles[1]".into(),
+                    expected: "an object",
+                },
+            ),
+            (
+                br#"{"version":"2.0","eventName":"dynamic","payload":{"vehicles":[{"vehicleId":""}]}}"#,
+                EventError::InvalidId {
+                    field: "payload.vehicles[0].vehicleId".into(),
+                    source: IdError::Empty,
+                },
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                Event::parse(body).err(),
+                Some(want),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 
     #[test]
