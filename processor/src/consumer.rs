@@ -289,10 +289,7 @@ impl Worker {
     }
 
     async fn process(&self, batch: Vec<OwnedMessage>) -> Vec<PartitionRun> {
-        let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
-        for m in batch {
-            by_partition.entry(m.partition()).or_default().push(m);
-        }
+        let by_partition = by_partition(batch);
         join_all(
             by_partition
                 .into_iter()
@@ -457,8 +454,11 @@ impl Worker {
         let mut owned: Vec<Outgoing> = Vec::new();
         for d in runs.iter().flat_map(|r| &r.done) {
             match &d.disposition {
-                Disposition::Applied(plan) if self.emit_actions => {
-                    for a in &plan.actions {
+                Disposition::Applied(plans) if self.emit_actions => {
+                    for (plan, a) in plans
+                        .iter()
+                        .flat_map(|p| p.actions.iter().map(move |a| (p, a)))
+                    {
                         let mut h = OwnedHeaders::new()
                             .insert(Header {
                                 key: headers::ACTION_TYPE,
@@ -540,9 +540,10 @@ impl Worker {
                         .inc();
                     tracing::warn!(event_id, partition = d.msg.partition(), offset = d.msg.offset(), outcome, reason = p.class, error = %p.message, duration_ms, "event dead-lettered");
                 }
-                Disposition::Applied(plan) => {
+                Disposition::Applied(plans) => {
+                    let actions: Vec<_> = plans.iter().flat_map(|p| &p.actions).collect();
                     if self.emit_actions {
-                        for a in &plan.actions {
+                        for a in &actions {
                             self.metrics
                                 .actions
                                 .get_or_create(&vec![("type", a.kind.to_string())])
@@ -554,7 +555,7 @@ impl Worker {
                         partition = d.msg.partition(),
                         offset = d.msg.offset(),
                         outcome,
-                        actions = plan.actions.len(),
+                        actions = actions.len(),
                         duration_ms,
                         "event processed"
                     );
@@ -610,6 +611,27 @@ impl Worker {
     }
 }
 
+/// Splits a batch by partition, keeping each partition's offsets strictly increasing. A partition
+/// revoked and re-assigned within one collect window is fetched again from its committed offset,
+/// so the batch can hold the same offsets twice; processing both copies would emit their actions
+/// twice in one transaction. The first occurrence is kept, anything not past it is dropped.
+fn by_partition(batch: Vec<OwnedMessage>) -> BTreeMap<i32, Vec<OwnedMessage>> {
+    let mut out: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+    for m in batch {
+        let lane = out.entry(m.partition()).or_default();
+        if lane.last().is_none_or(|last| m.offset() > last.offset()) {
+            lane.push(m);
+        } else {
+            tracing::debug!(
+                partition = m.partition(),
+                offset = m.offset(),
+                "record fetched twice in one batch (re-assigned partition); dropped"
+            );
+        }
+    }
+    out
+}
+
 /// Keeps `consumer_lag{partition}` current: high watermark minus position, for assigned partitions.
 pub async fn report_lag(
     consumer: Arc<EventConsumer>,
@@ -660,5 +682,41 @@ pub async fn report_lag(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Timestamp;
+
+    fn rec(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    #[test]
+    fn offsets_fetched_twice_after_a_reassignment_are_processed_once() {
+        // Partition 0 revoked after offsets 5,6 were fetched, re-assigned, fetched again from 5.
+        let batch = vec![
+            rec(0, 5),
+            rec(1, 9),
+            rec(0, 6),
+            rec(0, 5),
+            rec(0, 6),
+            rec(0, 7),
+            rec(1, 9),
+        ];
+        let lanes = by_partition(batch);
+        let offsets = |p: i32| -> Vec<i64> { lanes[&p].iter().map(Message::offset).collect() };
+        assert_eq!(offsets(0), vec![5, 6, 7]);
+        assert_eq!(offsets(1), vec![9]);
     }
 }

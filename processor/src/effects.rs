@@ -1,16 +1,25 @@
-//! What an event means for vehicle state: a pure translation from a parsed [`Event`] to a [`Plan`]
-//! of idempotent, timestamp-ordered writes and the actions to emit. No I/O here, so every rule of
-//! SMARTCAR.md §5–6 is unit-tested in memory; [`crate::store`] executes the plan for real.
+//! What an event means for vehicle state: a pure translation from a parsed [`Event`] to
+//! [`Plan`]s of idempotent, timestamp-ordered writes and the actions they may cause. No I/O here,
+//! so every rule of SMARTCAR.md §4–6 is unit-tested in memory; [`crate::store`] executes the plan.
 //!
-//! Freshness: each signal entry is ordered by its own clock — `oemUpdatedAt`, else fetch time, else
-//! delivery time, else receive time — written as the CQL write timestamp `(ms * 1000 + logic
-//! version)`. The store keeps, per cell, the write with the highest timestamp, so an older value
-//! never overwrites a newer one whatever the arrival order or which processor writes, and applying
-//! the same event twice writes the same cells with the same timestamps: a no-op.
+//! Two clocks, each owning its own cells, never mixed in one cell:
+//! - **values** are ordered by the car's clock: `oemUpdatedAt`, else fetch time (or a legacy
+//!   reading's `sc-data-age`), else delivery time, else receive time;
+//! - **availability** (available / unavailable / unsupported), **vehicle errors** and the vehicle's
+//!   last-event record are ordered by the delivery clock: the `deliveredAt` stored with the event's
+//!   claim (the first persisted copy's, so a Smartcar retry with a refreshed `deliveredAt` or a
+//!   replay writes the same timestamps as the original).
+//!
+//! Either is written as the CQL write timestamp `(ms * 1000 + logic version)`; the store keeps the
+//! highest per cell, so an older write never overwrites a newer one whatever the arrival order, and
+//! applying the same event twice is a no-op. A clock more than `max_skew_ms` ahead of receive time
+//! (a broken car clock) is not trusted: the next clock is used, and the plan says which was dropped.
 
 use serde_json::{json, Value};
-use shared::clock::{EpochMillis, Freshness};
-use shared::event::{ErrorState, Event, EventKind, SignalStatus, VehicleErrorItem};
+use shared::clock::{EpochMillis, Freshness, FreshnessSource};
+use shared::event::{
+    ErrorState, Event, EventKind, LegacyEvent, LegacyVehicle, SignalStatus, VehicleErrorItem,
+};
 use shared::ids::{SignalCode, VehicleId};
 
 /// One cell write: JSON document and its write timestamp (µs).
@@ -20,15 +29,14 @@ pub struct Cell {
     pub timestamp: i64,
 }
 
-/// A signal's new last-good value (availability is set with it).
+/// A signal's new last-good value, ordered by the car's clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValueWrite {
     pub code: SignalCode,
     pub value: Cell,
-    pub availability: Cell,
 }
 
-/// A signal's availability only (error, unsupported, or cleared).
+/// A signal's availability, ordered by the delivery clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AvailabilityWrite {
     pub code: SignalCode,
@@ -42,7 +50,8 @@ pub struct ErrorWrite {
     pub state: Cell,
 }
 
-/// An action for the application (emitted on the actions topic, keyed by vehicle).
+/// An action for the application (emitted on the actions topic, keyed by vehicle) — but only if
+/// the reconnect flag it belongs to really changes (decided by the store).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Action {
     /// `RECONNECT_REQUIRED` or `RECONNECT_RESOLVED`.
@@ -50,9 +59,13 @@ pub struct Action {
     /// `{eventId}:{index}`: stable, so a consumer can deduplicate if it wants belt and braces.
     pub action_id: String,
     pub body: Value,
+    /// The reconnect flag: the error key, the state it moves to, and the delivery time (ms).
+    pub error_key: String,
+    pub flag_state: &'static str,
+    pub at: i64,
 }
 
-/// Everything one event does.
+/// Everything one event does to one vehicle.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Plan {
     pub vehicle: Option<VehicleId>,
@@ -60,18 +73,67 @@ pub struct Plan {
     pub availability: Vec<AvailabilityWrite>,
     pub errors: Vec<ErrorWrite>,
     pub vehicle_info: Option<Cell>,
+    /// Candidate actions; the pipeline keeps those whose flag changed.
     pub actions: Vec<Action>,
     /// Bounded error-type labels of the VEHICLE_ERROR items, for counting.
     pub error_types: Vec<&'static str>,
+    /// Clocks that were ahead of receive time by more than the allowed skew (not trusted).
+    pub untrusted: Vec<&'static str>,
 }
 
 /// Inputs besides the event itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Context {
-    /// When the receiver accepted the record (header), the last freshness fallback.
+    /// When the receiver accepted the record (header, else the record's timestamp).
     pub received_at: EpochMillis,
+    /// The delivery time stored with the event's claim (see [`delivery_time`]).
+    pub delivered_at: EpochMillis,
     pub logic_version: u16,
     pub rate_limit_backoff_secs: u64,
+    /// How far a clock may run ahead of `received_at` and still be trusted.
+    pub max_skew_ms: i64,
+}
+
+impl Context {
+    /// `t` if it is no later than receive time plus the allowed skew; else None, noted in `plan`.
+    fn trusted(
+        &self,
+        t: Option<EpochMillis>,
+        clock: &'static str,
+        plan: &mut Plan,
+    ) -> Option<EpochMillis> {
+        match t {
+            Some(t) if t.as_i64() > self.received_at.as_i64().saturating_add(self.max_skew_ms) => {
+                plan.untrusted.push(clock);
+                None
+            }
+            other => other,
+        }
+    }
+
+    fn delivered(&self) -> Freshness {
+        Freshness {
+            at: self.delivered_at,
+            source: FreshnessSource::DeliveredAt,
+        }
+    }
+}
+
+/// The delivery clock of a copy: its `deliveredAt` when known and no later than receive time
+/// plus the allowed skew, else receive time. Stored with the claim by the copy that owns it.
+/// Returns the time and, when `deliveredAt` was dropped as untrusted, `"delivered_at"`.
+pub fn delivery_time(
+    delivered_at: Option<EpochMillis>,
+    received_at: EpochMillis,
+    max_skew_ms: i64,
+) -> (EpochMillis, Option<&'static str>) {
+    match delivered_at {
+        Some(t) if t.as_i64() > received_at.as_i64().saturating_add(max_skew_ms) => {
+            (received_at, Some("delivered_at"))
+        }
+        Some(t) => (t, None),
+        None => (received_at, None),
+    }
 }
 
 /// Error types Smartcar documents; anything else is counted as `other` to keep labels bounded.
@@ -95,57 +157,78 @@ fn ms(t: Option<EpochMillis>) -> Value {
     t.map_or(Value::Null, |t| json!(t.as_i64()))
 }
 
-/// Translates an event into its plan.
+/// Translates an event into one plan per vehicle it concerns (none for VERIFY and unknown types;
+/// several for a legacy v2 body listing several vehicles).
+pub fn plans(event: &Event, ctx: Context) -> Vec<Plan> {
+    match &event.kind {
+        EventKind::Legacy(l) => l
+            .vehicles
+            .iter()
+            .map(|v| legacy_plan(event, l, v, ctx))
+            .collect(),
+        EventKind::VehicleState { .. } | EventKind::VehicleError { .. } => vec![plan(event, ctx)],
+        EventKind::Verify | EventKind::Unknown => Vec::new(),
+    }
+}
+
+/// Translates a current-version event into its plan.
 pub fn plan(event: &Event, ctx: Context) -> Plan {
     let env = &event.envelope;
     let event_id = env.event_id.as_str();
-    let delivered = Freshness::pick(None, None, env.delivered_at, ctx.received_at);
+    let delivered = ctx.delivered();
+    let delivered_ts = delivered.write_timestamp(ctx.logic_version);
     let mut p = Plan::default();
     match &event.kind {
         EventKind::VehicleState { vehicle, signals } => {
             p.vehicle = Some(vehicle.clone());
             for s in signals {
-                let f = Freshness::pick(
-                    s.oem_updated_at,
-                    s.fetched_at,
-                    env.delivered_at,
-                    ctx.received_at,
-                );
-                let ts = f.write_timestamp(ctx.logic_version);
                 match &s.status {
-                    SignalStatus::Success => p.values.push(ValueWrite {
-                        code: s.code.clone(),
-                        value: Cell {
-                            doc: json!({
-                                "body": s.body,
-                                "oemUpdatedAt": ms(s.oem_updated_at),
-                                "fetchedAt": ms(s.fetched_at),
-                                "freshness": f.at.as_i64(),
-                                "freshnessSource": f.source,
-                                "eventId": event_id,
-                                "logicVersion": ctx.logic_version,
-                            })
-                            .to_string(),
-                            timestamp: ts,
-                        },
-                        availability: Cell {
-                            doc: json!({ "status": "available", "since": f.at.as_i64(), "eventId": event_id }).to_string(),
-                            timestamp: ts,
-                        },
-                    }),
+                    SignalStatus::Success => {
+                        let oem = ctx.trusted(s.oem_updated_at, "oem_updated_at", &mut p);
+                        let fetched = ctx.trusted(s.fetched_at, "fetched_at", &mut p);
+                        let f =
+                            Freshness::pick(oem, fetched, Some(ctx.delivered_at), ctx.received_at);
+                        p.values.push(ValueWrite {
+                            code: s.code.clone(),
+                            value: Cell {
+                                doc: json!({
+                                    "body": s.body,
+                                    "oemUpdatedAt": ms(s.oem_updated_at),
+                                    "fetchedAt": ms(s.fetched_at),
+                                    "freshness": f.at.as_i64(),
+                                    "freshnessSource": f.source,
+                                    "eventId": event_id,
+                                    "logicVersion": ctx.logic_version,
+                                })
+                                .to_string(),
+                                timestamp: f.write_timestamp(ctx.logic_version),
+                            },
+                        });
+                        p.availability.push(AvailabilityWrite {
+                            code: s.code.clone(),
+                            availability: Cell {
+                                doc: json!({ "status": "available", "since": delivered.at.as_i64(), "eventId": event_id }).to_string(),
+                                timestamp: delivered_ts,
+                            },
+                        });
+                    }
                     SignalStatus::Error { error_type, code } => {
-                        let status = if s.status.is_not_capable() { "unsupported" } else { "unavailable" };
+                        let status = if s.status.is_not_capable() {
+                            "unsupported"
+                        } else {
+                            "unavailable"
+                        };
                         p.availability.push(AvailabilityWrite {
                             code: s.code.clone(),
                             availability: Cell {
                                 doc: json!({
                                     "status": status,
                                     "error": { "type": error_type, "code": code },
-                                    "since": f.at.as_i64(),
+                                    "since": delivered.at.as_i64(),
                                     "eventId": event_id,
                                 })
                                 .to_string(),
-                                timestamp: ts,
+                                timestamp: delivered_ts,
                             },
                         });
                     }
@@ -154,14 +237,13 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
         }
         EventKind::VehicleError { vehicle, errors } => {
             p.vehicle = Some(vehicle.clone());
-            let ts = delivered.write_timestamp(ctx.logic_version);
             for (i, e) in errors.iter().enumerate() {
                 p.error_types.push(error_type_label(&e.error_type));
                 p.errors.push(ErrorWrite {
                     key: e.key(),
                     state: Cell {
                         doc: error_doc(e, event_id, delivered, ctx).to_string(),
-                        timestamp: ts,
+                        timestamp: delivered_ts,
                     },
                 });
                 if e.is_not_capable() {
@@ -180,15 +262,15 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
                                     "eventId": event_id,
                                 })
                                 .to_string(),
-                                timestamp: ts,
+                                timestamp: delivered_ts,
                             },
                         });
                     }
                 }
                 if e.needs_reconnect() {
-                    let kind = match e.state {
-                        ErrorState::Error => "RECONNECT_REQUIRED",
-                        ErrorState::Resolved => "RECONNECT_RESOLVED",
+                    let (kind, flag_state) = match e.state {
+                        ErrorState::Error => ("RECONNECT_REQUIRED", "ERROR"),
+                        ErrorState::Resolved => ("RECONNECT_RESOLVED", "RESOLVED"),
                     };
                     p.actions.push(Action {
                         kind,
@@ -204,28 +286,139 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
                             "suggestedUserMessage": e.raw.get("suggestedUserMessage"),
                             "occurredAt": delivered.at.as_i64(),
                         }),
+                        error_key: e.key(),
+                        flag_state,
+                        at: delivered.at.as_i64(),
                     });
                 }
             }
         }
-        EventKind::Verify | EventKind::Legacy { .. } | EventKind::Unknown => {}
+        EventKind::Verify | EventKind::Legacy(_) | EventKind::Unknown => {}
     }
     if let Some(v) = &p.vehicle {
-        let info = match &event.kind {
-            EventKind::VehicleState { .. } | EventKind::VehicleError { .. } => json!({
+        p.vehicle_info = Some(Cell {
+            doc: json!({
                 "vehicleId": v.as_str(),
                 "lastEventId": event_id,
                 "lastEventType": env.event_type,
                 "lastDeliveredAt": delivered.at.as_i64(),
                 "mode": env.mode,
-            }),
-            _ => Value::Null,
-        };
-        p.vehicle_info = Some(Cell {
-            doc: info.to_string(),
-            timestamp: delivered.write_timestamp(ctx.logic_version),
+            })
+            .to_string(),
+            timestamp: delivered_ts,
         });
     }
+    p
+}
+
+/// The signal code a legacy v2 reading is stored under: `v2` and the path, e.g. `/odometer` →
+/// `v2-odometer`, `/charge/limit` → `v2-charge-limit`.
+pub fn legacy_code(path: &str) -> Option<SignalCode> {
+    let tail: String = path
+        .trim_matches('/')
+        .chars()
+        .map(|c| {
+            if c == '/' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect();
+    if tail.is_empty() {
+        return None;
+    }
+    SignalCode::parse(format!("v2-{tail}")).ok()
+}
+
+/// One vehicle of a legacy v2 body: its readings (ordered by `sc-data-age`) and its last event.
+fn legacy_plan(event: &Event, l: &LegacyEvent, v: &LegacyVehicle, ctx: Context) -> Plan {
+    let env = &event.envelope;
+    let event_id = env.event_id.as_str();
+    let delivered = ctx.delivered();
+    let delivered_ts = delivered.write_timestamp(ctx.logic_version);
+    let mut p = Plan {
+        vehicle: Some(v.vehicle.clone()),
+        ..Plan::default()
+    };
+    for r in &v.readings {
+        let Some(code) = legacy_code(&r.path) else {
+            continue;
+        };
+        if r.is_success() {
+            let age = ctx.trusted(r.data_age, "fetched_at", &mut p);
+            let f = match age {
+                Some(at) => Freshness {
+                    at,
+                    source: FreshnessSource::ScDataAge,
+                },
+                None => delivered,
+            };
+            p.values.push(ValueWrite {
+                code: code.clone(),
+                value: Cell {
+                    doc: json!({
+                        "body": r.body,
+                        "oemUpdatedAt": Value::Null,
+                        "fetchedAt": Value::Null,
+                        "scDataAge": ms(r.data_age),
+                        "unitSystem": r.unit_system,
+                        "path": r.path,
+                        "freshness": f.at.as_i64(),
+                        "freshnessSource": f.source,
+                        "eventId": event_id,
+                        "logicVersion": ctx.logic_version,
+                        "legacy": true,
+                    })
+                    .to_string(),
+                    timestamp: f.write_timestamp(ctx.logic_version),
+                },
+            });
+            p.availability.push(AvailabilityWrite {
+                code,
+                availability: Cell {
+                    doc: json!({ "status": "available", "since": delivered.at.as_i64(), "eventId": event_id }).to_string(),
+                    timestamp: delivered_ts,
+                },
+            });
+        } else {
+            p.availability.push(AvailabilityWrite {
+                code,
+                availability: Cell {
+                    doc: json!({
+                        "status": "unavailable",
+                        "error": {
+                            "type": r.body.get("type"),
+                            "code": r.body.get("code"),
+                            "statusCode": r.code,
+                            "description": r.body.get("description"),
+                        },
+                        "since": delivered.at.as_i64(),
+                        "eventId": event_id,
+                    })
+                    .to_string(),
+                    timestamp: delivered_ts,
+                },
+            });
+        }
+    }
+    p.vehicle_info = Some(Cell {
+        doc: json!({
+            "vehicleId": v.vehicle.as_str(),
+            "lastEventId": event_id,
+            "lastEventType": env.event_type,
+            "lastDeliveredAt": delivered.at.as_i64(),
+            "mode": env.mode,
+            "legacy": {
+                "eventName": l.event_name,
+                "eventType": v.event_type,
+                "eventTime": ms(v.event_time),
+                "requestId": v.request_id,
+            },
+        })
+        .to_string(),
+        timestamp: delivered_ts,
+    });
     p
 }
 
@@ -251,11 +444,26 @@ fn error_doc(e: &VehicleErrorItem, event_id: &str, delivered: Freshness, ctx: Co
 mod tests {
     use super::*;
 
+    fn at(ms: i64) -> EpochMillis {
+        EpochMillis::new(ms).unwrap_or_else(EpochMillis::now)
+    }
+
     fn ctx() -> Context {
         Context {
-            received_at: EpochMillis::new(1_700_000_000_000).unwrap_or_else(EpochMillis::now),
+            received_at: at(1_700_000_001_000),
+            delivered_at: at(1_700_000_000_000),
             logic_version: 1,
             rate_limit_backoff_secs: 60,
+            max_skew_ms: 60_000,
+        }
+    }
+
+    /// The context the pipeline builds for `e`: its own `deliveredAt` as the claim's.
+    fn ctx_of(e: &Event) -> Context {
+        let c = ctx();
+        Context {
+            delivered_at: delivery_time(e.envelope.delivered_at, c.received_at, c.max_skew_ms).0,
+            ..c
         }
     }
 
@@ -287,9 +495,73 @@ mod tests {
             {"code":"a-b","body":{"value":1},"meta":{"oemUpdatedAt":0,"retrievedAt":1700000000100}},
             {"code":"c-d","body":{"value":2}}]},"meta":{"deliveredAt":1700000000200}}"#,
         );
-        let p = plan(&e, ctx());
+        let p = plan(&e, ctx_of(&e));
         assert_eq!(p.values[0].value.timestamp, 1_700_000_000_100_001);
         assert_eq!(p.values[1].value.timestamp, 1_700_000_000_200_001);
+    }
+
+    #[test]
+    fn availability_follows_the_delivery_clock_and_values_the_car_clock() {
+        // The car's value is a minute older than the delivery: normal lag.
+        let e = parse(
+            r#"{"eventId":"e","eventType":"VEHICLE_STATE","vehicleId":"car","data":{"signals":[
+            {"code":"a-b","body":{"value":1},"meta":{"oemUpdatedAt":1699999940000}}]},"meta":{"deliveredAt":1700000000000}}"#,
+        );
+        let p = plan(&e, ctx_of(&e));
+        assert_eq!(p.values[0].value.timestamp, 1_699_999_940_000_001);
+        assert_eq!(
+            p.availability[0].availability.timestamp,
+            1_700_000_000_000_001
+        );
+        assert!(p.availability[0]
+            .availability
+            .doc
+            .contains(r#""status":"available""#));
+    }
+
+    #[test]
+    fn a_clock_far_ahead_of_receive_time_is_not_trusted() {
+        let e = parse(
+            r#"{"eventId":"e","eventType":"VEHICLE_STATE","vehicleId":"car","data":{"signals":[
+            {"code":"a-b","body":{"value":1},"meta":{"oemUpdatedAt":2000000000000,"retrievedAt":1700000000100}}]},
+            "meta":{"deliveredAt":1900000000000}}"#,
+        );
+        let c = ctx_of(&e);
+        assert_eq!(
+            c.delivered_at,
+            at(1_700_000_001_000),
+            "future deliveredAt falls back to receive time"
+        );
+        let p = plan(&e, c);
+        assert_eq!(
+            p.values[0].value.timestamp, 1_700_000_000_100_001,
+            "fetch time used instead"
+        );
+        assert_eq!(p.untrusted, vec!["oem_updated_at"]);
+    }
+
+    #[test]
+    fn legacy_scheduled_body_plans_each_vehicle_by_data_age() {
+        let body = br#"{"version":"2.0","webhookId":"w","eventName":"scheduled","mode":"live","payload":{"vehicles":[
+            {"vehicleId":"v1","requestId":"r1","data":[
+              {"path":"/odometer","code":200,"body":{"distance":1234.5},"headers":{"sc-data-age":"2023-11-14T22:13:20.000Z","sc-unit-system":"metric"}},
+              {"path":"/battery","code":409,"body":{"type":"VEHICLE_STATE","code":"ASLEEP","statusCode":409,"description":"asleep"}}]},
+            {"vehicleId":"v2","requestId":"r2","data":[]}]}}"#;
+        let e = Event::parse(body).unwrap_or_else(|e| panic!("{e}"));
+        let ps = plans(&e, ctx());
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps[0].vehicle.as_ref().map(|v| v.as_str()), Some("v1"));
+        assert_eq!(ps[0].values[0].code.as_str(), "v2-odometer");
+        assert_eq!(ps[0].values[0].value.timestamp, 1_700_000_000_000_001);
+        assert!(ps[0].availability[1]
+            .availability
+            .doc
+            .contains(r#""code":"ASLEEP""#));
+        assert!(ps[1]
+            .vehicle_info
+            .as_ref()
+            .is_some_and(|i| i.doc.contains(r#""requestId":"r2""#)));
+        assert!(ps.iter().all(|p| p.actions.is_empty()));
     }
 
     #[test]
@@ -302,12 +574,16 @@ mod tests {
         );
         let p = plan(&e, ctx());
         assert_eq!(p.values.len(), 1);
-        assert_eq!(p.availability.len(), 2);
+        assert_eq!(p.availability.len(), 3);
         assert!(p.availability[0]
             .availability
             .doc
-            .contains(r#""status":"unavailable""#));
+            .contains(r#""status":"available""#));
         assert!(p.availability[1]
+            .availability
+            .doc
+            .contains(r#""status":"unavailable""#));
+        assert!(p.availability[2]
             .availability
             .doc
             .contains(r#""status":"unsupported""#));

@@ -131,6 +131,7 @@ async fn run_inner(
             logic_version: p.logic_version,
             rate_limit_backoff_secs: p.rate_limit_backoff_secs,
             max_attempts: p.max_attempts,
+            max_clock_skew_ms: i64::try_from(p.max_clock_skew_ms).unwrap_or(i64::MAX),
         },
         metrics.clone(),
     ));

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub client_rebuilds: Counter,
     /// Timestamps ahead of receive time by more than the allowed skew, by clock.
     pub untrusted_timestamps: Family<Labels, Counter>,
+    /// Legacy v2 bodies applied, by form.
+    pub legacy_events: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -54,7 +56,13 @@ impl Metrics {
             last_commit: Gauge::default(),
             client_rebuilds: Counter::default(),
             untrusted_timestamps: Family::default(),
+            legacy_events: Family::default(),
         };
+        for form in ["eventBased", "dynamic", "scheduled", "other"] {
+            let _ = m
+                .legacy_events
+                .get_or_create(&vec![("form", form.to_string())]);
+        }
         for call in ["send_offsets", "commit", "abort"] {
             let _ = m
                 .transaction_retries
@@ -142,6 +150,11 @@ impl Metrics {
             "untrusted_timestamps",
             "Timestamps later than receive time plus the allowed skew, not trusted, by clock",
             m.untrusted_timestamps.clone(),
+        );
+        r.register(
+            "legacy_events",
+            "Legacy v2 bodies claimed and applied, by form (eventBased, dynamic, scheduled, other)",
+            m.legacy_events.clone(),
         );
         m
     }

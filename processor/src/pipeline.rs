@@ -2,7 +2,7 @@
 //! still do inside its Kafka transaction (emit actions, dead-letter) — or a transient error, after
 //! which the loop retries the same record and never commits past it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -20,11 +20,11 @@ use crate::store::{Claim, Position, Store, StoreError};
 /// What became of a record.
 #[derive(Debug)]
 pub enum Disposition {
-    /// Effects are durable; emit the plan's actions.
-    Applied(Plan),
+    /// Effects are durable; emit the plans' actions (one plan per vehicle concerned).
+    Applied(Vec<Plan>),
     /// Another record owns this event id: no effect.
     Duplicate,
-    /// Nothing to apply (VERIFY, legacy v2, unknown type): counted.
+    /// Nothing to apply (VERIFY, unknown type): counted.
     Ignored(&'static str),
     /// Can never be applied: dead-letter it.
     Poison(Poison),
@@ -49,6 +49,7 @@ pub struct PipelineSettings {
     pub logic_version: u16,
     pub rate_limit_backoff_secs: u64,
     pub max_attempts: u32,
+    pub max_clock_skew_ms: i64,
 }
 
 /// Per-record processing, shared by all partitions.
@@ -58,6 +59,8 @@ pub struct Pipeline {
     pub metrics: Metrics,
     /// Deterministic failures so far, by (partition, offset): (attempts, first failure).
     failures: Mutex<HashMap<(i32, i64), (u32, EpochMillis)>>,
+    /// Clocks already logged as untrusted (each is logged once per process, counted always).
+    untrusted_logged: Mutex<HashSet<&'static str>>,
 }
 
 fn received_at(msg: &OwnedMessage) -> EpochMillis {
@@ -76,6 +79,7 @@ impl Pipeline {
             settings,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            untrusted_logged: Mutex::new(HashSet::new()),
         }
     }
 
@@ -104,8 +108,17 @@ impl Pipeline {
         }
         match &event.kind {
             EventKind::Verify => return Ok(Disposition::Ignored("verify")),
-            EventKind::Legacy { .. } => return Ok(Disposition::Ignored("legacy_v2")),
             EventKind::Unknown => return Ok(Disposition::Ignored("unknown_type")),
+            EventKind::Legacy(l) => {
+                let form = match l.event_name.as_str() {
+                    "eventBased" | "dynamic" | "scheduled" => l.event_name.clone(),
+                    _ => "other".to_string(),
+                };
+                self.metrics
+                    .legacy_events
+                    .get_or_create(&vec![("form", form)])
+                    .inc();
+            }
             EventKind::VehicleState { .. } | EventKind::VehicleError { .. } => {}
         }
         let pos = Position {
@@ -115,9 +128,19 @@ impl Pipeline {
         };
         let event_id = event.envelope.event_id.as_str();
         let vehicle = event.envelope.vehicle_id.as_ref().map(|v| v.as_str());
+        let received_at = received_at(msg);
+        let max_skew_ms = self.settings.max_clock_skew_ms;
+        let (delivered_at, untrusted_delivery) =
+            effects::delivery_time(event.envelope.delivered_at, received_at, max_skew_ms);
         let claim = self
             .store
-            .claim(event_id, vehicle, &pos, &self.settings.instance_id)
+            .claim(
+                event_id,
+                vehicle,
+                &pos,
+                &self.settings.instance_id,
+                delivered_at,
+            )
             .instrument(tracing::info_span!(
                 "claim",
                 otel.name = "claim eventId",
@@ -126,56 +149,75 @@ impl Pipeline {
             ))
             .await
             .inspect_err(|e| self.count_store_error(e))?;
-        if let Claim::Duplicate { owner } = claim {
-            tracing::debug!(
-                owner_partition = owner.partition,
-                owner_offset = owner.offset,
-                "duplicate event id"
-            );
-            return Ok(Disposition::Duplicate);
-        }
-        let plan = effects::plan(
+        let delivered_at = match claim {
+            Claim::Owner { delivered_at } => delivered_at,
+            Claim::Duplicate { owner } => {
+                tracing::debug!(
+                    owner_partition = owner.partition,
+                    owner_offset = owner.offset,
+                    "duplicate event id"
+                );
+                return Ok(Disposition::Duplicate);
+            }
+        };
+        let mut plans = effects::plans(
             &event,
             Context {
-                received_at: received_at(msg),
+                received_at,
+                delivered_at,
                 logic_version: self.settings.logic_version,
                 rate_limit_backoff_secs: self.settings.rate_limit_backoff_secs,
+                max_skew_ms,
             },
         );
-        let applied = self
-            .store
-            .apply(&plan)
-            .instrument(tracing::info_span!(
-                "write state",
-                otel.name = "write vehicle state",
-                db.system = "cassandra",
-                signals = plan.values.len() + plan.availability.len()
-            ))
-            .await;
+        let untrusted = untrusted_delivery
+            .into_iter()
+            .chain(plans.iter().flat_map(|p| p.untrusted.iter().copied()));
+        for clock in untrusted {
+            self.note_untrusted(clock, event_id);
+        }
+        let cells: usize = plans
+            .iter()
+            .map(|p| p.values.len() + p.availability.len())
+            .sum();
+        let applied = async {
+            for plan in &mut plans {
+                self.store.apply(plan).await?;
+                self.keep_flag_changes(plan, event_id).await?;
+            }
+            Ok::<(), StoreError>(())
+        }
+        .instrument(tracing::info_span!(
+            "write state",
+            otel.name = "write vehicle state",
+            db.system = "cassandra",
+            signals = cells
+        ))
+        .await;
         match applied {
             Ok(()) => {
                 self.forget(&pos);
-                self.metrics
-                    .signals_written
-                    .inc_by((plan.values.len() + plan.availability.len()) as u64);
-                for (t, e) in plan.error_types.iter().zip(&plan.errors) {
-                    let state = if e.state.doc.contains(r#""state":"RESOLVED""#) {
-                        "resolved"
-                    } else {
-                        "error"
-                    };
-                    self.metrics
-                        .vehicle_errors
-                        .get_or_create(&vec![
-                            ("type", (*t).to_string()),
-                            ("state", state.to_string()),
-                        ])
-                        .inc();
+                self.metrics.signals_written.inc_by(cells as u64);
+                for plan in &plans {
+                    for (t, e) in plan.error_types.iter().zip(&plan.errors) {
+                        let state = if e.state.doc.contains(r#""state":"RESOLVED""#) {
+                            "resolved"
+                        } else {
+                            "error"
+                        };
+                        self.metrics
+                            .vehicle_errors
+                            .get_or_create(&vec![
+                                ("type", (*t).to_string()),
+                                ("state", state.to_string()),
+                            ])
+                            .inc();
+                    }
                 }
                 self.metrics
                     .processing_duration
                     .observe(started.elapsed().as_secs_f64());
-                Ok(Disposition::Applied(plan))
+                Ok(Disposition::Applied(plans))
             }
             Err(e) if e.is_transient() => {
                 self.count_store_error(&e);
@@ -196,6 +238,47 @@ impl Pipeline {
                     first_failure_at: first,
                 }))
             }
+        }
+    }
+
+    /// Keeps only the plan's actions whose reconnect flag this event really changed, so the
+    /// actions topic follows state: the last action for a vehicle agrees with its flags.
+    async fn keep_flag_changes(&self, plan: &mut Plan, event_id: &str) -> Result<(), StoreError> {
+        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str().to_owned()) else {
+            return Ok(());
+        };
+        let mut kept = Vec::with_capacity(plan.actions.len());
+        for a in plan.actions.drain(..) {
+            if self
+                .store
+                .move_reconnect_flag(&vehicle, &a.error_key, a.flag_state, a.at, event_id)
+                .await?
+            {
+                kept.push(a);
+            }
+        }
+        plan.actions = kept;
+        Ok(())
+    }
+
+    /// Counts a timestamp that was too far ahead to trust; logs the first of each clock.
+    fn note_untrusted(&self, clock: &'static str, event_id: &str) {
+        self.metrics
+            .untrusted_timestamps
+            .get_or_create(&vec![("clock", clock.to_string())])
+            .inc();
+        let first = self
+            .untrusted_logged
+            .lock()
+            .map(|mut seen| seen.insert(clock))
+            .unwrap_or(false);
+        if first {
+            tracing::warn!(
+                clock,
+                event_id,
+                max_skew_ms = self.settings.max_clock_skew_ms,
+                "timestamp later than receive time plus the allowed skew: not trusted, next clock used (logged once per clock; see carhook_processor_untrusted_timestamps_total)"
+            );
         }
     }
 

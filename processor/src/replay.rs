@@ -3,8 +3,11 @@
 //! Semantics (each pinned by an integration test):
 //! - It reads with its own consumer group and commits only there, so live consumers' offsets are
 //!   untouched; running it again with the same range resumes where it stopped.
-//! - It bypasses the live dedup claims (replaying *is* processing an event again) but emits no
-//!   actions: the live pipeline already emitted each action exactly once.
+//! - It applies each event once, as live processing did: only the record that owns the event's
+//!   claim is applied (copies live processing dropped as duplicates are skipped), with the delivery
+//!   time stored in the claim and the record's own receive time, so it writes exactly the
+//!   timestamps live processing wrote. An event whose claim has expired is applied by its record.
+//!   It emits no actions: the live pipeline already emitted each action exactly once.
 //! - Writes carry the same (freshness, logic version) timestamps as live processing. A replay under
 //!   a newer `processor.logic_version` therefore replaces values with equal `oemUpdatedAt`, while an
 //!   older event still never overwrites newer state.
@@ -89,7 +92,7 @@ pub struct Summary {
     pub applied: u64,
     /// Events whose every cell was already as fresh or fresher.
     pub unchanged: u64,
-    /// Other vehicles, VERIFY, legacy and unknown types.
+    /// Other vehicles, VERIFY, unknown types, and copies that do not own their event's claim.
     pub skipped: u64,
     /// Poison records (dead-lettered by live processing; not re-sent).
     pub dead_lettered: u64,
@@ -243,8 +246,10 @@ pub async fn replay(
     let consumer = Arc::new(consumer);
     let ctx = Context {
         received_at: EpochMillis::now(),
+        delivered_at: EpochMillis::now(),
         logic_version: settings.processor.logic_version,
         rate_limit_backoff_secs: settings.processor.rate_limit_backoff_secs,
+        max_skew_ms: i64::try_from(settings.processor.max_clock_skew_ms).unwrap_or(i64::MAX),
     };
     while !remaining.is_empty() && !shutdown.is_cancelled() {
         if req.max_records.is_some_and(|m| summary.read >= m) {
@@ -314,10 +319,13 @@ pub async fn replay(
     Ok(summary)
 }
 
+/// When the receiver accepted the record: its header, else the record's own timestamp (never the
+/// replay's clock, which would reorder every fallback write).
 fn received_at(msg: &OwnedMessage) -> Option<EpochMillis> {
     crate::dead_letter::header_str(msg, shared::headers::RECEIVED_AT)
         .and_then(|v| v.parse::<i64>().ok())
         .and_then(EpochMillis::new)
+        .or_else(|| msg.timestamp().to_millis().and_then(EpochMillis::new))
 }
 
 enum One {
@@ -355,19 +363,54 @@ async fn replay_one(
     };
     if !matches!(
         event.kind,
-        EventKind::VehicleState { .. } | EventKind::VehicleError { .. }
+        EventKind::VehicleState { .. } | EventKind::VehicleError { .. } | EventKind::Legacy(_)
     ) {
         return Ok(One::Skipped);
     }
     if let Some(v) = &req.vehicle {
-        if event.envelope.vehicle_id.as_ref().map(|x| x.as_str()) != Some(v.as_str()) {
+        let concerns = match &event.kind {
+            EventKind::Legacy(l) => l.vehicles.iter().any(|x| x.vehicle.as_str() == v.as_str()),
+            _ => event.envelope.vehicle_id.as_ref().map(|x| x.as_str()) == Some(v.as_str()),
+        };
+        if !concerns {
             return Ok(One::Skipped);
         }
     }
-    let plan = effects::plan(&event, ctx);
-    let (newer, stale) = store.compare(&plan).await?;
-    if !req.dry_run && newer > 0 {
-        store.apply(&plan).await?;
+    let (own_delivery, _) = effects::delivery_time(
+        event.envelope.delivered_at,
+        ctx.received_at,
+        ctx.max_skew_ms,
+    );
+    let delivered_at = match store.read_claim(event.envelope.event_id.as_str()).await? {
+        Some(c)
+            if c.owner.topic == msg.topic()
+                && c.owner.partition == msg.partition()
+                && c.owner.offset == msg.offset() =>
+        {
+            c.delivered_at.unwrap_or(own_delivery)
+        }
+        // Another record owns the event: live processing dropped this copy as a duplicate.
+        Some(_) => return Ok(One::Skipped),
+        None => own_delivery,
+    };
+    let ctx = Context {
+        delivered_at,
+        ..ctx
+    };
+    let mut newer = 0;
+    let mut stale = 0;
+    for plan in effects::plans(&event, ctx) {
+        if let Some(v) = &req.vehicle {
+            if plan.vehicle.as_ref().map(|x| x.as_str()) != Some(v.as_str()) {
+                continue;
+            }
+        }
+        let (n, st) = store.compare(&plan).await?;
+        if !req.dry_run && n > 0 {
+            store.apply(&plan).await?;
+        }
+        newer += n;
+        stale += st;
     }
     Ok(if newer > 0 {
         One::Applied { stale }

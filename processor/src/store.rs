@@ -15,6 +15,8 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::SerialConsistency;
 use scylla::value::{CqlValue, Row};
 
+use shared::clock::EpochMillis;
+
 use crate::effects::Plan;
 
 /// A store failure. Everything the driver reports is treated as transient except statements the
@@ -56,9 +58,19 @@ pub struct Position {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This record owns the event: apply it (again, if a crash interrupted a previous attempt).
-    Owner,
+    /// `delivered_at` is the delivery time stored with the claim (the first persisted copy's):
+    /// every write ordered by delivery time uses it, whichever copy applies.
+    Owner { delivered_at: EpochMillis },
     /// Another record owns it: this one is a duplicate and has no effect.
     Duplicate { owner: Position },
+}
+
+/// A claim as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredClaim {
+    pub status: Option<String>,
+    pub owner: Position,
+    pub delivered_at: Option<EpochMillis>,
 }
 
 /// Prepared statements against one keyspace.
@@ -69,7 +81,11 @@ pub struct Store {
     claim: PreparedStatement,
     read_claim: PreparedStatement,
     take_over: PreparedStatement,
+    reset_claim: PreparedStatement,
     mark_dead: PreparedStatement,
+    read_flag: PreparedStatement,
+    insert_flag: PreparedStatement,
+    update_flag: PreparedStatement,
     put_value: PreparedStatement,
     put_availability: PreparedStatement,
     put_error: PreparedStatement,
@@ -113,13 +129,13 @@ impl Store {
             }
         };
         let mut claim = p(format!(
-            "INSERT INTO {ks}.processed_events (event_id, status, topic, partition, \"offset\", vehicle_id, claimed_by, claimed_at) \
-             VALUES (?, 'claimed', ?, ?, ?, ?, ?, toTimestamp(now())) IF NOT EXISTS USING TTL ?"
+            "INSERT INTO {ks}.processed_events (event_id, status, topic, partition, \"offset\", vehicle_id, claimed_by, claimed_at, delivered_at) \
+             VALUES (?, 'claimed', ?, ?, ?, ?, ?, toTimestamp(now()), ?) IF NOT EXISTS USING TTL ?"
         ))
         .await?;
         claim.set_serial_consistency(Some(SerialConsistency::LocalSerial));
         let mut read_claim = p(format!(
-            "SELECT status, topic, partition, \"offset\" FROM {ks}.processed_events WHERE event_id = ?"
+            "SELECT status, topic, partition, \"offset\", delivered_at FROM {ks}.processed_events WHERE event_id = ?"
         ))
         .await?;
         // A linearizable read: sees any claim a concurrent LWT has committed.
@@ -129,12 +145,33 @@ impl Store {
              WHERE event_id = ? IF status = 'dead_lettered'"
         ))
         .await?;
+        // Every status is written with the same TTL as the claim, so no cell outlives its row.
+        let reset_claim = p(format!(
+            "UPDATE {ks}.processed_events USING TTL ? SET status = 'claimed' \
+             WHERE event_id = ? IF topic = ? AND partition = ? AND \"offset\" = ?"
+        ))
+        .await?;
         let mark_dead = p(format!(
-            "UPDATE {ks}.processed_events SET status = 'dead_lettered' WHERE event_id = ? IF topic = ? AND partition = ? AND \"offset\" = ?"
+            "UPDATE {ks}.processed_events USING TTL ? SET status = 'dead_lettered' WHERE event_id = ? IF topic = ? AND partition = ? AND \"offset\" = ?"
+        ))
+        .await?;
+        let mut read_flag = p(format!(
+            "SELECT state, at, event_id, changed_by FROM {ks}.reconnect_flags WHERE vehicle_id = ? AND error_key = ?"
+        ))
+        .await?;
+        read_flag.set_consistency(scylla::statement::Consistency::LocalSerial);
+        let insert_flag = p(format!(
+            "INSERT INTO {ks}.reconnect_flags (vehicle_id, error_key, state, at, event_id, changed_by) \
+             VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+        ))
+        .await?;
+        let update_flag = p(format!(
+            "UPDATE {ks}.reconnect_flags SET state = ?, at = ?, event_id = ?, changed_by = ? \
+             WHERE vehicle_id = ? AND error_key = ? IF at = ? AND event_id = ?"
         ))
         .await?;
         let put_value = p(format!(
-            "UPDATE {ks}.signal_state USING TIMESTAMP ? SET value = ?, availability = ? WHERE vehicle_id = ? AND code = ?"
+            "UPDATE {ks}.signal_state USING TIMESTAMP ? SET value = ? WHERE vehicle_id = ? AND code = ?"
         ))
         .await?;
         let put_availability = p(format!(
@@ -163,7 +200,11 @@ impl Store {
             claim,
             read_claim,
             take_over,
+            reset_claim,
             mark_dead,
+            read_flag,
+            insert_flag,
+            update_flag,
             put_value,
             put_availability,
             put_error,
@@ -184,7 +225,8 @@ impl Store {
         &self.keyspace
     }
 
-    /// Claims `event_id` for the record at `pos`.
+    /// Claims `event_id` for the record at `pos`, delivered (by Smartcar's clock, or received when
+    /// that is unknown or untrusted) at `delivered_at`.
     ///
     /// Why this is crash-safe: the claim names the record that owns the event. Offsets are
     /// committed only after the owner's effects are durable, so if a processor dies anywhere between
@@ -193,12 +235,17 @@ impl Store {
     /// Smartcar retry, a second delivery — is a duplicate whatever the claim's progress, because the
     /// owner will certainly be (re)applied. An LWT timeout is retried the same way: if the insert
     /// did land, the retry reads our own position back and we are still the owner.
+    ///
+    /// The owner finding its claim marked `dead_lettered` (its dead letter was in a transaction that
+    /// aborted, and this attempt succeeds) resets it to `claimed`, so no later copy can take the
+    /// event over and apply it a second time.
     pub async fn claim(
         &self,
         event_id: &str,
         vehicle: Option<&str>,
         pos: &Position,
         instance: &str,
+        delivered_at: EpochMillis,
     ) -> Result<Claim, StoreError> {
         let res = self
             .session
@@ -211,27 +258,46 @@ impl Store {
                     pos.offset,
                     vehicle,
                     instance,
+                    delivered_at.as_i64(),
                     self.dedup_ttl_secs,
                 ),
             )
             .await
             .map_err(|e| StoreError::from_exec("claim", e))?;
         if lwt_applied(res).map_err(|e| StoreError::from_exec("claim", e))? {
-            return Ok(Claim::Owner);
+            return Ok(Claim::Owner { delivered_at });
         }
-        let (status, owner) = self.read_claim(event_id).await?;
-        if owner == *pos {
-            return Ok(Claim::Owner);
+        let stored = self
+            .read_claim(event_id)
+            .await?
+            .ok_or_else(|| StoreError::Transient {
+                op: "read claim",
+                message: format!("claim for {event_id} vanished; retrying"),
+            })?;
+        // Rows claimed before delivery times were stored have none: this copy's is the best known.
+        let owned_at = stored.delivered_at.unwrap_or(delivered_at);
+        if stored.owner == *pos {
+            if stored.status.as_deref() == Some("dead_lettered") {
+                self.reset_claim(event_id, pos).await?;
+            }
+            return Ok(Claim::Owner {
+                delivered_at: owned_at,
+            });
         }
-        if status.as_deref() == Some("dead_lettered")
+        if stored.status.as_deref() == Some("dead_lettered")
             && self.take_over(event_id, pos, instance).await?
         {
-            return Ok(Claim::Owner);
+            return Ok(Claim::Owner {
+                delivered_at: owned_at,
+            });
         }
-        Ok(Claim::Duplicate { owner })
+        Ok(Claim::Duplicate {
+            owner: stored.owner,
+        })
     }
 
-    async fn read_claim(&self, event_id: &str) -> Result<(Option<String>, Position), StoreError> {
+    /// The claim of `event_id`, read linearizably (None when there is none).
+    pub async fn read_claim(&self, event_id: &str) -> Result<Option<StoredClaim>, StoreError> {
         let res = self
             .session
             .execute_unpaged(&self.read_claim, (event_id,))
@@ -240,23 +306,42 @@ impl Store {
         let row = res
             .into_rows_result()
             .map_err(|e| StoreError::from_exec("read claim", e))?
-            .maybe_first_row::<(Option<String>, Option<String>, Option<i32>, Option<i64>)>()
+            .maybe_first_row::<(
+                Option<String>,
+                Option<String>,
+                Option<i32>,
+                Option<i64>,
+                Option<i64>,
+            )>()
             .map_err(|e| StoreError::from_exec("read claim", e))?;
-        let Some((status, topic, partition, offset)) = row else {
-            // Expired between the insert and this read: nobody owns it any more; report no owner.
-            return Err(StoreError::Transient {
-                op: "read claim",
-                message: format!("claim for {event_id} vanished; retrying"),
-            });
-        };
-        Ok((
-            status,
-            Position {
-                topic: topic.unwrap_or_default(),
-                partition: partition.unwrap_or(-1),
-                offset: offset.unwrap_or(-1),
+        Ok(row.map(
+            |(status, topic, partition, offset, delivered_at)| StoredClaim {
+                status,
+                owner: Position {
+                    topic: topic.unwrap_or_default(),
+                    partition: partition.unwrap_or(-1),
+                    offset: offset.unwrap_or(-1),
+                },
+                delivered_at: delivered_at.and_then(EpochMillis::new),
             },
         ))
+    }
+
+    async fn reset_claim(&self, event_id: &str, pos: &Position) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(
+                &self.reset_claim,
+                (
+                    self.dedup_ttl_secs,
+                    event_id,
+                    &pos.topic,
+                    pos.partition,
+                    pos.offset,
+                ),
+            )
+            .await
+            .map_err(|e| StoreError::from_exec("reset claim", e))?;
+        Ok(())
     }
 
     async fn take_over(
@@ -292,11 +377,102 @@ impl Store {
         self.session
             .execute_unpaged(
                 &self.mark_dead,
-                (event_id, &pos.topic, pos.partition, pos.offset),
+                (
+                    self.dedup_ttl_secs,
+                    event_id,
+                    &pos.topic,
+                    pos.partition,
+                    pos.offset,
+                ),
             )
             .await
             .map_err(|e| StoreError::from_exec("mark dead-lettered", e))?;
         Ok(())
+    }
+
+    /// Moves the reconnect flag of (`vehicle`, `key`) to `state` as of delivery time `at` for event
+    /// `event_id`; true when this event is the one that changed the flag's state (so its action
+    /// must be emitted — again, if an earlier attempt's transaction aborted).
+    ///
+    /// Compare-and-set with lightweight transactions: an older or equal `at` never moves the flag,
+    /// a newer one with the same state only advances `at`, a newer one with the other state flips
+    /// it. No flag yet counts as "clear": a first RESOLVED records itself without an action.
+    pub async fn move_reconnect_flag(
+        &self,
+        vehicle: &str,
+        key: &str,
+        state: &str,
+        at: i64,
+        event_id: &str,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "reconnect flag";
+        let err = |e: &dyn std::fmt::Display| StoreError::Transient {
+            op: OP,
+            message: e.to_string(),
+        };
+        for _ in 0..8 {
+            let row = self
+                .session
+                .execute_unpaged(&self.read_flag, (vehicle, key))
+                .await
+                .map_err(|e| StoreError::from_exec(OP, e))?
+                .into_rows_result()
+                .map_err(|e| err(&e))?
+                .maybe_first_row::<(Option<String>, Option<i64>, Option<String>, Option<String>)>()
+                .map_err(|e| err(&e))?;
+            let Some((cur_state, cur_at, cur_event, changed_by)) = row else {
+                let sets = state == "ERROR";
+                let res = self
+                    .session
+                    .execute_unpaged(
+                        &self.insert_flag,
+                        (vehicle, key, state, at, event_id, sets.then_some(event_id)),
+                    )
+                    .await
+                    .map_err(|e| StoreError::from_exec(OP, e))?;
+                if lwt_applied(res).map_err(|e| err(&e))? {
+                    return Ok(sets);
+                }
+                continue;
+            };
+            if changed_by.as_deref() == Some(event_id) {
+                return Ok(true);
+            }
+            let cur_at = cur_at.unwrap_or(i64::MIN);
+            if cur_event.as_deref() == Some(event_id) || at <= cur_at {
+                return Ok(false);
+            }
+            let changes = cur_state.as_deref() != Some(state);
+            let new_changed_by = if changes {
+                Some(event_id)
+            } else {
+                changed_by.as_deref()
+            };
+            let res = self
+                .session
+                .execute_unpaged(
+                    &self.update_flag,
+                    (
+                        state,
+                        at,
+                        event_id,
+                        new_changed_by,
+                        vehicle,
+                        key,
+                        cur_at,
+                        cur_event.as_deref().unwrap_or(""),
+                    ),
+                )
+                .await
+                .map_err(|e| StoreError::from_exec(OP, e))?;
+            if lwt_applied(res).map_err(|e| err(&e))? {
+                return Ok(changes);
+            }
+        }
+        Err(StoreError::Transient {
+            op: OP,
+            message: format!("flag {vehicle}/{key} kept changing under contention; retrying"),
+        })
     }
 
     /// Compares a plan with the stored write times: (cells the plan would change, cells that lose
@@ -372,21 +548,25 @@ impl Store {
         let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
             return Ok(());
         };
-        if !plan.values.is_empty() || !plan.availability.is_empty() {
+        // Values (car clock) and availability (delivery clock) are separate cells with separate
+        // write timestamps: one batch for each statement shape.
+        if !plan.values.is_empty() {
             let mut batch = Batch::new(BatchType::Unlogged);
-            let mut values: Vec<(i64, Option<&str>, &str, &str, &str)> = Vec::new();
+            let mut values: Vec<(i64, &str, &str, &str)> = Vec::new();
             for w in &plan.values {
                 batch.append_statement(self.put_value.clone());
-                values.push((
-                    w.value.timestamp,
-                    Some(&w.value.doc),
-                    &w.availability.doc,
-                    vehicle,
-                    w.code.as_str(),
-                ));
+                values.push((w.value.timestamp, &w.value.doc, vehicle, w.code.as_str()));
             }
+            self.session
+                .batch(&batch, values)
+                .await
+                .map_err(|e| StoreError::from_exec("write signal values", e))?;
+        }
+        if !plan.availability.is_empty() {
+            let mut batch = Batch::new(BatchType::Unlogged);
             let mut avail: Vec<(i64, &str, &str, &str)> = Vec::new();
             for w in &plan.availability {
+                batch.append_statement(self.put_availability.clone());
                 avail.push((
                     w.availability.timestamp,
                     &w.availability.doc,
@@ -394,23 +574,10 @@ impl Store {
                     w.code.as_str(),
                 ));
             }
-            // Two statement shapes: run values and availability-only writes as two batches.
-            if !values.is_empty() {
-                self.session
-                    .batch(&batch, values)
-                    .await
-                    .map_err(|e| StoreError::from_exec("write signal values", e))?;
-            }
-            if !avail.is_empty() {
-                let mut b = Batch::new(BatchType::Unlogged);
-                for _ in &avail {
-                    b.append_statement(self.put_availability.clone());
-                }
-                self.session
-                    .batch(&b, avail)
-                    .await
-                    .map_err(|e| StoreError::from_exec("write signal availability", e))?;
-            }
+            self.session
+                .batch(&batch, avail)
+                .await
+                .map_err(|e| StoreError::from_exec("write signal availability", e))?;
         }
         if !plan.errors.is_empty() {
             let mut b = Batch::new(BatchType::Unlogged);

@@ -79,6 +79,8 @@ pub enum FreshnessSource {
     DeliveredAt,
     /// The time the receiver accepted the record.
     ReceivedAt,
+    /// A legacy v2 reading's `sc-data-age` header: when the car produced it.
+    ScDataAge,
 }
 
 /// The time that orders one signal value against another, with where it came from.

@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "redriven_letters",
         include_str!("../migrations/cql/0004_redriven_letters.cql"),
     ),
+    (
+        5,
+        "claim_delivery_and_reconnect_flags",
+        include_str!("../migrations/cql/0005_claim_delivery_and_reconnect_flags.cql"),
+    ),
 ];
 
 /// CQL failures, naming what an operator needs.

@@ -5,6 +5,7 @@ mod config;
 mod crash;
 mod history;
 mod processor;
+mod promise;
 mod receiver;
 mod sim;
 mod stack;

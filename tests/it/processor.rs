@@ -218,7 +218,8 @@ async fn protocol_examples_partial_failure_and_legacy_are_handled() {
             {"code": "tractionbattery-stateofcharge", "status": {"value": "ERROR", "error": {"type": "UPSTREAM", "code": "NO_RESPONSE"}}},
             {"code": "location-preciselocation", "body": {"latitude": 1.5, "longitude": 2.5}, "meta": {"oemUpdatedAt": 1_758_668_800_000_i64}}
         ]},
-        "meta": {"deliveredAt": 1_758_668_900_000_i64}
+        // Delivered after the example (1761896351529): availability follows the delivery clock.
+        "meta": {"deliveredAt": 1_761_896_400_000_i64}
     })).unwrap_or_default();
     assert_eq!(
         post(
@@ -243,9 +244,12 @@ async fn protocol_examples_partial_failure_and_legacy_are_handled() {
         1.5
     );
     eventually(WAIT, || async {
-        metric(&p, r#"carhook_processor_events_total{outcome="ignored"}"#).await == 1.0
+        metric(&p, r#"carhook_processor_legacy_events_total{form="other"}"#).await == 1.0
     })
     .await;
+    // The legacy body is claimed and recorded as its vehicle's last event, not ignored.
+    let v2 = state_where(&s, "v2car", |v| v["vehicle"]["lastEventId"] == "legacy-1").await;
+    assert_eq!(v2["vehicle"]["legacy"]["eventName"], "schedule");
     assert!(
         vehicle_state(&s, "no-such-car").await.is_none(),
         "unknown vehicle has no state"

@@ -201,8 +201,10 @@ async fn processor_figures(n: u64, body_bytes: usize) -> Value {
         .unwrap_or_else(|e| panic!("{e}"));
     let ctx = carhook_processor::effects::Context {
         received_at: shared::clock::EpochMillis::now(),
+        delivered_at: shared::clock::EpochMillis::now(),
         logic_version: 1,
         rate_limit_backoff_secs: 900,
+        max_skew_ms: 60_000,
     };
     let started = Instant::now();
     let loops = usize::try_from(s.kafka.partitions).unwrap_or(6);
@@ -221,7 +223,13 @@ async fn processor_figures(n: u64, body_bytes: usize) -> Value {
                         offset: i as i64,
                     };
                     let _ = store
-                        .claim(ev.envelope.event_id.as_str(), None, &pos, "plain")
+                        .claim(
+                            ev.envelope.event_id.as_str(),
+                            None,
+                            &pos,
+                            "plain",
+                            ctx.delivered_at,
+                        )
                         .await;
                     let _ = store
                         .apply(&carhook_processor::effects::plan(&ev, ctx))
