@@ -172,6 +172,7 @@ async fn run_inner(
             Ok(()) => break,
             Err(e) => {
                 restarts += 1;
+                metrics.client_rebuilds.inc();
                 readiness.set("consumer", false);
                 tracing::error!(error = %e, restarts, "consumer loop failed; rebuilding kafka clients");
                 tokio::select! {
