@@ -416,7 +416,7 @@ impl Worker {
             let left = deadline.saturating_duration_since(Instant::now());
             let producer = self.producer.clone();
             let op = Arc::clone(&op);
-            let timeout = per_call.min(left).max(Duration::from_millis(1));
+            let timeout = per_call.min(left);
             let result = tokio::task::spawn_blocking(move || op(&producer, timeout))
                 .await
                 .map_err(|_| KafkaError::Canceled)?;
@@ -427,6 +427,10 @@ impl Worker {
                         .get_or_create(&vec![("call", call.to_string())])
                         .inc();
                     tracing::debug!(call, error = %e, "transactional call ran out of time; resuming");
+                    if timeout.is_zero() {
+                        // Polling (a zero call timeout): let the commit progress between polls.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
                 }
                 other => return other,
             }

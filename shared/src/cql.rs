@@ -144,10 +144,15 @@ pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, Cql
             }
         }
         for stmt in statements(&render(text, s)) {
-            session
-                .query_unpaged(stmt, ())
-                .await
-                .map_err(|e| wrap(Box::new(e)))?;
+            let adds_column = is_add_column(&stmt);
+            match session.query_unpaged(stmt, ()).await {
+                Ok(_) => {}
+                // `ALTER TABLE … ADD` has no portable `IF NOT EXISTS` (ScyllaDB lacks it): a column
+                // that exists already (another instance migrating concurrently, or a run that
+                // stopped before recording the version) is the wanted state.
+                Err(e) if adds_column && column_exists(&e.to_string()) => {}
+                Err(e) => return Err(wrap(Box::new(e))),
+            }
         }
         if version == 1 {
             let ledger = format!(
@@ -178,6 +183,16 @@ pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, Cql
         applied.push(version);
     }
     Ok(applied)
+}
+
+fn is_add_column(stmt: &str) -> bool {
+    let s = stmt.trim_start().to_ascii_uppercase();
+    s.starts_with("ALTER TABLE") && s.contains(" ADD ")
+}
+
+fn column_exists(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("already exist") || m.contains("conflicts with an existing column")
 }
 
 async fn recorded_checksum(
@@ -216,7 +231,17 @@ mod tests {
         assert!(all
             .iter()
             .all(|st| !st.contains('{') || st.contains("replication")));
-        assert!(all.iter().all(|st| st.contains("IF NOT EXISTS")));
+        // Every statement is safe to repeat: `IF NOT EXISTS`, or a column addition whose
+        // "already exists" answer the runner accepts.
+        assert!(all
+            .iter()
+            .all(|st| st.contains("IF NOT EXISTS") || is_add_column(st)));
+        assert!(column_exists(
+            "Invalid column name delivered_at because it conflicts with an existing column"
+        ));
+        assert!(column_exists(
+            "Column with name 'delivered_at' already exists"
+        ));
         assert!(all[0].starts_with("CREATE KEYSPACE IF NOT EXISTS ks1"));
     }
 }

@@ -105,28 +105,19 @@ pub async fn diff(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -
             ));
         }
     }
+    let must_set = truth
+        .flags
+        .values()
+        .flat_map(|f| f.values())
+        .filter(|s| **s)
+        .count();
     let actions = crate::read_topic(
         &settings.kafka.brokers,
         &settings.kafka.actions_topic,
-        truth.actions.len(),
+        must_set,
         Duration::from_secs(20),
     );
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for a in &actions {
-        if let Some(id) = crate::header(a, "carhook-action-id") {
-            *counts.entry(id).or_default() += 1;
-        }
-    }
-    for id in &truth.actions {
-        match counts.get(id) {
-            None => out.push(format!("action {id}: missing")),
-            Some(1) => {}
-            Some(n) => out.push(format!("action {id}: emitted {n} times")),
-        }
-    }
-    for id in counts.keys().filter(|id| !truth.actions.contains(*id)) {
-        out.push(format!("action {id}: unexpected"));
-    }
+    out.extend(check_actions(truth, &actions));
     let letters = carhook_processor::dlq::read_letters(settings)
         .map(|l| l.len())
         .unwrap_or(usize::MAX);
@@ -134,6 +125,71 @@ pub async fn diff(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -
         out.push(format!(
             "dead-letter topic holds {letters} letters, expected {}",
             truth.dead_letters
+        ));
+    }
+    out
+}
+
+/// Actions follow the reconnect flags: every id is a candidate and appears at most once, each
+/// flag's actions (in topic order; one vehicle is one partition) alternate starting with
+/// `RECONNECT_REQUIRED`, and the last agrees with the flag's final state.
+fn check_actions(truth: &Truth, actions: &[rdkafka::message::OwnedMessage]) -> Vec<String> {
+    use rdkafka::Message;
+    let mut out = Vec::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sequences: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for a in actions {
+        let id = crate::header(a, "carhook-action-id").unwrap_or_default();
+        *counts.entry(id.clone()).or_default() += 1;
+        let kind = crate::header(a, "carhook-action-type").unwrap_or_default();
+        let vehicle = a
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default();
+        let body: serde_json::Value =
+            serde_json::from_slice(a.payload().unwrap_or_default()).unwrap_or_default();
+        let key = match (body["errorType"].as_str(), body["errorCode"].as_str()) {
+            (Some(t), Some(c)) => format!("{t}:{c}"),
+            (Some(t), None) => t.to_string(),
+            _ => String::new(),
+        };
+        sequences.entry((vehicle, key)).or_default().push(kind);
+    }
+    for (id, n) in &counts {
+        if !truth.actions.contains(id) {
+            out.push(format!("action {id}: unexpected"));
+        } else if *n > 1 {
+            out.push(format!("action {id}: emitted {n} times"));
+        }
+    }
+    for (vehicle, flags) in &truth.flags {
+        for (key, set) in flags {
+            let seq = sequences
+                .remove(&(vehicle.clone(), key.clone()))
+                .unwrap_or_default();
+            let alternates = seq.iter().enumerate().all(|(i, k)| {
+                k == if i % 2 == 0 {
+                    "RECONNECT_REQUIRED"
+                } else {
+                    "RECONNECT_RESOLVED"
+                }
+            });
+            let agrees = if *set {
+                seq.last().map(String::as_str) == Some("RECONNECT_REQUIRED")
+            } else {
+                seq.last().is_none_or(|k| k == "RECONNECT_RESOLVED")
+            };
+            if !alternates || !agrees {
+                out.push(format!(
+                    "actions for {vehicle} {key}: {seq:?}; must alternate from RECONNECT_REQUIRED and end {}",
+                    if *set { "set (RECONNECT_REQUIRED)" } else { "clear" }
+                ));
+            }
+        }
+    }
+    for ((vehicle, key), seq) in sequences {
+        out.push(format!(
+            "actions for {vehicle} {key}: {seq:?}, but no such reconnect flag was sent"
         ));
     }
     out

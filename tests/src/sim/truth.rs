@@ -68,8 +68,14 @@ pub struct Truth {
     pub vehicles: BTreeMap<String, VehicleTruth>,
     /// Vehicles that must have no state at all (only unknown or rejected events).
     pub absent: BTreeSet<String>,
-    /// Action ids (`eventId:index`) that must be on the actions topic, each exactly once.
+    /// Action ids (`eventId:index`) that may be on the actions topic, each at most once: the
+    /// reconnect-relevant items of acknowledged events. Which of them appear depends on the order
+    /// the events reached the processor; what must hold is in `flags`.
     pub actions: BTreeSet<String>,
+    /// Per vehicle, per reconnect-relevant error key: whether the flag ends set (the latest delivery
+    /// says ERROR). The actions of each flag must alternate, starting with `RECONNECT_REQUIRED`, and
+    /// the last must agree with this.
+    pub flags: BTreeMap<String, BTreeMap<String, bool>>,
     /// Event ids whose every delivery had to be refused (invalid signature).
     pub rejected: BTreeSet<String>,
     /// Event ids that never got a 2xx in 4 attempts although they should have.
@@ -83,6 +89,7 @@ impl Truth {
     pub fn compute(events: &[SimEvent], acknowledged: &BTreeSet<String>) -> Self {
         let mut t = Self::default();
         let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut flag_times: BTreeMap<(String, String), (i64, bool)> = BTreeMap::new();
         for e in events {
             seen.insert(e.vehicle.clone());
             if e.bad_signature {
@@ -100,7 +107,8 @@ impl Truth {
                     for s in signals {
                         match (&s.body, &s.error) {
                             (Some(body), _) => {
-                                v.status(&s.code, s.oem, "available");
+                                // Availability follows the delivery clock, the value the car's.
+                                v.status(&s.code, e.t, "available");
                                 if let Some(st) = v.signals.get_mut(&s.code) {
                                     if s.oem > st.value_t {
                                         st.body = Some(body.clone());
@@ -148,10 +156,21 @@ impl Truth {
                         }
                         if x.needs_reconnect() {
                             t.actions.insert(format!("{}:{i}", e.event_id));
+                            flag_times
+                                .entry((e.vehicle.clone(), x.key()))
+                                .and_modify(|(ft, set)| {
+                                    if e.t > *ft {
+                                        (*ft, *set) = (e.t, !x.resolved);
+                                    }
+                                })
+                                .or_insert((e.t, !x.resolved));
                         }
                     }
                 }
             }
+        }
+        for ((vehicle, key), (_, set)) in flag_times {
+            t.flags.entry(vehicle).or_default().insert(key, set);
         }
         t.absent = seen
             .into_iter()
