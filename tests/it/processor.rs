@@ -485,3 +485,58 @@ async fn a_commit_that_outlives_its_call_timeout_is_resumed_and_processing_goes_
     p.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// A producer fenced by another instance with the same transactional id (a zombie after a pod
+/// restart) is unusable for good: the processor rebuilds its Kafka clients, fences the intruder in
+/// turn, rejoins the group and processes on, instead of rewinding one batch forever.
+#[tokio::test]
+async fn a_fenced_processor_rebuilds_its_kafka_clients_and_keeps_processing() {
+    use rdkafka::producer::Producer;
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "1")]);
+    let p = spawn_processor(&s).await;
+    let car = "car-fenced";
+    let t0 = 1_761_896_351_529_i64;
+    let perm = |state: &str| json!([{"type":"PERMISSION","code":null,"state":state}]);
+    let first = error_event("fenced-1", car, perm("ERROR"), t0);
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some(car), &first)],
+    )
+    .await;
+    assert_eq!(
+        read_topic(&s.kafka.brokers, &s.kafka.actions_topic, 1, WAIT).len(),
+        1
+    );
+    // Another instance claims the same transactional id: the processor's producer is fenced.
+    let id = format!("{}-{}", s.kafka.consumer_group, s.processor.instance_id);
+    let intruder = carhook_processor::consumer::transactional_producer(&s, &id)
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::task::spawn_blocking(move || {
+        intruder
+            .init_transactions(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("fencing: {e}"));
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let second = error_event("fenced-2", car, perm("RESOLVED"), t0 + 1_000);
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some(car), &second)],
+    )
+    .await;
+    let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, 2, WAIT);
+    let kinds: Vec<String> = actions
+        .iter()
+        .filter_map(|m| header(m, headers::ACTION_TYPE))
+        .collect();
+    assert_eq!(kinds, vec!["RECONNECT_REQUIRED", "RECONNECT_RESOLVED"]);
+    assert_eq!(
+        metric(&p, "carhook_processor_client_rebuilds_total").await,
+        1.0
+    );
+    eventually(WAIT, || async { get(p.addr, "/ready").await.0 == 200 }).await;
+    p.stop().await;
+    drop_keyspace(&s).await;
+}
