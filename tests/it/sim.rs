@@ -24,7 +24,7 @@ async fn simulated_traffic_with_every_fault_matches_ground_truth() {
     assert!(!run.truth.actions.is_empty() && !run.truth.rejected.is_empty());
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let diff = sim::check::diff(&s, &run.truth, &run.deliveries).await;
+        let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
         if diff.is_empty() {
             break;
         }
@@ -35,6 +35,156 @@ async fn simulated_traffic_with_every_fault_matches_ground_truth() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+}
+
+/// A stand-in for a broken deployment: answers every request 503 + `Retry-After`.
+async fn always_503() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                // Read the whole request (headers, then Content-Length bytes) before answering.
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Ok(n) = c.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = c
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn clean_events(seed: u64) -> Vec<sim::generate::SimEvent> {
+    sim::generate::generate(seed, 3, 4, Faults::default())
+}
+
+/// `check` can fail: a receiver that never acknowledges anything must not pass (before, events
+/// never acknowledged were simply left out of the truth and the check passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_when_the_receiver_answers_503_to_everything() {
+    let s = settings(&[]);
+    let addr = always_503().await;
+    let events = clean_events(7);
+    let (deliveries, report) =
+        sim::send::send_all(addr, &s.receiver.path, TOKEN, &events, 4, 0.0001, None).await;
+    assert_eq!(report.dropped_after_4_attempts, events.len(), "{report:?}");
+    let run = sim::Run::new(7, Faults::default(), &events, deliveries, report);
+    let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
+    assert!(
+        diff.iter().any(|d| d.contains("never acknowledged")),
+        "check passed a receiver that acknowledged nothing: {diff:?}"
+    );
+    // A campaign that intends the drops says so, and only then is the count accepted.
+    let intended = sim::check::diff(&s, &run.truth, &run.deliveries, events.len()).await;
+    assert!(
+        !intended.iter().any(|d| d.contains("never acknowledged")),
+        "{intended:?}"
+    );
+}
+
+/// `check` can fail: events acknowledged by the receiver but never applied (no processor).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_when_no_processor_applied_the_events() {
+    let s = settings(&[]);
+    carhook_processor::migrate(&s)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = spawn_receiver(&s).await;
+    let events = clean_events(8);
+    let (deliveries, report) =
+        sim::send::send_all(r.addr, &s.receiver.path, TOKEN, &events, 4, 0.0001, None).await;
+    assert_eq!(report.dropped_after_4_attempts, 0, "{report:?}");
+    let run = sim::Run::new(8, Faults::default(), &events, deliveries, report);
+    let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
+    assert!(
+        diff.iter().any(|d| d.contains("no state in the store")),
+        "check passed although nothing was applied: {diff:?}"
+    );
+    r.stop().await;
+    drop_keyspace(&s).await;
+}
+
+/// `check` can fail: a store row changed by hand after a correct run is named as a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_when_a_store_row_is_changed_by_hand() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let events = clean_events(9);
+    let (deliveries, report) =
+        sim::send::send_all(r.addr, &s.receiver.path, TOKEN, &events, 4, 0.0001, None).await;
+    let run = sim::Run::new(9, Faults::default(), &events, deliveries, report);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
+        if diff.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "correct run never matched: {diff:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (vehicle, truth) = run
+        .truth
+        .vehicles
+        .iter()
+        .find(|(_, v)| v.signals.values().any(|s| s.body.is_some()))
+        .unwrap_or_else(|| panic!("no vehicle with a value"));
+    let code = truth
+        .signals
+        .iter()
+        .find(|(_, s)| s.body.is_some())
+        .map(|(c, _)| c.clone())
+        .unwrap_or_default();
+    let session = shared::cql::connect(&s.cql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    session
+        .query_unpaged(
+            format!(
+                "UPDATE {}.signal_state USING TIMESTAMP 9999999999999999 SET value = ? WHERE vehicle_id = ? AND code = ?",
+                s.cql.keyspace
+            ),
+            (r#"{"body":{"value":-1},"eventId":"tampered"}"#, vehicle, &code),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
+    assert!(
+        diff.iter()
+            .any(|d| d.contains(vehicle.as_str()) && d.contains(&code)),
+        "check missed a value changed by hand: {diff:?}"
+    );
     p.stop().await;
     r.stop().await;
     drop_keyspace(&s).await;

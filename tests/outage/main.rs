@@ -304,7 +304,7 @@ async fn fault_campaign_loses_nothing_acknowledged_and_applies_nothing_twice() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut diff;
     loop {
-        diff = sim::check::diff(&s, &run.truth, &run.deliveries).await;
+        diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
         if diff.is_empty() || Instant::now() > deadline {
             break;
         }

@@ -75,6 +75,10 @@ enum Command {
         /// Keep re-checking until this deadline (processing is asynchronous).
         #[arg(long, default_value = "60s", value_parser = humantime_secs)]
         wait: Duration,
+        /// Events the campaign intends to be dropped (never acknowledged after every attempt);
+        /// any other number of unacknowledged events fails the check.
+        #[arg(long, default_value_t = 0)]
+        expect_dropped: usize,
     },
     /// Perform the VERIFY handshake like Smartcar's dashboard.
     Verify {
@@ -247,14 +251,19 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { run, wait } => {
+        Command::Check {
+            run,
+            wait,
+            expect_dropped,
+        } => {
             let raw = std::fs::read(&run).map_err(|e| format!("{}: {e}", run.display()))?;
             let run: sim::Run =
                 serde_json::from_slice(&raw).map_err(|e| format!("{}: {e}", run.display()))?;
             let settings = shared::config::Settings::load(None).map_err(|e| e.to_string())?;
             let deadline = Instant::now() + wait;
             loop {
-                let diff = sim::check::diff(&settings, &run.truth, &run.deliveries).await;
+                let diff =
+                    sim::check::diff(&settings, &run.truth, &run.deliveries, expect_dropped).await;
                 if diff.is_empty() {
                     println!(
                         "check passed: {} vehicles, {} actions, {} rejected deliveries, {} dropped events",
@@ -281,9 +290,8 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             let body = serde_json::to_vec(&serde_json::json!({"eventId": format!("verify-{challenge}"), "eventType": "VERIFY",
                 "data": {"challenge": challenge}, "meta": {"version": "4.0", "deliveryId": "sim", "deliveredAt": 1_764_000_000_000_i64}}))
             .unwrap_or_default();
-            let secret = secrecy::SecretString::from(token.clone());
-            let expected = shared::signature::sign(&secret, challenge.as_bytes());
-            let sig = signed.then(|| shared::signature::sign(&secret, &body));
+            let expected = sim::hmac::sign_hex(token.as_bytes(), challenge.as_bytes());
+            let sig = signed.then(|| sim::hmac::sign_hex(token.as_bytes(), &body));
             let reply = carhook_tests::post(addr, &path, body, sig.as_deref()).await;
             let answer: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
             if reply.status == 200 && answer["challenge"] == expected.as_str() {

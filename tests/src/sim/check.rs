@@ -1,5 +1,6 @@
-//! Comparing the ground truth with what the system holds: vehicle state (through the processor's
-//! own state view), the actions topic and the dead-letter topic. Returns a readable diff.
+//! Comparing the ground truth with what the system holds: vehicle state (read from the CQL tables
+//! directly, never through the processor's own state view), the actions topic and the dead-letter
+//! topic, and whether every event was acknowledged. Returns a readable diff.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -9,9 +10,23 @@ use shared::config::Settings;
 use super::send::Delivery;
 use super::truth::Truth;
 
-/// Differences between truth and system; empty means they agree.
-pub async fn diff(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -> Vec<String> {
+/// Differences between truth and system; empty means they agree. `expect_dropped` is the number
+/// of events a campaign intends to be dropped (never acknowledged after all of Smartcar's
+/// attempts); any other number is a difference.
+pub async fn diff(
+    settings: &Settings,
+    truth: &Truth,
+    deliveries: &[Delivery],
+    expect_dropped: usize,
+) -> Vec<String> {
     let mut out = Vec::new();
+    if truth.dropped.len() != expect_dropped {
+        let some: Vec<&String> = truth.dropped.iter().take(10).collect();
+        out.push(format!(
+            "{} event(s) never acknowledged after every attempt (expected {expect_dropped}), e.g. {some:?}",
+            truth.dropped.len()
+        ));
+    }
     for d in deliveries
         .iter()
         .filter(|d| truth.rejected.contains(&d.event_id))
@@ -28,16 +43,14 @@ pub async fn diff(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -
         Err(e) => return vec![format!("cannot read state: {e}")],
     };
     for (vehicle, want) in &truth.vehicles {
-        let got = match carhook_processor::state::vehicle_state(
-            &session,
-            &settings.cql.keyspace,
-            vehicle,
-        )
-        .await
-        {
-            Ok(v) => v,
+        let got = match read_state(&session, &settings.cql.keyspace, vehicle).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                out.push(format!("{vehicle}: no state in the store"));
+                continue;
+            }
             Err(e) => {
-                out.push(format!("{vehicle}: {e}"));
+                out.push(format!("{vehicle}: reading state: {e}"));
                 continue;
             }
         };
@@ -96,9 +109,9 @@ pub async fn diff(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -
         }
     }
     for vehicle in &truth.absent {
-        if carhook_processor::state::vehicle_state(&session, &settings.cql.keyspace, vehicle)
+        if read_state(&session, &settings.cql.keyspace, vehicle)
             .await
-            .is_ok()
+            .is_ok_and(|s| s.is_some())
         {
             out.push(format!(
                 "{vehicle}: has state, but only unknown-type or rejected events were sent for it"
@@ -128,6 +141,81 @@ pub async fn diff(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -
         ));
     }
     out
+}
+
+/// One vehicle's state straight from the tables (`vehicles`, `signal_state`, `vehicle_errors`),
+/// in the shape the comparison needs: `signals.{code}.{body,eventId,status}`, `needsReconnect`,
+/// `unsupportedSignals`. None when the vehicle has no row.
+async fn read_state(
+    session: &scylla::client::session::Session,
+    keyspace: &str,
+    vehicle: &str,
+) -> Result<Option<serde_json::Value>, String> {
+    use serde_json::{json, Value};
+    let rows = |table: &str, cols: &str| {
+        format!("SELECT {cols} FROM {keyspace}.{table} WHERE vehicle_id = ?")
+    };
+    let doc = |d: Option<String>| -> Value {
+        d.and_then(|d| serde_json::from_str(&d).ok())
+            .unwrap_or(Value::Null)
+    };
+    let known = session
+        .query_unpaged(rows("vehicles", "vehicle_id"), (vehicle,))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_rows_result()
+        .map_err(|e| e.to_string())?
+        .rows_num()
+        > 0;
+    if !known {
+        return Ok(None);
+    }
+    let mut signals = serde_json::Map::new();
+    let mut unsupported = Vec::new();
+    let res = session
+        .query_unpaged(
+            rows("signal_state", "code, value, availability"),
+            (vehicle,),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .into_rows_result()
+        .map_err(|e| e.to_string())?;
+    for row in res
+        .rows::<(String, Option<String>, Option<String>)>()
+        .map_err(|e| e.to_string())?
+    {
+        let (code, value, availability) = row.map_err(|e| e.to_string())?;
+        let (value, availability) = (doc(value), doc(availability));
+        let status = availability["status"]
+            .as_str()
+            .unwrap_or("available")
+            .to_string();
+        if status == "unsupported" {
+            unsupported.push(Value::from(code.clone()));
+        }
+        signals.insert(
+            code,
+            json!({"body": value["body"], "eventId": value["eventId"], "status": status}),
+        );
+    }
+    let mut needs_reconnect = false;
+    let res = session
+        .query_unpaged(rows("vehicle_errors", "state"), (vehicle,))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_rows_result()
+        .map_err(|e| e.to_string())?;
+    for row in res.rows::<(Option<String>,)>().map_err(|e| e.to_string())? {
+        let (state,) = row.map_err(|e| e.to_string())?;
+        let state = doc(state);
+        needs_reconnect |= state["state"] == "ERROR" && state["needsReconnect"] == true;
+    }
+    Ok(Some(json!({
+        "signals": signals,
+        "needsReconnect": needs_reconnect,
+        "unsupportedSignals": unsupported,
+    })))
 }
 
 /// Actions follow the reconnect flags: every id is a candidate and appears at most once, each

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
 /// How to drive the load.
@@ -136,7 +136,7 @@ pub async fn run(spec: LoadSpec, progress: Option<indicatif::ProgressBar>) -> Lo
         move || {
             let n = counter.fetch_add(1, Ordering::Relaxed);
             let body = body_from(&template, n);
-            let sig = shared::signature::sign(&token, &body);
+            let sig = super::hmac::sign_hex(token.expose_secret().as_bytes(), &body);
             let req = http::Request::post(&url)
                 .header("content-type", "application/json")
                 .header("SC-Signature", sig)

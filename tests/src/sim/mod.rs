@@ -3,11 +3,13 @@
 //! - [`generate`]: events from a seed, with fault mixes, in both payload shapes.
 //! - [`send`]: delivering them like Smartcar (concurrent, retries after 25/50/100 s, scalable).
 //! - [`truth`]: what the system must hold afterwards, from the simulator's own model.
-//! - [`check`]: the readable diff between truth and the system.
+//! - [`check`]: the readable diff between truth and the system, read from CQL and Kafka directly.
+//! - [`hmac`]: the simulator's own HMAC-SHA256 (independent of the code under test).
 //! - [`load`]: fixed-rate or fixed-concurrency load with HDR latency percentiles.
 
 pub mod check;
 pub mod generate;
+pub mod hmac;
 pub mod load;
 pub mod send;
 pub mod truth;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::generate::{body, SimEvent};
 
@@ -87,7 +87,7 @@ pub async fn send_all(
                         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                     }
                     let b = body(&e, attempt as u32);
-                    let sig = shared::signature::sign(key, &b);
+                    let sig = super::hmac::sign_hex(key.expose_secret().as_bytes(), &b);
                     let status = crate::try_post(addr, &path, b, &sig).await.unwrap_or(0);
                     d.statuses.push(status);
                     if (200..300).contains(&status) {
@@ -99,7 +99,7 @@ pub async fn send_all(
                 if d.acknowledged && e.duplicate {
                     // A second delivery of the same event: new deliveryId and deliveredAt.
                     let b = body(&e, 7);
-                    let sig = shared::signature::sign(key, &b);
+                    let sig = super::hmac::sign_hex(key.expose_secret().as_bytes(), &b);
                     d.statuses
                         .push(crate::try_post(addr, &path, b, &sig).await.unwrap_or(0));
                     dups = 1;
