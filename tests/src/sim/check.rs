@@ -131,8 +131,19 @@ pub async fn diff(
         Duration::from_secs(20),
     );
     out.extend(check_actions(truth, &actions));
+    // Only this run's letters count: a live deployment has other traffic and earlier runs.
+    let ours = truth.run_vehicles();
     let letters = carhook_processor::dlq::read_letters(settings)
-        .map(|l| l.len())
+        .map(|l| {
+            l.iter()
+                .filter(|x| {
+                    use rdkafka::Message;
+                    x.msg
+                        .key()
+                        .is_some_and(|k| ours.contains(String::from_utf8_lossy(k).as_ref()))
+                })
+                .count()
+        })
         .unwrap_or(usize::MAX);
     if letters != truth.dead_letters {
         out.push(format!(
@@ -226,7 +237,15 @@ fn check_actions(truth: &Truth, actions: &[rdkafka::message::OwnedMessage]) -> V
     let mut out = Vec::new();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut sequences: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let ours = truth.run_vehicles();
     for a in actions {
+        // Only this run's vehicles: other traffic on a live system is not ours to judge.
+        if !a
+            .key()
+            .is_some_and(|k| ours.contains(String::from_utf8_lossy(k).as_ref()))
+        {
+            continue;
+        }
         let id = crate::header(a, "carhook-action-id").unwrap_or_default();
         *counts.entry(id.clone()).or_default() += 1;
         let kind = crate::header(a, "carhook-action-type").unwrap_or_default();

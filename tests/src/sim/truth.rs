@@ -85,6 +85,16 @@ pub struct Truth {
 }
 
 impl Truth {
+    /// Every vehicle this run sent events for: `check` judges records of these only.
+    pub fn run_vehicles(&self) -> BTreeSet<String> {
+        self.vehicles
+            .keys()
+            .chain(&self.absent)
+            .chain(self.flags.keys())
+            .cloned()
+            .collect()
+    }
+
     /// Builds the truth from the events and, per event, whether it was acknowledged.
     pub fn compute(events: &[SimEvent], acknowledged: &BTreeSet<String>) -> Self {
         let mut t = Self::default();
