@@ -20,6 +20,20 @@ pub struct Faults {
     pub missing_optional: f64,
     pub unknown_types: f64,
     pub errors: f64,
+    /// Share of signal values whose car clock lags delivery by a varying 1–90 s (normal in real
+    /// traffic: `oemUpdatedAt` is older than `deliveredAt`).
+    #[serde(default)]
+    pub clock_lag: f64,
+    /// 1.0: a retry carries a refreshed `deliveredAt` (Smartcar's real behaviour, 25/50/100 s
+    /// later); 0.0: retries keep the first attempt's time. Campaigns that kill the broker use 0.0:
+    /// a copy answered 503 may still have been persisted, and the truth cannot know which copy
+    /// then owns the event.
+    #[serde(default)]
+    pub retry_refresh: f64,
+    /// Share of duplicates sent concurrently with the first delivery (the same delivery twice at
+    /// once) instead of as a later retry of an acknowledged event.
+    #[serde(default)]
+    pub concurrent_duplicates: f64,
 }
 
 impl Faults {
@@ -34,9 +48,20 @@ impl Faults {
             missing_optional: 0.2,
             unknown_types: 0.03,
             errors: 0.12,
+            clock_lag: 0.6,
+            retry_refresh: 1.0,
+            concurrent_duplicates: 0.5,
         }
     }
 }
+
+/// How much later than the first attempt Smartcar's retry `attempt` (1–3) is delivered, when
+/// retries refresh `deliveredAt`: 25, 50 and 100 s apart. The sub-second parts differ so no two
+/// deliveries of one vehicle ever share a millisecond (ticks are whole seconds).
+pub const RETRY_REFRESH_MS: [i64; 3] = [25_137, 75_271, 175_409];
+
+/// `deliveredAt` of a later, separate delivery of an acknowledged event (a duplicate).
+pub const DUPLICATE_REFRESH_MS: i64 = 5_311;
 
 /// One signal value the simulator sent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -87,8 +112,17 @@ pub enum SimKind {
 pub struct SimEvent {
     pub event_id: String,
     pub vehicle: String,
-    /// The simulator's clock for this event (ms): deliveredAt of the first delivery.
+    /// The moment the event describes (ms): the car's time of its readings before any clock lag.
     pub t: i64,
+    /// `deliveredAt` of the first delivery: the simulator's tick when it is sent.
+    #[serde(default)]
+    pub delivered: i64,
+    /// Whether retries carry a refreshed `deliveredAt` (see [`Faults::retry_refresh`]).
+    #[serde(default)]
+    pub refresh: bool,
+    /// Whether the duplicate is sent concurrently with the first delivery (same bytes).
+    #[serde(default)]
+    pub concurrent_duplicate: bool,
     pub kind: SimKind,
     /// Signed with a token the receiver does not know: must be rejected on every attempt.
     pub bad_signature: bool,
@@ -167,7 +201,8 @@ pub fn generate(
         let vehicle = format!("sim-{seed}-veh-{v:05}");
         for i in 0..events_per_vehicle {
             // One second of simulated time per tick; events are unique in time per vehicle.
-            let mut t = base + (i as i64) * 1000;
+            let tick = base + (i as i64) * 1000;
+            let mut t = tick;
             let out_of_order = i > 2 && rng.random_bool(faults.out_of_order);
             if out_of_order {
                 // Describes the car at an earlier moment, but is delivered now.
@@ -207,6 +242,11 @@ pub fn generate(
                                 oem: t,
                             }
                         } else {
+                            let lag = if rng.random_bool(faults.clock_lag) {
+                                rng.random_range(1_000..90_000)
+                            } else {
+                                0
+                            };
                             SimSignal {
                                 code: code.to_string(),
                                 body: Some(body_for(
@@ -215,21 +255,25 @@ pub fn generate(
                                     large && code == "diagnostics-dtclist",
                                 )),
                                 error: None,
-                                oem: t,
+                                oem: t - lag,
                             }
                         }
                     })
                     .collect();
                 SimKind::State(signals)
             };
+            let duplicate = rng.random_bool(faults.duplicates);
             out.push(SimEvent {
                 event_id,
                 vehicle: vehicle.clone(),
                 t,
+                delivered: tick,
+                refresh: rng.random_bool(faults.retry_refresh),
+                concurrent_duplicate: duplicate && rng.random_bool(faults.concurrent_duplicates),
                 large: matches!(&kind, SimKind::State(s) if s.iter().any(|x| x.code == "diagnostics-dtclist" && x.body.as_ref().is_some_and(|b| b["values"].as_array().is_some_and(|a| a.len() > 100)))),
                 kind,
                 bad_signature: rng.random_bool(faults.invalid_signatures),
-                duplicate: rng.random_bool(faults.duplicates),
+                duplicate,
                 page_shape: rng.random_bool(0.5),
                 sparse: rng.random_bool(faults.missing_optional),
             });
@@ -268,10 +312,22 @@ fn random_error(rng: &mut StdRng) -> SimError {
     }
 }
 
+/// `deliveredAt` of delivery `attempt` of `e`: 0 is the first, 1–3 Smartcar's retries, anything
+/// higher a later duplicate of an acknowledged event.
+pub fn delivered_at(e: &SimEvent, attempt: u32) -> i64 {
+    let first = if e.delivered == 0 { e.t } else { e.delivered };
+    match (attempt, e.refresh) {
+        (0, _) => first,
+        (1..=3, true) => first + RETRY_REFRESH_MS[attempt as usize - 1],
+        (_, true) => first + DUPLICATE_REFRESH_MS,
+        (n, false) => first + i64::from(n),
+    }
+}
+
 /// The wire body of one delivery of `e` (attempt 0 is the first; later ones are retries or
 /// duplicates with a new deliveryId and deliveredAt).
 pub fn body(e: &SimEvent, attempt: u32) -> Vec<u8> {
-    let delivered_at = e.t + i64::from(attempt);
+    let delivered_at = delivered_at(e, attempt);
     let delivery_id = format!("{}-d{attempt}", e.event_id);
     let vehicle = json!({"id": e.vehicle, "make": "TESLA", "model": "Model 3", "year": 2020});
     let mut meta = json!({"version": "4.0", "deliveryId": delivery_id, "deliveredAt": delivered_at,

@@ -14,7 +14,7 @@ pub mod load;
 pub mod send;
 pub mod truth;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 /// Everything a `send` run leaves for `check`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -35,10 +35,10 @@ impl Run {
         deliveries: Vec<send::Delivery>,
         report: send::SendReport,
     ) -> Self {
-        let acked: BTreeSet<String> = deliveries
+        let acked: BTreeMap<String, u32> = deliveries
             .iter()
             .filter(|d| d.acknowledged)
-            .map(|d| d.event_id.clone())
+            .map(|d| (d.event_id.clone(), d.acked_attempt.unwrap_or(0)))
             .collect();
         let truth = truth::Truth::compute(events, &acked);
         Self {

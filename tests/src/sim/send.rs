@@ -21,6 +21,10 @@ pub struct Delivery {
     pub event_id: String,
     pub statuses: Vec<u16>,
     pub acknowledged: bool,
+    /// The attempt (0 = first, 1–3 = retries) whose delivery was acknowledged: its `deliveredAt`
+    /// is the one the event's claim stores.
+    #[serde(default)]
+    pub acked_attempt: Option<u32>,
 }
 
 /// Totals of a send run.
@@ -88,21 +92,38 @@ pub async fn send_all(
                     }
                     let b = body(&e, attempt as u32);
                     let sig = super::hmac::sign_hex(key.expose_secret().as_bytes(), &b);
-                    let status = crate::try_post(addr, &path, b, &sig).await.unwrap_or(0);
+                    let ok = |s: u16| (200..300).contains(&s);
+                    let status = if attempt == 0 && e.duplicate && e.concurrent_duplicate {
+                        // The same delivery twice at once: both race for the claim.
+                        let (a, b2) = tokio::join!(
+                            crate::try_post(addr, &path, b.clone(), &sig),
+                            crate::try_post(addr, &path, b, &sig)
+                        );
+                        let (a, b2) = (a.unwrap_or(0), b2.unwrap_or(0));
+                        d.statuses.push(b2);
+                        if ok(b2) {
+                            b2
+                        } else {
+                            a
+                        }
+                    } else {
+                        crate::try_post(addr, &path, b, &sig).await.unwrap_or(0)
+                    };
                     d.statuses.push(status);
-                    if (200..300).contains(&status) {
+                    if ok(status) {
                         d.acknowledged = true;
+                        d.acked_attempt = Some(attempt as u32);
                         break;
                     }
                 }
-                let mut dups = 0;
-                if d.acknowledged && e.duplicate {
+                let mut dups = usize::from(e.duplicate && e.concurrent_duplicate);
+                if d.acknowledged && e.duplicate && !e.concurrent_duplicate {
                     // A second delivery of the same event: new deliveryId and deliveredAt.
                     let b = body(&e, 7);
                     let sig = super::hmac::sign_hex(key.expose_secret().as_bytes(), &b);
                     d.statuses
                         .push(crate::try_post(addr, &path, b, &sig).await.unwrap_or(0));
-                    dups = 1;
+                    dups += 1;
                 }
                 if let Some(p) = progress {
                     p.inc(1);

@@ -95,8 +95,9 @@ impl Truth {
             .collect()
     }
 
-    /// Builds the truth from the events and, per event, whether it was acknowledged.
-    pub fn compute(events: &[SimEvent], acknowledged: &BTreeSet<String>) -> Self {
+    /// Builds the truth from the events and, per acknowledged event, the attempt that was
+    /// acknowledged (whose `deliveredAt` orders the event's availability, errors and flags).
+    pub fn compute(events: &[SimEvent], acknowledged: &BTreeMap<String, u32>) -> Self {
         let mut t = Self::default();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut flag_times: BTreeMap<(String, String), (i64, bool)> = BTreeMap::new();
@@ -106,10 +107,12 @@ impl Truth {
                 t.rejected.insert(e.event_id.clone());
                 continue;
             }
-            if !acknowledged.contains(&e.event_id) {
+            let Some(&attempt) = acknowledged.get(&e.event_id) else {
                 t.dropped.insert(e.event_id.clone());
                 continue;
-            }
+            };
+            // The delivery clock of the copy that owns the event's claim.
+            let dt = super::generate::delivered_at(e, attempt);
             match &e.kind {
                 SimKind::Unknown => {}
                 SimKind::State(signals) => {
@@ -118,7 +121,7 @@ impl Truth {
                         match (&s.body, &s.error) {
                             (Some(body), _) => {
                                 // Availability follows the delivery clock, the value the car's.
-                                v.status(&s.code, e.t, "available");
+                                v.status(&s.code, dt, "available");
                                 if let Some(st) = v.signals.get_mut(&s.code) {
                                     if s.oem > st.value_t {
                                         st.body = Some(body.clone());
@@ -133,7 +136,7 @@ impl Truth {
                                 });
                                 v.status(
                                     &s.code,
-                                    e.t,
+                                    dt,
                                     if not_capable {
                                         "unsupported"
                                     } else {
@@ -148,14 +151,14 @@ impl Truth {
                     let v = t.vehicles.entry(e.vehicle.clone()).or_default();
                     for (i, x) in errors.iter().enumerate() {
                         let entry = v.errors.entry(x.key()).or_insert((i64::MIN, false, false));
-                        if e.t > entry.0 {
-                            *entry = (e.t, !x.resolved, x.needs_reconnect());
+                        if dt > entry.0 {
+                            *entry = (dt, !x.resolved, x.needs_reconnect());
                         }
                         if x.code.as_deref() == Some("VEHICLE_NOT_CAPABLE") {
                             for code in &x.signals {
                                 v.status(
                                     code,
-                                    e.t,
+                                    dt,
                                     if x.resolved {
                                         "available"
                                     } else {
@@ -169,11 +172,11 @@ impl Truth {
                             flag_times
                                 .entry((e.vehicle.clone(), x.key()))
                                 .and_modify(|(ft, set)| {
-                                    if e.t > *ft {
-                                        (*ft, *set) = (e.t, !x.resolved);
+                                    if dt > *ft {
+                                        (*ft, *set) = (dt, !x.resolved);
                                     }
                                 })
-                                .or_insert((e.t, !x.resolved));
+                                .or_insert((dt, !x.resolved));
                         }
                     }
                 }
