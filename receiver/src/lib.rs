@@ -85,7 +85,7 @@ pub async fn run(
         verify_rate: RateLimit::per_second(r.verify_per_sec),
     });
     let probe_stop = shutdown.child_token();
-    let probe = tokio::spawn(readiness::run(
+    let probe = tokio::spawn(crate::readiness::run(
         Arc::clone(&producer),
         readiness,
         app.metrics.clone(),
