@@ -1,6 +1,8 @@
 //! Outages of the real dependencies: the Kafka broker and the CQL store are stopped and started
 //! again with `deploy/stack/stack.sh`. These tests stop shared services, so they run one at a time
 //! (a process-wide lock) and in their own test binary, which cargo runs apart from the parallel suite.
+//! `stack.sh` only stops processes it started from its own state directory: from a git worktree
+//! that shares another checkout's running stack, set `CARHOOK_STACK_DIR` to that checkout's `.stack`.
 
 use std::collections::HashSet;
 use std::process::Command;
