@@ -5,6 +5,7 @@ STACK := deploy/stack/stack.sh
 DEV_TOKEN := carhook-dev-token-NOT-FOR-PRODUCTION
 export CARHOOK__SMARTCAR__MANAGEMENT_TOKENS ?= $(DEV_TOKEN)
 RECEIVER_LISTEN := $(or $(CARHOOK__RECEIVER__LISTEN),127.0.0.1:8080)
+RECEIVER_ADMIN := $(or $(CARHOOK__RECEIVER__ADMIN_LISTEN),127.0.0.1:9090)
 
 .PHONY: up down run test lint bench fuzz chaos stack-up stack-down build-release status
 
@@ -17,7 +18,7 @@ up: build-release stack-up
 	echo "  webhook URL : http://$(RECEIVER_LISTEN)/webhooks/smartcar"; \
 	if [ "$$token" = "$(DEV_TOKEN)" ]; then echo "  token       : $$token  (development token; set CARHOOK__SMARTCAR__MANAGEMENT_TOKENS for real use)"; \
 	else echo "  token       : from CARHOOK__SMARTCAR__MANAGEMENT_TOKENS ($$(echo "$$token" | tr ',' '\n' | wc -l) configured)"; fi; \
-	echo "  health      : http://$(RECEIVER_LISTEN)/health  and  http://$${CARHOOK__PROCESSOR__ADMIN_LISTEN:-127.0.0.1:9091}/health"; \
+	echo "  health      : http://$(RECEIVER_ADMIN)/health  and  http://$${CARHOOK__PROCESSOR__ADMIN_LISTEN:-127.0.0.1:9091}/health  (also /ready, /metrics)"; \
 	echo "  logs        : $(CURDIR)/.stack/logs/{receiver,processor,kafka,cassandra}.log"; \
 	echo "  stop        : make down"
 

@@ -137,6 +137,7 @@ CATALOGUE = {
     ],
     "gauge": [
         "carhook_receiver_inflight_requests",
+        "carhook_receiver_body_reads",
         "carhook_receiver_circuit_open",
         "carhook_processor_consumer_lag",
     ],

@@ -10,7 +10,7 @@ run="$stack/run"; logs="$stack/logs"; bin="$root/target/release"
 mkdir -p "$run" "$logs"
 
 export CARHOOK__SMARTCAR__MANAGEMENT_TOKENS="${CARHOOK__SMARTCAR__MANAGEMENT_TOKENS:-carhook-dev-token-NOT-FOR-PRODUCTION}"
-receiver_listen="${CARHOOK__RECEIVER__LISTEN:-127.0.0.1:8080}"
+receiver_admin="${CARHOOK__RECEIVER__ADMIN_LISTEN:-127.0.0.1:9090}"
 admin_listen="${CARHOOK__PROCESSOR__ADMIN_LISTEN:-127.0.0.1:9091}"
 
 alive() { local f="$run/$1.pid"; [[ -f "$f" ]] && kill -0 "$(cat "$f")" 2>/dev/null; }
@@ -57,7 +57,7 @@ case "${1:-}" in
     start_one processor
     start_one receiver
     wait_ready processor "http://$admin_listen/ready" 120
-    wait_ready receiver "http://$receiver_listen/ready" 60
+    wait_ready receiver "http://$receiver_admin/ready" 60
     ;;
   stop)
     stop_one receiver

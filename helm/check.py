@@ -168,8 +168,13 @@ def check_pod(where, pod, keys, component):
                     problem(f"{cw}: {probe_name} port {port!r} is not a declared container port {sorted(ports)}")
                 if isinstance(port, int) and port not in ports.values():
                     problem(f"{cw}: {probe_name} port {port} is not a declared container port")
-        listen_var = {"receiver": "CARHOOK__RECEIVER__LISTEN", "processor": "CARHOOK__PROCESSOR__ADMIN_LISTEN"}.get(component)
-        if listen_var:
+        listen_vars = {"receiver": ["CARHOOK__RECEIVER__LISTEN", "CARHOOK__RECEIVER__ADMIN_LISTEN"],
+                       "processor": ["CARHOOK__PROCESSOR__ADMIN_LISTEN"]}.get(component, [])
+        if component == "receiver":
+            for probe_name in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if ((c.get(probe_name) or {}).get("httpGet") or {}).get("port") != "admin":
+                    problem(f"{cw}: {probe_name} must use the admin port (the webhook port serves only the webhook)")
+        for listen_var in listen_vars:
             listen = env_value(c, listen_var) or ""
             port = int(listen.rsplit(":", 1)[-1]) if ":" in listen else None
             if port not in ports.values():
@@ -455,7 +460,7 @@ def check_compose(schema_path):
     prom = yaml.safe_load(open(os.path.join(deploy, "compose", "prometheus.yml"), encoding="utf-8"))
     jobs = {j["job_name"]: j for j in prom.get("scrape_configs") or []}
     port_of = {
-        "carhook-receiver": ("receiver", "CARHOOK__RECEIVER__LISTEN"),
+        "carhook-receiver": ("receiver", "CARHOOK__RECEIVER__ADMIN_LISTEN"),
         "carhook-processor": ("processor", "CARHOOK__PROCESSOR__ADMIN_LISTEN"),
     }
     for job, (svc, var) in port_of.items():
@@ -549,7 +554,7 @@ def check_dockerfile():
     if "--bin receiver" not in build or "--bin processor" not in build:
         problem("Dockerfile: the builder does not build both binaries (--bin receiver --bin processor)")
     env = " ".join(a for i, a in runtime if i == "ENV")
-    if "0.0.0.0:8080" not in env or "0.0.0.0:9091" not in env:
+    if "0.0.0.0:8080" not in env or "0.0.0.0:9090" not in env or "0.0.0.0:9091" not in env:
         problem("Dockerfile: the runtime stage should listen on all interfaces (CARHOOK__RECEIVER__LISTEN, __ADMIN_LISTEN)")
     check_env_names("Dockerfile ENV", re.findall(r"(CARHOOK__\w+)=", env), config_keys())
 

@@ -7,12 +7,17 @@
 //! - [`producer`]: Kafka writes, behind the [`breaker`]; quarantine of rejected bodies.
 //! - [`outcome`]: every way a request ends, mapped once to status, log line and metrics.
 //! - [`server`]: connections, timeouts, graceful drain.
+//! - [`readiness`]: the background broker check that also closes the breaker without traffic.
+//!
+//! Two listeners: the webhook listener serves only the webhook path; `/health`, `/ready` and
+//! `/metrics` are on the admin listener, never on the public port.
 
 pub mod breaker;
 pub mod metrics;
 pub mod outcome;
 pub mod producer;
 pub mod rate;
+pub mod readiness;
 pub mod server;
 pub mod webhook;
 
@@ -42,13 +47,12 @@ pub enum StartError {
     Topics(#[from] shared::kafka::TopicError),
 }
 
-/// How often readiness re-checks the broker.
-const PROBE_EVERY: Duration = Duration::from_secs(2);
-
-/// Runs the receiver on `listener` until `shutdown` fires, then drains and flushes.
+/// Runs the receiver — webhooks on `listener`, admin endpoints on `admin_listener` — until
+/// `shutdown` fires, then drains and flushes.
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
+    admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let tokens = settings.smartcar.tokens()?;
@@ -67,42 +71,36 @@ pub async fn run(
     )?);
     let readiness = Readiness::default();
     readiness.set("kafka", false);
+    let admin = Admin {
+        readiness: readiness.clone(),
+        registry: Arc::new(registry),
+    };
     let app = Arc::new(App {
         settings: r.clone(),
         tokens,
         producer: Arc::clone(&producer),
         metrics,
-        admin: Admin {
-            readiness: readiness.clone(),
-            registry: Arc::new(registry),
-        },
         inflight: Arc::new(Semaphore::new(r.max_inflight)),
+        body_reads: Arc::new(Semaphore::new(r.max_body_reads)),
         verify_rate: RateLimit::per_second(r.verify_per_sec),
     });
     let probe_stop = shutdown.child_token();
-    let probe = {
-        let producer = Arc::clone(&producer);
-        let metrics = app.metrics.clone();
-        let stop = probe_stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let ok = producer.probe().await;
-                readiness.set("kafka", ok);
-                readiness.set("circuit-closed", !producer.circuit_open());
-                // Also refreshed here so the gauge is right when no request arrives.
-                metrics.circuit_open.set(i64::from(producer.circuit_open()));
-                tokio::select! {
-                    _ = stop.cancelled() => {
-                        readiness.set("draining", false);
-                        return;
-                    }
-                    _ = tokio::time::sleep(PROBE_EVERY) => {}
-                }
-            }
-        })
-    };
+    let probe = tokio::spawn(crate::readiness::run(
+        Arc::clone(&producer),
+        readiness,
+        app.metrics.clone(),
+        probe_stop.clone(),
+    ));
+    let admin_addr = admin_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    // The admin listener outlives the webhook drain: probes and scrapes keep answering.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin.serve(admin_listener, admin_stop.clone()));
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_addr,
         path = %r.path,
         topic = %settings.kafka.events_topic,
         tokens = app.tokens.len(),
@@ -112,6 +110,8 @@ pub async fn run(
     let drained = server::serve(listener, Arc::clone(&app), shutdown, grace).await;
     probe_stop.cancel();
     let _ = probe.await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
     let flush = producer.clone();
     let _ = tokio::task::spawn_blocking(move || flush.flush(Duration::from_secs(5))).await;
     tracing::info!(drained, "receiver stopped");

@@ -1,4 +1,5 @@
-//! `receiver`: parse configuration, set up telemetry, bind, serve until SIGTERM/SIGINT.
+//! `receiver`: parse configuration, set up telemetry, bind the webhook and admin listeners, serve
+//! until SIGTERM/SIGINT.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,8 +44,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let admin =
+        match shared::admin::bind(settings.receiver.admin_listen, "receiver.admin_listen").await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bind");
+                eprintln!("receiver: {e}");
+                return ExitCode::from(1);
+            }
+        };
     let shutdown = shared::shutdown::on_signal();
-    let result = carhook_receiver::run(settings, listener, shutdown).await;
+    let result = carhook_receiver::run(settings, listener, admin, shutdown).await;
     // Flushing exports over gRPC: keep it off the async worker threads.
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match result {

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub signature_failures: Family<Labels, Counter>,
     pub produce_duration: Histogram,
     pub inflight: Gauge,
+    pub body_reads: Gauge,
     pub circuit_open: Gauge,
     pub quarantined: Family<Labels, Counter>,
     pub verify_challenges: Family<Labels, Counter>,
@@ -37,6 +38,7 @@ impl Metrics {
             signature_failures: Family::default(),
             produce_duration: latency_histogram(),
             inflight: Gauge::default(),
+            body_reads: Gauge::default(),
             circuit_open: Gauge::default(),
             quarantined: Family::default(),
             verify_challenges: Family::default(),
@@ -66,8 +68,13 @@ impl Metrics {
         );
         r.register(
             "inflight_requests",
-            "Webhook requests being handled now",
+            "Verified webhook requests being persisted now",
             m.inflight.clone(),
+        );
+        r.register(
+            "body_reads",
+            "Webhook request bodies being read now",
+            m.body_reads.clone(),
         );
         r.register(
             "circuit_open",

@@ -44,6 +44,8 @@ pub enum Outcome {
     NotFound,
     /// Too many requests in flight.
     Overloaded,
+    /// The request deadline ran out while Kafka had not acknowledged.
+    DeadlineExceeded(String),
     /// Kafka did not acknowledge (error or timeout), or the breaker is open.
     Unavailable {
         cause: String,
@@ -67,6 +69,7 @@ impl Outcome {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NotFound => "not_found",
             Self::Overloaded => "overloaded",
+            Self::DeadlineExceeded(_) => "deadline",
             Self::Unavailable {
                 breaker_open: true, ..
             } => "circuit_open",
@@ -84,9 +87,10 @@ impl Outcome {
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotFound => StatusCode::NOT_FOUND,
-            Self::Overloaded | Self::Unavailable { .. } | Self::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded
+            | Self::Unavailable { .. }
+            | Self::DeadlineExceeded(_)
+            | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -110,7 +114,7 @@ impl Outcome {
             Self::Overloaded => {
                 r#"{"error":"too many requests in flight, retry later"}"#.to_string()
             }
-            Self::Unavailable { .. } => {
+            Self::Unavailable { .. } | Self::DeadlineExceeded(_) => {
                 r#"{"error":"event store unavailable, retry later"}"#.to_string()
             }
             Self::Draining => r#"{"error":"shutting down, retry later"}"#.to_string(),
@@ -204,6 +208,11 @@ impl Delivery {
                     "delivery not acknowledged: kafka unavailable"
                 )
             }
+            Outcome::DeadlineExceeded(cause) => log!(
+                warn,
+                cause = cause.as_str(),
+                "delivery not acknowledged within the request deadline"
+            ),
             Outcome::Overloaded | Outcome::Draining => log!(warn, "delivery refused: {label}"),
             _ => log!(info, "delivery refused: {label}"),
         }

@@ -2,7 +2,8 @@
 //!
 //! [`EventProducer::persist`] takes a [`Verified`] body — only a successful signature check makes
 //! one — and resolves only when the broker acknowledged the record with acks=all, or with the error
-//! that must become a 503. The circuit breaker turns a dead broker into immediate 503s.
+//! that must become a 503 — at the latest at the request's deadline. The circuit breaker turns a dead
+//! broker into immediate 503s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,8 @@ use crate::rate::RateLimit;
 pub enum PersistError {
     #[error("circuit open after repeated produce failures")]
     CircuitOpen,
+    #[error("request deadline reached before kafka acknowledged the record on {topic}")]
+    Deadline { topic: String },
     #[error("kafka did not acknowledge the record on {topic}: {source}")]
     Kafka { topic: String, source: KafkaError },
 }
@@ -43,7 +46,7 @@ pub struct Acked {
 pub struct EventProducer {
     producer: FutureProducer,
     settings: KafkaSettings,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
     quarantine_rate: RateLimit,
     metrics: Metrics,
 }
@@ -62,7 +65,7 @@ impl EventProducer {
     /// Creates the producer. Connects lazily; readiness is checked by [`EventProducer::probe`].
     pub fn new(
         settings: &KafkaSettings,
-        breaker: Breaker,
+        breaker: Arc<Breaker>,
         quarantine_per_sec: u32,
         metrics: Metrics,
     ) -> Result<Self, KafkaError> {
@@ -81,16 +84,40 @@ impl EventProducer {
         self.breaker.is_open()
     }
 
-    /// Persists a verified body to the events topic and waits for the broker's acknowledgement.
-    pub async fn persist(&self, body: Verified, routing: &Routing) -> Result<Acked, PersistError> {
+    /// The breaker, for the background broker check.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Persists a verified body to the events topic and waits for the broker's acknowledgement,
+    /// until `deadline` at the latest.
+    pub async fn persist(
+        &self,
+        body: Verified,
+        routing: &Routing,
+        deadline: Instant,
+    ) -> Result<Acked, PersistError> {
+        let topic = self.settings.events_topic.as_str();
+        // librdkafka's own message timeout can overrun (idempotent producers wait out in-flight
+        // retries), so the answer is bounded here too, by whichever ends first: the delivery
+        // timeout (plus a little) or the request's deadline. Past it Smartcar gets a 503 and
+        // retries; if the record lands after all, eventId dedup absorbs the second copy.
+        let own = Instant::now() + self.settings.delivery_timeout() + Duration::from_millis(250);
+        let until = own.min(deadline);
+        if until <= Instant::now() {
+            return Err(PersistError::Deadline {
+                topic: topic.to_string(),
+            });
+        }
         let admit = self.breaker.admit();
         self.metrics
             .circuit_open
-            .set(i64::from(self.breaker.is_open() && admit == Admit::No));
-        if admit == Admit::No {
-            return Err(PersistError::CircuitOpen);
-        }
-        let topic = self.settings.events_topic.as_str();
+            .set(i64::from(matches!(admit, Admit::No)));
+        let probe = match admit {
+            Admit::No => return Err(PersistError::CircuitOpen),
+            Admit::Yes => None,
+            Admit::Probe(guard) => Some(guard),
+        };
         let span = tracing::info_span!(
             "send",
             otel.name = format!("send {topic}"),
@@ -125,27 +152,28 @@ impl EventProducer {
             record = record.key(key);
         }
         let started = Instant::now();
-        // librdkafka's own message timeout can overrun (idempotent producers wait out in-flight
-        // retries), so the answer is bounded here too: past the budget Smartcar gets a 503 and
-        // retries; if the record lands after all, eventId dedup absorbs the second copy.
-        let budget = self.settings.delivery_timeout() + Duration::from_millis(250);
         let send = self
             .producer
             .send(record, Timeout::After(self.settings.delivery_timeout()));
-        let result = match tokio::time::timeout(budget, send)
+        let result = match tokio::time::timeout_at(until.into(), send)
             .instrument(span.clone())
             .await
         {
             Ok(Ok(delivery)) => Ok(delivery),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(KafkaError::MessageProduction(
+            Ok(Err((e, _))) => Err(Some(e)),
+            Err(_) if until < own => Err(None),
+            Err(_) => Err(Some(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageTimedOut,
-            )),
+            ))),
         };
         self.metrics
             .produce_duration
             .observe(started.elapsed().as_secs_f64());
-        self.breaker.record(result.is_ok());
+        // A broker that cannot acknowledge within the time left counts as failing either way.
+        match probe {
+            Some(guard) => guard.record(result.is_ok()),
+            None => self.breaker.record(result.is_ok()),
+        }
         self.metrics
             .circuit_open
             .set(i64::from(self.breaker.is_open()));
@@ -161,9 +189,12 @@ impl EventProducer {
                     offset: delivery.offset,
                 })
             }
-            Err(source) => Err(PersistError::Kafka {
+            Err(Some(source)) => Err(PersistError::Kafka {
                 topic: topic.to_string(),
                 source,
+            }),
+            Err(None) => Err(PersistError::Deadline {
+                topic: topic.to_string(),
             }),
         }
     }

@@ -1,18 +1,22 @@
 //! The webhook request path: route, bound the body, verify, answer VERIFY or persist.
 //!
-//! Order matters: the body is read under a byte limit and a time limit first, the signature is
-//! checked on the exact bytes before any parsing decides anything, and only a [`Verified`] body can
-//! be handed to the producer. A VERIFY is answered only when signed, or — when unsigned — when its
-//! challenge looks like Smartcar's and the rate limit allows (the signing-oracle guard, SMARTCAR.md §3).
+//! Order matters: the body is read under a byte limit, a time limit and a bound on concurrent body
+//! reads; the signature is checked on the exact bytes before any parsing decides anything, and only a
+//! [`Verified`] body can be handed to the producer. The in-flight permit is taken only then, so slow
+//! senders cannot exhaust it. A VERIFY is answered only when signed, or — when unsigned — when its
+//! challenge looks like Smartcar's and the rate limit allows (the signing-oracle guard, SMARTCAR.md §3);
+//! an unsigned body larger than any VERIFY is refused without being parsed at all.
+//!
+//! One deadline covers the request: the header allowance plus what is left after it
+//! ([`ReceiverSettings::after_headers`]) for body, verification and produce.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use shared::admin::Admin;
 use shared::config::ReceiverSettings;
 use shared::envelope::Routing;
 use shared::signature::{ManagementTokens, SignatureError, Verified, SIGNATURE_HEADER};
@@ -27,26 +31,47 @@ use crate::rate::RateLimit;
 /// Longest challenge an unsigned VERIFY may carry.
 const MAX_CHALLENGE_LEN: usize = 128;
 
+/// Largest unsigned body worth parsing: a VERIFY (the only thing answered unsigned) is a few hundred
+/// bytes; anything larger gets its 401 without a routing parse.
+pub const MAX_UNSIGNED_BYTES: usize = 4 * 1024;
+
 /// Everything a request needs, shared by all connections.
 pub struct App {
     pub settings: ReceiverSettings,
     pub tokens: ManagementTokens,
     pub producer: Arc<EventProducer>,
     pub metrics: Metrics,
-    pub admin: Admin,
+    /// Verified requests being persisted.
     pub inflight: Arc<Semaphore>,
+    /// Bodies being read: bounds slow senders apart from `inflight`.
+    pub body_reads: Arc<Semaphore>,
     pub verify_rate: RateLimit,
 }
 
-/// Counts a request in `inflight_requests` for as long as it lives.
-struct InflightGuard<'a> {
-    metrics: &'a Metrics,
+/// Holds a permit and counts it in a gauge for as long as it lives.
+struct Held<'a> {
+    gauge: &'a prometheus_client::metrics::gauge::Gauge,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for InflightGuard<'_> {
+impl<'a> Held<'a> {
+    /// Takes a permit from `sem` now, or `None` when all are taken.
+    fn try_take(
+        sem: &Arc<Semaphore>,
+        gauge: &'a prometheus_client::metrics::gauge::Gauge,
+    ) -> Option<Self> {
+        let permit = Arc::clone(sem).try_acquire_owned().ok()?;
+        gauge.inc();
+        Some(Self {
+            gauge,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.metrics.inflight.dec();
+        self.gauge.dec();
     }
 }
 
@@ -58,12 +83,15 @@ pub fn plausible_challenge(c: &str) -> bool {
         && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// A body that passed the size and time limits, with the signature header as sent.
+struct Received {
+    body: Bytes,
+    signature: Option<Bytes>,
+}
+
 impl App {
-    /// Handles one HTTP request.
+    /// Handles one HTTP request on the webhook listener (its headers are in).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if let Some(resp) = self.admin.respond(req.method(), req.uri().path()) {
-            return resp;
-        }
         let span = tracing::info_span!(
             "request",
             otel.name = format!("{} {}", req.method(), self.settings.path),
@@ -82,23 +110,14 @@ impl App {
 
     async fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let mut delivery = Delivery::start();
+        let deadline = delivery.started + self.settings.after_headers();
         let retry_after = self.settings.retry_after_secs;
         let outcome = if req.uri().path() != self.settings.path {
             Outcome::NotFound
         } else if req.method() != Method::POST {
             Outcome::MethodNotAllowed
         } else {
-            match Arc::clone(&self.inflight).try_acquire_owned() {
-                Err(_) => Outcome::Overloaded,
-                Ok(permit) => {
-                    self.metrics.inflight.inc();
-                    let _guard = InflightGuard {
-                        metrics: &self.metrics,
-                        _permit: permit,
-                    };
-                    self.webhook(req, &mut delivery).await
-                }
-            }
+            self.webhook(req, &mut delivery, deadline).await
         };
         tracing::Span::current().record(
             "event_id",
@@ -107,41 +126,32 @@ impl App {
         delivery.finish(outcome, &self.metrics, retry_after)
     }
 
-    async fn webhook(&self, req: Request<Incoming>, delivery: &mut Delivery) -> Outcome {
-        let limit = self.settings.max_body_bytes;
-        let declared = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Outcome::TooLarge { limit };
-        }
-        let signature = req
-            .headers()
-            .get(SIGNATURE_HEADER)
-            .map(|v| Bytes::copy_from_slice(v.as_bytes()));
-        let read = Limited::new(req.into_body(), limit).collect();
-        let body =
-            match tokio::time::timeout(Duration::from_millis(self.settings.body_timeout_ms), read)
-                .await
-            {
-                Err(_) => return Outcome::Timeout,
-                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Outcome::TooLarge { limit }
-                }
-                Ok(Err(_)) => return Outcome::BadRequest("request body could not be read"),
-                Ok(Ok(collected)) => collected.to_bytes(),
-            };
+    async fn webhook(
+        &self,
+        req: Request<Incoming>,
+        delivery: &mut Delivery,
+        deadline: Instant,
+    ) -> Outcome {
+        let received = match self.receive(req, deadline).await {
+            Ok(r) => r,
+            Err(outcome) => return outcome,
+        };
+        let body = received.body;
         delivery.body_len = body.len();
-        match signature {
+        match received.signature {
             Some(sig) => match self.tokens.verify(Some(&sig), body.clone()) {
                 Ok(verified) => {
                     delivery.routing = Routing::sniff(verified.body());
-                    self.verified(verified, delivery).await
+                    self.verified(verified, delivery, deadline).await
                 }
                 Err(e) => self.reject(&body, delivery, e),
             },
+            None if body.len() > MAX_UNSIGNED_BYTES => {
+                // Too large to be a VERIFY: no parse, kept raw (rate-limited) for diagnosis.
+                self.producer
+                    .quarantine(&body, &delivery.routing, &SignatureError::Missing);
+                Outcome::Unauthorized(SignatureError::Missing)
+            }
             None => {
                 delivery.routing = Routing::sniff(&body);
                 if delivery.routing.is_verify() {
@@ -153,6 +163,49 @@ impl App {
         }
     }
 
+    /// Reads the body under the byte limit, the body timeout and the request deadline, holding a
+    /// body-read permit only while reading.
+    async fn receive(
+        &self,
+        req: Request<Incoming>,
+        deadline: Instant,
+    ) -> Result<Received, Outcome> {
+        let limit = self.settings.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(Outcome::TooLarge { limit });
+        }
+        let signature = req
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+        if signature.is_none() && declared.is_some_and(|n| n > MAX_UNSIGNED_BYTES as u64) {
+            // Not worth reading: nothing this large is answered without a signature.
+            return Err(Outcome::Unauthorized(SignatureError::Missing));
+        }
+        let Some(_reading) = Held::try_take(&self.body_reads, &self.metrics.body_reads) else {
+            return Err(Outcome::Overloaded);
+        };
+        let until =
+            deadline.min(Instant::now() + Duration::from_millis(self.settings.body_timeout_ms));
+        let read = Limited::new(req.into_body(), limit).collect();
+        match tokio::time::timeout_at(until.into(), read).await {
+            Err(_) => Err(Outcome::Timeout),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(Outcome::TooLarge { limit })
+            }
+            Ok(Err(_)) => Err(Outcome::BadRequest("request body could not be read")),
+            Ok(Ok(collected)) => Ok(Received {
+                body: collected.to_bytes(),
+                signature,
+            }),
+        }
+    }
+
     fn reject(&self, body: &Bytes, delivery: &mut Delivery, e: SignatureError) -> Outcome {
         if delivery.routing == Routing::default() {
             delivery.routing = Routing::sniff(body);
@@ -161,7 +214,12 @@ impl App {
         Outcome::Unauthorized(e)
     }
 
-    async fn verified(&self, verified: Verified, delivery: &Delivery) -> Outcome {
+    async fn verified(
+        &self,
+        verified: Verified,
+        delivery: &Delivery,
+        deadline: Instant,
+    ) -> Outcome {
         let routing = &delivery.routing;
         if routing.is_verify() {
             self.metrics
@@ -176,8 +234,11 @@ impl App {
                 None => Outcome::BadRequest("VERIFY without data.challenge"),
             };
         }
+        let Some(_inflight) = Held::try_take(&self.inflight, &self.metrics.inflight) else {
+            return Outcome::Overloaded;
+        };
         let token_index = verified.token_index();
-        match self.producer.persist(verified, routing).await {
+        match self.producer.persist(verified, routing, deadline).await {
             Ok(acked) => Outcome::Accepted {
                 partition: acked.partition,
                 offset: acked.offset,
@@ -187,6 +248,7 @@ impl App {
                 cause: "circuit open".into(),
                 breaker_open: true,
             },
+            Err(e @ PersistError::Deadline { .. }) => Outcome::DeadlineExceeded(e.to_string()),
             Err(e) => Outcome::Unavailable {
                 cause: e.to_string(),
                 breaker_open: false,

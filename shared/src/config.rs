@@ -176,20 +176,33 @@ impl Default for CqlSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReceiverSettings {
+    /// The webhook listener: serves only [`ReceiverSettings::path`].
     pub listen: SocketAddr,
+    /// `/health`, `/ready` and `/metrics`, apart from the public webhook port.
+    pub admin_listen: SocketAddr,
     /// Webhook path.
     pub path: String,
     /// Largest accepted body; Smartcar's cap is 50 KB.
     pub max_body_bytes: usize,
-    /// Time allowed to receive the request headers.
+    /// Time allowed to receive the request headers, from their first byte.
     pub header_timeout_ms: u64,
-    /// Time allowed to receive the whole body.
+    /// Time allowed to receive the whole body (also bounded by the request deadline).
     pub body_timeout_ms: u64,
-    /// Requests being handled at once before answering 503.
+    /// The whole request — headers, body, verification, produce — is answered within this; a
+    /// produce still waiting at the deadline gets 503 + `Retry-After`. Well under Smartcar's 15 s.
+    pub request_timeout_ms: u64,
+    /// How long an idle keep-alive connection (no request started) stays open. Load balancers
+    /// reuse idle connections for 60 s or more; closing them first races their next request.
+    pub idle_timeout_ms: u64,
+    /// Bodies being read at once before answering 503: bounds slow senders apart from
+    /// [`ReceiverSettings::max_inflight`].
+    pub max_body_reads: usize,
+    /// Verified requests being produced at once before answering 503.
     pub max_inflight: usize,
     /// Consecutive produce failures that open the circuit breaker.
     pub breaker_failures: u32,
-    /// How long the breaker stays open before one probe request is let through.
+    /// How long the breaker stays open before a probe (a request, or the background broker check)
+    /// may close it.
     pub breaker_open_ms: u64,
     /// `Retry-After` seconds on 503.
     pub retry_after_secs: u64,
@@ -205,10 +218,14 @@ impl Default for ReceiverSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             path: "/webhooks/smartcar".into(),
             max_body_bytes: 64 * 1024,
-            header_timeout_ms: 5_000,
+            header_timeout_ms: 3_000,
             body_timeout_ms: 10_000,
+            request_timeout_ms: 10_000,
+            idle_timeout_ms: 75_000,
+            max_body_reads: 256,
             max_inflight: 1024,
             breaker_failures: 5,
             breaker_open_ms: 2_000,
@@ -217,6 +234,18 @@ impl Default for ReceiverSettings {
             quarantine_per_sec: 20,
             shutdown_grace_ms: 10_000,
         }
+    }
+}
+
+impl ReceiverSettings {
+    /// Time a request has once its headers are in: the request deadline less the header
+    /// allowance, so that from the first header byte to the answer never exceeds
+    /// `request_timeout_ms`.
+    pub fn after_headers(&self) -> Duration {
+        Duration::from_millis(
+            self.request_timeout_ms
+                .saturating_sub(self.header_timeout_ms),
+        )
     }
 }
 
@@ -410,6 +439,39 @@ impl Settings {
         if r.max_inflight == 0 {
             return Err(invalid("receiver.max_inflight", "must be positive"));
         }
+        if r.max_body_reads == 0 {
+            return Err(invalid("receiver.max_body_reads", "must be positive"));
+        }
+        if r.admin_listen == r.listen && r.listen.port() != 0 {
+            return Err(invalid(
+                "receiver.admin_listen",
+                format!(
+                    "{} is also receiver.listen: the admin endpoints need their own port",
+                    r.admin_listen
+                ),
+            ));
+        }
+        if !(1_000..=14_000).contains(&r.request_timeout_ms) {
+            return Err(invalid(
+                "receiver.request_timeout_ms",
+                format!(
+                    "{} ms is outside 1000..=14000: the answer must come inside Smartcar's 15 s",
+                    r.request_timeout_ms
+                ),
+            ));
+        }
+        if r.header_timeout_ms == 0 || r.header_timeout_ms * 2 > r.request_timeout_ms {
+            return Err(invalid(
+                "receiver.header_timeout_ms",
+                format!(
+                    "{} ms must be positive and at most half of receiver.request_timeout_ms ({} ms), which it is part of",
+                    r.header_timeout_ms, r.request_timeout_ms
+                ),
+            ));
+        }
+        if r.idle_timeout_ms < 1_000 {
+            return Err(invalid("receiver.idle_timeout_ms", "must be at least 1000"));
+        }
         if r.breaker_failures == 0 {
             return Err(invalid("receiver.breaker_failures", "must be positive"));
         }
@@ -495,6 +557,9 @@ mod tests {
         assert_eq!(s.cql.nodes, "127.0.0.1:9042");
         assert_eq!(s.cql.keyspace, "carhook");
         assert_eq!(s.receiver.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.receiver.admin_listen.to_string(), "127.0.0.1:9090");
+        assert!(s.receiver.request_timeout_ms < 15_000);
+        assert_eq!(s.receiver.idle_timeout_ms, 75_000);
         assert_eq!(s.processor.admin_listen.to_string(), "127.0.0.1:9091");
         assert!(s.kafka.partitions >= 6);
     }
@@ -530,6 +595,19 @@ mod tests {
         assert!(err(&[("CARHOOK__RECEIVER__MAX_BODY_BYTES", "lots")])
             .contains("receiver.max_body_bytes"));
         assert!(err(&[("CARHOOK__RECEIVER__LISTEN", "nowhere")]).contains("receiver.listen"));
+        assert!(
+            err(&[("CARHOOK__RECEIVER__ADMIN_LISTEN", "127.0.0.1:8080")])
+                .contains("receiver.admin_listen")
+        );
+        assert!(err(&[("CARHOOK__RECEIVER__REQUEST_TIMEOUT_MS", "15000")])
+            .contains("receiver.request_timeout_ms"));
+        assert!(err(&[("CARHOOK__RECEIVER__HEADER_TIMEOUT_MS", "9000")])
+            .contains("receiver.header_timeout_ms"));
+        assert!(err(&[("CARHOOK__RECEIVER__IDLE_TIMEOUT_MS", "10")])
+            .contains("receiver.idle_timeout_ms"));
+        assert!(
+            err(&[("CARHOOK__RECEIVER__MAX_BODY_READS", "0")]).contains("receiver.max_body_reads")
+        );
         assert!(
             err(&[("CARHOOK__KAFKA__EVENTS_TOPIC", "bad topic!")]).contains("kafka.events_topic")
         );

@@ -59,6 +59,7 @@ async fn bad_input_matrix() {
         ("CARHOOK__KAFKA__PARTITIONS", "2"),
         ("CARHOOK__RECEIVER__BODY_TIMEOUT_MS", "1000"),
         ("CARHOOK__RECEIVER__HEADER_TIMEOUT_MS", "1000"),
+        ("CARHOOK__RECEIVER__IDLE_TIMEOUT_MS", "1000"),
         ("CARHOOK__RECEIVER__VERIFY_PER_SEC", "2"),
     ]);
     let r = spawn_receiver(&s).await;
@@ -233,7 +234,7 @@ async fn bad_input_matrix() {
     assert_eq!(
         closed,
         idle.len(),
-        "idle connections are closed after the header timeout"
+        "idle connections are closed after the idle timeout"
     );
 
     // --- VERIFY as a signing oracle ---

@@ -7,6 +7,9 @@ use carhook_tests::*;
 use rdkafka::Message;
 use shared::headers;
 
+mod http_contract;
+mod recovery;
+
 const PATH: &str = "/webhooks/smartcar";
 
 #[tokio::test]
@@ -156,7 +159,7 @@ async fn bad_signatures_get_401_and_nothing_reaches_the_events_topic() {
         Some("missing")
     );
     assert_eq!(record_count(&s.kafka.brokers, &s.kafka.events_topic), 0);
-    let (_, metrics) = get(r.addr, "/metrics").await;
+    let (_, metrics) = get(r.admin, "/metrics").await;
     assert!(
         metrics.contains(r#"carhook_receiver_signature_failures_total{reason="mismatch"} 1"#),
         "{metrics}"
@@ -249,7 +252,7 @@ async fn body_limits_methods_and_paths() {
             .status,
         404
     );
-    assert_eq!(get(r.addr, "/health").await.0, 200);
+    assert_eq!(get(r.admin, "/health").await.0, 200);
     assert_eq!(record_count(&s.kafka.brokers, &s.kafka.events_topic), 1);
     r.stop().await;
 }
@@ -297,18 +300,10 @@ async fn unreachable_broker_answers_503_with_retry_after_within_the_bound() {
         ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "1500"),
         ("CARHOOK__RECEIVER__BREAKER_FAILURES", "2"),
     ]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(carhook_receiver::run(s.clone(), listener, stop.clone()));
-    eventually(Duration::from_secs(10), || async {
-        get(addr, "/health").await.0 == 200
-    })
-    .await;
+    let r = spawn_receiver_unready(&s).await;
+    let addr = r.addr;
     assert_eq!(
-        get(addr, "/ready").await.0,
+        get(r.admin, "/ready").await.0,
         503,
         "not ready without a broker"
     );
@@ -324,13 +319,12 @@ async fn unreachable_broker_answers_503_with_retry_after_within_the_bound() {
             started.elapsed()
         );
     }
-    let (_, metrics) = get(addr, "/metrics").await;
+    let (_, metrics) = get(r.admin, "/metrics").await;
     assert!(
         metrics.contains(r#"carhook_receiver_requests_total{outcome="circuit_open"}"#),
         "{metrics}"
     );
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,8 @@
 //! Outages of the real dependencies: the Kafka broker and the CQL store are stopped and started
 //! again with `deploy/stack/stack.sh`. These tests stop shared services, so they run one at a time
 //! (a process-wide lock) and in their own test binary, which cargo runs apart from the parallel suite.
+//! `stack.sh` only stops processes it started from its own state directory: from a git worktree
+//! that shares another checkout's running stack, set `CARHOOK_STACK_DIR` to that checkout's `.stack`.
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -119,6 +121,89 @@ async fn broker_down_gives_503_with_retry_after_and_broker_back_gives_200_with_n
     r.stop().await;
 }
 
+/// Sends signed events while the broker is down until the breaker opens (the admin `/ready` names
+/// `circuit-closed`); returns the next event number.
+async fn open_the_breaker(r: &Running, mut next: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = send(r.addr, next).await;
+        next += 1;
+        assert_eq!(reply.status, 503, "broker down must mean 503");
+        if get(r.admin, "/ready").await.1.contains("circuit-closed") {
+            return next;
+        }
+        assert!(Instant::now() < deadline, "the breaker never opened");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_returns_without_webhook_traffic_after_the_broker_comes_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = settings(&[
+        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "2000"),
+        ("CARHOOK__RECEIVER__BREAKER_FAILURES", "2"),
+        ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "1000"),
+    ]);
+    let r = spawn_receiver(&s).await;
+    assert_eq!(send(r.addr, 0).await.status, 200);
+    let next = {
+        let _restore = Restore("kafka");
+        stack(&["down", "kafka"]);
+        open_the_breaker(&r, 1).await
+    };
+    // The broker is back (stack.sh waited for it). Behind a Service an unready pod gets no
+    // requests: readiness must come back with no webhook traffic at all.
+    let back = Instant::now();
+    eventually(Duration::from_secs(15), || async {
+        get(r.admin, "/ready").await.0 == 200
+    })
+    .await;
+    println!("ready again {:?} after the broker", back.elapsed());
+    assert_eq!(send(r.addr, next).await.status, 200);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_probe_is_recorded_so_the_breaker_probes_again() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let open_ms = 300;
+    let s = settings(&[
+        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "3000"),
+        ("CARHOOK__RECEIVER__BREAKER_FAILURES", "1"),
+        ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "300"),
+    ]);
+    let r = spawn_receiver(&s).await;
+    assert_eq!(send(r.addr, 0).await.status, 200);
+    let unavailable = r#"carhook_receiver_requests_total{outcome="kafka_unavailable"}"#;
+    let next = {
+        let _restore = Restore("kafka");
+        stack(&["down", "kafka"]);
+        let next = open_the_breaker(&r, 1).await;
+        // Wait out the open period: the next request is the half-open probe. Its client gives up
+        // while the produce still waits on the dead broker (a load balancer's timeout, a reset).
+        tokio::time::sleep(Duration::from_millis(open_ms + 200)).await;
+        let cancelled = tokio::time::timeout(Duration::from_millis(800), send(r.addr, next)).await;
+        assert!(cancelled.is_err(), "the probe must still be producing");
+        // Its outcome counts as a failure: after another open period a new probe really tries
+        // the broker (kafka_unavailable), instead of every request being refused as circuit_open.
+        tokio::time::sleep(Duration::from_millis(open_ms + 200)).await;
+        let before = metric_value(r.admin, unavailable).await;
+        let reply = send(r.addr, next + 1).await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(
+            metric_value(r.admin, unavailable).await,
+            before + 1.0,
+            "after a cancelled probe the breaker must let a new probe through"
+        );
+        next + 2
+    };
+    eventually(Duration::from_secs(15), || async {
+        send(r.addr, next).await.status == 200
+    })
+    .await;
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn store_down_mid_stream_commits_nothing_dead_letters_nothing_and_completes_after_restart() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -147,7 +232,7 @@ async fn store_down_mid_stream_commits_nothing_dead_letters_nothing_and_complete
     )
     .await;
     eventually(Duration::from_secs(60), || async {
-        metric_value(p.addr, applied).await == 1.0
+        metric_value(p.admin, applied).await == 1.0
     })
     .await;
     {
@@ -172,11 +257,11 @@ async fn store_down_mid_stream_commits_nothing_dead_letters_nothing_and_complete
             .collect();
         produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &recs).await;
         eventually(Duration::from_secs(60), || async {
-            get(p.addr, "/ready").await.0 == 503
+            get(p.admin, "/ready").await.0 == 503
         })
         .await;
         assert_eq!(
-            metric_value(p.addr, applied).await,
+            metric_value(p.admin, applied).await,
             1.0,
             "nothing applied while the store is down"
         );
@@ -187,11 +272,11 @@ async fn store_down_mid_stream_commits_nothing_dead_letters_nothing_and_complete
         );
     }
     eventually(Duration::from_secs(120), || async {
-        metric_value(p.addr, applied).await == 6.0
+        metric_value(p.admin, applied).await == 6.0
     })
     .await;
     eventually(Duration::from_secs(30), || async {
-        get(p.addr, "/ready").await.0 == 200
+        get(p.admin, "/ready").await.0 == 200
     })
     .await;
     let st = vehicle_state(&s, "car-s").await.unwrap_or_default();

@@ -77,6 +77,7 @@ pub fn settings(extra: &[(&str, &str)]) -> Settings {
         ("CARHOOK__KAFKA__CONSUMER_GROUP", format!("{name}-group")),
         ("CARHOOK__CQL__KEYSPACE", name.clone()),
         ("CARHOOK__RECEIVER__LISTEN", "127.0.0.1:0".into()),
+        ("CARHOOK__RECEIVER__ADMIN_LISTEN", "127.0.0.1:0".into()),
         ("CARHOOK__PROCESSOR__ADMIN_LISTEN", "127.0.0.1:0".into()),
         ("CARHOOK__PROCESSOR__INSTANCE_ID", format!("{name}-p0")),
         ("CARHOOK__TELEMETRY__LOG_LEVEL", "warn".into()),
@@ -98,7 +99,10 @@ pub fn sign(token: &str, body: &[u8]) -> String {
 /// A service running inside the test process, on a runtime of its own. Dropping it (a test that
 /// panicked half-way) tells the service to stop, so the test process never waits on it forever.
 pub struct Running {
+    /// The service's main address: the receiver's webhook listener, the processor's admin listener.
     pub addr: SocketAddr,
+    /// Where `/health`, `/ready` and `/metrics` are served.
+    pub admin: SocketAddr,
     pub shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -124,19 +128,8 @@ impl Drop for Running {
     }
 }
 
-/// Runs a service in-process on an ephemeral port and waits until its `/ready` answers 200.
-///
-/// The service gets a runtime of its own on its own thread, as in production. Tests run on a
-/// single-threaded runtime and call blocking helpers (`read_topic`, `record_count`); a service
-/// spawned onto the test's runtime would be frozen for as long as such a call blocks — its Kafka
-/// transaction then outlives `transaction.timeout.ms` and the broker aborts it, so the records it
-/// produced never become visible to the very reader that is waiting for them.
-async fn spawn_in_process<F, Fut, E>(name: &'static str, ready_within: Duration, run: F) -> Running
-where
-    F: FnOnce(TcpListener, CancellationToken) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
+/// A loopback listener on an ephemeral port, bound now so its address is known before the service runs.
+fn bind_local() -> (std::net::TcpListener, SocketAddr) {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
     listener
@@ -145,6 +138,37 @@ where
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| panic!("addr: {e}"));
+    (listener, addr)
+}
+
+/// Runs a service in-process on ephemeral ports (a main and an admin listener) and waits until its
+/// admin `ready_path` answers 200. A service with a single listener (the processor's admin) gets
+/// the same address twice: `main_is_admin`.
+///
+/// The service gets a runtime of its own on its own thread, as in production. Tests run on a
+/// single-threaded runtime and call blocking helpers (`read_topic`, `record_count`); a service
+/// spawned onto the test's runtime would be frozen for as long as such a call blocks — its Kafka
+/// transaction then outlives `transaction.timeout.ms` and the broker aborts it, so the records it
+/// produced never become visible to the very reader that is waiting for them.
+async fn spawn_in_process<F, Fut, E>(
+    name: &'static str,
+    ready_within: Duration,
+    ready_path: &'static str,
+    main_is_admin: bool,
+    run: F,
+) -> Running
+where
+    F: FnOnce(TcpListener, Option<TcpListener>, CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let (listener, addr) = bind_local();
+    let (admin_listener, admin) = if main_is_admin {
+        (None, addr)
+    } else {
+        let (l, a) = bind_local();
+        (Some(l), a)
+    };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let task = tokio::task::spawn_blocking(move || {
@@ -155,9 +179,12 @@ where
             .build()
             .unwrap_or_else(|e| panic!("{name} runtime: {e}"));
         rt.block_on(async move {
-            let listener =
-                TcpListener::from_std(listener).unwrap_or_else(|e| panic!("listener: {e}"));
-            if let Err(e) = run(listener, stop).await {
+            let tokio_listener = |l: std::net::TcpListener| {
+                TcpListener::from_std(l).unwrap_or_else(|e| panic!("listener: {e}"))
+            };
+            let listener = tokio_listener(listener);
+            let admin_listener = admin_listener.map(tokio_listener);
+            if let Err(e) = run(listener, admin_listener, stop).await {
                 panic!("{name} failed: {e}");
             }
         });
@@ -166,22 +193,40 @@ where
     });
     let running = Running {
         addr,
+        admin,
         shutdown,
         task: Some(task),
     };
     eventually(ready_within, || async {
-        get(addr, "/ready").await.0 == 200
+        get(running.admin, ready_path).await.0 == 200
     })
     .await;
     running
 }
 
-/// Starts the receiver on an ephemeral port and waits until it is ready.
+/// Starts the receiver (webhook and admin listeners on ephemeral ports) and waits until it is ready.
 pub async fn spawn_receiver(settings: &Settings) -> Running {
+    spawn_receiver_until(settings, "/ready").await
+}
+
+/// Starts the receiver and waits only until it is alive (`/health`): for tests whose broker is
+/// unreachable on purpose, so the receiver never becomes ready.
+pub async fn spawn_receiver_unready(settings: &Settings) -> Running {
+    spawn_receiver_until(settings, "/health").await
+}
+
+async fn spawn_receiver_until(settings: &Settings, ready_path: &'static str) -> Running {
     let s = settings.clone();
-    spawn_in_process("receiver", Duration::from_secs(30), move |l, stop| {
-        carhook_receiver::run(s, l, stop)
-    })
+    spawn_in_process(
+        "receiver",
+        Duration::from_secs(30),
+        ready_path,
+        false,
+        move |l, admin, stop| async move {
+            let admin = admin.unwrap_or_else(|| panic!("receiver needs an admin listener"));
+            carhook_receiver::run(s, l, admin, stop).await
+        },
+    )
     .await
 }
 
@@ -233,9 +278,13 @@ pub async fn warm_transactions(settings: &Settings) {
 pub async fn spawn_processor(settings: &Settings) -> Running {
     warm_transactions(settings).await;
     let s = settings.clone();
-    spawn_in_process("processor", Duration::from_secs(60), move |l, stop| {
-        carhook_processor::run(s, l, stop)
-    })
+    spawn_in_process(
+        "processor",
+        Duration::from_secs(60),
+        "/ready",
+        true,
+        move |l, _, stop| carhook_processor::run(s, l, stop),
+    )
     .await
 }
 
@@ -532,8 +581,10 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
 /// A service running as its own OS process (so it can be killed with SIGKILL or sent SIGTERM).
 pub struct ChildService {
     pub child: std::process::Child,
-    /// The address serving `/ready` (receiver listen address, or processor admin address).
+    /// The service's main address (receiver webhook listener, or processor admin address).
     pub addr: SocketAddr,
+    /// The address serving `/health`, `/ready` and `/metrics`.
+    pub admin: SocketAddr,
 }
 
 impl Drop for ChildService {
@@ -578,28 +629,35 @@ impl ChildService {
         Self::receiver_on(free_port(), s, log, extra).await
     }
 
-    /// Starts `receiver` listening on `listen` (e.g. the address of one it replaces).
+    /// Starts `receiver` listening on `listen` (e.g. the address of one it replaces), its admin
+    /// endpoints on a free port.
     pub async fn receiver_on(
         listen: SocketAddr,
         s: &Settings,
         log: &std::path::Path,
         extra: &[(&str, &str)],
     ) -> Self {
+        let admin = free_port();
         let mut env = child_env(s, free_port(), "unused");
         env.push(("CARHOOK__RECEIVER__LISTEN".into(), listen.to_string()));
+        env.push(("CARHOOK__RECEIVER__ADMIN_LISTEN".into(), admin.to_string()));
         env.extend(
             extra
                 .iter()
                 .map(|(k, v)| ((*k).to_string(), (*v).to_string())),
         );
-        Self::start("receiver", &[], env, listen, log, Duration::from_secs(30)).await
+        let mut child =
+            Self::start("receiver", &[], env, admin, log, Duration::from_secs(30)).await;
+        child.addr = listen;
+        child
     }
 
+    /// Spawns `bin` and waits until `admin` answers `/ready`.
     async fn start(
         bin: &str,
         args: &[&str],
         env: Vec<(String, String)>,
-        addr: SocketAddr,
+        admin: SocketAddr,
         log: &std::path::Path,
         within: Duration,
     ) -> Self {
@@ -617,8 +675,12 @@ impl ChildService {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        eventually(within, || async { get(addr, "/ready").await.0 == 200 }).await;
-        Self { child, addr }
+        eventually(within, || async { get(admin, "/ready").await.0 == 200 }).await;
+        Self {
+            child,
+            addr: admin,
+            admin,
+        }
     }
 
     /// SIGSTOP / SIGCONT: a stalled process (GC pause, noisy neighbour).
