@@ -13,6 +13,20 @@ async fn simulated_traffic_with_every_fault_matches_ground_truth() {
     let p = spawn_processor(&s).await;
     let faults = Faults::all();
     let events = sim::generate::generate(20_251_129, 12, 20, faults);
+    let kinds: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| e.bad_signature_kind.map(|k| format!("{k:?}")))
+        .collect();
+    assert_eq!(
+        kinds.len(),
+        5,
+        "every bad-signature variant is in the seeded mix: {kinds:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.concurrent_duplicate)
+            && events.iter().any(|e| matches!(&e.kind, sim::generate::SimKind::State(s) if s.iter().any(|x| x.body.is_some() && x.oem < e.t))),
+        "concurrent duplicates and lagging car clocks are in the seeded mix"
+    );
     let (deliveries, report) =
         sim::send::send_all(r.addr, &s.receiver.path, TOKEN, &events, 16, 0.002, None).await;
     assert_eq!(report.dropped_after_4_attempts, 0, "{report:?}");

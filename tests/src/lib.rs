@@ -716,6 +716,15 @@ pub async fn metric_value(admin: SocketAddr, line_prefix: &str) -> f64 {
         .sum()
 }
 
+/// POSTs without any `SC-Signature` header; `None` when the connection fails.
+pub async fn try_post_unsigned(addr: SocketAddr, path: &str, body: Vec<u8>) -> Option<u16> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::from(body)))
+        .ok()?;
+    client.request(req).await.ok().map(|r| r.status().as_u16())
+}
+
 /// POSTs a signed body; `None` when the connection fails (e.g. the server is draining).
 pub async fn try_post(addr: SocketAddr, path: &str, body: Vec<u8>, signature: &str) -> Option<u16> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();

@@ -63,6 +63,31 @@ pub const RETRY_REFRESH_MS: [i64; 3] = [25_137, 75_271, 175_409];
 /// `deliveredAt` of a later, separate delivery of an acknowledged event (a duplicate).
 pub const DUPLICATE_REFRESH_MS: i64 = 5_311;
 
+/// How a refused delivery's signature is wrong (every variant must get 401 on every attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BadSignature {
+    /// Signed with a token the receiver does not know.
+    WrongToken,
+    /// No `SC-Signature` header at all.
+    Missing,
+    /// A hex string of the wrong length (a truncated header).
+    WrongLength,
+    /// The right MAC in upper-case hex (Smartcar sends lower-case; refused).
+    UpperCase,
+    /// The right token over other bytes: the body re-serialised before signing (the SDK bug).
+    OtherBody,
+}
+
+impl BadSignature {
+    const ALL: [Self; 5] = [
+        Self::WrongToken,
+        Self::Missing,
+        Self::WrongLength,
+        Self::UpperCase,
+        Self::OtherBody,
+    ];
+}
+
 /// One signal value the simulator sent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimSignal {
@@ -124,8 +149,11 @@ pub struct SimEvent {
     #[serde(default)]
     pub concurrent_duplicate: bool,
     pub kind: SimKind,
-    /// Signed with a token the receiver does not know: must be rejected on every attempt.
+    /// Signed wrongly (see `bad_signature_kind`): must be rejected on every attempt.
     pub bad_signature: bool,
+    /// How the signature is wrong, when it is.
+    #[serde(default)]
+    pub bad_signature_kind: Option<BadSignature>,
     /// Delivered a second time with a new deliveryId (a Smartcar retry of an acknowledged event).
     pub duplicate: bool,
     /// Payload shape: `true` = responses-page shape (no top-level vehicleId, top-level triggers).
@@ -197,6 +225,7 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(seed);
     let base: i64 = 1_764_000_000_000;
     let mut out = Vec::new();
+    let mut bad_seen = 0usize;
     for v in 0..vehicles {
         let vehicle = format!("sim-{seed}-veh-{v:05}");
         for i in 0..events_per_vehicle {
@@ -263,6 +292,12 @@ pub fn generate(
                 SimKind::State(signals)
             };
             let duplicate = rng.random_bool(faults.duplicates);
+            let bad_signature = rng.random_bool(faults.invalid_signatures);
+            // Variants in turn, so any run with five refused events covers all of them.
+            let bad_signature_kind = bad_signature.then(|| {
+                bad_seen += 1;
+                BadSignature::ALL[(bad_seen - 1) % BadSignature::ALL.len()]
+            });
             out.push(SimEvent {
                 event_id,
                 vehicle: vehicle.clone(),
@@ -272,7 +307,8 @@ pub fn generate(
                 concurrent_duplicate: duplicate && rng.random_bool(faults.concurrent_duplicates),
                 large: matches!(&kind, SimKind::State(s) if s.iter().any(|x| x.code == "diagnostics-dtclist" && x.body.as_ref().is_some_and(|b| b["values"].as_array().is_some_and(|a| a.len() > 100)))),
                 kind,
-                bad_signature: rng.random_bool(faults.invalid_signatures),
+                bad_signature,
+                bad_signature_kind,
                 duplicate,
                 page_shape: rng.random_bool(0.5),
                 sparse: rng.random_bool(faults.missing_optional),

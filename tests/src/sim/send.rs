@@ -56,6 +56,33 @@ impl SendReport {
     }
 }
 
+/// The `SC-Signature` a delivery of `e` carries (None: no header), as the fault asks.
+fn signature(e: &SimEvent, key: &[u8], body: &[u8]) -> Option<String> {
+    use super::generate::BadSignature;
+    let mac = |b: &[u8]| super::hmac::sign_hex(key, b);
+    match e.bad_signature_kind {
+        // A wrong-token fault gets the wrong token as `key` (so does a run recorded without kinds).
+        None | Some(BadSignature::WrongToken) => Some(mac(body)),
+        Some(BadSignature::Missing) => None,
+        Some(BadSignature::WrongLength) => Some(mac(body)[..40].to_string()),
+        Some(BadSignature::UpperCase) => Some(mac(body).to_ascii_uppercase()),
+        Some(BadSignature::OtherBody) => {
+            let reserialised = serde_json::from_slice::<serde_json::Value>(body)
+                .map(|v| serde_json::to_vec_pretty(&v).unwrap_or_default())
+                .unwrap_or_default();
+            Some(mac(&reserialised))
+        }
+    }
+}
+
+/// POSTs one delivery; None when no answer came.
+async fn deliver(addr: SocketAddr, path: &str, body: Vec<u8>, sig: Option<&str>) -> Option<u16> {
+    match sig {
+        Some(sig) => crate::try_post(addr, path, body, sig).await,
+        None => crate::try_post_unsigned(addr, path, body).await,
+    }
+}
+
 /// Sends every event (and each duplicate), returns per-event results and totals.
 pub async fn send_all(
     addr: SocketAddr,
@@ -80,7 +107,14 @@ pub async fn send_all(
                 progress.clone(),
             );
             async move {
-                let key = if e.bad_signature { &wrong } else { &token };
+                // Only a wrong-token fault signs with another token; the other faults spoil the
+                // header or the signed bytes of a signature made with the right one.
+                let wrong_token = e.bad_signature
+                    && matches!(
+                        e.bad_signature_kind,
+                        None | Some(super::generate::BadSignature::WrongToken)
+                    );
+                let key = if wrong_token { &wrong } else { &token };
                 let mut d = Delivery {
                     event_id: e.event_id.clone(),
                     ..Delivery::default()
@@ -91,13 +125,13 @@ pub async fn send_all(
                         tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                     }
                     let b = body(&e, attempt as u32);
-                    let sig = super::hmac::sign_hex(key.expose_secret().as_bytes(), &b);
+                    let sig = signature(&e, key.expose_secret().as_bytes(), &b);
                     let ok = |s: u16| (200..300).contains(&s);
                     let status = if attempt == 0 && e.duplicate && e.concurrent_duplicate {
                         // The same delivery twice at once: both race for the claim.
                         let (a, b2) = tokio::join!(
-                            crate::try_post(addr, &path, b.clone(), &sig),
-                            crate::try_post(addr, &path, b, &sig)
+                            deliver(addr, &path, b.clone(), sig.as_deref()),
+                            deliver(addr, &path, b, sig.as_deref())
                         );
                         let (a, b2) = (a.unwrap_or(0), b2.unwrap_or(0));
                         d.statuses.push(b2);
@@ -107,7 +141,7 @@ pub async fn send_all(
                             a
                         }
                     } else {
-                        crate::try_post(addr, &path, b, &sig).await.unwrap_or(0)
+                        deliver(addr, &path, b, sig.as_deref()).await.unwrap_or(0)
                     };
                     d.statuses.push(status);
                     if ok(status) {
@@ -120,9 +154,9 @@ pub async fn send_all(
                 if d.acknowledged && e.duplicate && !e.concurrent_duplicate {
                     // A second delivery of the same event: new deliveryId and deliveredAt.
                     let b = body(&e, 7);
-                    let sig = super::hmac::sign_hex(key.expose_secret().as_bytes(), &b);
+                    let sig = signature(&e, key.expose_secret().as_bytes(), &b);
                     d.statuses
-                        .push(crate::try_post(addr, &path, b, &sig).await.unwrap_or(0));
+                        .push(deliver(addr, &path, b, sig.as_deref()).await.unwrap_or(0));
                     dups += 1;
                 }
                 if let Some(p) = progress {
