@@ -206,10 +206,7 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
                         });
                         p.availability.push(AvailabilityWrite {
                             code: s.code.clone(),
-                            availability: Cell {
-                                doc: json!({ "status": "available", "since": delivered.at.as_i64(), "eventId": event_id }).to_string(),
-                                timestamp: delivered_ts,
-                            },
+                            availability: available(event_id, delivered, delivered_ts),
                         });
                     }
                     SignalStatus::Error { error_type, code } => {
@@ -376,10 +373,7 @@ fn legacy_plan(event: &Event, l: &LegacyEvent, v: &LegacyVehicle, ctx: Context) 
             });
             p.availability.push(AvailabilityWrite {
                 code,
-                availability: Cell {
-                    doc: json!({ "status": "available", "since": delivered.at.as_i64(), "eventId": event_id }).to_string(),
-                    timestamp: delivered_ts,
-                },
+                availability: available(event_id, delivered, delivered_ts),
             });
         } else {
             p.availability.push(AvailabilityWrite {
@@ -420,6 +414,15 @@ fn legacy_plan(event: &Event, l: &LegacyEvent, v: &LegacyVehicle, ctx: Context) 
         timestamp: delivered_ts,
     });
     p
+}
+
+/// A signal's "available" cell, as a good value reports it (delivery clock).
+fn available(event_id: &str, delivered: Freshness, timestamp: i64) -> Cell {
+    Cell {
+        doc: json!({ "status": "available", "since": delivered.at.as_i64(), "eventId": event_id })
+            .to_string(),
+        timestamp,
+    }
 }
 
 fn error_doc(e: &VehicleErrorItem, event_id: &str, delivered: Freshness, ctx: Context) -> Value {

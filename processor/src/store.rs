@@ -328,9 +328,22 @@ impl Store {
     }
 
     async fn reset_claim(&self, event_id: &str, pos: &Position) -> Result<(), StoreError> {
+        self.set_owned_status(&self.reset_claim, "reset claim", event_id, pos)
+            .await
+    }
+
+    /// Runs a status update (`reset_claim`, `mark_dead`) guarded by `pos` still owning the claim;
+    /// both bind (TTL, event id, topic, partition, offset).
+    async fn set_owned_status(
+        &self,
+        statement: &PreparedStatement,
+        op: &'static str,
+        event_id: &str,
+        pos: &Position,
+    ) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(
-                &self.reset_claim,
+                statement,
                 (
                     self.dedup_ttl_secs,
                     event_id,
@@ -340,7 +353,7 @@ impl Store {
                 ),
             )
             .await
-            .map_err(|e| StoreError::from_exec("reset claim", e))?;
+            .map_err(|e| StoreError::from_exec(op, e))?;
         Ok(())
     }
 
@@ -374,20 +387,8 @@ impl Store {
         event_id: &str,
         pos: &Position,
     ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(
-                &self.mark_dead,
-                (
-                    self.dedup_ttl_secs,
-                    event_id,
-                    &pos.topic,
-                    pos.partition,
-                    pos.offset,
-                ),
-            )
+        self.set_owned_status(&self.mark_dead, "mark dead-lettered", event_id, pos)
             .await
-            .map_err(|e| StoreError::from_exec("mark dead-lettered", e))?;
-        Ok(())
     }
 
     /// Moves the reconnect flag of (`vehicle`, `key`) to `state` as of delivery time `at` for event

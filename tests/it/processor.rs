@@ -10,25 +10,6 @@ use shared::headers;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn state_where(
-    s: &shared::config::Settings,
-    vehicle: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let mut last = Value::Null;
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::time::Instant::now() < deadline {
-        if let Some(v) = vehicle_state(s, vehicle).await {
-            if pred(&v) {
-                return v;
-            }
-            last = v;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("state of {vehicle} never matched; last: {last:#}");
-}
-
 async fn metric(p: &Running, line_prefix: &str) -> f64 {
     let (_, text) = get(p.addr, "/metrics").await;
     text.lines()

@@ -514,6 +514,26 @@ pub async fn vehicle_state(settings: &Settings, vehicle: &str) -> Option<serde_j
         .ok()
 }
 
+/// Polls a vehicle's state until `pred` holds (panics with the last state after 60 s).
+pub async fn state_where(
+    settings: &Settings,
+    vehicle: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(v) = vehicle_state(settings, vehicle).await {
+            if pred(&v) {
+                return v;
+            }
+            last = v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("state of {vehicle} never matched; last: {last:#}");
+}
+
 /// Drops a test's keyspace so repeated runs do not pile up tables in the store.
 pub async fn drop_keyspace(settings: &Settings) {
     if let Ok(session) = shared::cql::connect(&settings.cql).await {
