@@ -36,6 +36,21 @@ async fn simulated_traffic_with_every_fault_matches_ground_truth() {
     );
     let run = sim::Run::new(1, faults, &events, deliveries, report);
     assert!(!run.truth.actions.is_empty() && !run.truth.rejected.is_empty());
+    assert!(
+        !run.truth.verifies.is_empty()
+            && run.truth.vehicles.values().any(|v| {
+                v.signals.contains_key("v2-odometer") && v.signals.contains_key("v2-battery")
+            }),
+        "VERIFY challenges and legacy readings are in the truth"
+    );
+    assert!(
+        run.deliveries
+            .iter()
+            .filter(|d| d.acked_sha256.is_some())
+            .count()
+            > 200,
+        "the acknowledged bytes are known, so the events topic is compared"
+    );
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
@@ -56,6 +71,16 @@ async fn simulated_traffic_with_every_fault_matches_ground_truth() {
 
 /// A stand-in for a broken deployment: answers every request 503 + `Retry-After`.
 async fn always_503() -> std::net::SocketAddr {
+    stub(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await
+}
+
+/// A stand-in for a receiver that acknowledges without persisting: 200 to everything.
+async fn always_200() -> std::net::SocketAddr {
+    stub(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await
+}
+
+/// Answers every request, once read in full, with `answer`.
+async fn stub(answer: &'static [u8]) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -87,9 +112,7 @@ async fn always_503() -> std::net::SocketAddr {
                         }
                     }
                 }
-                let _ = c
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
+                let _ = c.write_all(answer).await;
             });
         }
     });
@@ -121,6 +144,31 @@ async fn check_fails_when_the_receiver_answers_503_to_everything() {
     assert!(
         !intended.iter().any(|d| d.contains("never acknowledged")),
         "{intended:?}"
+    );
+}
+
+/// `check` can fail: a receiver that answers 200 without persisting anything. (The state check
+/// would name it too; the bytes check names the cause: acknowledged bytes not on the topic.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_when_the_receiver_acknowledges_without_persisting() {
+    let s = settings(&[]);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = always_200().await;
+    let events = clean_events(10);
+    let (deliveries, report) =
+        sim::send::send_all(addr, &s.receiver.path, TOKEN, &events, 4, 0.0001, None).await;
+    assert_eq!(report.ok_2xx, events.len(), "{report:?}");
+    let run = sim::Run::new(10, Faults::default(), &events, deliveries, report);
+    let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
+    let unpersisted = diff
+        .iter()
+        .filter(|d| d.contains("acknowledged, but its bytes are not on the events topic"))
+        .count();
+    assert!(
+        unpersisted >= events.len().min(10),
+        "check missed acknowledged events that were never persisted: {diff:?}"
     );
 }
 
@@ -188,6 +236,27 @@ async fn check_fails_when_a_store_row_is_changed_by_hand() {
     .await;
     let foreign = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
     assert!(foreign.is_empty(), "foreign records judged: {foreign:?}");
+    // Bytes keyed by one of this run's vehicles that were never sent (a re-serialised copy of a
+    // real delivery) are named.
+    let some = &events[0];
+    let reserialised = serde_json::to_vec_pretty(
+        &serde_json::from_slice::<serde_json::Value>(&sim::generate::body(some, 0))
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some(some.vehicle.as_str()), reserialised.as_slice())],
+    )
+    .await;
+    let diff = sim::check::diff(&s, &run.truth, &run.deliveries, 0).await;
+    assert!(
+        diff.iter()
+            .any(|d| d.contains("bytes differ from every delivery sent")
+                && d.contains(some.vehicle.as_str())),
+        "check missed bytes on the events topic that were never sent: {diff:?}"
+    );
     let (vehicle, truth) = run
         .truth
         .vehicles

@@ -440,6 +440,58 @@ pub fn read_topic(
     out
 }
 
+/// Reads every committed record of `topic` up to its end as of now: stops once each partition
+/// has reported end-of-partition, so nothing present is missed and nothing is waited for. Errors
+/// name the topic (unknown topic, no end reached `within`).
+pub fn read_to_end(
+    brokers: &str,
+    topic: &str,
+    within: Duration,
+) -> Result<Vec<OwnedMessage>, String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", fresh("reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(|e| format!("{topic}: consumer: {e}"))?;
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| format!("{topic}: metadata: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    let mut open = std::collections::BTreeSet::new();
+    for t in md.topics() {
+        if let Some(e) = t.error() {
+            return Err(format!("{topic}: {e:?}"));
+        }
+        for p in t.partitions() {
+            let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
+            open.insert(p.id());
+        }
+    }
+    c.assign(&tpl)
+        .map_err(|e| format!("{topic}: assign: {e}"))?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    while !open.is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{topic}: partitions {open:?} did not reach their end within {within:?}"
+            ));
+        }
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(format!("{topic}: {e}")),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
 /// A header's value as text.
 pub fn header(msg: &OwnedMessage, name: &str) -> Option<String> {
     let h = msg.headers()?;
@@ -738,19 +790,32 @@ pub async fn metric_value(admin: SocketAddr, line_prefix: &str) -> f64 {
 
 /// POSTs without any `SC-Signature` header; `None` when the connection fails.
 pub async fn try_post_unsigned(addr: SocketAddr, path: &str, body: Vec<u8>) -> Option<u16> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::post(format!("http://{addr}{path}"))
-        .body(Full::new(Bytes::from(body)))
-        .ok()?;
-    client.request(req).await.ok().map(|r| r.status().as_u16())
+    try_exchange(addr, path, body, None).await.map(|(s, _)| s)
 }
 
 /// POSTs a signed body; `None` when the connection fails (e.g. the server is draining).
 pub async fn try_post(addr: SocketAddr, path: &str, body: Vec<u8>, signature: &str) -> Option<u16> {
+    try_exchange(addr, path, body, Some(signature))
+        .await
+        .map(|(s, _)| s)
+}
+
+/// POSTs with an optional `SC-Signature`; the status and the whole answer body, or `None` when
+/// the connection fails or the answer is cut off.
+pub async fn try_exchange(
+    addr: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+    signature: Option<&str>,
+) -> Option<(u16, Bytes)> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::post(format!("http://{addr}{path}"))
-        .header("SC-Signature", signature)
-        .body(Full::new(Bytes::from(body)))
-        .ok()?;
-    client.request(req).await.ok().map(|r| r.status().as_u16())
+    let mut req = http::Request::post(format!("http://{addr}{path}"));
+    if let Some(sig) = signature {
+        req = req.header("SC-Signature", sig);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).ok()?;
+    let res = client.request(req).await.ok()?;
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.ok()?.to_bytes();
+    Some((status, bytes))
 }

@@ -23,51 +23,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Generate and deliver events; write the run (with ground truth) for `check`.
-    Send {
-        /// Webhook URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/smartcar")]
-        url: String,
-        /// Management token to sign with.
-        #[arg(
-            long,
-            env = "SMARTCAR_SIM_TOKEN",
-            default_value = "carhook-dev-token-NOT-FOR-PRODUCTION"
-        )]
-        token: String,
-        #[arg(long, default_value_t = 20)]
-        vehicles: usize,
-        #[arg(long, default_value_t = 25)]
-        events_per_vehicle: usize,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// Multiply Smartcar's 25/50/100 s retry schedule (e.g. 0.01 for tests).
-        #[arg(long, default_value_t = 1.0)]
-        retry_scale: f64,
-        /// Turn every fault mix on at its default ratio.
-        #[arg(long)]
-        all_faults: bool,
-        #[arg(long)]
-        duplicates: Option<f64>,
-        #[arg(long)]
-        out_of_order: Option<f64>,
-        #[arg(long)]
-        invalid_signatures: Option<f64>,
-        #[arg(long)]
-        partial_failures: Option<f64>,
-        #[arg(long)]
-        large_bodies: Option<f64>,
-        #[arg(long)]
-        missing_optional: Option<f64>,
-        #[arg(long)]
-        unknown_types: Option<f64>,
-        #[arg(long)]
-        errors: Option<f64>,
-        /// Where to write the run.
-        #[arg(long, default_value = ".stack/sim/last-run.json")]
-        out: PathBuf,
-    },
+    Send(Box<SendArgs>),
     /// Compare the system with a run's ground truth; non-zero exit on any difference.
     Check {
         #[arg(long, default_value = ".stack/sim/last-run.json")]
@@ -118,6 +74,83 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Webhook URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/smartcar")]
+    url: String,
+    /// Management token to sign with.
+    #[arg(
+        long,
+        env = "SMARTCAR_SIM_TOKEN",
+        default_value = "carhook-dev-token-NOT-FOR-PRODUCTION"
+    )]
+    token: String,
+    #[arg(long, default_value_t = 20)]
+    vehicles: usize,
+    #[arg(long, default_value_t = 25)]
+    events_per_vehicle: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Multiply Smartcar's 25/50/100 s retry schedule (e.g. 0.01 for tests).
+    #[arg(long, default_value_t = 1.0)]
+    retry_scale: f64,
+    /// Turn every fault mix on at its default ratio.
+    #[arg(long)]
+    all_faults: bool,
+    #[arg(long)]
+    duplicates: Option<f64>,
+    #[arg(long)]
+    out_of_order: Option<f64>,
+    #[arg(long)]
+    invalid_signatures: Option<f64>,
+    #[arg(long)]
+    partial_failures: Option<f64>,
+    #[arg(long)]
+    large_bodies: Option<f64>,
+    #[arg(long)]
+    missing_optional: Option<f64>,
+    #[arg(long)]
+    unknown_types: Option<f64>,
+    #[arg(long)]
+    errors: Option<f64>,
+    /// Share of values whose car clock lags delivery by 1–90 s.
+    #[arg(long)]
+    clock_lag: Option<f64>,
+    /// Share of events whose retries carry a refreshed `deliveredAt` (Smartcar: all).
+    #[arg(long)]
+    retry_refresh: Option<f64>,
+    /// Share of duplicates sent concurrently with the first delivery.
+    #[arg(long)]
+    concurrent_duplicates: Option<f64>,
+    /// Share of top-level triggers naming their signal as a "Group.Name" string.
+    #[arg(long)]
+    string_triggers: Option<f64>,
+    /// Share of VEHICLE_ERROR events listing signals as "Group.Name" strings.
+    #[arg(long)]
+    string_error_signals: Option<f64>,
+    /// Share of values sent with `oemUpdatedAt: 0`.
+    #[arg(long)]
+    zero_time: Option<f64>,
+    /// Share of events with `deliveredAt` in epoch seconds or ISO-8601.
+    #[arg(long)]
+    delivered_formats: Option<f64>,
+    /// Share of VEHICLE_ERROR events with several items.
+    #[arg(long)]
+    multi_errors: Option<f64>,
+    /// Share of legacy v2 bodies (eventBased, dynamic, scheduled in turn).
+    #[arg(long)]
+    legacy: Option<f64>,
+    /// Share of VERIFY challenges (current and legacy form in turn).
+    #[arg(long)]
+    verify: Option<f64>,
+    /// Where to write the run.
+    #[arg(long, default_value = ".stack/sim/last-run.json")]
+    out: PathBuf,
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -179,44 +212,89 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<ExitCode, String> {
     match args.command {
-        Command::Send {
-            url,
-            token,
-            vehicles,
-            events_per_vehicle,
-            seed,
-            concurrency,
-            retry_scale,
-            all_faults,
-            duplicates,
-            out_of_order,
-            invalid_signatures,
-            partial_failures,
-            large_bodies,
-            missing_optional,
-            unknown_types,
-            errors,
-            out,
-        } => {
+        Command::Send(send) => {
+            let SendArgs {
+                url,
+                token,
+                vehicles,
+                events_per_vehicle,
+                seed,
+                concurrency,
+                retry_scale,
+                all_faults,
+                duplicates,
+                out_of_order,
+                invalid_signatures,
+                partial_failures,
+                large_bodies,
+                missing_optional,
+                unknown_types,
+                errors,
+                clock_lag,
+                retry_refresh,
+                concurrent_duplicates,
+                string_triggers,
+                string_error_signals,
+                zero_time,
+                delivered_formats,
+                multi_errors,
+                legacy,
+                verify,
+                out,
+            } = *send;
             let (addr, path) = split_url(&url)?;
             let mut f = if all_faults {
                 Faults::all()
             } else {
                 Faults::default()
             };
-            for (slot, v) in [
-                (&mut f.duplicates, duplicates),
-                (&mut f.out_of_order, out_of_order),
-                (&mut f.invalid_signatures, invalid_signatures),
-                (&mut f.partial_failures, partial_failures),
-                (&mut f.large_bodies, large_bodies),
-                (&mut f.missing_optional, missing_optional),
-                (&mut f.unknown_types, unknown_types),
-                (&mut f.errors, errors),
+            for (flag, slot, v) in [
+                ("--duplicates", &mut f.duplicates, duplicates),
+                ("--out-of-order", &mut f.out_of_order, out_of_order),
+                (
+                    "--invalid-signatures",
+                    &mut f.invalid_signatures,
+                    invalid_signatures,
+                ),
+                (
+                    "--partial-failures",
+                    &mut f.partial_failures,
+                    partial_failures,
+                ),
+                ("--large-bodies", &mut f.large_bodies, large_bodies),
+                (
+                    "--missing-optional",
+                    &mut f.missing_optional,
+                    missing_optional,
+                ),
+                ("--unknown-types", &mut f.unknown_types, unknown_types),
+                ("--errors", &mut f.errors, errors),
+                ("--clock-lag", &mut f.clock_lag, clock_lag),
+                ("--retry-refresh", &mut f.retry_refresh, retry_refresh),
+                (
+                    "--concurrent-duplicates",
+                    &mut f.concurrent_duplicates,
+                    concurrent_duplicates,
+                ),
+                ("--string-triggers", &mut f.string_triggers, string_triggers),
+                (
+                    "--string-error-signals",
+                    &mut f.string_error_signals,
+                    string_error_signals,
+                ),
+                ("--zero-time", &mut f.zero_time, zero_time),
+                (
+                    "--delivered-formats",
+                    &mut f.delivered_formats,
+                    delivered_formats,
+                ),
+                ("--multi-errors", &mut f.multi_errors, multi_errors),
+                ("--legacy", &mut f.legacy, legacy),
+                ("--verify", &mut f.verify, verify),
             ] {
                 if let Some(v) = v {
                     if !(0.0..=1.0).contains(&v) {
-                        return Err(format!("fault ratios are between 0 and 1, got {v}"));
+                        return Err(format!("{flag}: a share between 0 and 1, got {v}"));
                     }
                     *slot = v;
                 }
@@ -266,10 +344,11 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                     sim::check::diff(&settings, &run.truth, &run.deliveries, expect_dropped).await;
                 if diff.is_empty() {
                     println!(
-                        "check passed: {} vehicles, {} actions, {} rejected deliveries, {} dropped events",
+                        "check passed: {} vehicles, {} actions, {} rejected deliveries, {} VERIFY answered, {} dropped events",
                         run.truth.vehicles.len(),
                         run.truth.actions.len(),
                         run.truth.rejected.len(),
+                        run.truth.verifies.len(),
                         run.truth.dropped.len()
                     );
                     return Ok(ExitCode::SUCCESS);

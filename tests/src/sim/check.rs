@@ -1,6 +1,8 @@
 //! Comparing the ground truth with what the system holds: vehicle state (read from the CQL tables
-//! directly, never through the processor's own state view), the actions topic and the dead-letter
-//! topic, and whether every event was acknowledged. Returns a readable diff.
+//! directly, never through the processor's own state view), the actions, dead-letter, events and
+//! quarantine topics, whether every event was acknowledged and every VERIFY answered. Returns a
+//! readable diff. Only this run's vehicles, events and bytes are judged, so it works against a
+//! live deployment with other traffic.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -27,6 +29,16 @@ pub async fn diff(
             truth.dropped.len()
         ));
     }
+    for d in deliveries
+        .iter()
+        .filter(|d| d.challenge_answered == Some(false))
+    {
+        out.push(format!(
+            "VERIFY {}: a 2xx answer did not carry the HMAC of the challenge",
+            d.event_id
+        ));
+    }
+    out.extend(check_bytes(settings, truth, deliveries));
     for d in deliveries
         .iter()
         .filter(|d| truth.rejected.contains(&d.event_id))
@@ -149,6 +161,147 @@ pub async fn diff(
         out.push(format!(
             "dead-letter topic holds {letters} letters, expected {}",
             truth.dead_letters
+        ));
+    }
+    out
+}
+
+/// Differences listed one per line up to this many per kind, then counted.
+const LISTED: usize = 10;
+
+fn listed(out: &mut Vec<String>, lines: Vec<String>) {
+    let n = lines.len();
+    out.extend(lines.into_iter().take(LISTED));
+    if n > LISTED {
+        out.push(format!("… and {} more like the above", n - LISTED));
+    }
+}
+
+/// The raw bytes: every acknowledged delivery's exact bytes are on the events topic under the
+/// event's vehicle; every record there keyed by one of this run's vehicles is byte-identical to
+/// something sent (no re-serialisation, no foreign bytes); refused deliveries and VERIFY
+/// challenges never reach it. The quarantine topic holds only refused bytes of this run, and some
+/// of them when deliveries were refused (it is rate-limited, so not necessarily all).
+fn check_bytes(settings: &Settings, truth: &Truth, deliveries: &[Delivery]) -> Vec<String> {
+    use rdkafka::Message;
+    let mut out = Vec::new();
+    let within = Duration::from_secs(30);
+    let events = match crate::read_to_end(
+        &settings.kafka.brokers,
+        &settings.kafka.events_topic,
+        within,
+    ) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("cannot read the events topic: {e}")],
+    };
+    let quarantine = match crate::read_to_end(
+        &settings.kafka.brokers,
+        &settings.kafka.quarantine_topic,
+        within,
+    ) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("cannot read the quarantine topic: {e}")],
+    };
+    let refused = |d: &Delivery| truth.rejected.contains(&d.event_id);
+    let verify = |d: &Delivery| truth.verifies.contains(&d.event_id);
+    // Digest → the event that sent it, by class.
+    let mut accepted: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut forbidden: BTreeMap<&str, &str> = BTreeMap::new();
+    for d in deliveries {
+        for sent in &d.sent {
+            if refused(d) || verify(d) {
+                forbidden.insert(sent, &d.event_id);
+            } else {
+                accepted.insert(sent, &d.event_id);
+            }
+        }
+    }
+    let ours = truth.run_vehicles();
+    let key_of = |m: &rdkafka::message::OwnedMessage| {
+        m.key().map(|k| String::from_utf8_lossy(k).into_owned())
+    };
+    let mut on_topic: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+    let (mut foreign_bytes, mut leaked) = (Vec::new(), Vec::new());
+    for m in &events {
+        let digest = super::send::digest(m.payload().unwrap_or_default());
+        let key = key_of(m);
+        if let Some(id) = forbidden.get(digest.as_str()) {
+            leaked.push(format!(
+                "events topic {}@{}: holds the bytes of {id}, which was refused or is a VERIFY",
+                m.partition(),
+                m.offset()
+            ));
+        } else if key.as_ref().is_some_and(|k| ours.contains(k))
+            && !accepted.contains_key(digest.as_str())
+        {
+            foreign_bytes.push(format!(
+                "events topic {}@{} keyed {}: bytes differ from every delivery sent",
+                m.partition(),
+                m.offset(),
+                key.as_deref().unwrap_or_default()
+            ));
+        }
+        on_topic.entry(digest).or_default().push(key);
+    }
+    let mut missing = Vec::new();
+    for d in deliveries.iter().filter(|d| !refused(d) && !verify(d)) {
+        let Some(acked) = &d.acked_sha256 else {
+            continue;
+        };
+        match on_topic.get(acked) {
+            None => missing.push(format!(
+                "{}: acknowledged, but its bytes are not on the events topic",
+                d.event_id
+            )),
+            Some(keys) if !keys.contains(&d.key) => missing.push(format!(
+                "{}: on the events topic keyed {keys:?}, expected {:?}",
+                d.event_id, d.key
+            )),
+            Some(_) => {}
+        }
+    }
+    listed(&mut out, missing);
+    listed(&mut out, foreign_bytes);
+    listed(&mut out, leaked);
+    let run_ids: BTreeSet<&str> = deliveries.iter().map(|d| d.event_id.as_str()).collect();
+    let mut quarantined = 0usize;
+    let mut wrong = Vec::new();
+    for m in &quarantine {
+        let digest = super::send::digest(m.payload().unwrap_or_default());
+        let id = crate::header(m, shared::headers::EVENT_ID);
+        let mine = accepted.contains_key(digest.as_str())
+            || forbidden.contains_key(digest.as_str())
+            || id.as_deref().is_some_and(|i| run_ids.contains(i));
+        if !mine {
+            continue;
+        }
+        match (
+            accepted.get(digest.as_str()),
+            forbidden.get(digest.as_str()),
+        ) {
+            (_, Some(id)) if truth.rejected.contains(*id) => quarantined += 1,
+            (Some(id), _) | (_, Some(id)) => wrong.push(format!(
+                "quarantine {}@{}: holds the bytes of {id}, which was not refused",
+                m.partition(),
+                m.offset()
+            )),
+            (None, None) => wrong.push(format!(
+                "quarantine {}@{} ({}): bytes differ from every delivery sent",
+                m.partition(),
+                m.offset(),
+                id.unwrap_or_default()
+            )),
+        }
+    }
+    listed(&mut out, wrong);
+    let refused_requests: usize = deliveries
+        .iter()
+        .filter(|d| refused(d))
+        .map(|d| d.sent.len())
+        .sum();
+    if refused_requests > 0 && quarantined == 0 {
+        out.push(format!(
+            "none of the {refused_requests} refused deliveries reached the quarantine topic"
         ));
     }
     out

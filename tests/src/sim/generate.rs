@@ -1,6 +1,13 @@
 //! Realistic Smartcar deliveries from a seed: VEHICLE_STATE in both payload shapes with signals from
-//! many groups, VEHICLE_ERROR of every kind, and the fault mixes (duplicates, out-of-order, invalid
-//! signatures, partial failures, near-50 KB bodies, missing optional fields, unknown types).
+//! many groups, VEHICLE_ERROR of every kind (several items, string or object signal lists), legacy
+//! v2 bodies in all three forms, VERIFY challenges, and the fault mixes (duplicates, out-of-order,
+//! invalid signatures, partial failures, near-50 KB bodies, missing optional fields, unknown types,
+//! lagging car clocks, signal time 0, `deliveredAt` as epoch ms, epoch seconds or ISO-8601).
+//!
+//! Freshness is never ambiguous: per vehicle and signal no two values share a time, and no two
+//! deliveries of one vehicle share a `deliveredAt` as the processor reads it (epoch seconds are
+//! truncated, so only every eighth event may use them; see [`DeliveredFormat::Seconds`]). Ties
+//! would let the store and the truth pick different winners.
 //!
 //! Every event is kept as a [`SimEvent`] — what the simulator *meant* — so the ground truth is
 //! computed from the simulator's own model, independently of the code under test.
@@ -34,6 +41,30 @@ pub struct Faults {
     /// once) instead of as a later retry of an acknowledged event.
     #[serde(default)]
     pub concurrent_duplicates: f64,
+    /// Share of responses-page-shape events whose trigger names its signal as a `"Group.Name"`
+    /// string (live traffic) instead of an object.
+    #[serde(default)]
+    pub string_triggers: f64,
+    /// Share of VEHICLE_ERROR events whose items list signals as `"Group.Name"` strings.
+    #[serde(default)]
+    pub string_error_signals: f64,
+    /// Share of signal values sent with `oemUpdatedAt: 0` ("unknown"): the fetch time orders them.
+    #[serde(default)]
+    pub zero_time: f64,
+    /// Share of events whose `deliveredAt` is not epoch ms: half epoch seconds (only on every
+    /// eighth event, see [`DeliveredFormat::Seconds`]), half ISO-8601 strings.
+    #[serde(default)]
+    pub delivered_formats: f64,
+    /// Share of VEHICLE_ERROR events with two or three items.
+    #[serde(default)]
+    pub multi_errors: f64,
+    /// Share of events sent as legacy v2 bodies (eventBased, dynamic, scheduled in turn).
+    #[serde(default)]
+    pub legacy: f64,
+    /// Share of events that are VERIFY challenges (current and legacy form in turn): answered with
+    /// the HMAC of the challenge, never stored.
+    #[serde(default)]
+    pub verify: f64,
 }
 
 impl Faults {
@@ -51,6 +82,13 @@ impl Faults {
             clock_lag: 0.6,
             retry_refresh: 1.0,
             concurrent_duplicates: 0.5,
+            string_triggers: 0.5,
+            string_error_signals: 0.5,
+            zero_time: 0.05,
+            delivered_formats: 0.2,
+            multi_errors: 0.3,
+            legacy: 0.06,
+            verify: 0.02,
         }
     }
 }
@@ -88,6 +126,33 @@ impl BadSignature {
     ];
 }
 
+/// How `meta.deliveredAt` is written (SMARTCAR.md §4: usually epoch ms, sometimes epoch seconds or
+/// an ISO-8601 string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DeliveredFormat {
+    #[default]
+    Millis,
+    /// Whole seconds: the processor sees the time truncated. Only events whose index is a multiple
+    /// of 8 use it, and other formats never fall on a whole second ([`SUB_SECOND_MS`]), so no two
+    /// deliveries of one vehicle read the same: Smartcar's retry offsets truncate to 25, 75 and 175
+    /// s, and no difference of two of {0, 25, 75, 175} is a non-zero multiple of 8.
+    Seconds,
+    /// RFC 3339 with milliseconds, e.g. `2025-11-24T16:00:00.123Z`.
+    Iso,
+}
+
+/// Sub-second part of every `deliveredAt` that is not in epoch seconds (see
+/// [`DeliveredFormat::Seconds`]).
+pub const SUB_SECOND_MS: i64 = 123;
+
+/// Prefix of a legacy body's event id built from its vehicles' `requestId`s (the processor's
+/// documented rule for v2 bodies without an `eventId`).
+pub const LEGACY_REQUEST_ID_PREFIX: &str = "v2-request:";
+
+/// Prefix of a legacy body's event id built from the SHA-256 of its bytes (no `eventId`, no
+/// `requestId`: the `dynamic` form).
+pub const LEGACY_BODY_HASH_PREFIX: &str = "sha256:";
+
 /// One signal value the simulator sent.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimSignal {
@@ -95,8 +160,11 @@ pub struct SimSignal {
     /// `None`: the signal failed with `error` (type, code).
     pub body: Option<Value>,
     pub error: Option<(String, Option<String>)>,
-    /// oemUpdatedAt for values.
+    /// The car time that orders the value: `oemUpdatedAt`, or with `zero_time` the fetch time.
     pub oem: i64,
+    /// Sent as `oemUpdatedAt: 0` ("unknown"), with `oem` as the fetch time.
+    #[serde(default)]
+    pub zero_time: bool,
 }
 
 /// One VEHICLE_ERROR item.
@@ -124,12 +192,42 @@ impl SimError {
     }
 }
 
+/// The three legacy v2 data forms (SMARTCAR.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LegacyForm {
+    /// One vehicle, one event (`payload.eventId`), no readings.
+    EventBased,
+    /// Readings, no event id and no request id: identified by the hash of the body.
+    Dynamic,
+    /// Readings of one or more vehicles, each with a `requestId`.
+    Scheduled,
+}
+
+/// One vehicle of a legacy body.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SimLegacyVehicle {
+    pub vehicle: String,
+    pub request_id: Option<String>,
+    /// `/odometer` answered 200 with this distance, read by the car at this time (ms).
+    pub odometer: Option<(f64, i64)>,
+    /// `sc-data-age` in epoch seconds (the time is whole seconds then) instead of ISO-8601.
+    pub age_in_seconds: bool,
+    /// `/battery` answered 409 `VEHICLE_STATE`/`ASLEEP`.
+    pub battery_asleep: bool,
+}
+
 /// What an event is.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum SimKind {
     State(Vec<SimSignal>),
     Errors(Vec<SimError>),
     Unknown,
+    /// A legacy v2 body; its first vehicle is the event's.
+    Legacy(LegacyForm, Vec<SimLegacyVehicle>),
+    /// A VERIFY challenge (`legacy`: the v2 `eventName: "verify"` form), signed with the token.
+    Verify {
+        legacy: bool,
+    },
 }
 
 /// One event as the simulator meant it.
@@ -142,6 +240,9 @@ pub struct SimEvent {
     /// `deliveredAt` of the first delivery: the simulator's tick when it is sent.
     #[serde(default)]
     pub delivered: i64,
+    /// How `deliveredAt` is written.
+    #[serde(default)]
+    pub delivered_format: DeliveredFormat,
     /// Whether retries carry a refreshed `deliveredAt` (see [`Faults::retry_refresh`]).
     #[serde(default)]
     pub refresh: bool,
@@ -158,24 +259,79 @@ pub struct SimEvent {
     pub duplicate: bool,
     /// Payload shape: `true` = responses-page shape (no top-level vehicleId, top-level triggers).
     pub page_shape: bool,
+    /// The top-level trigger names its signal as a `"Group.Name"` string.
+    #[serde(default)]
+    pub string_trigger: bool,
+    /// Error items list their signals as `"Group.Name"` strings.
+    #[serde(default)]
+    pub string_error_signals: bool,
     pub sparse: bool,
     pub large: bool,
 }
 
-const CATALOGUE: &[&str] = &[
-    "tractionbattery-stateofcharge",
-    "tractionbattery-range",
-    "charge-ischarging",
-    "charge-voltage",
-    "odometer-traveleddistance",
-    "location-preciselocation",
-    "closure-doors",
-    "transmission-gearstate",
-    "motion-currentspeed",
-    "climate-cabintemperature",
-    "lowvoltagebattery-stateofcharge",
-    "diagnostics-dtclist",
+impl SimEvent {
+    /// The Kafka key its records must carry: the vehicle (a legacy body's first vehicle); None
+    /// for VERIFY, which is answered and never stored.
+    pub fn key(&self) -> Option<&str> {
+        match &self.kind {
+            SimKind::Verify { .. } => None,
+            SimKind::Legacy(_, vehicles) => vehicles.first().map(|v| v.vehicle.as_str()),
+            _ => Some(&self.vehicle),
+        }
+    }
+
+    /// The id the system knows the event by: `eventId`, or for a legacy body without one its
+    /// request ids or the SHA-256 of its bytes.
+    pub fn stored_id(&self) -> String {
+        match &self.kind {
+            SimKind::Legacy(LegacyForm::Scheduled, vehicles) => {
+                let ids: Vec<&str> = vehicles
+                    .iter()
+                    .filter_map(|v| v.request_id.as_deref())
+                    .collect();
+                format!("{LEGACY_REQUEST_ID_PREFIX}{}", ids.join(","))
+            }
+            SimKind::Legacy(LegacyForm::Dynamic, _) => {
+                use sha2::{Digest, Sha256};
+                format!(
+                    "{LEGACY_BODY_HASH_PREFIX}{}",
+                    hex::encode(Sha256::digest(body(self, 0)))
+                )
+            }
+            _ => self.event_id.clone(),
+        }
+    }
+}
+
+/// The catalogue: `(Group, Name)` as Smartcar spells them; the code is both lower-cased and
+/// joined by `-` (SMARTCAR.md §5).
+const CATALOGUE: &[(&str, &str)] = &[
+    ("TractionBattery", "StateOfCharge"),
+    ("TractionBattery", "Range"),
+    ("Charge", "IsCharging"),
+    ("Charge", "Voltage"),
+    ("Odometer", "TraveledDistance"),
+    ("Location", "PreciseLocation"),
+    ("Closure", "Doors"),
+    ("Transmission", "GearState"),
+    ("Motion", "CurrentSpeed"),
+    ("Climate", "CabinTemperature"),
+    ("LowVoltageBattery", "StateOfCharge"),
+    ("Diagnostics", "DTCList"),
 ];
+
+fn code_of(group: &str, name: &str) -> String {
+    format!("{}-{}", group.to_lowercase(), name.to_lowercase())
+}
+
+/// `(Group, Name)` of a catalogue code.
+fn display(code: &str) -> (&'static str, &'static str) {
+    CATALOGUE
+        .iter()
+        .find(|(g, n)| code_of(g, n) == code)
+        .copied()
+        .unwrap_or(("Unknown", "Unknown"))
+}
 
 fn body_for(code: &str, rng: &mut StdRng, large: bool) -> Value {
     match code {
@@ -215,6 +371,35 @@ fn body_for(code: &str, rng: &mut StdRng, large: bool) -> Value {
     }
 }
 
+/// Car times already given to a (vehicle, signal): a value never shares its time with another
+/// value of the same cell, so "the freshest wins" has one answer.
+#[derive(Default)]
+struct CarTimes(std::collections::BTreeMap<(String, String), std::collections::BTreeSet<i64>>);
+
+impl CarTimes {
+    /// `want` (rounded down to a multiple of `step`), or the nearest earlier free time.
+    fn take(&mut self, vehicle: &str, code: &str, want: i64, step: i64) -> i64 {
+        let used = self
+            .0
+            .entry((vehicle.to_string(), code.to_string()))
+            .or_default();
+        let mut t = want - want.rem_euclid(step);
+        while used.contains(&t) {
+            t -= step;
+        }
+        used.insert(t);
+        t
+    }
+}
+
+/// Events of kinds in turn, so any run with a few of them covers every variant.
+#[derive(Default)]
+struct Turns {
+    bad: usize,
+    legacy: usize,
+    verify: usize,
+}
+
 /// Generates `events_per_vehicle` events for each of `vehicles` vehicles.
 pub fn generate(
     seed: u64,
@@ -225,9 +410,11 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(seed);
     let base: i64 = 1_764_000_000_000;
     let mut out = Vec::new();
-    let mut bad_seen = 0usize;
+    let mut turns = Turns::default();
+    let mut times = CarTimes::default();
+    let name = |v: usize| format!("sim-{seed}-veh-{v:05}");
     for v in 0..vehicles {
-        let vehicle = format!("sim-{seed}-veh-{v:05}");
+        let vehicle = name(v);
         for i in 0..events_per_vehicle {
             // One second of simulated time per tick; events are unique in time per vehicle.
             let tick = base + (i as i64) * 1000;
@@ -238,20 +425,72 @@ pub fn generate(
                 t = base + rng.random_range(0..(i as i64 - 1)) * 1000 + 500;
             }
             let event_id = format!("{vehicle}-ev-{i:05}");
-            let kind = if rng.random_bool(faults.unknown_types) {
+            let sparse = rng.random_bool(faults.missing_optional);
+            let kind = if rng.random_bool(faults.verify) {
+                turns.verify += 1;
+                SimKind::Verify {
+                    legacy: turns.verify % 2 == 0,
+                }
+            } else if rng.random_bool(faults.legacy) {
+                turns.legacy += 1;
+                let form = [
+                    LegacyForm::EventBased,
+                    LegacyForm::Dynamic,
+                    LegacyForm::Scheduled,
+                ][(turns.legacy - 1) % 3];
+                let mut members = vec![vehicle.clone()];
+                if form == LegacyForm::Scheduled && vehicles > 1 {
+                    members.push(name((v + 1) % vehicles));
+                }
+                let list = members
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, member)| {
+                        let readings = form != LegacyForm::EventBased;
+                        let age_in_seconds = readings && rng.random_bool(0.5);
+                        let step = if age_in_seconds { 1000 } else { 1 };
+                        let lag = rng.random_range(0..30_000);
+                        let odometer = readings.then(|| {
+                            let at = times.take(&member, "v2-odometer", t - lag, step);
+                            (f64::from(rng.random_range(0..600_000)) / 2.0, at)
+                        });
+                        SimLegacyVehicle {
+                            request_id: (form == LegacyForm::Scheduled)
+                                .then(|| format!("{event_id}-r{k}")),
+                            vehicle: member,
+                            odometer,
+                            age_in_seconds,
+                            battery_asleep: readings && rng.random_bool(0.5),
+                        }
+                    })
+                    .collect();
+                SimKind::Legacy(form, list)
+            } else if rng.random_bool(faults.unknown_types) {
                 SimKind::Unknown
             } else if rng.random_bool(faults.errors) {
-                SimKind::Errors(vec![random_error(&mut rng)])
+                let n = if rng.random_bool(faults.multi_errors) {
+                    rng.random_range(2..=3)
+                } else {
+                    1
+                };
+                let mut items: Vec<SimError> = Vec::new();
+                while items.len() < n {
+                    let x = random_error(&mut rng);
+                    if !items.iter().any(|y| y.key() == x.key()) {
+                        items.push(x);
+                    }
+                }
+                SimKind::Errors(items)
             } else {
                 let large = rng.random_bool(faults.large_bodies);
                 let n = rng.random_range(3..=8);
-                let mut codes: Vec<&str> = CATALOGUE.to_vec();
+                let mut codes: Vec<String> = CATALOGUE.iter().map(|(g, n)| code_of(g, n)).collect();
                 for k in (1..codes.len()).rev() {
                     codes.swap(k, rng.random_range(0..=k));
                 }
-                let mut chosen: Vec<&str> = codes.into_iter().take(n).collect();
-                if large && !chosen.contains(&"diagnostics-dtclist") {
-                    chosen.push("diagnostics-dtclist");
+                let mut chosen: Vec<String> = codes.into_iter().take(n).collect();
+                if large && !chosen.iter().any(|c| c == "diagnostics-dtclist") {
+                    chosen.push("diagnostics-dtclist".into());
                 }
                 let partial = rng.random_bool(faults.partial_failures);
                 let signals = chosen
@@ -265,44 +504,65 @@ pub fn generate(
                                 ("COMPATIBILITY", Some("VEHICLE_NOT_CAPABLE"))
                             };
                             SimSignal {
-                                code: code.to_string(),
+                                code,
                                 body: None,
                                 error: Some((ty.to_string(), c.map(str::to_string))),
                                 oem: t,
+                                zero_time: false,
                             }
                         } else {
+                            // Time 0 needs a fetch time to fall back on: not in sparse bodies.
+                            let zero_time = !sparse && rng.random_bool(faults.zero_time);
                             let lag = if rng.random_bool(faults.clock_lag) {
                                 rng.random_range(1_000..90_000)
                             } else {
                                 0
                             };
+                            let oem = times.take(&vehicle, &code, t - lag, 1);
                             SimSignal {
-                                code: code.to_string(),
                                 body: Some(body_for(
-                                    code,
+                                    &code,
                                     &mut rng,
                                     large && code == "diagnostics-dtclist",
                                 )),
+                                code,
                                 error: None,
-                                oem: t - lag,
+                                oem,
+                                zero_time,
                             }
                         }
                     })
                     .collect();
                 SimKind::State(signals)
             };
+            let verify = matches!(kind, SimKind::Verify { .. });
             let duplicate = rng.random_bool(faults.duplicates);
-            let bad_signature = rng.random_bool(faults.invalid_signatures);
+            // A VERIFY without a signature is a separate, rate-limited path; the mix signs them.
+            let bad_signature = !verify && rng.random_bool(faults.invalid_signatures);
             // Variants in turn, so any run with five refused events covers all of them.
             let bad_signature_kind = bad_signature.then(|| {
-                bad_seen += 1;
-                BadSignature::ALL[(bad_seen - 1) % BadSignature::ALL.len()]
+                turns.bad += 1;
+                BadSignature::ALL[(turns.bad - 1) % BadSignature::ALL.len()]
             });
+            let delivered_format = if rng.random_bool(faults.delivered_formats) {
+                if i % 8 == 0 && rng.random_bool(0.5) {
+                    DeliveredFormat::Seconds
+                } else {
+                    DeliveredFormat::Iso
+                }
+            } else {
+                DeliveredFormat::Millis
+            };
+            let page_shape = rng.random_bool(0.5);
             out.push(SimEvent {
                 event_id,
                 vehicle: vehicle.clone(),
                 t,
-                delivered: tick,
+                delivered: match delivered_format {
+                    DeliveredFormat::Seconds => tick,
+                    _ => tick + SUB_SECOND_MS,
+                },
+                delivered_format,
                 refresh: rng.random_bool(faults.retry_refresh),
                 concurrent_duplicate: duplicate && rng.random_bool(faults.concurrent_duplicates),
                 large: matches!(&kind, SimKind::State(s) if s.iter().any(|x| x.code == "diagnostics-dtclist" && x.body.as_ref().is_some_and(|b| b["values"].as_array().is_some_and(|a| a.len() > 100)))),
@@ -310,8 +570,10 @@ pub fn generate(
                 bad_signature,
                 bad_signature_kind,
                 duplicate,
-                page_shape: rng.random_bool(0.5),
-                sparse: rng.random_bool(faults.missing_optional),
+                page_shape,
+                string_trigger: page_shape && rng.random_bool(faults.string_triggers),
+                string_error_signals: rng.random_bool(faults.string_error_signals),
+                sparse,
             });
         }
     }
@@ -348,8 +610,8 @@ fn random_error(rng: &mut StdRng) -> SimError {
     }
 }
 
-/// `deliveredAt` of delivery `attempt` of `e`: 0 is the first, 1–3 Smartcar's retries, anything
-/// higher a later duplicate of an acknowledged event.
+/// `deliveredAt` of delivery `attempt` of `e` (ms): 0 is the first, 1–3 Smartcar's retries,
+/// anything higher a later duplicate of an acknowledged event.
 pub fn delivered_at(e: &SimEvent, attempt: u32) -> i64 {
     let first = if e.delivered == 0 { e.t } else { e.delivered };
     match (attempt, e.refresh) {
@@ -360,15 +622,121 @@ pub fn delivered_at(e: &SimEvent, attempt: u32) -> i64 {
     }
 }
 
+/// The delivery time the system can read from delivery `attempt` of `e`: [`delivered_at`] at the
+/// precision it was written with (whole seconds for epoch seconds).
+pub fn delivered_as_read(e: &SimEvent, attempt: u32) -> i64 {
+    let t = delivered_at(e, attempt);
+    match e.delivered_format {
+        DeliveredFormat::Seconds => t - t.rem_euclid(1000),
+        DeliveredFormat::Millis | DeliveredFormat::Iso => t,
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds, written from the calendar fields (not by the code under
+/// test).
+pub fn iso(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// The challenge a VERIFY event carries (short, `[A-Za-z0-9-]`, like Smartcar's).
+pub fn challenge(e: &SimEvent) -> String {
+    format!("{}-challenge", e.event_id)
+}
+
+/// A `"Group.Name"` string or a `{code, name, group}` object for a signal reference.
+fn signal_ref(code: &str, as_string: bool) -> Value {
+    let (group, name) = display(code);
+    if as_string {
+        json!(format!("{group}.{name}"))
+    } else {
+        json!({"code": code, "name": name, "group": group})
+    }
+}
+
+/// A legacy v2 body: no `meta`, so every attempt sends the same bytes.
+fn legacy_body(e: &SimEvent, form: LegacyForm, vehicles: &[SimLegacyVehicle]) -> Value {
+    let mode = if e.sparse { "live" } else { "test" };
+    let root = |name: &str, payload: Value| {
+        json!({"version": "2.0", "webhookId": "5a8e5e38-1e12-4011-a36d-56f120053f9e",
+            "eventName": name, "mode": mode, "payload": payload})
+    };
+    match form {
+        LegacyForm::EventBased => root(
+            "eventBased",
+            json!({"eventId": e.event_id, "vehicleId": e.vehicle, "eventType": "CHARGING_COMPLETED",
+                "eventTime": iso(e.t)}),
+        ),
+        LegacyForm::Dynamic | LegacyForm::Scheduled => {
+            let list: Vec<Value> = vehicles
+                .iter()
+                .map(|v| {
+                    let mut data = Vec::new();
+                    if let Some((distance, at)) = v.odometer {
+                        let age = if v.age_in_seconds {
+                            json!(at / 1000)
+                        } else {
+                            json!(iso(at))
+                        };
+                        data.push(json!({"path": "/odometer", "code": 200, "body": {"distance": distance},
+                            "headers": {"sc-data-age": age, "sc-unit-system": "metric"}}));
+                    }
+                    if v.battery_asleep {
+                        data.push(json!({"path": "/battery", "code": 409, "body": {"type": "VEHICLE_STATE",
+                            "code": "ASLEEP", "statusCode": 409, "description": "The vehicle is asleep."}}));
+                    }
+                    let mut entry = json!({"vehicleId": v.vehicle, "data": data});
+                    if let Some(r) = &v.request_id {
+                        entry["requestId"] = json!(r);
+                    }
+                    entry
+                })
+                .collect();
+            let name = if form == LegacyForm::Dynamic {
+                "dynamic"
+            } else {
+                "scheduled"
+            };
+            root(name, json!({"vehicles": list}))
+        }
+    }
+}
+
 /// The wire body of one delivery of `e` (attempt 0 is the first; later ones are retries or
 /// duplicates with a new deliveryId and deliveredAt).
 pub fn body(e: &SimEvent, attempt: u32) -> Vec<u8> {
     let delivered_at = delivered_at(e, attempt);
     let delivery_id = format!("{}-d{attempt}", e.event_id);
     let vehicle = json!({"id": e.vehicle, "make": "TESLA", "model": "Model 3", "year": 2020});
-    let mut meta = json!({"version": "4.0", "deliveryId": delivery_id, "deliveredAt": delivered_at,
+    let delivered_json = match e.delivered_format {
+        DeliveredFormat::Millis => json!(delivered_at),
+        DeliveredFormat::Seconds => json!(delivered_at / 1000),
+        DeliveredFormat::Iso => json!(iso(delivered_at)),
+    };
+    let mut meta = json!({"version": "4.0", "deliveryId": delivery_id, "deliveredAt": delivered_json,
         "webhookId": "5a8e5e38-1e12-4011-a36d-56f120053f9e", "webhookName": "carhook sim", "mode": "TEST"});
     let mut root = match &e.kind {
+        SimKind::Legacy(form, vehicles) => {
+            return serde_json::to_vec(&legacy_body(e, *form, vehicles)).unwrap_or_default();
+        }
+        SimKind::Verify { legacy: true } => {
+            return serde_json::to_vec(&json!({"version": "2.0", "eventName": "verify",
+                "payload": {"challenge": challenge(e)}}))
+            .unwrap_or_default();
+        }
+        SimKind::Verify { legacy: false } => {
+            json!({"eventId": e.event_id, "eventType": "VERIFY", "data": {"challenge": challenge(e)}})
+        }
         SimKind::Unknown => {
             json!({"eventId": e.event_id, "eventType": "VEHICLE_SOMETHING_NEW", "vehicleId": e.vehicle,
             "data": {"vehicle": vehicle, "whatever": {"x": 1}}})
@@ -377,7 +745,11 @@ pub fn body(e: &SimEvent, attempt: u32) -> Vec<u8> {
             let errors: Vec<Value> = errs
                 .iter()
                 .map(|x| {
-                    let signals: Vec<Value> = x.signals.iter().map(|c| json!({"code": c})).collect();
+                    let signals: Vec<Value> = x
+                        .signals
+                        .iter()
+                        .map(|c| signal_ref(c, e.string_error_signals))
+                        .collect();
                     json!({"type": x.error_type, "code": x.code, "state": if x.resolved { "RESOLVED" } else { "ERROR" },
                         "description": "simulated", "resolution": {"type": if x.reauthenticate { "REAUTHENTICATE" } else { "RETRY_LATER" }},
                         "signals": signals})
@@ -390,13 +762,17 @@ pub fn body(e: &SimEvent, attempt: u32) -> Vec<u8> {
             let list: Vec<Value> = signals
                 .iter()
                 .map(|s| {
-                    let (group, name) = s.code.split_once('-').unwrap_or((&s.code, &s.code));
+                    let (group, name) = display(&s.code);
                     match (&s.body, &s.error) {
                         (Some(b), _) => {
-                            let mut m = json!({"oemUpdatedAt": s.oem});
-                            if !e.sparse {
-                                m[if e.page_shape { "retrievedAt" } else { "fetchedAt" }] = json!(s.oem + 1500);
-                            }
+                            let fetched = if e.page_shape { "retrievedAt" } else { "fetchedAt" };
+                            let m = if s.zero_time {
+                                json!({"oemUpdatedAt": 0, fetched: s.oem})
+                            } else if e.sparse {
+                                json!({"oemUpdatedAt": s.oem})
+                            } else {
+                                json!({"oemUpdatedAt": s.oem, fetched: s.oem + 1500})
+                            };
                             let mut sig = json!({"code": s.code, "name": name, "group": group, "body": b, "meta": m});
                             if e.page_shape {
                                 sig["status"] = json!({"value": "SUCCESS"});
@@ -414,10 +790,10 @@ pub fn body(e: &SimEvent, attempt: u32) -> Vec<u8> {
             if e.page_shape {
                 json!({"eventId": e.event_id, "eventType": "VEHICLE_STATE",
                     "data": {"user": {"id": "sim-user"}, "vehicle": vehicle, "signals": list},
-                    "triggers": [{"type": "SIGNAL_UPDATED", "signal": {"code": first}}]})
+                    "triggers": [{"type": "SIGNAL_UPDATED", "signal": signal_ref(&first, e.string_trigger)}]})
             } else {
                 json!({"eventId": e.event_id, "eventType": "VEHICLE_STATE", "vehicleId": e.vehicle,
-                    "data": {"user": {"id": "sim-user"}, "vehicle": vehicle, "triggers": [{"code": first}], "signals": list}})
+                    "data": {"user": {"id": "sim-user"}, "vehicle": vehicle, "triggers": [signal_ref(&first, false)], "signals": list}})
             }
         }
     };
@@ -461,5 +837,124 @@ mod tests {
             a.iter().any(|e| e.large),
             "the large-body fault produced no near-50 KB body"
         );
+    }
+
+    /// The default mix holds every variant the simulator can send, at the size `make test` runs.
+    #[test]
+    fn the_full_mix_covers_every_variant() {
+        let events = generate(20_251_129, 12, 20, Faults::all());
+        let has = |what: &str, f: &dyn Fn(&SimEvent) -> bool| {
+            assert!(events.iter().any(f), "no {what} in the mix");
+        };
+        has("string trigger", &|e| {
+            e.string_trigger && matches!(e.kind, SimKind::State(_))
+        });
+        has("string error signals", &|e| {
+            e.string_error_signals
+                && matches!(&e.kind, SimKind::Errors(x) if x.iter().any(|i| !i.signals.is_empty()))
+        });
+        has(
+            "signal time 0",
+            &|e| matches!(&e.kind, SimKind::State(s) if s.iter().any(|x| x.zero_time)),
+        );
+        for f in [DeliveredFormat::Seconds, DeliveredFormat::Iso] {
+            has(&format!("{f:?} deliveredAt"), &|e| {
+                e.delivered_format == f && !matches!(e.kind, SimKind::Legacy(..))
+            });
+        }
+        has(
+            "multi-item error",
+            &|e| matches!(&e.kind, SimKind::Errors(x) if x.len() > 1),
+        );
+        for form in [
+            LegacyForm::EventBased,
+            LegacyForm::Dynamic,
+            LegacyForm::Scheduled,
+        ] {
+            has(
+                &format!("legacy {form:?}"),
+                &|e| matches!(&e.kind, SimKind::Legacy(f, _) if *f == form),
+            );
+        }
+        has(
+            "two-vehicle scheduled body",
+            &|e| matches!(&e.kind, SimKind::Legacy(LegacyForm::Scheduled, v) if v.len() > 1),
+        );
+        for legacy in [false, true] {
+            has(
+                &format!("VERIFY (legacy {legacy})"),
+                &|e| matches!(e.kind, SimKind::Verify { legacy: l } if l == legacy),
+            );
+        }
+    }
+
+    /// The id the truth expects for each event is the one the parser gives it (legacy rules
+    /// included), and every body routes as the kind it was meant as.
+    #[test]
+    fn stored_ids_and_kinds_agree_with_the_parser() {
+        use shared::event::{Event, EventKind};
+        for e in generate(3, 6, 60, Faults::all()) {
+            let parsed =
+                Event::parse(&body(&e, 0)).unwrap_or_else(|x| panic!("{}: {x}", e.event_id));
+            let kind_ok = match (&e.kind, &parsed.kind) {
+                (SimKind::Verify { .. }, EventKind::Verify)
+                | (SimKind::Legacy(..), EventKind::Legacy(_)) => true,
+                (SimKind::Verify { .. } | SimKind::Legacy(..), _) => false,
+                _ => true,
+            };
+            assert!(kind_ok, "{}: routed as {:?}", e.event_id, parsed.kind);
+            if !matches!(e.kind, SimKind::Verify { legacy: true }) {
+                assert_eq!(
+                    parsed.envelope.event_id.as_str(),
+                    e.stored_id(),
+                    "{}",
+                    e.event_id
+                );
+            }
+        }
+    }
+
+    /// No two values of one vehicle's signal share a car time, and no two deliveries of one vehicle
+    /// share a `deliveredAt` as read (whatever attempt acknowledges them): ties would make the
+    /// store's winner differ from the truth's.
+    #[test]
+    fn no_ties_in_either_clock() {
+        let events = generate(11, 4, 400, Faults::all());
+        let mut values = std::collections::BTreeSet::new();
+        let mut deliveries: std::collections::BTreeMap<(String, i64), String> = Default::default();
+        for e in &events {
+            if let SimKind::State(s) = &e.kind {
+                for x in s.iter().filter(|x| x.body.is_some()) {
+                    assert!(
+                        values.insert((e.vehicle.clone(), x.code.clone(), x.oem)),
+                        "{} {} tie at {}",
+                        e.vehicle,
+                        x.code,
+                        x.oem
+                    );
+                }
+            }
+            if let SimKind::Legacy(_, vs) = &e.kind {
+                for v in vs {
+                    if let Some((_, at)) = v.odometer {
+                        assert!(values.insert((v.vehicle.clone(), "v2-odometer".into(), at)));
+                    }
+                }
+            }
+            if matches!(e.kind, SimKind::State(_) | SimKind::Errors(_)) {
+                for attempt in 0..=3 {
+                    let at = delivered_as_read(e, attempt);
+                    if let Some(other) =
+                        deliveries.insert((e.vehicle.clone(), at), e.event_id.clone())
+                    {
+                        assert_eq!(
+                            other, e.event_id,
+                            "{} and {other} both delivered at {at}",
+                            e.event_id
+                        );
+                    }
+                }
+            }
+        }
     }
 }

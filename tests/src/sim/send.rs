@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::generate::{body, SimEvent};
+use super::generate::{body, SimEvent, SimKind};
 
 /// Smartcar's retry schedule after the first attempt.
 pub const RETRY_SCHEDULE_SECS: [f64; 3] = [25.0, 50.0, 100.0];
@@ -25,6 +26,24 @@ pub struct Delivery {
     /// is the one the event's claim stores.
     #[serde(default)]
     pub acked_attempt: Option<u32>,
+    /// The key its records must carry on the events topic (None: VERIFY, never stored).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// SHA-256 (hex) of the bytes of every request, in the order of `statuses`.
+    #[serde(default)]
+    pub sent: Vec<String>,
+    /// SHA-256 (hex) of the acknowledged request's bytes: they must be on the events topic.
+    #[serde(default)]
+    pub acked_sha256: Option<String>,
+    /// VERIFY only: whether every 2xx answer carried the HMAC of the challenge.
+    #[serde(default)]
+    pub challenge_answered: Option<bool>,
+}
+
+/// SHA-256 (hex) of a request body: how `check` recognises the bytes it sent.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// Totals of a send run.
@@ -75,12 +94,19 @@ fn signature(e: &SimEvent, key: &[u8], body: &[u8]) -> Option<String> {
     }
 }
 
-/// POSTs one delivery; None when no answer came.
-async fn deliver(addr: SocketAddr, path: &str, body: Vec<u8>, sig: Option<&str>) -> Option<u16> {
-    match sig {
-        Some(sig) => crate::try_post(addr, path, body, sig).await,
-        None => crate::try_post_unsigned(addr, path, body).await,
-    }
+/// POSTs one delivery: the status (0 when no answer came) and the answer body.
+async fn deliver(addr: SocketAddr, path: &str, body: Vec<u8>, sig: Option<&str>) -> (u16, Bytes) {
+    crate::try_exchange(addr, path, body, sig)
+        .await
+        .unwrap_or_default()
+}
+
+/// Whether a VERIFY answer is `{"challenge": <hex HMAC-SHA256(token, challenge)>}`, computed
+/// with the simulator's own HMAC.
+fn answers_challenge(e: &SimEvent, token: &[u8], answer: &[u8]) -> bool {
+    let want = super::hmac::sign_hex(token, super::generate::challenge(e).as_bytes());
+    serde_json::from_slice::<serde_json::Value>(answer)
+        .is_ok_and(|v| v["challenge"].as_str() == Some(want.as_str()))
 }
 
 /// Sends every event (and each duplicate), returns per-event results and totals.
@@ -115,9 +141,25 @@ pub async fn send_all(
                         None | Some(super::generate::BadSignature::WrongToken)
                     );
                 let key = if wrong_token { &wrong } else { &token };
+                let verify = matches!(e.kind, SimKind::Verify { .. });
                 let mut d = Delivery {
                     event_id: e.event_id.clone(),
+                    key: e.key().map(str::to_string),
+                    challenge_answered: verify.then_some(true),
                     ..Delivery::default()
+                };
+                let ok = |s: u16| (200..300).contains(&s);
+                // Records one request's bytes and answer.
+                let record = |d: &mut Delivery, bytes: &[u8], (status, answer): (u16, Bytes)| {
+                    d.sent.push(digest(bytes));
+                    d.statuses.push(status);
+                    if verify
+                        && ok(status)
+                        && !answers_challenge(&e, token.expose_secret().as_bytes(), &answer)
+                    {
+                        d.challenge_answered = Some(false);
+                    }
+                    status
                 };
                 for attempt in 0..=RETRY_SCHEDULE_SECS.len() {
                     if attempt > 0 {
@@ -126,27 +168,27 @@ pub async fn send_all(
                     }
                     let b = body(&e, attempt as u32);
                     let sig = signature(&e, key.expose_secret().as_bytes(), &b);
-                    let ok = |s: u16| (200..300).contains(&s);
                     let status = if attempt == 0 && e.duplicate && e.concurrent_duplicate {
                         // The same delivery twice at once: both race for the claim.
-                        let (a, b2) = tokio::join!(
+                        let (a, a2) = tokio::join!(
                             deliver(addr, &path, b.clone(), sig.as_deref()),
-                            deliver(addr, &path, b, sig.as_deref())
+                            deliver(addr, &path, b.clone(), sig.as_deref())
                         );
-                        let (a, b2) = (a.unwrap_or(0), b2.unwrap_or(0));
-                        d.statuses.push(b2);
-                        if ok(b2) {
-                            b2
+                        let second = record(&mut d, &b, a2);
+                        let first = record(&mut d, &b, a);
+                        if ok(first) {
+                            first
                         } else {
-                            a
+                            second
                         }
                     } else {
-                        deliver(addr, &path, b, sig.as_deref()).await.unwrap_or(0)
+                        let answer = deliver(addr, &path, b.clone(), sig.as_deref()).await;
+                        record(&mut d, &b, answer)
                     };
-                    d.statuses.push(status);
                     if ok(status) {
                         d.acknowledged = true;
                         d.acked_attempt = Some(attempt as u32);
+                        d.acked_sha256 = Some(digest(&b));
                         break;
                     }
                 }
@@ -155,8 +197,8 @@ pub async fn send_all(
                     // A second delivery of the same event: new deliveryId and deliveredAt.
                     let b = body(&e, 7);
                     let sig = signature(&e, key.expose_secret().as_bytes(), &b);
-                    d.statuses
-                        .push(deliver(addr, &path, b, sig.as_deref()).await.unwrap_or(0));
+                    let answer = deliver(addr, &path, b.clone(), sig.as_deref()).await;
+                    record(&mut d, &b, answer);
                     dups += 1;
                 }
                 if let Some(p) = progress {

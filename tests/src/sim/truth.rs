@@ -78,6 +78,9 @@ pub struct Truth {
     pub flags: BTreeMap<String, BTreeMap<String, bool>>,
     /// Event ids whose every delivery had to be refused (invalid signature).
     pub rejected: BTreeSet<String>,
+    /// Event ids of VERIFY challenges: answered with the right HMAC, never stored.
+    #[serde(default)]
+    pub verifies: BTreeSet<String>,
     /// Event ids that never got a 2xx in 4 attempts although they should have.
     pub dropped: BTreeSet<String>,
     /// Dead letters expected (the simulator sends no poison).
@@ -102,6 +105,13 @@ impl Truth {
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut flag_times: BTreeMap<(String, String), (i64, bool)> = BTreeMap::new();
         for e in events {
+            if matches!(e.kind, SimKind::Verify { .. }) {
+                t.verifies.insert(e.event_id.clone());
+                if !acknowledged.contains_key(&e.event_id) {
+                    t.dropped.insert(e.event_id.clone());
+                }
+                continue;
+            }
             seen.insert(e.vehicle.clone());
             if e.bad_signature {
                 t.rejected.insert(e.event_id.clone());
@@ -111,10 +121,32 @@ impl Truth {
                 t.dropped.insert(e.event_id.clone());
                 continue;
             };
-            // The delivery clock of the copy that owns the event's claim.
-            let dt = super::generate::delivered_at(e, attempt);
+            // The delivery clock of the copy that owns the event's claim, as the system reads it.
+            let dt = super::generate::delivered_as_read(e, attempt);
             match &e.kind {
-                SimKind::Unknown => {}
+                SimKind::Unknown | SimKind::Verify { .. } => {}
+                SimKind::Legacy(_, vehicles) => {
+                    // Legacy paths are stored as `v2-<path>`; each path always answers the same way
+                    // here, so their availability has one value whatever the order.
+                    let id = e.stored_id();
+                    for lv in vehicles {
+                        seen.insert(lv.vehicle.clone());
+                        let v = t.vehicles.entry(lv.vehicle.clone()).or_default();
+                        if let Some((distance, at)) = lv.odometer {
+                            v.status("v2-odometer", dt, "available");
+                            if let Some(st) = v.signals.get_mut("v2-odometer") {
+                                if at > st.value_t {
+                                    st.body = Some(serde_json::json!({ "distance": distance }));
+                                    st.event_id = Some(id.clone());
+                                    st.value_t = at;
+                                }
+                            }
+                        }
+                        if lv.battery_asleep {
+                            v.status("v2-battery", dt, "unavailable");
+                        }
+                    }
+                }
                 SimKind::State(signals) => {
                     let v = t.vehicles.entry(e.vehicle.clone()).or_default();
                     for s in signals {
