@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts and stops the carhook services (receiver, processor) in the background for `make up`.
 # Usage: deploy/services.sh start|stop|status
-# Pids in .stack/run/, logs in .stack/logs/. Configuration comes from the caller's CARHOOK__* environment.
+# Pids in .stack/run/, logs in .stack/logs/. Configuration comes from the caller's CARHOOK__* environment,
+# else from .stack/env (written by deploy/stack/stack.sh: the local stack with its development credentials).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -10,6 +11,10 @@ run="$stack/run"; logs="$stack/logs"; bin="$root/target/release"
 mkdir -p "$run" "$logs"
 
 export CARHOOK__SMARTCAR__MANAGEMENT_TOKENS="${CARHOOK__SMARTCAR__MANAGEMENT_TOKENS:-carhook-dev-token-NOT-FOR-PRODUCTION}"
+# The local stack's secured listeners and development credentials (SASL_SSL Kafka, TLS CQL as role
+# carhook), unless the caller points at another cluster.
+# shellcheck source=/dev/null
+[[ -f "$stack/env" ]] && source "$stack/env"
 receiver_admin="${CARHOOK__RECEIVER__ADMIN_LISTEN:-127.0.0.1:9090}"
 admin_listen="${CARHOOK__PROCESSOR__ADMIN_LISTEN:-127.0.0.1:9091}"
 

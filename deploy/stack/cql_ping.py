@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
 """Dependency-free Cassandra readiness probe speaking CQL native protocol v4.
 
-Connects, sends STARTUP (CQL_VERSION 3.0.0), expects READY, then runs
+Connects (over TLS with --tls-ca), sends STARTUP (CQL_VERSION 3.0.0), answers a password
+challenge with --user/--password-file (SASL PLAIN), then runs
 `SELECT release_version FROM system.local` at consistency ONE, parses the ROWS
 result and prints the release_version. Exit 0 on success; non-zero with a short
 message on stderr otherwise (1 = connection/protocol/server error, 2 = usage).
 
-Usage: cql_ping.py [host] [port] [--timeout SECONDS]     (defaults: 127.0.0.1 9042, 5 s)
+With --ensure-role, a login refused as --user is retried once as the default superuser
+(cassandra/cassandra, which a fresh node with PasswordAuthenticator has) to create the role with
+that password, then the probe runs as --user again. The development stack uses this to make its
+`carhook` role on first start.
+
+Usage: cql_ping.py [host] [port] [--timeout SECONDS] [--tls-ca PEM] [--user U --password-file F]
+       [--ensure-role]                                   (defaults: 127.0.0.1 9042, 5 s)
 """
 
 import argparse
@@ -17,12 +24,18 @@ import sys
 PROTOCOL_VERSION = 0x04
 OP_ERROR, OP_STARTUP, OP_READY, OP_AUTHENTICATE = 0x00, 0x01, 0x02, 0x03
 OP_QUERY, OP_RESULT = 0x07, 0x08
+OP_AUTH_RESPONSE, OP_AUTH_SUCCESS = 0x0F, 0x10
+BAD_CREDENTIALS = 0x0100
 RESULT_ROWS = 0x0002
 CONSISTENCY_ONE = 0x0001
 QUERY = "SELECT release_version FROM system.local"
 
 
 class ProbeError(Exception):
+    pass
+
+
+class BadCredentials(ProbeError):
     pass
 
 
@@ -110,6 +123,8 @@ def read_frame(sock: socket.socket):
 def raise_if_error(opcode: int, reader: Reader, expected: str) -> None:
     if opcode == OP_ERROR:
         code = reader.int()
+        if code == BAD_CREDENTIALS:
+            raise BadCredentials(f"login refused: {reader.string()}")
         raise ProbeError(f"server error 0x{code:04x}: {reader.string()}")
     if opcode == OP_AUTHENTICATE:
         raise ProbeError(f"server requires authentication ({reader.string()})")
@@ -157,18 +172,67 @@ def parse_rows(reader: Reader):
     return names, rows
 
 
-def ping(host: str, port: int, timeout: float) -> str:
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        sock.sendall(frame(OP_STARTUP, startup_body(), 0))
+def connect(host: str, port: int, timeout: float, tls_ca, credentials):
+    """An open session: TLS when asked, STARTUP, and the password login when the server wants one."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.settimeout(timeout)
+    if tls_ca:
+        import ssl
+
+        context = ssl.create_default_context(cafile=tls_ca)
+        sock = context.wrap_socket(sock, server_hostname=host)
+    sock.sendall(frame(OP_STARTUP, startup_body(), 0))
+    opcode, reader = read_frame(sock)
+    if opcode == OP_AUTHENTICATE:
+        if not credentials:
+            raise ProbeError(f"server requires authentication ({reader.string()}); pass --user and --password-file")
+        user, password = credentials
+        token = b"\0" + user.encode() + b"\0" + password.encode()
+        sock.sendall(frame(OP_AUTH_RESPONSE, struct.pack(">i", len(token)) + token, 0))
         opcode, reader = read_frame(sock)
-        if opcode != OP_READY:
-            raise_if_error(opcode, reader, "READY")
-        sock.sendall(frame(OP_QUERY, query_body(QUERY), 1))
-        opcode, reader = read_frame(sock)
-        if opcode != OP_RESULT:
-            raise_if_error(opcode, reader, "RESULT")
-        names, rows = parse_rows(reader)
+        if opcode != OP_AUTH_SUCCESS:
+            sock.close()
+            raise_if_error(opcode, reader, "AUTH_SUCCESS")
+    elif opcode != OP_READY:
+        sock.close()
+        raise_if_error(opcode, reader, "READY")
+    return sock
+
+
+def run(sock, cql: str, stream: int):
+    sock.sendall(frame(OP_QUERY, query_body(cql), stream))
+    opcode, reader = read_frame(sock)
+    if opcode != OP_RESULT:
+        raise_if_error(opcode, reader, "RESULT")
+    return reader
+
+
+def cql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def ensure_role(host, port, timeout, tls_ca, credentials) -> None:
+    """Creates (or re-passwords) the role as the default superuser."""
+    user, password = credentials
+    try:
+        sock = connect(host, port, timeout, tls_ca, ("cassandra", "cassandra"))
+    except BadCredentials as exc:
+        raise ProbeError(f"role {user} is refused and the default superuser cannot log in to create it ({exc})")
+    with sock:
+        run(sock, f'CREATE ROLE IF NOT EXISTS "{user}" WITH PASSWORD = {cql_string(password)} AND LOGIN = true AND SUPERUSER = true', 1)
+        run(sock, f'ALTER ROLE "{user}" WITH PASSWORD = {cql_string(password)}', 2)
+
+
+def ping(host: str, port: int, timeout: float, tls_ca=None, credentials=None, ensure=False) -> str:
+    try:
+        sock = connect(host, port, timeout, tls_ca, credentials)
+    except BadCredentials:
+        if not (ensure and credentials):
+            raise
+        ensure_role(host, port, timeout, tls_ca, credentials)
+        sock = connect(host, port, timeout, tls_ca, credentials)
+    with sock:
+        names, rows = parse_rows(run(sock, QUERY, 1))
         if not rows:
             raise ProbeError("system.local returned no rows")
         idx = names.index("release_version") if "release_version" in names else 0
@@ -183,9 +247,23 @@ def main() -> int:
     parser.add_argument("host", nargs="?", default="127.0.0.1")
     parser.add_argument("port", nargs="?", type=int, default=9042)
     parser.add_argument("--timeout", type=float, default=5.0, help="socket timeout in seconds")
+    parser.add_argument("--tls-ca", help="PEM CA bundle: connect over TLS and verify the node against it")
+    parser.add_argument("--user", help="role to log in as (with --password-file)")
+    parser.add_argument("--password-file", help="file holding the role's password")
+    parser.add_argument("--ensure-role", action="store_true", help="create the role if its login is refused")
     args = parser.parse_args()
+    credentials = None
+    if args.user:
+        if not args.password_file:
+            parser.error("--user needs --password-file")
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                credentials = (args.user, f.read().strip())
+        except OSError as exc:
+            print(f"cql_ping: --password-file: {exc}", file=sys.stderr)
+            return 2
     try:
-        print(ping(args.host, args.port, args.timeout))
+        print(ping(args.host, args.port, args.timeout, args.tls_ca, credentials, args.ensure_role))
         return 0
     except (OSError, ProbeError) as exc:
         print(f"cql_ping: {args.host}:{args.port}: {exc}", file=sys.stderr)

@@ -12,8 +12,15 @@
 #   logs      last lines of each log (-n N for more, -f to follow)
 #   restart   down, then up
 #
+# Listeners: Kafka PLAINTEXT 127.0.0.1:9092 and SASL_SSL 127.0.0.1:9093 (SCRAM-SHA-512, user carhook),
+# controller 127.0.0.1:9094; Cassandra 127.0.0.1:9042 with password authentication (role carhook) and
+# optional client TLS (plain and TLS connections on the same port). Development credentials are made
+# on first start: a CA (tls/ca.pem), broker/node certificates for 127.0.0.1 and localhost, and random
+# passwords in secrets/kafka-password and secrets/cql-password.
+#
 # Everything lives under ${CARHOOK_STACK_DIR:-<repo>/.stack}:
 #   kafka-<v>/libs, cassandra-<v>/libs   jars (marker .carhook-fetched written after a successful fetch)
+#   secrets/, tls/                        development passwords, CA and certificates (never in git)
 #   conf/                                 generated configuration (rewritten on every start)
 #   data/kafka, data/cassandra            persistent data; kafka-cluster-id keeps the KRaft cluster id
 #   logs/<component>.log                  logs;  run/<component>.pid  pid files
@@ -25,6 +32,9 @@
 #   CARHOOK_STACK_STOP_TIMEOUT            seconds between SIGTERM and SIGKILL on down (default 30)
 #   CARHOOK_KAFKA_HEAP, CARHOOK_CASSANDRA_HEAP   heap flags (default "-Xms512m -Xmx1g", "-Xms1g -Xmx2g")
 #   CARHOOK_JAVA, CARHOOK_PYTHON          interpreters (default: java, python3 on PATH)
+#   CARHOOK_KAFKA_PORT, CARHOOK_KAFKA_SECURE_PORT, CARHOOK_KAFKA_CONTROLLER_PORT, CARHOOK_CQL_PORT,
+#   CARHOOK_CASSANDRA_STORAGE_PORT, CARHOOK_CASSANDRA_JMX_PORT   ports, only to run a second stack
+#                                         beside the first (with its own CARHOOK_STACK_DIR)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,9 +56,15 @@ STOP_TIMEOUT="${CARHOOK_STACK_STOP_TIMEOUT:-30}"
 read -r -a KAFKA_HEAP <<<"${CARHOOK_KAFKA_HEAP:--Xms512m -Xmx1g}"
 read -r -a CASSANDRA_HEAP <<<"${CARHOOK_CASSANDRA_HEAP:--Xms1g -Xmx2g}"
 
-# Fixed on purpose: the services and tests connect to these.
-KAFKA_PORT=9092 KAFKA_CONTROLLER_PORT=9093
-CQL_PORT=9042 CASSANDRA_STORAGE_PORT=7000 CASSANDRA_JMX_PORT=7199
+# The services and tests connect to these; override only for a second stack beside the first.
+KAFKA_PORT=${CARHOOK_KAFKA_PORT:-9092} KAFKA_SECURE_PORT=${CARHOOK_KAFKA_SECURE_PORT:-9093}
+KAFKA_CONTROLLER_PORT=${CARHOOK_KAFKA_CONTROLLER_PORT:-9094}
+CQL_PORT=${CARHOOK_CQL_PORT:-9042} CASSANDRA_STORAGE_PORT=${CARHOOK_CASSANDRA_STORAGE_PORT:-7000}
+CASSANDRA_JMX_PORT=${CARHOOK_CASSANDRA_JMX_PORT:-7199}
+SECRETS="$STACK_DIR/secrets" TLS="$STACK_DIR/tls"
+# Bumped when the Kafka listener layout changes in a way an existing KRaft log cannot follow (the
+# controller moved from 9093 to 9094 for the SASL_SSL listener): such a log is reformatted.
+KAFKA_LAYOUT=2
 LOG_ROTATE_BYTES=$((64 * 1024 * 1024))
 
 mkdir -p "$RUN" "$LOGS" "$CONF" "$DATA"
@@ -60,7 +76,7 @@ now_ms() { if [[ -n ${EPOCHREALTIME:-} ]]; then local t=${EPOCHREALTIME/[.,]/}; 
 
 ports_of() {
   case $1 in
-    kafka) echo "$KAFKA_PORT $KAFKA_CONTROLLER_PORT" ;;
+    kafka) echo "$KAFKA_PORT $KAFKA_SECURE_PORT $KAFKA_CONTROLLER_PORT" ;;
     cassandra) echo "$CQL_PORT $CASSANDRA_STORAGE_PORT $CASSANDRA_JMX_PORT" ;;
   esac
 }
@@ -241,6 +257,59 @@ launch() { # component command... ; runs it detached (own session) with stdout/s
 
 # ------------------------------------------------------------------------------------------ Kafka
 
+# ------------------------------------------------------------------------- development credentials
+
+secret_of() { cat "$SECRETS/$1"; }
+
+credentials_init() { # once: passwords, a CA, and a certificate for 127.0.0.1/localhost in PEM and PKCS12
+  command -v openssl >/dev/null || die "openssl not found; it makes the development CA and certificates"
+  mkdir -p "$SECRETS" "$TLS"
+  chmod 700 "$SECRETS"
+  local name
+  for name in kafka-password cql-password keystore-password; do
+    [[ -s $SECRETS/$name ]] || (umask 077 && openssl rand -hex 16 >"$SECRETS/$name")
+  done
+  if [[ ! -s $TLS/ca.pem || ! -s $TLS/ca.key ]]; then
+    log "making a development CA in $TLS"
+    (umask 077 && openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=carhook development CA" \
+      -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null) || die "openssl could not make the CA"
+    rm -f "$TLS/node.pem" "$TLS/node.p12"
+  fi
+  if [[ ! -s $TLS/node.pem || ! -s $TLS/node.p12 ]]; then
+    log "making the broker/node certificate (127.0.0.1, localhost) in $TLS"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >"$TLS/node.ext"
+    (umask 077 && openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$TLS/node.key" \
+      -out "$TLS/node.csr" 2>/dev/null &&
+      openssl x509 -req -in "$TLS/node.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial \
+        -days 3650 -extfile "$TLS/node.ext" -out "$TLS/node.pem" 2>/dev/null &&
+      openssl pkcs12 -export -in "$TLS/node.pem" -inkey "$TLS/node.key" -certfile "$TLS/ca.pem" \
+        -name node -passout "pass:$(secret_of keystore-password)" -out "$TLS/node.p12") ||
+      die "openssl could not make the node certificate"
+    rm -f "$TLS/node.csr"
+  fi
+  chmod 644 "$TLS/ca.pem" "$TLS/node.pem"
+  write_file "$STACK_DIR/env" <<EOF
+# Generated by deploy/stack/stack.sh: the carhook settings that reach this stack with its development
+# credentials (file paths, never the secrets themselves). \`make up\` uses it; source it to run
+# \`processor\` subcommands or \`smartcar-sim check\` by hand: . $STACK_DIR/env
+# A CARHOOK__KAFKA__BROKERS or CARHOOK__CQL__NODES already set means another cluster: left alone.
+if [ -z "\${CARHOOK__KAFKA__BROKERS:-}" ]; then
+  export CARHOOK__KAFKA__BROKERS=127.0.0.1:$KAFKA_SECURE_PORT
+  export CARHOOK__KAFKA__SECURITY_PROTOCOL=sasl_ssl
+  export CARHOOK__KAFKA__SASL_MECHANISM=SCRAM-SHA-512
+  export CARHOOK__KAFKA__SASL_USERNAME=carhook
+  export CARHOOK__KAFKA__SASL_PASSWORD_FILE=$SECRETS/kafka-password
+  export CARHOOK__KAFKA__SSL_CA_FILE=$TLS/ca.pem
+fi
+if [ -z "\${CARHOOK__CQL__NODES:-}" ]; then
+  export CARHOOK__CQL__NODES=127.0.0.1:$CQL_PORT
+  export CARHOOK__CQL__USERNAME=carhook
+  export CARHOOK__CQL__PASSWORD_FILE=$SECRETS/cql-password
+  export CARHOOK__CQL__TLS_CA_FILE=$TLS/ca.pem
+fi
+EOF
+}
+
 kafka_tool() { # main-class args... ; a short-lived JVM on the Kafka classpath
   "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
     -Dlog4j2.configurationFile="$CONF/kafka-tools-log4j2.xml" -cp "$(libs_of kafka)/*" "$@"
@@ -253,10 +322,18 @@ kafka_configure() {
 # KRaft combined mode: one node is both broker and controller.
 node.id=1
 process.roles=broker,controller
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SECURE_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
+
+# The secured listener: TLS with the development CA's certificate, SCRAM-SHA-512 logins.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$TLS/node.p12
+listener.name.sasl_ssl.ssl.keystore.password=$(secret_of keystore-password)
+listener.name.sasl_ssl.ssl.client.auth=none
 controller.listener.names=CONTROLLER
 # Dynamic quorum (KIP-853): storage formatted with --standalone, this node is the only voter.
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
@@ -341,10 +418,30 @@ socket.connection.setup.timeout.ms=2000
 socket.connection.setup.timeout.max.ms=5000
 retry.backoff.ms=200
 EOF
+  (umask 077 && write_file "$CONF/kafka-client-secure.properties" <<EOF
+# Generated by deploy/stack/stack.sh. The readiness probe of the SASL_SSL listener, as user carhook.
+request.timeout.ms=5000
+default.api.timeout.ms=10000
+socket.connection.setup.timeout.ms=2000
+socket.connection.setup.timeout.max.ms=5000
+retry.backoff.ms=200
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="carhook" password="$(secret_of kafka-password)";
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS/ca.pem
+EOF
+  )
 }
 
 kafka_format() { # once: generate (or reuse) the cluster id and format the log dir
   local meta="$DATA/kafka/meta.properties" idf="$STACK_DIR/kafka-cluster-id" cid flog
+  local layout="$DATA/kafka/.carhook-layout"
+  if [[ -f $meta && "$(cat "$layout" 2>/dev/null)" != "$KAFKA_LAYOUT" ]]; then
+    log "kafka: the log in $DATA/kafka predates listener layout $KAFKA_LAYOUT (controller on $KAFKA_CONTROLLER_PORT); reformatting it (development data only)"
+    rm -rf "$DATA/kafka"
+    mkdir -p "$DATA/kafka"
+  fi
   if [[ -f $meta ]]; then
     cid=$(sed -n 's/^cluster\.id=//p' "$meta")
     if [[ -n $cid && (! -f $idf || "$(<"$idf")" != "$cid") ]]; then echo "$cid" >"$idf"; fi
@@ -359,13 +456,16 @@ kafka_format() { # once: generate (or reuse) the cluster id and format the log d
   fi
   flog=$(log_of kafka)
   log "kafka: formatting storage in $DATA/kafka (cluster id $cid)"
-  if ! kafka_tool kafka.tools.StorageTool format -t "$cid" -c "$CONF/kafka.properties" --standalone >>"$flog" 2>&1; then
+  if ! kafka_tool kafka.tools.StorageTool format -t "$cid" -c "$CONF/kafka.properties" --standalone \
+      --add-scram "SCRAM-SHA-512=[name=carhook,password=$(secret_of kafka-password)]" >>"$flog" 2>&1; then
     tail -n 30 "$flog" >&2 || true
     die "kafka: formatting the storage failed; log: $flog"
   fi
+  echo "$KAFKA_LAYOUT" >"$layout"
 }
 
 kafka_start() {
+  credentials_init
   kafka_configure
   kafka_format
   launch kafka "$JAVA" -Dcarhook.stack.component=kafka -Dcarhook.stack.dir="$STACK_DIR" \
@@ -383,9 +483,23 @@ kafka_probe() { # a real metadata request (list topics); the reason for failure 
       -Dlog4j2.configurationFile="$CONF/kafka-tools-log4j2.xml" -cp "$(libs_of kafka)/*" \
       org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list \
       --command-config "$CONF/kafka-client.properties" 2>&1 >/dev/null); then
-    return 0
+    [[ -f "$CONF/kafka-client-secure.properties" ]] || { credentials_init && kafka_configure; }
+    kafka_secure_probe
+    return
   fi
   echo "metadata request failed: $(grep -v '^\s*at ' <<<"$out" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+  return 1
+}
+
+kafka_secure_probe() { # the same request over SASL_SSL as user carhook: TLS and SCRAM both work
+  local out
+  if out=$(timeout 30 "$JAVA" -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto \
+      -Dlog4j2.configurationFile="$CONF/kafka-tools-log4j2.xml" -cp "$(libs_of kafka)/*" \
+      org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_SECURE_PORT" --list \
+      --command-config "$CONF/kafka-client-secure.properties" 2>&1 >/dev/null); then
+    return 0
+  fi
+  echo "SASL_SSL metadata request failed: $(grep -v '^\s*at ' <<<"$out" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
   return 1
 }
 
@@ -429,7 +543,7 @@ incremental_backups: false
 disk_failure_policy: stop
 commit_failure_policy: stop
 
-authenticator: AllowAllAuthenticator
+authenticator: PasswordAuthenticator
 authorizer: AllowAllAuthorizer
 role_manager: CassandraRoleManager
 network_authorizer: AllowAllNetworkAuthorizer
@@ -444,6 +558,15 @@ memtable_flush_writers: 1
 memtable_heap_space: 256MiB
 memtable_offheap_space: 256MiB
 compaction_throughput: 64MiB/s
+
+# TLS on the CQL port, optional: plain and TLS clients share 127.0.0.1:$CQL_PORT.
+client_encryption_options:
+  enabled: true
+  optional: true
+  keystore: $TLS/node.p12
+  keystore_password: $(secret_of keystore-password)
+  store_type: PKCS12
+  require_client_auth: false
 EOF
 
   write_file "$c/logback.xml" <<EOF
@@ -470,6 +593,7 @@ EOF
 }
 
 cassandra_start() {
+  credentials_init
   cassandra_configure
   local libs jamm
   libs=$(libs_of cassandra)
@@ -515,13 +639,16 @@ cassandra_start() {
     -Dcassandra.logdir="$LOGS" \
     -Dcassandra.triggers_dir="$CONF/cassandra/triggers" \
     -Dcassandra.skip_wait_for_gossip_to_settle=0 -Dcassandra.ring_delay_ms=1000 \
+    -Dcassandra.superuser_setup_delay_ms=0 \
     -cp "$CONF/cassandra:$libs/*" org.apache.cassandra.service.CassandraDaemon
 }
 
 cassandra_probe() { # a real CQL query; the reason for failure goes to stdout
   port_in_use "$CQL_PORT" || { echo "nothing listening on 127.0.0.1:$CQL_PORT yet"; return 1; }
   local out
-  out=$("$PYTHON" "$here/cql_ping.py" 127.0.0.1 "$CQL_PORT" --timeout 3 2>&1) && return 0
+  # As role carhook, over TLS; the first time, the default superuser creates that role.
+  out=$("$PYTHON" "$here/cql_ping.py" 127.0.0.1 "$CQL_PORT" --timeout 3 --tls-ca "$TLS/ca.pem" \
+    --user carhook --password-file "$SECRETS/cql-password" --ensure-role 2>&1) && return 0
   echo "$out"
   return 1
 }
@@ -606,6 +733,7 @@ cmd_up() {
   local comp rc=0 order=() to_start=()
   preflight "$@"
   cmd_fetch "$@"
+  credentials_init
   # Start the slow one (Cassandra) first so Kafka's storage format runs while it boots.
   for comp in cassandra kafka; do if [[ " $* " == *" $comp "* ]]; then order+=("$comp"); fi; done
   for comp in "${order[@]}"; do

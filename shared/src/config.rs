@@ -31,6 +31,13 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A secret or certificate file that cannot be read: start-up stops (exit 2).
+    #[error("configuration key `{key}`: cannot read {path}: {source}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -118,7 +125,141 @@ pub struct KafkaSettings {
     pub linger_ms: u64,
     /// Processor consumer group.
     pub consumer_group: String,
+    /// How clients reach the brokers: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism (required with sasl_*): PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub sasl_username: Option<String>,
+    /// The SASL password from the environment; prefer [`KafkaSettings::sasl_password_file`].
+    pub sasl_password: Option<SecretString>,
+    /// A file holding the SASL password (a mounted Secret); read at start-up.
+    pub sasl_password_file: Option<PathBuf>,
+    /// PEM CA bundle that signs the brokers' certificates (default: the system's).
+    pub ssl_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    pub ssl_certificate_file: Option<PathBuf>,
+    pub ssl_key_file: Option<PathBuf>,
+    /// A file holding the client key's passphrase, when it has one.
+    pub ssl_key_password_file: Option<PathBuf>,
+    /// The client key's passphrase from the environment.
+    pub ssl_key_password: Option<SecretString>,
+    /// Check that the broker certificate names the host connected to (`https`); turn off only
+    /// for brokers whose certificates do not carry their advertised names.
+    pub ssl_endpoint_identification: bool,
+    /// Other librdkafka properties, passed through as given (keys with `.`; in the environment
+    /// `CARHOOK__KAFKA__PROPERTIES__SOCKET_TIMEOUT_MS` is `socket.timeout.ms`). Properties that
+    /// carhook sets itself for its guarantees are refused.
+    pub properties: std::collections::BTreeMap<String, String>,
 }
+
+/// Kafka `security.protocol`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    #[serde(alias = "PLAINTEXT")]
+    Plaintext,
+    #[serde(alias = "SSL")]
+    Ssl,
+    #[serde(alias = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    #[serde(alias = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::Ssl => "ssl",
+            Self::SaslPlaintext => "sasl_plaintext",
+            Self::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+}
+
+/// Kafka `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN", alias = "plain")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256", alias = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512", alias = "scram-sha-512")]
+    ScramSha512,
+    /// Recognised so the refusal can say why: this build's librdkafka has no OIDC token
+    /// retrieval (it is built without libcurl).
+    #[serde(rename = "OAUTHBEARER", alias = "oauthbearer")]
+    OauthBearer,
+}
+
+impl SaslMechanism {
+    /// The librdkafka value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+            Self::OauthBearer => "OAUTHBEARER",
+        }
+    }
+}
+
+/// librdkafka properties carhook sets for its guarantees (or from its own keys): a pass-through
+/// value for one of them is refused, naming the reason.
+pub const OWNED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use kafka.brokers"),
+    ("acks", "acks=all is what a 200 promises"),
+    ("request.required.acks", "acks=all is what a 200 promises"),
+    (
+        "enable.idempotence",
+        "idempotence keeps retried produces single",
+    ),
+    ("transactional.id", "set per processor instance for fencing"),
+    ("transaction.timeout.ms", "carhook sizes its transactions"),
+    ("isolation.level", "consumers read committed records only"),
+    (
+        "enable.auto.commit",
+        "offsets are committed in the transaction",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored after effects",
+    ),
+    ("group.id", "use kafka.consumer_group"),
+    (
+        "partitioner",
+        "vehicle keys must partition like Java clients",
+    ),
+    ("message.timeout.ms", "use kafka.delivery_timeout_ms"),
+    (
+        "max.in.flight.requests.per.connection",
+        "bounded by idempotence",
+    ),
+    ("max.in.flight", "bounded by idempotence"),
+    ("security.protocol", "use kafka.security_protocol"),
+    ("sasl.mechanism", "use kafka.sasl_mechanism"),
+    ("sasl.mechanisms", "use kafka.sasl_mechanism"),
+    ("sasl.username", "use kafka.sasl_username"),
+    ("sasl.password", "use kafka.sasl_password_file"),
+    ("ssl.ca.location", "use kafka.ssl_ca_file"),
+    ("ssl.certificate.location", "use kafka.ssl_certificate_file"),
+    ("ssl.key.location", "use kafka.ssl_key_file"),
+    ("ssl.key.password", "use kafka.ssl_key_password_file"),
+    (
+        "ssl.endpoint.identification.algorithm",
+        "use kafka.ssl_endpoint_identification",
+    ),
+];
 
 impl Default for KafkaSettings {
     fn default() -> Self {
@@ -137,6 +278,18 @@ impl Default for KafkaSettings {
             delivery_timeout_ms: 5_000,
             linger_ms: 2,
             consumer_group: "carhook-processor".into(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            sasl_password_file: None,
+            ssl_ca_file: None,
+            ssl_certificate_file: None,
+            ssl_key_file: None,
+            ssl_key_password_file: None,
+            ssl_key_password: None,
+            ssl_endpoint_identification: true,
+            properties: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -157,6 +310,46 @@ pub struct CqlSettings {
     pub dedup_ttl_days: u32,
     /// Run migrations at start (off when a Helm job does it).
     pub migrate: bool,
+    /// Password authentication: the role name, and its password from the environment or (better)
+    /// a file.
+    pub username: Option<String>,
+    pub password: Option<SecretString>,
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle that signs the nodes' certificates: setting it turns TLS on. Certificates
+    /// are checked against the CA and the node's IP address.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for nodes that require client certificates.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// The datacenter this deployment runs in: requests are coordinated there only, never failing
+    /// over to another (LOCAL_QUORUM and LOCAL_SERIAL claims are linearizable only when every
+    /// processor coordinates in one datacenter). Required when the replication names several.
+    pub local_datacenter: Option<String>,
+    /// Consistency of reads and writes.
+    pub consistency: CqlConsistency,
+    /// Consistency of the claims' Paxos round.
+    pub serial_consistency: CqlSerialConsistency,
+}
+
+/// Read/write consistency levels that keep claims and state exact (anything weaker than a quorum
+/// could lose an acknowledged write).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CqlConsistency {
+    #[default]
+    LocalQuorum,
+    Quorum,
+    EachQuorum,
+    All,
+}
+
+/// Serial consistency of lightweight transactions.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CqlSerialConsistency {
+    #[default]
+    LocalSerial,
+    Serial,
 }
 
 impl Default for CqlSettings {
@@ -168,6 +361,15 @@ impl Default for CqlSettings {
             request_timeout_ms: 3_000,
             dedup_ttl_days: 7,
             migrate: true,
+            username: None,
+            password: None,
+            password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            local_datacenter: None,
+            consistency: CqlConsistency::LocalQuorum,
+            serial_consistency: CqlSerialConsistency::LocalSerial,
         }
     }
 }
@@ -360,8 +562,15 @@ impl Settings {
                 .separator("__")
                 .source(Some(env)),
         );
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        settings.kafka.properties = settings
+            .kafka
+            .properties
+            .into_iter()
+            .map(|(k, v)| (k.replace('_', "."), v))
+            .collect();
         settings.validate()?;
+        settings.read_secrets()?;
         Ok(settings)
     }
 
@@ -500,6 +709,8 @@ impl Settings {
         if p.instance_id.trim().is_empty() {
             return Err(invalid("processor.instance_id", "is empty"));
         }
+        self.kafka.validate_security()?;
+        self.cql.validate_security()?;
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return Err(invalid(
                 "telemetry.sampling_ratio",
@@ -508,6 +719,217 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+impl Settings {
+    /// Reads the secret files into their values and checks that every certificate file can be
+    /// read, so a missing mount stops start-up naming its key instead of failing a handshake later.
+    fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let k = &mut self.kafka;
+        if let Some(path) = &k.sasl_password_file {
+            k.sasl_password = Some(read_secret("kafka.sasl_password_file", path)?);
+        }
+        if let Some(path) = &k.ssl_key_password_file {
+            k.ssl_key_password = Some(read_secret("kafka.ssl_key_password_file", path)?);
+        }
+        for (key, path) in [
+            ("kafka.ssl_ca_file", &k.ssl_ca_file),
+            ("kafka.ssl_certificate_file", &k.ssl_certificate_file),
+            ("kafka.ssl_key_file", &k.ssl_key_file),
+        ] {
+            if let Some(path) = path {
+                readable(key, path)?;
+            }
+        }
+        let c = &mut self.cql;
+        if let Some(path) = &c.password_file {
+            c.password = Some(read_secret("cql.password_file", path)?);
+        }
+        for (key, path) in [
+            ("cql.tls_ca_file", &c.tls_ca_file),
+            ("cql.tls_cert_file", &c.tls_cert_file),
+            ("cql.tls_key_file", &c.tls_key_file),
+        ] {
+            if let Some(path) = path {
+                readable(key, path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A secret file's content, without the trailing newline a mounted Secret often has.
+pub fn read_secret(key: &'static str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(ConfigError::File {
+            key,
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"),
+        });
+    }
+    Ok(SecretString::from(value.to_string()))
+}
+
+fn readable(key: &'static str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|source| ConfigError::File {
+            key,
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+impl KafkaSettings {
+    /// Combinations that cannot work, refused before connecting.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let p = self.security_protocol;
+        match (p.uses_sasl(), self.sasl_mechanism) {
+            (true, None) => {
+                return Err(invalid(
+                    "kafka.sasl_mechanism",
+                    format!(
+                        "is required with security_protocol {} (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)",
+                        p.as_str()
+                    ),
+                ))
+            }
+            (false, Some(m)) => {
+                return Err(invalid(
+                    "kafka.sasl_mechanism",
+                    format!(
+                        "{} is set but security_protocol {} does not use SASL",
+                        m.as_str(),
+                        p.as_str()
+                    ),
+                ))
+            }
+            (true, Some(SaslMechanism::OauthBearer)) => {
+                return Err(invalid(
+                    "kafka.sasl_mechanism",
+                    "OAUTHBEARER needs librdkafka's OIDC token retrieval, which this build lacks (no libcurl); use SCRAM or PLAIN",
+                ))
+            }
+            (true, Some(_)) => {
+                if self.sasl_username.as_deref().is_none_or(str::is_empty) {
+                    return Err(invalid("kafka.sasl_username", "is required with SASL"));
+                }
+                if self.sasl_password.is_none() && self.sasl_password_file.is_none() {
+                    return Err(invalid(
+                        "kafka.sasl_password_file",
+                        "is required with SASL (or kafka.sasl_password)",
+                    ));
+                }
+            }
+            (false, None) => {}
+        }
+        if !p.uses_tls() {
+            for (key, set) in [
+                ("kafka.ssl_ca_file", self.ssl_ca_file.is_some()),
+                (
+                    "kafka.ssl_certificate_file",
+                    self.ssl_certificate_file.is_some(),
+                ),
+                ("kafka.ssl_key_file", self.ssl_key_file.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "is set but security_protocol {} does not use TLS (ssl or sasl_ssl)",
+                            p.as_str()
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.ssl_certificate_file.is_some() != self.ssl_key_file.is_some() {
+            return Err(invalid(
+                "kafka.ssl_key_file",
+                "a client certificate and its key come together (kafka.ssl_certificate_file and kafka.ssl_key_file)",
+            ));
+        }
+        for name in self.properties.keys() {
+            if let Some((_, why)) = OWNED_KAFKA_PROPERTIES.iter().find(|(k, _)| k == name) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.properties",
+                    problem: format!("`{name}` is set by carhook: {why}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl CqlSettings {
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let has_password = self.password.is_some() || self.password_file.is_some();
+        match (
+            self.username.as_deref().is_some_and(|u| !u.is_empty()),
+            has_password,
+        ) {
+            (true, false) => {
+                return Err(invalid(
+                    "cql.password_file",
+                    "is required with cql.username (or cql.password)",
+                ))
+            }
+            (false, true) => return Err(invalid("cql.username", "is required with a password")),
+            _ => {}
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err(invalid(
+                "cql.tls_key_file",
+                "a client certificate and its key come together (cql.tls_cert_file and cql.tls_key_file)",
+            ));
+        }
+        if self.tls_cert_file.is_some() && self.tls_ca_file.is_none() {
+            return Err(invalid(
+                "cql.tls_ca_file",
+                "is required with a client certificate (it turns TLS on)",
+            ));
+        }
+        let dcs = replication_datacenters(&self.replication);
+        if dcs.len() > 1 && self.local_datacenter.is_none() {
+            return Err(invalid(
+                "cql.local_datacenter",
+                format!(
+                    "is required: cql.replication names datacenters {dcs:?}, and claims are exact only when every processor coordinates in one"
+                ),
+            ));
+        }
+        if let Some(dc) = &self.local_datacenter {
+            if !dcs.is_empty() && !dcs.contains(dc) {
+                return Err(invalid(
+                    "cql.local_datacenter",
+                    format!("{dc:?} is not one of the datacenters in cql.replication {dcs:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The datacenters a `NetworkTopologyStrategy` replication map names (empty for other classes).
+pub fn replication_datacenters(replication: &str) -> Vec<String> {
+    if !replication.contains("NetworkTopologyStrategy") {
+        return Vec::new();
+    }
+    replication
+        .trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .split(',')
+        .filter_map(|pair| pair.split_once(':'))
+        .map(|(k, _)| k.trim().trim_matches(['\'', '"']).to_string())
+        .filter(|k| k != "class" && k != "replication_factor")
+        .collect()
 }
 
 fn validate_topic(key: &'static str, topic: &str) -> Result<(), ConfigError> {
@@ -613,8 +1035,113 @@ mod tests {
         );
         assert!(err(&[("CARHOOK__CQL__KEYSPACE", "1x")]).contains("cql.keyspace"));
         assert!(err(&[("CARHOOK__KAFKA__BROKER", "x")]).contains("broker"));
+        // Security combinations that cannot work, each naming its key.
+        assert!(err(&[("CARHOOK__KAFKA__SECURITY_PROTOCOL", "sasl_ssl")])
+            .contains("kafka.sasl_mechanism"));
+        assert!(err(&[
+            ("CARHOOK__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("CARHOOK__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("CARHOOK__KAFKA__SASL_USERNAME", "carhook"),
+        ])
+        .contains("kafka.sasl_password_file"));
+        assert!(err(&[
+            ("CARHOOK__KAFKA__SECURITY_PROTOCOL", "sasl_ssl"),
+            ("CARHOOK__KAFKA__SASL_MECHANISM", "OAUTHBEARER"),
+        ])
+        .contains("OIDC"));
+        assert!(err(&[("CARHOOK__KAFKA__SASL_MECHANISM", "PLAIN")]).contains("does not use SASL"));
+        assert!(err(&[("CARHOOK__KAFKA__SSL_CA_FILE", "/etc/ssl/ca.pem")])
+            .contains("kafka.ssl_ca_file"));
+        assert!(err(&[("CARHOOK__KAFKA__SECURITY_PROTOCOL", "tls")])
+            .contains("kafka.security_protocol"));
+        assert!(
+            err(&[("CARHOOK__KAFKA__PROPERTIES__ENABLE_IDEMPOTENCE", "false")])
+                .contains("`enable.idempotence` is set by carhook")
+        );
+        assert!(err(&[("CARHOOK__CQL__USERNAME", "carhook")]).contains("cql.password_file"));
+        assert!(err(&[("CARHOOK__CQL__TLS_CERT_FILE", "/c.pem")]).contains("cql.tls_key_file"));
+        assert!(err(&[("CARHOOK__CQL__CONSISTENCY", "one")]).contains("cql.consistency"));
+        let two_dcs = "{'class': 'NetworkTopologyStrategy', 'eu-west': 3, 'us-east': 3}";
+        assert!(err(&[("CARHOOK__CQL__REPLICATION", two_dcs)]).contains("cql.local_datacenter"));
+        assert!(err(&[
+            ("CARHOOK__CQL__REPLICATION", two_dcs),
+            ("CARHOOK__CQL__LOCAL_DATACENTER", "ap-south"),
+        ])
+        .contains("not one of the datacenters"));
         let no_tokens = Settings::load_from(None, env(&[]))
             .map(|s| s.smartcar.tokens().err().map(|e| e.to_string()));
         assert!(matches!(no_tokens, Ok(Some(m)) if m.contains("smartcar.management_tokens")));
+    }
+
+    /// Secrets come from files (a trailing newline dropped), a missing file stops start-up naming
+    /// its key, and no secret shows in `Debug`.
+    #[test]
+    fn secrets_are_read_from_files_and_never_printed() {
+        let dir = std::env::temp_dir().join(format!("carhook-secrets-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let kafka = dir.join("kafka-password");
+        let cql = dir.join("cql-password");
+        let _ = std::fs::write(&kafka, "kafka-s3cret\n");
+        let _ = std::fs::write(&cql, "cql-s3cret");
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let (kafka_path, cql_path) = (path(&kafka), path(&cql));
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("CARHOOK__KAFKA__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("CARHOOK__KAFKA__SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("CARHOOK__KAFKA__SASL_USERNAME", "carhook"),
+                ("CARHOOK__KAFKA__SASL_PASSWORD_FILE", &kafka_path),
+                ("CARHOOK__KAFKA__PROPERTIES__SOCKET_TIMEOUT_MS", "30000"),
+                ("CARHOOK__CQL__USERNAME", "carhook"),
+                ("CARHOOK__CQL__PASSWORD_FILE", &cql_path),
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            s.kafka.sasl_password.as_ref().map(|p| p.expose_secret()),
+            Some("kafka-s3cret")
+        );
+        assert_eq!(
+            s.cql.password.as_ref().map(|p| p.expose_secret()),
+            Some("cql-s3cret")
+        );
+        assert_eq!(
+            s.kafka
+                .properties
+                .get("socket.timeout.ms")
+                .map(String::as_str),
+            Some("30000")
+        );
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cret"), "a secret in Debug: {shown}");
+        let missing = Settings::load_from(
+            None,
+            env(&[
+                ("CARHOOK__CQL__USERNAME", "carhook"),
+                ("CARHOOK__CQL__PASSWORD_FILE", "/nonexistent/cql-password"),
+            ]),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            missing.contains("cql.password_file") && missing.contains("/nonexistent/cql-password"),
+            "{missing}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn replication_names_its_datacenters() {
+        assert_eq!(
+            replication_datacenters("{'class': 'NetworkTopologyStrategy', 'dc1': 3, \"dc2\": 2}"),
+            vec!["dc1".to_string(), "dc2".to_string()]
+        );
+        assert!(
+            replication_datacenters("{'class': 'SimpleStrategy', 'replication_factor': 1}")
+                .is_empty()
+        );
     }
 }

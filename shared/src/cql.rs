@@ -14,7 +14,8 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::{Consistency, SerialConsistency};
 use sha2::{Digest, Sha256};
 
-use crate::config::CqlSettings;
+use crate::config::{CqlConsistency, CqlSerialConsistency, CqlSettings};
+use scylla::policies::load_balancing::DefaultPolicy;
 
 /// The migrations, in order: (version, name, text).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -69,30 +70,79 @@ pub enum CqlError {
     },
 }
 
-/// Opens a session with the project's defaults: LOCAL_QUORUM / LOCAL_SERIAL and a short request
-/// timeout (the driver's 30 s default would stall a consumer loop).
+/// Opens a session with the project's settings: consistency (LOCAL_QUORUM / LOCAL_SERIAL by
+/// default), a short request timeout (the driver's 30 s default would stall a consumer loop),
+/// password authentication, TLS, and — with `local_datacenter` — requests coordinated in that
+/// datacenter only, never failing over (a claim's LOCAL_SERIAL round is exact only when every
+/// processor uses the same datacenter).
 pub async fn connect(s: &CqlSettings) -> Result<Session, CqlError> {
-    let profile = ExecutionProfile::builder()
-        .consistency(Consistency::LocalQuorum)
-        .serial_consistency(Some(SerialConsistency::LocalSerial))
-        .request_timeout(Some(Duration::from_millis(s.request_timeout_ms)))
-        .build();
+    use secrecy::ExposeSecret;
+    let connect_error = |e: Box<dyn std::error::Error + Send + Sync>| CqlError::Connect {
+        nodes: s.nodes.clone(),
+        source: e,
+    };
+    let mut profile = ExecutionProfile::builder()
+        .consistency(match s.consistency {
+            CqlConsistency::LocalQuorum => Consistency::LocalQuorum,
+            CqlConsistency::Quorum => Consistency::Quorum,
+            CqlConsistency::EachQuorum => Consistency::EachQuorum,
+            CqlConsistency::All => Consistency::All,
+        })
+        .serial_consistency(Some(match s.serial_consistency {
+            CqlSerialConsistency::LocalSerial => SerialConsistency::LocalSerial,
+            CqlSerialConsistency::Serial => SerialConsistency::Serial,
+        }))
+        .request_timeout(Some(Duration::from_millis(s.request_timeout_ms)));
+    if let Some(dc) = &s.local_datacenter {
+        let policy = DefaultPolicy::builder()
+            .prefer_datacenter(dc.clone())
+            .permit_dc_failover(false)
+            .build();
+        profile = profile.load_balancing_policy(policy);
+    }
     let nodes: Vec<&str> = s
         .nodes
         .split(',')
         .map(str::trim)
         .filter(|n| !n.is_empty())
         .collect();
-    SessionBuilder::new()
+    let mut builder = SessionBuilder::new()
         .known_nodes(nodes)
         .connection_timeout(Duration::from_secs(5))
-        .default_execution_profile_handle(profile.into_handle())
+        .default_execution_profile_handle(profile.build().into_handle());
+    if let (Some(user), Some(password)) = (&s.username, &s.password) {
+        builder = builder.user(user, password.expose_secret());
+    }
+    if let Some(ca) = &s.tls_ca_file {
+        builder = builder.tls_context(Some(tls(s, ca).map_err(connect_error)?));
+    }
+    builder
         .build()
         .await
-        .map_err(|e| CqlError::Connect {
-            nodes: s.nodes.clone(),
-            source: Box::new(e),
-        })
+        .map_err(|e| connect_error(Box::new(e)))
+}
+
+/// The TLS connector: the nodes' certificates must chain to `ca` and name the node's IP address
+/// (the driver checks it); a client certificate is presented when configured.
+fn tls(
+    s: &CqlSettings,
+    ca: &std::path::Path,
+) -> Result<openssl::ssl::SslConnectorBuilder, Box<dyn std::error::Error + Send + Sync>> {
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+    let file_error = |key: &str, path: &std::path::Path, e: openssl::error::ErrorStack| {
+        format!("configuration key `{key}`: {}: {e}", path.display())
+    };
+    let mut b = SslConnector::builder(SslMethod::tls())?;
+    b.set_ca_file(ca)
+        .map_err(|e| file_error("cql.tls_ca_file", ca, e))?;
+    if let (Some(cert), Some(key)) = (&s.tls_cert_file, &s.tls_key_file) {
+        b.set_certificate_chain_file(cert)
+            .map_err(|e| file_error("cql.tls_cert_file", cert, e))?;
+        b.set_private_key_file(key, SslFiletype::PEM)
+            .map_err(|e| file_error("cql.tls_key_file", key, e))?;
+    }
+    b.set_verify(SslVerifyMode::PEER);
+    Ok(b)
 }
 
 fn render(text: &str, s: &CqlSettings) -> String {
@@ -145,7 +195,7 @@ pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, Cql
         }
         for stmt in statements(&render(text, s)) {
             let adds_column = is_add_column(&stmt);
-            match session.query_unpaged(stmt, ()).await {
+            match session.query_unpaged(ddl(stmt), ()).await {
                 Ok(_) => {}
                 // `ALTER TABLE … ADD` has no portable `IF NOT EXISTS` (ScyllaDB lacks it): a column
                 // that exists already (another instance migrating concurrently, or a run that
@@ -160,7 +210,7 @@ pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, Cql
                 s.keyspace
             );
             session
-                .query_unpaged(ledger, ())
+                .query_unpaged(ddl(ledger), ())
                 .await
                 .map_err(|e| wrap(Box::new(e)))?;
             if recorded_checksum(session, s, version)
@@ -176,13 +226,25 @@ pub async fn migrate(session: &Session, s: &CqlSettings) -> Result<Vec<i32>, Cql
             s.keyspace
         );
         session
-            .query_unpaged(record, (version, name, &sum))
+            .query_unpaged(ddl(record), (version, name, &sum))
             .await
             .map_err(|e| wrap(Box::new(e)))?;
         tracing::info!(version, name, keyspace = %s.keyspace, "cql migration applied");
         applied.push(version);
     }
     Ok(applied)
+}
+
+/// Time a schema statement may take. DDL waits for schema agreement and, on a busy node, takes
+/// far longer than a data request: under the data path's short timeout a migration failed with
+/// "exceeded a client timeout of 3000ms" on a loaded machine and the processor exited at start.
+pub const DDL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A migration statement (schema change, or the ledger's read and write) with [`DDL_TIMEOUT`].
+fn ddl(text: String) -> scylla::statement::unprepared::Statement {
+    let mut st = scylla::statement::unprepared::Statement::new(text);
+    st.set_request_timeout(Some(DDL_TIMEOUT));
+    st
 }
 
 fn is_add_column(stmt: &str) -> bool {
@@ -205,7 +267,7 @@ async fn recorded_checksum(
         s.keyspace
     );
     let rows = session
-        .query_unpaged(q, (version,))
+        .query_unpaged(ddl(q), (version,))
         .await?
         .into_rows_result()?;
     Ok(rows

@@ -25,15 +25,129 @@ pub enum TopicError {
     Client { brokers: String, source: KafkaError },
     #[error("creating topic {topic}: {reason}")]
     Create { topic: String, reason: String },
+    #[error("cannot reach the Kafka cluster at {brokers}: {reason}")]
+    Unreachable { brokers: String, reason: String },
 }
 
-/// Base settings every client shares.
+/// A client context that keeps the errors librdkafka reported (and logs them), so a failed call
+/// can say why — a refused SASL login, a certificate that does not verify — instead of "timed
+/// out". Errors arrive only while the client is polled.
+#[derive(Default)]
+pub struct Diagnosis {
+    seen: std::sync::Mutex<Vec<(KafkaError, String)>>,
+}
+
+impl Diagnosis {
+    /// The most telling error reported: the latest that is not the "all brokers are down" that
+    /// follows every connection failure, else that one.
+    pub fn cause(&self) -> Option<String> {
+        let seen = self.seen.lock().ok()?;
+        let down =
+            |e: &KafkaError| e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown);
+        seen.iter()
+            .rev()
+            .find(|(e, _)| !down(e))
+            .or_else(|| seen.last())
+            .map(|(_, reason)| reason.clone())
+    }
+}
+
+impl rdkafka::client::ClientContext for Diagnosis {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", error = %error, "{reason}");
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push((error, reason.to_string()));
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Diagnosis {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// A metadata request to the cluster with the configured security, before anything else: an
+/// unreachable cluster, a refused login or an unknown CA is reported with librdkafka's reason.
+/// (The admin client cannot do this itself: its error events are never served.)
+pub async fn check_connection(s: &KafkaSettings) -> Result<(), TopicError> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let config = base_config(s);
+    let brokers = s.brokers.clone();
+    let unreachable = |reason: String| TopicError::Unreachable {
+        brokers: brokers.clone(),
+        reason,
+    };
+    let producer: BaseProducer<Diagnosis> = config
+        .create_with_context(Diagnosis::default())
+        .map_err(|source| TopicError::Client {
+            brokers: s.brokers.clone(),
+            source,
+        })?;
+    tokio::task::spawn_blocking(move || {
+        match producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Serve the error events queued meanwhile: they carry the cause.
+                for _ in 0..10 {
+                    producer.poll(Duration::from_millis(50));
+                }
+                Err(producer.context().cause().unwrap_or_else(|| e.to_string()))
+            }
+        }
+    })
+    .await
+    .map_err(|e| unreachable(e.to_string()))?
+    .map_err(unreachable)
+}
+
+/// Base settings every client shares: brokers, security (TLS, SASL) and the pass-through
+/// properties. Every client the project builds starts from this, so one setting secures all.
 pub fn base_config(s: &KafkaSettings) -> ClientConfig {
+    use secrecy::ExposeSecret;
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &s.brokers)
         .set("client.id", "carhook")
         .set("socket.keepalive.enable", "true")
         .set("log_level", "4");
+    for (k, v) in &s.properties {
+        c.set(k, v);
+    }
+    c.set("security.protocol", s.security_protocol.as_str());
+    if let Some(m) = s.sasl_mechanism {
+        c.set("sasl.mechanism", m.as_str());
+    }
+    if let Some(u) = &s.sasl_username {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = &s.sasl_password {
+        c.set("sasl.password", p.expose_secret());
+    }
+    if s.security_protocol.uses_tls() {
+        c.set(
+            "ssl.endpoint.identification.algorithm",
+            if s.ssl_endpoint_identification {
+                "https"
+            } else {
+                "none"
+            },
+        );
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        if let Some(ca) = &s.ssl_ca_file {
+            c.set("ssl.ca.location", path(ca));
+        }
+        if let Some(cert) = &s.ssl_certificate_file {
+            c.set("ssl.certificate.location", path(cert));
+        }
+        if let Some(key) = &s.ssl_key_file {
+            c.set("ssl.key.location", path(key));
+        }
+        if let Some(p) = &s.ssl_key_password {
+            c.set("ssl.key.password", p.expose_secret());
+        }
+    }
     c
 }
 
@@ -85,6 +199,7 @@ pub fn owned_topics(s: &KafkaSettings) -> Vec<TopicSpec> {
 
 /// Creates the owned topics if missing. Idempotent: an existing topic is left as it is.
 pub async fn ensure_topics(s: &KafkaSettings) -> Result<(), TopicError> {
+    check_connection(s).await?;
     let admin: AdminClient<DefaultClientContext> =
         base_config(s)
             .create()

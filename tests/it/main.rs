@@ -7,6 +7,7 @@ mod history;
 mod processor;
 mod promise;
 mod receiver;
+mod secured;
 mod sim;
 mod stack;
 mod trace;

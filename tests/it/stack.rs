@@ -29,6 +29,22 @@ async fn kafka_round_trips_a_record() {
     assert_eq!(got[0].key(), Some(&b"car-1"[..]));
 }
 
+/// Migrations are not bound by the data path's request timeout: schema changes wait for schema
+/// agreement, which on a busy node took longer than the 3 s default and made the processor exit
+/// at start. With a 1 ms request timeout every statement failed before.
+#[tokio::test]
+async fn migrations_are_not_bound_by_the_data_request_timeout() {
+    let s = settings(&[("CARHOOK__CQL__REQUEST_TIMEOUT_MS", "1")]);
+    let session = shared::cql::connect(&s.cql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let applied = shared::cql::migrate(&session, &s.cql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(applied.len(), shared::cql::MIGRATIONS.len());
+    drop_keyspace(&settings(&[("CARHOOK__CQL__KEYSPACE", &s.cql.keyspace)])).await;
+}
+
 #[tokio::test]
 async fn cql_store_migrates_idempotently_and_reads_back_writes() {
     let s = settings(&[]);

@@ -58,6 +58,45 @@ pub fn telemetry() {
     });
 }
 
+/// The local stack's directory (`CARHOOK_STACK_DIR`, else `.stack` in the repository): its
+/// `secrets/` and `tls/` hold the development credentials.
+pub fn stack_dir() -> std::path::PathBuf {
+    std::env::var_os("CARHOOK_STACK_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.stack"),
+        std::path::PathBuf::from,
+    )
+}
+
+/// A development credential file of the stack, as a string path.
+pub fn stack_file(relative: &str) -> String {
+    stack_dir().join(relative).to_string_lossy().into_owned()
+}
+
+/// Where the tests find the stack: the plaintext Kafka listener and the CQL nodes, overridable
+/// with the services' own `CARHOOK__KAFKA__BROKERS` / `CARHOOK__CQL__NODES` to run the suites
+/// against another cluster; the CQL login is the stack's development role when it has one.
+fn stack_env() -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for key in ["CARHOOK__KAFKA__BROKERS", "CARHOOK__CQL__NODES"] {
+        if let Ok(v) = std::env::var(key) {
+            env.push((key.to_string(), v));
+        }
+    }
+    if stack_dir().join("secrets/cql-password").exists() {
+        env.push(("CARHOOK__CQL__USERNAME".into(), "carhook".into()));
+        env.push((
+            "CARHOOK__CQL__PASSWORD_FILE".into(),
+            stack_file("secrets/cql-password"),
+        ));
+    }
+    env
+}
+
+/// The stack's SASL_SSL listener (`CARHOOK_TEST_KAFKA_SECURE_BROKERS`, default 127.0.0.1:9093).
+pub fn secure_brokers() -> String {
+    std::env::var("CARHOOK_TEST_KAFKA_SECURE_BROKERS").unwrap_or_else(|_| "127.0.0.1:9093".into())
+}
+
 /// Settings for one test: fresh topics, keyspace, group; services on port 0.
 pub fn settings(extra: &[(&str, &str)]) -> Settings {
     telemetry();
@@ -84,6 +123,7 @@ pub fn settings(extra: &[(&str, &str)]) -> Settings {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(stack_env())
     .collect();
     for (k, v) in extra {
         env.insert((*k).to_string(), (*v).to_string());
@@ -632,6 +672,38 @@ pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(security_env(s))
+    .collect()
+}
+
+/// The connection and credential keys of `s` as environment (file paths, never secret values).
+fn security_env(s: &Settings) -> Vec<(String, String)> {
+    let path =
+        |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let k = &s.kafka;
+    let c = &s.cql;
+    [
+        ("CARHOOK__CQL__NODES", Some(c.nodes.clone())),
+        ("CARHOOK__CQL__USERNAME", c.username.clone()),
+        ("CARHOOK__CQL__PASSWORD_FILE", path(&c.password_file)),
+        ("CARHOOK__CQL__TLS_CA_FILE", path(&c.tls_ca_file)),
+        (
+            "CARHOOK__KAFKA__SECURITY_PROTOCOL",
+            Some(k.security_protocol.as_str().to_string()),
+        ),
+        (
+            "CARHOOK__KAFKA__SASL_MECHANISM",
+            k.sasl_mechanism.map(|m| m.as_str().to_string()),
+        ),
+        ("CARHOOK__KAFKA__SASL_USERNAME", k.sasl_username.clone()),
+        (
+            "CARHOOK__KAFKA__SASL_PASSWORD_FILE",
+            path(&k.sasl_password_file),
+        ),
+        ("CARHOOK__KAFKA__SSL_CA_FILE", path(&k.ssl_ca_file)),
+    ]
+    .into_iter()
+    .filter_map(|(key, v)| v.map(|v| (key.to_string(), v)))
     .collect()
 }
 
@@ -733,6 +805,20 @@ impl ChildService {
         log: &std::path::Path,
         within: Duration,
     ) -> Self {
+        let child = Self::launch(bin, args, env, admin, log);
+        eventually(within, || async { get(admin, "/ready").await.0 == 200 }).await;
+        child
+    }
+
+    /// Spawns `bin` (stdout and stderr appended to `log`) without waiting for anything: for
+    /// services that must come up not ready.
+    pub fn launch(
+        bin: &str,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        admin: SocketAddr,
+        log: &std::path::Path,
+    ) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -747,7 +833,6 @@ impl ChildService {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        eventually(within, || async { get(admin, "/ready").await.0 == 200 }).await;
         Self {
             child,
             addr: admin,
