@@ -247,10 +247,15 @@ renders=()
 secured_renders=()
 for kv in "${KUBE_VERSIONS[@]}"; do
   per_version=()
-  for variant in default production features secured; do
+  for variant in default production features secured secured-alt; do
     out="$scratch/render-$variant-k8s$kv.yaml"
     case $variant in
       default) args=("${SECRET[@]}") ;;
+      # The other sources of the same credentials: user name from the Secret, CA from a ConfigMap
+      # (KEDA configMapTargetRef), an encrypted client key, SCRAM-SHA-256.
+      secured-alt) args=(-f "$chart/ci/values-secured.yaml" --set kafka.auth.username= --set kafka.auth.usernameKey=username
+        --set kafka.auth.saslMechanism=SCRAM-SHA-256 --set kafka.tls.ca.existingSecret= --set kafka.tls.ca.existingConfigMap=carhook-kafka-ca
+        --set kafka.tls.clientCert.keyPasswordKey=key-password --set cql.tls.ca.existingConfigMap= --set cql.tls.ca.existingSecret=carhook-cql-ca) ;;
       *) args=(-f "$chart/ci/values-$variant.yaml") ;;
     esac
     if "${HELM[@]}" template carhook "$chart" --namespace carhook --kube-version "$kv" "${args[@]}" >"$out" 2>"$scratch/err"; then
@@ -265,7 +270,7 @@ for kv in "${KUBE_VERSIONS[@]}"; do
   renders+=("${per_version[@]}")
   # One kubeconform run per Kubernetes version: the compiled schemas are reused across the renders.
   if kubeconform_run "$kv" "${per_version[@]}" >"$scratch/kc" 2>&1; then
-    ok "kubeconform -strict, Kubernetes $kv, default/production/features/secured values: $(tail -n1 "$scratch/kc" | sed 's/^Summary: //')"
+    ok "kubeconform -strict, Kubernetes $kv, default/production/features/secured/secured-alt values: $(tail -n1 "$scratch/kc" | sed 's/^Summary: //')"
   else
     cat "$scratch/kc"
     fail "kubeconform, Kubernetes $kv"
