@@ -5,7 +5,8 @@
 #                            smartcar.existingSecret), ci/values-production.yaml,
 #                            ci/values-features.yaml and ci/values-secured.yaml (SASL_SSL + mTLS
 #                            Kafka, CQL auth + TLS + local DC, OTLP headers + CA, KEDA
-#                            TriggerAuthentication) at several Kubernetes versions; kubeconform
+#                            TriggerAuthentication), a variant of it and the README's secured
+#                            example at several Kubernetes versions; kubeconform
 #                            -strict on every render against Kubernetes, KEDA and prometheus-operator
 #                            schemas (every kind must have a schema); helm/check.py on every render
 #                            (selectors, ports, probes, env keys vs shared/src/config.rs, security
@@ -243,14 +244,22 @@ else
   fail "helm lint"
 fi
 
+# The secured example of the chart README (the first yaml block under "## Secured clusters").
+"$PYTHON" - "$chart/README.md" "$scratch/readme-secured.yaml" <<'PY'
+import re, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+section = text[text.index("## Secured clusters"):]
+open(sys.argv[2], "w").write(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+PY
 renders=()
 secured_renders=()
 for kv in "${KUBE_VERSIONS[@]}"; do
   per_version=()
-  for variant in default production features secured secured-alt; do
+  for variant in default production features secured secured-alt readme; do
     out="$scratch/render-$variant-k8s$kv.yaml"
     case $variant in
       default) args=("${SECRET[@]}") ;;
+      readme) args=("${SECRET[@]}" -f "$scratch/readme-secured.yaml") ;;
       # The other sources of the same credentials: user name from the Secret, CA from a ConfigMap
       # (KEDA configMapTargetRef), an encrypted client key, SCRAM-SHA-256.
       secured-alt) args=(-f "$chart/ci/values-secured.yaml" --set kafka.auth.username= --set kafka.auth.usernameKey=username
@@ -270,7 +279,7 @@ for kv in "${KUBE_VERSIONS[@]}"; do
   renders+=("${per_version[@]}")
   # One kubeconform run per Kubernetes version: the compiled schemas are reused across the renders.
   if kubeconform_run "$kv" "${per_version[@]}" >"$scratch/kc" 2>&1; then
-    ok "kubeconform -strict, Kubernetes $kv, default/production/features/secured/secured-alt values: $(tail -n1 "$scratch/kc" | sed 's/^Summary: //')"
+    ok "kubeconform -strict, Kubernetes $kv, default/production/features/secured/secured-alt/README values: $(tail -n1 "$scratch/kc" | sed 's/^Summary: //')"
   else
     cat "$scratch/kc"
     fail "kubeconform, Kubernetes $kv"
