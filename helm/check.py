@@ -65,7 +65,7 @@ def config_keys():
         for field, ftype in fields:
             key = f"CARHOOK__{section.upper()}__{field.upper()}"
             keys.add(key)
-            if re.match(r"(std::collections::)?(BTree|Hash|Index)Map\b", ftype):
+            if re.match(r"(Option<)?(std::collections::)?(BTree|Hash|Index)Map\b", ftype):
                 keys.add(key + "__*")  # a table: CARHOOK__<SECTION>__<FIELD>__<NAME>
     if not keys & CONNECTION_KEYS:
         # The chart side of issue #15 can land before the application side: until config.rs declares
@@ -334,8 +334,9 @@ def check_keda_auth(where, trigger, deployment, trigger_auths):
     if md.get("sasl") != want_sasl and not (want_sasl is None and md.get("sasl") in (None, "none")):
         problem(f"{where}: trigger sasl={md.get('sasl')!r}, expected {want_sasl!r} (processor: {proto} {mech})")
     ref = (trigger.get("authenticationRef") or {}).get("name")
-    if proto != "plaintext" and mech != "OAUTHBEARER" and not ref:
-        problem(f"{where}: the processor uses {proto} but the trigger has no authenticationRef")
+    has_credentials = "CARHOOK__KAFKA__SASL_USERNAME" in env_map(c) or any(env_value(c, v) for v in KEDA_FILE_PARAMS.values())
+    if has_credentials and mech != "OAUTHBEARER" and not ref:
+        problem(f"{where}: the processor authenticates to Kafka ({proto}) but the trigger has no authenticationRef")
     names = {t["metadata"]["name"]: t for t in trigger_auths}
     for n in names:
         if n != ref:
