@@ -2,16 +2,25 @@
 # Checks the Kubernetes/Docker deployment files without a cluster or a Docker daemon:
 #
 #   helm/carhook (chart)     helm lint; helm template with the default values (+ the required
-#                            smartcar.existingSecret), ci/values-production.yaml and
-#                            ci/values-features.yaml at several Kubernetes versions; kubeconform
+#                            smartcar.existingSecret), ci/values-production.yaml,
+#                            ci/values-features.yaml and ci/values-secured.yaml (SASL_SSL + mTLS
+#                            Kafka, CQL auth + TLS + local DC, OTLP headers + CA, KEDA
+#                            TriggerAuthentication), a variant of it and the README's secured
+#                            example at several Kubernetes versions; kubeconform
 #                            -strict on every render against Kubernetes, KEDA and prometheus-operator
 #                            schemas (every kind must have a schema); helm/check.py on every render
 #                            (selectors, ports, probes, env keys vs shared/src/config.rs, security
-#                            context, resources, KEDA trigger, hook Job, ServiceMonitor, rules);
+#                            context, resources, KEDA trigger, hook Job, ServiceMonitor, rules,
+#                            every CARHOOK__*_FILE a read-only mounted Secret/ConfigMap key, the
+#                            TriggerAuthentication reading the same keys as the processor);
+#                            `check.py secured` on the secured renders (every connection key and
+#                            mount in each component that needs it, none in the others);
 #                            negative cases that must fail: no existingSecret, an unknown values key
 #                            (values.schema.json), maxReplicaCount above the partition count, a
-#                            CARHOOK__ name in extraEnv; a self-test that the schemas do reject a bad
-#                            Deployment.
+#                            CARHOOK__ name in extraEnv, SASL without a password Secret, TLS without
+#                            a CA source, multi-DC replication without a local datacenter, secrets
+#                            or owned keys in kafka.properties, …; a self-test that the schemas do
+#                            reject a bad Deployment.
 #   deploy/compose.yaml      `docker compose config` when the compose plugin is there; always the
 #                            compose-spec JSON schema (from the compose-go Go module) + helm/check.py
 #                            cross-references (services, healthchecks, mounts, Prometheus jobs,
@@ -227,24 +236,40 @@ kubeconform_run() { # kube-version files...
 
 if "${HELM[@]}" lint --strict "$chart" "${SECRET[@]}" >"$scratch/lint.txt" 2>&1 &&
   "${HELM[@]}" lint --strict "$chart" -f "$chart/ci/values-production.yaml" >>"$scratch/lint.txt" 2>&1 &&
-  "${HELM[@]}" lint --strict "$chart" -f "$chart/ci/values-features.yaml" >>"$scratch/lint.txt" 2>&1; then
-  ok "helm lint --strict (default, production, features values)"
+  "${HELM[@]}" lint --strict "$chart" -f "$chart/ci/values-features.yaml" >>"$scratch/lint.txt" 2>&1 &&
+  "${HELM[@]}" lint --strict "$chart" -f "$chart/ci/values-secured.yaml" >>"$scratch/lint.txt" 2>&1; then
+  ok "helm lint --strict (default, production, features, secured values)"
 else
   cat "$scratch/lint.txt"
   fail "helm lint"
 fi
 
+# The secured example of the chart README (the first yaml block under "## Secured clusters").
+"$PYTHON" - "$chart/README.md" "$scratch/readme-secured.yaml" <<'PY'
+import re, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+section = text[text.index("## Secured clusters"):]
+open(sys.argv[2], "w").write(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+PY
 renders=()
+secured_renders=()
 for kv in "${KUBE_VERSIONS[@]}"; do
   per_version=()
-  for variant in default production features; do
+  for variant in default production features secured secured-alt readme; do
     out="$scratch/render-$variant-k8s$kv.yaml"
     case $variant in
       default) args=("${SECRET[@]}") ;;
+      readme) args=("${SECRET[@]}" -f "$scratch/readme-secured.yaml") ;;
+      # The other sources of the same credentials: user name from the Secret, CA from a ConfigMap
+      # (KEDA configMapTargetRef), an encrypted client key, SCRAM-SHA-256.
+      secured-alt) args=(-f "$chart/ci/values-secured.yaml" --set kafka.auth.username= --set kafka.auth.usernameKey=username
+        --set kafka.auth.saslMechanism=SCRAM-SHA-256 --set kafka.tls.ca.existingSecret= --set kafka.tls.ca.existingConfigMap=carhook-kafka-ca
+        --set kafka.tls.clientCert.keyPasswordKey=key-password --set cql.tls.ca.existingConfigMap= --set cql.tls.ca.existingSecret=carhook-cql-ca) ;;
       *) args=(-f "$chart/ci/values-$variant.yaml") ;;
     esac
     if "${HELM[@]}" template carhook "$chart" --namespace carhook --kube-version "$kv" "${args[@]}" >"$out" 2>"$scratch/err"; then
       per_version+=("$out")
+      [[ $variant == secured ]] && secured_renders+=("$out")
     else
       cat "$scratch/err"
       fail "helm template ($variant values, Kubernetes $kv)"
@@ -254,7 +279,7 @@ for kv in "${KUBE_VERSIONS[@]}"; do
   renders+=("${per_version[@]}")
   # One kubeconform run per Kubernetes version: the compiled schemas are reused across the renders.
   if kubeconform_run "$kv" "${per_version[@]}" >"$scratch/kc" 2>&1; then
-    ok "kubeconform -strict, Kubernetes $kv, default/production/features values: $(tail -n1 "$scratch/kc" | sed 's/^Summary: //')"
+    ok "kubeconform -strict, Kubernetes $kv, default/production/features/secured/secured-alt/README values: $(tail -n1 "$scratch/kc" | sed 's/^Summary: //')"
   else
     cat "$scratch/kc"
     fail "kubeconform, Kubernetes $kv"
@@ -262,11 +287,22 @@ for kv in "${KUBE_VERSIONS[@]}"; do
 done
 if ((${#renders[@]})); then
   if "$PYTHON" "$here/check.py" manifests "${renders[@]}" >"$scratch/py" 2>&1; then
-    ok "check.py: ${#renders[@]} renders (selectors, ports, probes, env keys, security, KEDA, hook, monitoring)"
+    grep '  note' "$scratch/py" || true
+    ok "check.py: ${#renders[@]} renders (selectors, ports, probes, env keys, security, secret files, KEDA auth, hook, monitoring)"
   else
     cat "$scratch/py"
     fail "check.py manifests"
   fi
+fi
+if ((${#secured_renders[@]})); then
+  if "$PYTHON" "$here/check.py" secured "${secured_renders[@]}" >"$scratch/py" 2>&1; then
+    ok "check.py secured: ${#secured_renders[@]} renders (connection keys and mounts per component, Secret sources, 0440, TriggerAuthentication)"
+  else
+    cat "$scratch/py"
+    fail "check.py secured"
+  fi
+else
+  fail "no render of ci/values-secured.yaml to check"
 fi
 
 # Renders that must fail, with the message that must explain why.
@@ -291,6 +327,30 @@ must_fail "chart-owned key config.cql.migrate" "additional propert(y|ies) 'migra
 must_fail "maxReplicaCount above the partition count" 'exceeds config\.kafka\.partitions' "${SECRET[@]}" --set processor.autoscaling.maxReplicaCount=7
 must_fail "CARHOOK__ variable in extraEnv" 'is application configuration' "${SECRET[@]}" --set 'extraEnv[0].name=CARHOOK__KAFKA__BROKERS' --set 'extraEnv[0].value=x'
 must_fail "terminationGracePeriodSeconds shorter than the drain" 'shorter than' "${SECRET[@]}" --set receiver.terminationGracePeriodSeconds=3
+# Connections (issue #15). SECURED is the secured values set; each case breaks one thing in it.
+SECURED=(-f "$chart/ci/values-secured.yaml")
+must_fail "sasl_ssl without a password Secret" 'kafka\.auth\.existingSecret is required' "${SECURED[@]}" --set kafka.auth.existingSecret=
+must_fail "SASL without a user name" 'kafka\.auth\.username .*is required' "${SECURED[@]}" --set kafka.auth.username=
+must_fail "SASL credentials with plaintext" 'does not use SASL' "${SECRET[@]}" --set kafka.auth.existingSecret=carhook-kafka --set kafka.auth.username=u
+must_fail "Kafka TLS without a CA source" 'choose exactly one CA source' "${SECURED[@]}" --set kafka.tls.ca.existingSecret=
+must_fail "Kafka CA from a Secret and a ConfigMap" 'choose exactly one CA source' "${SECURED[@]}" --set kafka.tls.ca.existingConfigMap=kafka-ca
+must_fail "Kafka TLS settings with sasl_plaintext" 'does not use TLS' "${SECURED[@]}" --set kafka.securityProtocol=sasl_plaintext
+must_fail "unknown security protocol (schema enum)" 'securityProtocol' "${SECURED[@]}" --set kafka.securityProtocol=SASL_SSL
+must_fail "unknown SASL mechanism (schema enum)" 'saslMechanism' "${SECURED[@]}" --set kafka.auth.saslMechanism=SCRAM-SHA-1
+must_fail "OAUTHBEARER with KEDA and no own TriggerAuthentication" 'OAUTHBEARER' "${SECURED[@]}" --set kafka.auth.saslMechanism=OAUTHBEARER
+must_fail "a secret in kafka.properties" 'would put a secret into values' "${SECURED[@]}" --set kafka.properties.sasl\\.password=x
+must_fail "an owned property in kafka.properties" 'owned by carhook' "${SECURED[@]}" --set kafka.properties.enable\\.idempotence=false
+must_fail "a connection key under config (chart-owned)" "additional propert(y|ies) 'sasl_password_file' not allowed" "${SECRET[@]}" --set config.kafka.sasl_password_file=/x
+must_fail "sasl in extraMetadata (chart-owned)" 'extraMetadata\.sasl is set by the chart' "${SECURED[@]}" --set processor.autoscaling.extraMetadata.sasl=plaintext
+must_fail "CQL user without a password Secret" 'cql\.auth\.existingSecret is required' "${SECRET[@]}" --set cql.auth.username=carhook
+must_fail "CQL password Secret without a user" 'cql\.auth\.username .*is required' "${SECURED[@]}" --set cql.auth.usernameKey=
+must_fail "CQL TLS without a CA source" 'cql\.tls\.enabled=true needs a CA source' "${SECURED[@]}" --set cql.tls.ca.existingConfigMap=
+must_fail "multi-DC replication without a local datacenter" 'config\.cql\.local_datacenter is required' "${SECURED[@]}" --set config.cql.local_datacenter=
+must_fail "local datacenter not in the replication" 'is not a datacenter of config\.cql\.replication' "${SECURED[@]}" --set config.cql.local_datacenter=us-east-1
+must_fail "unknown consistency (schema enum)" 'consistency' "${SECURED[@]}" --set config.cql.consistency=LOCAL_QUORUM
+must_fail "unknown OTLP protocol (schema enum)" 'otlp_protocol' "${SECURED[@]}" --set config.telemetry.otlp_protocol=http
+must_fail "OTLP CA with an http:// endpoint" 'is not https://' "${SECURED[@]}" --set config.telemetry.otlp_endpoint=http://otel-collector:4317
+must_fail "OTLP headers without an endpoint" 'otlp_endpoint is empty' "${SECURED[@]}" --set config.telemetry.otlp_endpoint=
 
 # The schemas must really reject a wrong manifest (guards against a silently permissive setup).
 cat >"$scratch/bad.yaml" <<'EOF'

@@ -162,3 +162,190 @@ readinessProbe:
 {{- 0 }}
 {{- end }}
 {{- end }}
+
+{{/* ---------------------------------------------------------------- connections (kafka, cql, otlp) */}}
+
+{{/* Mode of the mounted secret files: group-readable through fsGroup when the pod has one (the
+files are then root:<fsGroup>), otherwise readable by the non-root user through "other". */}}
+{{- define "carhook.secretFileMode" -}}
+{{- if .Values.podSecurityContext.fsGroup }}0440{{ else }}0444{{ end }}
+{{- end }}
+
+{{/* Whether Kafka uses SASL / TLS ("true" or ""). */}}
+{{- define "carhook.kafkaSasl" -}}
+{{- if has .Values.kafka.securityProtocol (list "sasl_plaintext" "sasl_ssl") }}true{{ end }}
+{{- end }}
+{{- define "carhook.kafkaTls" -}}
+{{- if has .Values.kafka.securityProtocol (list "ssl" "sasl_ssl") }}true{{ end }}
+{{- end }}
+
+{{/* Directory of one connection's mounted files: section kafka, cql or telemetry. */}}
+{{- define "carhook.connDir" -}}
+/var/run/secrets/carhook/{{ ternary "otlp" . (eq . "telemetry") }}
+{{- end }}
+
+{{/* The files each connection mounts, as JSON {"kafka": [...], "cql": [...], "telemetry": [...]};
+each file {env, file, secret | configMap, key}: the source key, the file name in the connection's
+directory and the CARHOOK__*_FILE variable that points at it. The TriggerAuthentication, the
+volumes, the mounts and the variables are all derived from this one list. */}}
+{{- define "carhook.connFiles" -}}
+{{- $v := .Values }}
+{{- $kafka := list }}
+{{- if and (include "carhook.kafkaSasl" .) $v.kafka.auth.existingSecret }}
+{{- $kafka = append $kafka (dict "env" "CARHOOK__KAFKA__SASL_PASSWORD_FILE" "file" "sasl-password" "secret" $v.kafka.auth.existingSecret "key" $v.kafka.auth.passwordKey "keda" "password") }}
+{{- end }}
+{{- if include "carhook.kafkaTls" . }}
+{{- $ca := $v.kafka.tls.ca }}
+{{- if $ca.existingSecret }}
+{{- $kafka = append $kafka (dict "env" "CARHOOK__KAFKA__SSL_CA_FILE" "file" "ca.crt" "secret" $ca.existingSecret "key" $ca.key "keda" "ca") }}
+{{- else if $ca.existingConfigMap }}
+{{- $kafka = append $kafka (dict "env" "CARHOOK__KAFKA__SSL_CA_FILE" "file" "ca.crt" "configMap" $ca.existingConfigMap "key" $ca.key "keda" "ca") }}
+{{- end }}
+{{- $cc := $v.kafka.tls.clientCert }}
+{{- if $cc.existingSecret }}
+{{- $kafka = append $kafka (dict "env" "CARHOOK__KAFKA__SSL_CERTIFICATE_FILE" "file" "client.crt" "secret" $cc.existingSecret "key" $cc.certKey "keda" "cert") }}
+{{- $kafka = append $kafka (dict "env" "CARHOOK__KAFKA__SSL_KEY_FILE" "file" "client.key" "secret" $cc.existingSecret "key" $cc.keyKey "keda" "key") }}
+{{- with $cc.keyPasswordKey }}
+{{- $kafka = append $kafka (dict "env" "CARHOOK__KAFKA__SSL_KEY_PASSWORD_FILE" "file" "client-key-password" "secret" $cc.existingSecret "key" . "keda" "keyPassword") }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $cql := list }}
+{{- with $v.cql.auth.existingSecret }}
+{{- $cql = append $cql (dict "env" "CARHOOK__CQL__PASSWORD_FILE" "file" "password" "secret" . "key" $v.cql.auth.passwordKey) }}
+{{- end }}
+{{- if $v.cql.tls.enabled }}
+{{- $ca := $v.cql.tls.ca }}
+{{- if $ca.existingSecret }}
+{{- $cql = append $cql (dict "env" "CARHOOK__CQL__TLS_CA_FILE" "file" "ca.crt" "secret" $ca.existingSecret "key" $ca.key) }}
+{{- else if $ca.existingConfigMap }}
+{{- $cql = append $cql (dict "env" "CARHOOK__CQL__TLS_CA_FILE" "file" "ca.crt" "configMap" $ca.existingConfigMap "key" $ca.key) }}
+{{- end }}
+{{- $cc := $v.cql.tls.clientCert }}
+{{- if $cc.existingSecret }}
+{{- $cql = append $cql (dict "env" "CARHOOK__CQL__TLS_CERT_FILE" "file" "client.crt" "secret" $cc.existingSecret "key" $cc.certKey) }}
+{{- $cql = append $cql (dict "env" "CARHOOK__CQL__TLS_KEY_FILE" "file" "client.key" "secret" $cc.existingSecret "key" $cc.keyKey) }}
+{{- end }}
+{{- end }}
+{{- $otlp := list }}
+{{- with $v.otlp.headers.existingSecret }}
+{{- $otlp = append $otlp (dict "env" "CARHOOK__TELEMETRY__OTLP_HEADERS_FILE" "file" "headers" "secret" . "key" $v.otlp.headers.key) }}
+{{- end }}
+{{- $ca := $v.otlp.tls.ca }}
+{{- if $ca.existingSecret }}
+{{- $otlp = append $otlp (dict "env" "CARHOOK__TELEMETRY__OTLP_CA_FILE" "file" "ca.crt" "secret" $ca.existingSecret "key" $ca.key) }}
+{{- else if $ca.existingConfigMap }}
+{{- $otlp = append $otlp (dict "env" "CARHOOK__TELEMETRY__OTLP_CA_FILE" "file" "ca.crt" "configMap" $ca.existingConfigMap "key" $ca.key) }}
+{{- end }}
+{{- dict "kafka" $kafka "cql" $cql "telemetry" $otlp | toJson }}
+{{- end }}
+
+{{/* Environment of the connections of the given sections (a subset of kafka, cql, telemetry):
+include "carhook.connectionEnv" (dict "ctx" $ "sections" (list "kafka" "telemetry")). Only what is
+configured is rendered, so a plaintext setup has the environment it always had. */}}
+{{- define "carhook.connectionEnv" -}}
+{{- $ctx := .ctx }}
+{{- $v := $ctx.Values }}
+{{- $files := include "carhook.connFiles" $ctx | fromJson }}
+{{- if has "kafka" .sections }}
+{{- if ne $v.kafka.securityProtocol "plaintext" }}
+- name: CARHOOK__KAFKA__SECURITY_PROTOCOL
+  value: {{ $v.kafka.securityProtocol | quote }}
+{{- end }}
+{{- if include "carhook.kafkaSasl" $ctx }}
+- name: CARHOOK__KAFKA__SASL_MECHANISM
+  value: {{ $v.kafka.auth.saslMechanism | quote }}
+{{- if $v.kafka.auth.usernameKey }}
+- name: CARHOOK__KAFKA__SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.kafka.auth.existingSecret }}
+      key: {{ $v.kafka.auth.usernameKey }}
+{{- else if $v.kafka.auth.username }}
+- name: CARHOOK__KAFKA__SASL_USERNAME
+  value: {{ $v.kafka.auth.username | quote }}
+{{- end }}
+{{- end }}
+{{- if include "carhook.kafkaTls" $ctx }}
+- name: CARHOOK__KAFKA__SSL_ENDPOINT_IDENTIFICATION
+  value: {{ $v.kafka.tls.endpointIdentification | toString | quote }}
+{{- end }}
+{{- range $name := keys $v.kafka.properties | sortAlpha }}
+- name: {{ printf "CARHOOK__KAFKA__PROPERTIES__%s" ($name | replace "." "_" | upper) }}
+  value: {{ include "carhook.envValue" (index $v.kafka.properties $name) | quote }}
+{{- end }}
+{{- end }}
+{{- if has "cql" .sections }}
+{{- if $v.cql.auth.usernameKey }}
+- name: CARHOOK__CQL__USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.cql.auth.existingSecret }}
+      key: {{ $v.cql.auth.usernameKey }}
+{{- else if $v.cql.auth.username }}
+- name: CARHOOK__CQL__USERNAME
+  value: {{ $v.cql.auth.username | quote }}
+{{- end }}
+{{- end }}
+{{- range $section := .sections }}
+{{- range $f := index $files $section }}
+- name: {{ $f.env }}
+  value: {{ printf "%s/%s" (include "carhook.connDir" $section) $f.file | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* volumeMounts of the connections of the given sections. */}}
+{{- define "carhook.connectionMounts" -}}
+{{- $files := include "carhook.connFiles" .ctx | fromJson }}
+{{- range $section := .sections }}
+{{- if index $files $section }}
+- name: {{ ternary "otlp" $section (eq $section "telemetry") }}-credentials
+  mountPath: {{ include "carhook.connDir" $section }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* volumes of the connections of the given sections: one projected volume per connection. */}}
+{{- define "carhook.connectionVolumes" -}}
+{{- $files := include "carhook.connFiles" .ctx | fromJson }}
+{{- $mode := include "carhook.secretFileMode" .ctx }}
+{{- range $section := .sections }}
+{{- with index $files $section }}
+- name: {{ ternary "otlp" $section (eq $section "telemetry") }}-credentials
+  projected:
+    defaultMode: {{ $mode }}
+    sources:
+      {{- range $f := . }}
+      {{- if $f.secret }}
+      - secret:
+          name: {{ $f.secret }}
+          items:
+            - key: {{ $f.key }}
+              path: {{ $f.file }}
+      {{- else }}
+      - configMap:
+          name: {{ $f.configMap }}
+          items:
+            - key: {{ $f.key }}
+              path: {{ $f.file }}
+      {{- end }}
+      {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* KEDA's name of a SASL mechanism. */}}
+{{- define "carhook.kedaSasl" -}}
+{{- get (dict "PLAIN" "plaintext" "SCRAM-SHA-256" "scram_sha256" "SCRAM-SHA-512" "scram_sha512" "OAUTHBEARER" "oauthbearer") . }}
+{{- end }}
+
+{{/* Name of the TriggerAuthentication the ScaledObject uses ("" for none). */}}
+{{- define "carhook.triggerAuthName" -}}
+{{- if .Values.processor.autoscaling.authenticationRef }}
+{{- .Values.processor.autoscaling.authenticationRef }}
+{{- else if or (include "carhook.connFiles" . | fromJson).kafka (and (include "carhook.kafkaSasl" .) (or .Values.kafka.auth.username .Values.kafka.auth.usernameKey)) }}
+{{- include "carhook.fullname" . }}-processor-kafka
+{{- end }}
+{{- end }}
