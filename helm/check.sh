@@ -337,7 +337,7 @@ must_fail "Kafka CA from a Secret and a ConfigMap" 'choose exactly one CA source
 must_fail "Kafka TLS settings with sasl_plaintext" 'does not use TLS' "${SECURED[@]}" --set kafka.securityProtocol=sasl_plaintext
 must_fail "unknown security protocol (schema enum)" 'securityProtocol' "${SECURED[@]}" --set kafka.securityProtocol=SASL_SSL
 must_fail "unknown SASL mechanism (schema enum)" 'saslMechanism' "${SECURED[@]}" --set kafka.auth.saslMechanism=SCRAM-SHA-1
-must_fail "OAUTHBEARER with KEDA and no own TriggerAuthentication" 'OAUTHBEARER' "${SECURED[@]}" --set kafka.auth.saslMechanism=OAUTHBEARER
+must_fail "OAUTHBEARER (the binaries refuse it: no OIDC in this librdkafka)" 'no OIDC token retrieval' "${SECURED[@]}" --set kafka.auth.saslMechanism=OAUTHBEARER
 must_fail "a secret in kafka.properties" 'would put a secret into values' "${SECURED[@]}" --set kafka.properties.sasl\\.password=x
 must_fail "an owned property in kafka.properties" 'owned by carhook' "${SECURED[@]}" --set kafka.properties.enable\\.idempotence=false
 must_fail "a connection key under config (chart-owned)" "additional propert(y|ies) 'sasl_password_file' not allowed" "${SECRET[@]}" --set config.kafka.sasl_password_file=/x

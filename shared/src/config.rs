@@ -500,6 +500,15 @@ impl Default for ProcessorSettings {
     }
 }
 
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OtlpProtocol {
+    Grpc,
+    #[serde(alias = "http/protobuf")]
+    HttpProtobuf,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -516,8 +525,19 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info,carhook_receiver=debug`.
     pub log_level: String,
-    /// OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`. Unset: nothing is exported.
+    /// OTLP endpoint, e.g. `http://otel-collector:4317` (gRPC) or `https://api.vendor.io/v1/traces`
+    /// (HTTP). Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`, and
+    /// without any nothing is exported.
     pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http_protobuf`. Unset: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` /
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, `http/protobuf`), else gRPC.
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// PEM CA bundle for an `https` endpoint signed by a private CA (default: public roots).
+    /// Unset: `OTEL_EXPORTER_OTLP_CERTIFICATE`.
+    pub otlp_ca_file: Option<PathBuf>,
+    /// A file of `key=value,key=value` request headers (an API key: a mounted Secret). Merged
+    /// with `OTEL_EXPORTER_OTLP_HEADERS`; this file wins on a clash.
+    pub otlp_headers_file: Option<PathBuf>,
     /// Fraction of traces sampled, 0.0–1.0 (parent-based).
     pub sampling_ratio: f64,
     /// `service.name` override.
@@ -530,6 +550,9 @@ impl Default for TelemetrySettings {
             log_format: LogFormat::Json,
             log_level: "info".into(),
             otlp_endpoint: None,
+            otlp_protocol: None,
+            otlp_ca_file: None,
+            otlp_headers_file: None,
             sampling_ratio: 1.0,
             service_name: None,
         }
@@ -736,6 +759,15 @@ impl Settings {
             ("kafka.ssl_ca_file", &k.ssl_ca_file),
             ("kafka.ssl_certificate_file", &k.ssl_certificate_file),
             ("kafka.ssl_key_file", &k.ssl_key_file),
+        ] {
+            if let Some(path) = path {
+                readable(key, path)?;
+            }
+        }
+        let t = &self.telemetry;
+        for (key, path) in [
+            ("telemetry.otlp_ca_file", &t.otlp_ca_file),
+            ("telemetry.otlp_headers_file", &t.otlp_headers_file),
         ] {
             if let Some(path) = path {
                 readable(key, path)?;

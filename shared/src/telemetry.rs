@@ -1,5 +1,10 @@
 //! Logging and tracing, set up once for both binaries.
 //!
+//! Export is OTLP over gRPC or HTTP/protobuf, to a plain or TLS endpoint (public roots, or a private
+//! CA), with request headers (an API key) from a file; the standard `OTEL_EXPORTER_OTLP_*`,
+//! `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` variables are honoured where carhook's own keys
+//! are not set. Spans carry `service.name`, `service.version` and `service.instance.id`.
+//!
 //! Logs are JSON lines (or pretty for a terminal) from `tracing`; each line carries the fields of the
 //! current span, and request/record spans record a `trace_id`, so every line of one delivery can be
 //! found from its trace. Spans go to OpenTelemetry through `tracing-opentelemetry`: with an OTLP
@@ -16,7 +21,9 @@ use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, TelemetrySettings};
+use std::collections::HashMap;
+
+use crate::config::{LogFormat, OtlpProtocol, TelemetrySettings};
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +32,8 @@ pub enum TelemetryError {
     Filter(String),
     #[error("configuration key `telemetry.otlp_endpoint`: {0}")]
     Exporter(String),
+    #[error("configuration key `{key}`: {problem}")]
+    Setting { key: &'static str, problem: String },
     #[error("a global subscriber is already installed: {0}")]
     AlreadyInstalled(String),
 }
@@ -43,28 +52,262 @@ impl Telemetry {
     }
 }
 
+/// Where and how spans are exported, with the standard variables folded in.
+#[derive(Debug, Default)]
+struct Export {
+    /// carhook's own endpoint key; None lets the exporter resolve the standard variables itself
+    /// (so `OTEL_EXPORTER_OTLP_ENDPOINT` gets `/v1/traces` appended for HTTP, as specified).
+    endpoint: Option<String>,
+    protocol: Option<OtlpProtocol>,
+    ca_pem: Option<Vec<u8>>,
+    headers: HashMap<String, String>,
+}
+
+/// The export settings, or None when no endpoint is configured anywhere (nothing is exported).
+fn export_settings(
+    s: &TelemetrySettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Export>, TelemetryError> {
+    let standard_endpoint = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|k| env(k).is_some_and(|v| !v.is_empty()));
+    if s.otlp_endpoint.is_none() && !standard_endpoint {
+        return Ok(None);
+    }
+    let protocol = match s.otlp_protocol {
+        Some(p) => Some(p),
+        None => match [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ]
+        .iter()
+        .find_map(|k| env(k).map(|v| (*k, v)))
+        {
+            None => None,
+            Some((_, v)) if v == "grpc" => Some(OtlpProtocol::Grpc),
+            Some((_, v)) if v == "http/protobuf" => Some(OtlpProtocol::HttpProtobuf),
+            Some((key, v)) => {
+                return Err(TelemetryError::Setting {
+                    key: if key.contains("TRACES") {
+                        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+                    } else {
+                        "OTEL_EXPORTER_OTLP_PROTOCOL"
+                    },
+                    problem: format!("{v:?}: carhook exports grpc or http/protobuf"),
+                })
+            }
+        },
+    };
+    let (ca_key, ca_path) = match &s.otlp_ca_file {
+        Some(p) => ("telemetry.otlp_ca_file", Some(p.clone())),
+        None => (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            env("OTEL_EXPORTER_OTLP_CERTIFICATE").map(std::path::PathBuf::from),
+        ),
+    };
+    let ca_pem = ca_path
+        .map(|p| {
+            std::fs::read(&p).map_err(|e| TelemetryError::Setting {
+                key: ca_key,
+                problem: format!("cannot read {}: {e}", p.display()),
+            })
+        })
+        .transpose()?;
+    let mut headers = HashMap::new();
+    if let Some(path) = &s.otlp_headers_file {
+        let text = std::fs::read_to_string(path).map_err(|e| TelemetryError::Setting {
+            key: "telemetry.otlp_headers_file",
+            problem: format!("cannot read {}: {e}", path.display()),
+        })?;
+        headers = parse_headers(&text).map_err(|problem| TelemetryError::Setting {
+            key: "telemetry.otlp_headers_file",
+            problem: format!("{}: {problem}", path.display()),
+        })?;
+    }
+    Ok(Some(Export {
+        endpoint: s.otlp_endpoint.clone(),
+        protocol,
+        ca_pem,
+        headers,
+    }))
+}
+
+/// `key=value,key=value` (the `OTEL_EXPORTER_OTLP_HEADERS` format; values may be
+/// percent-encoded). The error never contains a value: it may be a secret.
+fn parse_headers(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for (i, pair) in text.trim().split(',').enumerate() {
+        if pair.trim().is_empty() {
+            continue;
+        }
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(format!("entry {} is not key=value", i + 1));
+        };
+        let key = k.trim();
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!("entry {} has no valid header name", i + 1));
+        }
+        let value = percent_decode(v.trim())
+            .ok_or_else(|| format!("header {key}: bad percent-encoding"))?;
+        out.insert(key.to_ascii_lowercase(), value);
+    }
+    Ok(out)
+}
+
+fn percent_decode(v: &str) -> Option<String> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The span exporter for `e`.
+fn exporter(e: Export) -> Result<opentelemetry_otlp::SpanExporter, TelemetryError> {
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+    let failed =
+        |e: opentelemetry_otlp::ExporterBuildError| TelemetryError::Exporter(e.to_string());
+    match e.protocol.unwrap_or(OtlpProtocol::Grpc) {
+        OtlpProtocol::Grpc => {
+            use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig};
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(endpoint) = e.endpoint.clone() {
+                b = b.with_endpoint(endpoint);
+            }
+            if !e.headers.is_empty() {
+                let mut metadata = opentelemetry_otlp::tonic_types::metadata::MetadataMap::new();
+                for (k, v) in &e.headers {
+                    let key =
+                        tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|_| {
+                            TelemetryError::Setting {
+                                key: "telemetry.otlp_headers_file",
+                                problem: format!("header {k}: not a valid gRPC metadata name"),
+                            }
+                        })?;
+                    let value = v.parse().map_err(|_| TelemetryError::Setting {
+                        key: "telemetry.otlp_headers_file",
+                        problem: format!("header {k}: not a valid gRPC metadata value"),
+                    })?;
+                    metadata.insert(key, value);
+                }
+                b = b.with_metadata(metadata);
+            }
+            let https = e
+                .endpoint
+                .as_deref()
+                .or(std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                    .ok()
+                    .as_deref())
+                .is_some_and(|u| u.starts_with("https://"))
+                || std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .is_ok_and(|u| u.starts_with("https://"));
+            if https || e.ca_pem.is_some() {
+                let mut tls = ClientTlsConfig::new().with_webpki_roots();
+                if let Some(pem) = &e.ca_pem {
+                    tls = tls.ca_certificate(Certificate::from_pem(pem));
+                }
+                b = b.with_tls_config(tls);
+            }
+            b.build().map_err(failed)
+        }
+        OtlpProtocol::HttpProtobuf => {
+            install_crypto_provider();
+            // Blocking: the batch span processor exports from a thread of its own, outside any
+            // tokio runtime, where an async client has no reactor.
+            let mut client = reqwest::blocking::Client::builder().tls_backend_rustls();
+            if let Some(pem) = &e.ca_pem {
+                let cert =
+                    reqwest::Certificate::from_pem(pem).map_err(|err| TelemetryError::Setting {
+                        key: "telemetry.otlp_ca_file",
+                        problem: format!("not a PEM certificate: {err}"),
+                    })?;
+                client = client.add_root_certificate(cert);
+            }
+            let client = client
+                .build()
+                .map_err(|err| TelemetryError::Exporter(err.to_string()))?;
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(client);
+            if let Some(endpoint) = e.endpoint {
+                b = b.with_endpoint(endpoint);
+            }
+            if !e.headers.is_empty() {
+                b = b.with_headers(e.headers);
+            }
+            b.build().map_err(failed)
+        }
+    }
+}
+
+/// rustls needs one process-wide crypto provider for reqwest: ring (no C toolchain beyond cc).
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The resource every span carries: `service.name` (carhook's key, else `OTEL_SERVICE_NAME`, else
+/// the binary's), `service.version`, `service.instance.id` (the pod name from `HOSTNAME`, else a
+/// random id), overridden by `OTEL_RESOURCE_ATTRIBUTES` except for the service name.
+fn resource(s: &TelemetrySettings, default_service: &str) -> Resource {
+    use opentelemetry::KeyValue;
+    let service = s
+        .service_name
+        .clone()
+        .or_else(|| {
+            std::env::var("OTEL_SERVICE_NAME")
+                .ok()
+                .filter(|v| !v.is_empty())
+        })
+        .unwrap_or_else(|| default_service.to_string());
+    let instance = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("service.instance.id", instance),
+        ])
+        .with_detector(Box::new(
+            opentelemetry_sdk::resource::EnvResourceDetector::new(),
+        ))
+        .with_service_name(service)
+        .build()
+}
+
 /// Builds the tracer provider (exporting only when an endpoint is configured).
 pub fn tracer_provider(
     s: &TelemetrySettings,
     default_service: &str,
 ) -> Result<SdkTracerProvider, TelemetryError> {
-    let service = s
-        .service_name
-        .clone()
-        .unwrap_or_else(|| default_service.to_string());
     let mut builder = SdkTracerProvider::builder()
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             s.sampling_ratio,
         ))))
-        .with_resource(Resource::builder().with_service_name(service).build());
-    if let Some(endpoint) = &s.otlp_endpoint {
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-        builder = builder.with_batch_exporter(exporter);
+        .with_resource(resource(s, default_service));
+    if let Some(export) = export_settings(s, &|k| std::env::var(k).ok())? {
+        // Built on a plain thread: the HTTP exporter's blocking client owns a runtime, which may
+        // be neither created nor dropped inside the service's tokio runtime.
+        let built = std::thread::spawn(move || exporter(export))
+            .join()
+            .map_err(|_| TelemetryError::Exporter("building the exporter panicked".into()))??;
+        builder = builder.with_batch_exporter(built);
     }
     Ok(builder.build())
 }
@@ -157,5 +400,78 @@ pub fn continue_from(span: &tracing::Span, get: &dyn Fn(&str) -> Option<String>)
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&lookup));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn standard_variables_enable_and_shape_the_export() {
+        let none = TelemetrySettings::default();
+        assert!(matches!(export_settings(&none, &env(&[])), Ok(None)));
+        let e = export_settings(
+            &none,
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ]),
+        );
+        let e = e.ok().flatten().unwrap_or_default();
+        assert_eq!(e.protocol, Some(OtlpProtocol::HttpProtobuf));
+        assert_eq!(
+            e.endpoint, None,
+            "the exporter resolves the standard endpoint itself"
+        );
+        let json = export_settings(
+            &none,
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ]),
+        );
+        assert!(
+            matches!(
+                &json,
+                Err(TelemetryError::Setting {
+                    key: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    ..
+                })
+            ),
+            "{json:?}"
+        );
+        let own = TelemetrySettings {
+            otlp_endpoint: Some("http://c:4317".into()),
+            otlp_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..TelemetrySettings::default()
+        };
+        let missing = export_settings(&own, &env(&[]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(missing.contains("telemetry.otlp_ca_file"), "{missing}");
+    }
+
+    #[test]
+    fn header_files_parse_like_the_standard_variable_and_never_echo_values() {
+        let h = parse_headers("x-api-key=abc%3D%3D, X-Tenant = t1\n").unwrap_or_default();
+        assert_eq!(h.get("x-api-key").map(String::as_str), Some("abc=="));
+        assert_eq!(h.get("x-tenant").map(String::as_str), Some("t1"));
+        let bad = parse_headers("x-api-key").err().unwrap_or_default();
+        assert!(bad.contains("entry 1"), "{bad}");
+        let bad = parse_headers("x-api-key=s3cret%zz")
+            .err()
+            .unwrap_or_default();
+        assert!(!bad.contains("s3cret"), "a value in an error: {bad}");
     }
 }

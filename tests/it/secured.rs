@@ -265,3 +265,177 @@ fn other_ca() -> String {
     assert!(ok, "openssl could not make a CA");
     pem.to_string_lossy().into_owned()
 }
+
+/// One export an OTLP/HTTP collector received: its `x-api-key` header and the decoded request.
+type Export = (
+    Option<String>,
+    opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+);
+
+/// What an OTLP/HTTP collector received.
+#[derive(Clone, Default)]
+struct HttpCollector(std::sync::Arc<std::sync::Mutex<Vec<Export>>>);
+
+/// An OTLP/HTTP (protobuf) collector on a free port: `POST /v1/traces`.
+async fn http_collector() -> (std::net::SocketAddr, HttpCollector) {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let seen = HttpCollector::default();
+    let store = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            let key = req
+                                .headers()
+                                .get("x-api-key")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            let path_ok = req.uri().path() == "/v1/traces";
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let decoded = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body);
+                            let status = match (path_ok, decoded) {
+                                (true, Ok(r)) => {
+                                    if let Ok(mut s) = store.0.lock() {
+                                        s.push((key, r));
+                                    }
+                                    200
+                                }
+                                _ => 400,
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .header("content-type", "application/x-protobuf")
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap_or_default(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// One event over SASL_SSL and TLS CQL, traced to a collector over OTLP/HTTP (protobuf) with an
+/// API key read from a headers file: every export carries the key, the spans of both services form
+/// one trace, and the resource names service, version and instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secured_path_is_traced_over_otlp_http_with_an_api_key() {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+    let (otlp, collector) = http_collector().await;
+    let headers = temp_file("otlp-headers", "x-api-key=s3cret%2Dkey\n");
+    let endpoint = format!("http://{otlp}/v1/traces");
+    let s = secured(&[]);
+    let extra = [
+        ("CARHOOK__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+        ("CARHOOK__TELEMETRY__OTLP_PROTOCOL", "http_protobuf"),
+        ("CARHOOK__TELEMETRY__OTLP_HEADERS_FILE", headers.as_str()),
+    ];
+    let log = std::env::temp_dir().join(format!("{}.secured-trace.log", s.cql.keyspace));
+    let processor = ChildService::processor(&s, &fresh("traced"), &log, &extra).await;
+    let receiver = ChildService::receiver(&s, &log, &extra).await;
+    let vehicle = fresh("traced-car");
+    let body = state_event(
+        &fresh("ev"),
+        &vehicle,
+        &[(
+            "charge-ischarging",
+            serde_json::json!({"value": true}),
+            1_761_896_000_000,
+        )],
+    );
+    let reply = post(
+        receiver.addr,
+        &s.receiver.path,
+        body.clone(),
+        Some(&sign(TOKEN, &body)),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    state_where(&s, &vehicle, |v| {
+        v["signals"]["charge-ischarging"]["body"]["value"] == true
+    })
+    .await;
+    assert_eq!(receiver.terminate(), Some(0));
+    assert_eq!(processor.terminate(), Some(0));
+    let got = collector.0.lock().map(|g| g.clone()).unwrap_or_default();
+    assert!(!got.is_empty(), "nothing exported");
+    assert!(
+        got.iter()
+            .all(|(key, _)| key.as_deref() == Some("s3cret-key")),
+        "an export without the API key: {:?}",
+        got.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+        .as_ref()
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(AnyValue::StringValue(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut spans = Vec::new();
+    for (_, req) in &got {
+        for rs in &req.resource_spans {
+            let attrs: std::collections::BTreeMap<String, String> = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .map(|kv| (kv.key.clone(), text(&kv.value)))
+                .collect();
+            for key in ["service.name", "service.version", "service.instance.id"] {
+                assert!(
+                    attrs.get(key).is_some_and(|v| !v.is_empty()),
+                    "resource without {key}: {attrs:?}"
+                );
+            }
+            for ss in &rs.scope_spans {
+                for sp in &ss.spans {
+                    spans.push((attrs["service.name"].clone(), sp.clone()));
+                }
+            }
+        }
+    }
+    for (svc, sp) in &spans {
+        println!(
+            "{svc:<18} {:<28} trace={} span={} parent={}",
+            sp.name,
+            hex(&sp.trace_id),
+            hex(&sp.span_id),
+            hex(&sp.parent_span_id)
+        );
+    }
+    let request = spans
+        .iter()
+        .find(|(svc, sp)| svc == "carhook-receiver" && sp.name.starts_with("POST"))
+        .map(|(_, sp)| sp.trace_id.clone())
+        .unwrap_or_else(|| panic!("no request span"));
+    assert!(
+        spans.iter().any(|(svc, sp)| svc == "carhook-processor"
+            && sp.name == "write vehicle state"
+            && sp.trace_id == request),
+        "the processor's write is not in the request's trace"
+    );
+    drop_keyspace(&s).await;
+}
