@@ -185,13 +185,9 @@ async fn watchdog(clock: Arc<ConnClock>, header: Duration, idle: Duration) {
     }
 }
 
-/// Serves until `shutdown`, then drains for at most `grace`. Returns whether the drain completed.
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    shutdown: CancellationToken,
-    grace: Duration,
-) -> bool {
+/// The hyper connection builder the webhook listener uses (also the benchmark's baseline server, so
+/// both are measured with the same HTTP settings).
+pub fn http_builder() -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -203,6 +199,17 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(64);
+    builder
+}
+
+/// Serves until `shutdown`, then drains for at most `grace`. Returns whether the drain completed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> bool {
+    let builder = http_builder();
     let header = Duration::from_millis(app.settings.header_timeout_ms);
     let idle = Duration::from_millis(app.settings.idle_timeout_ms);
     let graceful = GracefulShutdown::new();

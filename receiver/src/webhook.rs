@@ -13,9 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use shared::config::ReceiverSettings;
 use shared::envelope::Routing;
@@ -81,6 +81,51 @@ pub fn plausible_challenge(c: &str) -> bool {
     !c.is_empty()
         && c.len() <= MAX_CHALLENGE_LEN
         && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Why a body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// More than the limit arrived.
+    TooLarge,
+    /// The connection failed while the body was arriving.
+    Broken,
+}
+
+/// Reads a body of at most `limit` bytes into one contiguous buffer. A body that arrives as one
+/// frame is kept as it is (no copy); otherwise one buffer is allocated once, sized from
+/// `Content-Length` (`declared`, capped at `limit`), and each frame is copied into it as it arrives
+/// and released, so hyper can reuse its read buffer. The result is the record payload as it is.
+pub async fn read_body<B>(
+    mut body: B,
+    declared: Option<u64>,
+    limit: usize,
+) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Broken)?.into_data() else {
+            continue; // trailers
+        };
+        let have = first.as_ref().map_or(buf.len(), Bytes::len);
+        if data.len() > limit - have {
+            return Err(BodyError::TooLarge);
+        }
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            None => buf.extend_from_slice(&data),
+            Some(head) => {
+                let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit));
+                buf.reserve(expected.min(limit).max(head.len() + data.len()));
+                buf.extend_from_slice(&head);
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// A body that passed the size and time limits, with the signature header as sent.
@@ -192,17 +237,14 @@ impl App {
         };
         let until =
             deadline.min(Instant::now() + Duration::from_millis(self.settings.body_timeout_ms));
-        let read = Limited::new(req.into_body(), limit).collect();
+        let read = read_body(req.into_body(), declared, limit);
         match tokio::time::timeout_at(until.into(), read).await {
             Err(_) => Err(Outcome::Timeout),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                Err(Outcome::TooLarge { limit })
+            Ok(Err(BodyError::TooLarge)) => Err(Outcome::TooLarge { limit }),
+            Ok(Err(BodyError::Broken)) => {
+                Err(Outcome::BadRequest("request body could not be read"))
             }
-            Ok(Err(_)) => Err(Outcome::BadRequest("request body could not be read")),
-            Ok(Ok(collected)) => Ok(Received {
-                body: collected.to_bytes(),
-                signature,
-            }),
+            Ok(Ok(body)) => Ok(Received { body, signature }),
         }
     }
 
@@ -288,6 +330,61 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Frames = http_body_util::StreamBody<
+        futures::stream::Iter<
+            std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+        >,
+    >;
+
+    fn frames(parts: &[&'static [u8]]) -> Frames {
+        let v: Vec<_> = parts
+            .iter()
+            .map(|p| Ok(hyper::body::Frame::data(Bytes::from_static(p))))
+            .collect();
+        http_body_util::StreamBody::new(futures::stream::iter(v))
+    }
+
+    fn read(
+        parts: &[&'static [u8]],
+        declared: Option<u64>,
+        limit: usize,
+    ) -> Result<Bytes, BodyError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        rt.block_on(read_body(frames(parts), declared, limit))
+    }
+
+    #[test]
+    fn body_is_read_whole_into_one_buffer_sized_from_content_length() {
+        let one = read(&[b"{\"a\":1}"], Some(7), 64);
+        assert_eq!(one.as_deref(), Ok(&b"{\"a\":1}"[..]));
+        let many = read(&[b"{\"a\"", b":", b"", b"12}"], Some(8), 64);
+        assert_eq!(many.as_deref(), Ok(&b"{\"a\":12}"[..]));
+        // Sized once from Content-Length: the record payload has no spare capacity to copy around.
+        let parts: &[&'static [u8]] = &[&[b'x'; 1000], &[b'y'; 1000], &[b'z'; 500]];
+        let body = read(parts, Some(2500), 4096).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(body.len(), 2500);
+        assert_eq!(&body[995..1005], b"xxxxxyyyyy");
+        // A declared length above the limit never sizes the buffer beyond it.
+        assert_eq!(read(parts, Some(u64::MAX), 4096).map(|b| b.len()), Ok(2500));
+        assert_eq!(read(&[], None, 64).map(|b| b.len()), Ok(0));
+    }
+
+    #[test]
+    fn body_over_the_limit_is_refused() {
+        assert_eq!(read(&[b"12345678"], None, 8).map(|b| b.len()), Ok(8));
+        assert_eq!(read(&[b"123456789"], None, 8), Err(BodyError::TooLarge));
+        assert_eq!(
+            read(&[b"12345", b"6789"], Some(9), 8),
+            Err(BodyError::TooLarge)
+        );
+        assert_eq!(
+            read(&[b"12345", b"67", b"89"], None, 8),
+            Err(BodyError::TooLarge)
+        );
+    }
 
     #[test]
     fn challenge_guard() {

@@ -329,4 +329,259 @@ mod tests {
         assert!(v2.is_verify());
         assert_eq!(v2.challenge.as_deref(), Some("xyz"));
     }
+
+    /// The routing rules applied to a full `serde_json::Value` parse: the reference the streaming
+    /// parse must equal on every well-formed body.
+    fn reference(body: &[u8]) -> Routing {
+        use serde_json::Value;
+        let Ok(Value::Object(top)) = serde_json::from_slice::<Value>(body) else {
+            return Routing::default();
+        };
+        let s = |v: Option<&Value>| {
+            v.and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        fn obj(v: Option<&Value>) -> Option<&serde_json::Map<String, Value>> {
+            v.and_then(Value::as_object)
+        }
+        let data = obj(top.get("data"));
+        let payload = obj(top.get("payload"));
+        let meta = obj(top.get("meta"));
+        let first_listed = payload
+            .and_then(|p| p.get("vehicles"))
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_object)
+            .and_then(|v| s(v.get("vehicleId")));
+        Routing {
+            event_id: s(top.get("eventId")).or_else(|| s(payload.and_then(|p| p.get("eventId")))),
+            event_type: s(top.get("eventType"))
+                .or_else(|| s(top.get("eventName")).map(|n| n.to_ascii_uppercase())),
+            vehicle_id: s(top.get("vehicleId"))
+                .or_else(|| s(obj(data.and_then(|d| d.get("vehicle"))).and_then(|v| v.get("id"))))
+                .or_else(|| s(payload.and_then(|p| p.get("vehicleId"))))
+                .or(first_listed),
+            delivery_id: s(meta.and_then(|m| m.get("deliveryId"))),
+            challenge: s(data.and_then(|d| d.get("challenge")))
+                .or_else(|| s(payload.and_then(|p| p.get("challenge")))),
+            is_json_object: true,
+        }
+    }
+
+    fn same(body: &[u8]) {
+        assert_eq!(
+            Routing::sniff(body),
+            reference(body),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+
+    /// Every body shape the protocol doc and the example files show.
+    fn protocol_shapes() -> Vec<serde_json::Value> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/protocol");
+        let mut out = Vec::new();
+        let examples = std::fs::read_dir(dir.join("examples")).unwrap_or_else(|e| panic!("{e}"));
+        for entry in examples.flatten() {
+            let raw = std::fs::read(entry.path()).unwrap_or_else(|e| panic!("{e}"));
+            out.push(serde_json::from_slice(&raw).unwrap_or_else(|e| panic!("{e}")));
+        }
+        let examples_found = out.len();
+        assert!(examples_found >= 4, "protocol examples missing");
+        // The inline bodies of SMARTCAR.md (`{…}` in back-quotes) that are complete JSON.
+        let doc =
+            std::fs::read_to_string(dir.join("SMARTCAR.md")).unwrap_or_else(|e| panic!("{e}"));
+        for quoted in doc.split('`').skip(1).step_by(2) {
+            if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(quoted) {
+                out.push(v);
+            }
+        }
+        assert!(
+            out.len() >= examples_found + 3,
+            "SMARTCAR.md bodies missing"
+        );
+        out
+    }
+
+    /// Values every routing field is tried with: each JSON type, empty and escaped strings, and the
+    /// objects/arrays the other routing rules look into.
+    fn variants() -> Vec<Option<serde_json::Value>> {
+        use serde_json::json;
+        [
+            json!("x-1"),
+            json!(""),
+            json!("ü \"q\" \\ \u{1F697} \n"),
+            json!(5),
+            json!(-1),
+            json!(1.5e300),
+            json!(18446744073709551615_u64),
+            json!(true),
+            json!(null),
+            json!([]),
+            json!(["a", {"vehicleId": "b"}]),
+            json!([{"vehicleId": "first", "data": [{"path": "/odometer", "body": {"distance": 1}}]}, {"vehicleId": "second"}]),
+            json!([{"vehicleId": 7}, {"vehicleId": "second"}]),
+            json!({}),
+            json!({"id": "obj-id", "vehicleId": "obj-vid", "challenge": "obj-ch", "eventId": "obj-ev", "deliveryId": "obj-d"}),
+            json!({"vehicle": {"id": "nested"}, "vehicles": [{"vehicleId": "listed"}], "challenge": ["x"]}),
+        ]
+        .into_iter()
+        .map(Some)
+        .chain([None])
+        .collect()
+    }
+
+    /// Paths the routing parse reads (and the containers they sit in).
+    const ROUTING_PATHS: &[&[&str]] = &[
+        &["eventId"],
+        &["eventType"],
+        &["eventName"],
+        &["vehicleId"],
+        &["data"],
+        &["data", "vehicle"],
+        &["data", "vehicle", "id"],
+        &["data", "challenge"],
+        &["data", "signals"],
+        &["payload"],
+        &["payload", "eventId"],
+        &["payload", "vehicleId"],
+        &["payload", "challenge"],
+        &["payload", "vehicles"],
+        &["meta"],
+        &["meta", "deliveryId"],
+    ];
+
+    fn set_path(v: &mut serde_json::Value, path: &[&str], to: Option<serde_json::Value>) {
+        let Some((last, parents)) = path.split_last() else {
+            return;
+        };
+        let mut cur = v;
+        for p in parents {
+            let Some(next) = cur.as_object_mut().map(|o| {
+                o.entry(p.to_string())
+                    .or_insert_with(|| serde_json::json!({}))
+            }) else {
+                return;
+            };
+            cur = next;
+        }
+        if let Some(o) = cur.as_object_mut() {
+            match to {
+                Some(x) => {
+                    o.insert(last.to_string(), x);
+                }
+                None => {
+                    o.remove(*last);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_parse_equals_a_full_parse_on_every_protocol_shape() {
+        let mut checked = 0;
+        for shape in protocol_shapes() {
+            same(&serde_json::to_vec(&shape).unwrap_or_default());
+            same(&serde_json::to_vec_pretty(&shape).unwrap_or_default());
+            for path in ROUTING_PATHS {
+                for to in variants() {
+                    let mut v = shape.clone();
+                    set_path(&mut v, path, to);
+                    same(&serde_json::to_vec(&v).unwrap_or_default());
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 500, "{checked}");
+    }
+
+    /// Random objects built from the routing keys and others, nested, every JSON type: the
+    /// property `sniff == reference`, seeded so a failure reproduces.
+    #[test]
+    fn streaming_parse_equals_a_full_parse_on_random_bodies() {
+        use rand::{Rng, SeedableRng};
+        use serde_json::{json, Map, Value};
+        const KEYS: &[&str] = &[
+            "eventId",
+            "eventType",
+            "eventName",
+            "vehicleId",
+            "data",
+            "vehicle",
+            "id",
+            "challenge",
+            "payload",
+            "vehicles",
+            "meta",
+            "deliveryId",
+            "signals",
+            "version",
+            "x",
+        ];
+        fn gen(rng: &mut rand::rngs::StdRng, depth: u32) -> Value {
+            match rng.random_range(0..if depth == 0 { 6 } else { 9 }) {
+                0 => Value::Null,
+                1 => json!(rng.random_bool(0.5)),
+                2 => json!(rng.random_range(-1000..1000)),
+                3 => json!(rng.random::<f64>() * 1e6),
+                4 => json!(""),
+                5 => json!(format!("s{}", rng.random_range(0..100))),
+                6 | 7 => {
+                    let mut m = Map::new();
+                    for _ in 0..rng.random_range(0..6) {
+                        let k = KEYS[rng.random_range(0..KEYS.len())];
+                        m.insert(k.to_string(), gen(rng, depth - 1));
+                    }
+                    Value::Object(m)
+                }
+                _ => Value::Array(
+                    (0..rng.random_range(0..4))
+                        .map(|_| gen(rng, depth - 1))
+                        .collect(),
+                ),
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        for _ in 0..20_000 {
+            let mut top = Map::new();
+            for _ in 0..rng.random_range(0..8) {
+                let k = KEYS[rng.random_range(0..KEYS.len())];
+                top.insert(k.to_string(), gen(&mut rng, 4));
+            }
+            same(&serde_json::to_vec(&Value::Object(top)).unwrap_or_default());
+        }
+    }
+
+    /// Where the two differ, on purpose: input a full parse rejects but the routing parse need not
+    /// read. Skipped values are checked for syntax, not for meaning, so the body is still routed;
+    /// a repeated routing key fails both the old and the streaming parse (serde's derive).
+    #[test]
+    fn bodies_a_full_parse_rejects() {
+        let keyed = |r: Routing| r.key().map(str::to_owned);
+        // A number out of f64 range in a skipped field.
+        let big = br#"{"vehicleId":"v","data":{"signals":[{"body":{"value":1e400}}]}}"#;
+        assert_eq!(reference(big), Routing::default());
+        assert_eq!(keyed(Routing::sniff(big)).as_deref(), Some("v"));
+        // Deeper nesting than serde_json's recursion limit, in a skipped field.
+        let deep = format!(
+            r#"{{"vehicleId":"v","data":{{"signals":{}{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(reference(deep.as_bytes()), Routing::default());
+        assert_eq!(keyed(Routing::sniff(deep.as_bytes())).as_deref(), Some("v"));
+        // A repeated routing key: a full parse keeps the last, the routing parse gives up.
+        let twice = br#"{"vehicleId":"a","vehicleId":"b"}"#;
+        assert_eq!(reference(twice).key(), Some("b"));
+        assert_eq!(Routing::sniff(twice), Routing::default());
+        // Invalid UTF-8 inside a skipped string.
+        let mut latin1 = br#"{"vehicleId":"v","data":{"signals":[{"name":"x"#.to_vec();
+        latin1.extend_from_slice(b"\xe9\"}]}}");
+        assert_eq!(reference(&latin1), Routing::default());
+        assert_eq!(keyed(Routing::sniff(&latin1)).as_deref(), Some("v"));
+        // Syntax errors anywhere fail both.
+        same(br#"{"vehicleId":"v","data":{"signals":[1,]}}"#);
+        same(br#"{"vehicleId":"v"} trailing"#);
+    }
 }

@@ -1,9 +1,11 @@
 //! `SC-Signature`: hex HMAC-SHA256 of the raw body under the Application Management Token.
 //!
 //! The only way to obtain a [`Verified`] body is [`ManagementTokens::verify`], so a body that did
-//! not pass the check cannot reach the producer: the type says so. Comparison is constant-time
-//! (`Mac::verify_slice`) and every configured token is tried, so timing does not reveal which one
-//! matched. The VERIFY challenge answer is the same HMAC, which is why [`ManagementTokens::answer_challenge`]
+//! not pass the check cannot reach the producer: the type says so. Tokens are tried in order and the
+//! first that matches ends the check: which token matched is no secret (it is logged and put in the
+//! record headers), so only the comparison itself must be constant-time (`Mac::verify_slice`), and a
+//! delivery signed with the current token costs one HMAC whatever the number of tokens. Each token's
+//! key schedule is computed once, when the list is built. The VERIFY challenge answer is the same HMAC, which is why [`ManagementTokens::answer_challenge`]
 //! is guarded by the receiver (see `SMARTCAR.md` §3).
 
 use bytes::Bytes;
@@ -95,11 +97,19 @@ impl Verified {
 /// The configured Application Management Tokens, current first, then older ones still accepted
 /// during a rotation. Never empty; never printed (`Debug` shows only the count).
 #[derive(Clone)]
-pub struct ManagementTokens(Vec<SecretString>);
+pub struct ManagementTokens {
+    tokens: Vec<SecretString>,
+    /// Each token's HMAC state after its key block, in the same order: a check clones one.
+    keyed: Vec<HmacSha256>,
+}
 
 impl std::fmt::Debug for ManagementTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ManagementTokens({} configured, redacted)", self.0.len())
+        write!(
+            f,
+            "ManagementTokens({} configured, redacted)",
+            self.tokens.len()
+        )
     }
 }
 
@@ -124,7 +134,8 @@ impl ManagementTokens {
         {
             return Err(TokensError::EmptyToken(i));
         }
-        Ok(Self(tokens))
+        let keyed = tokens.iter().map(Self::mac).collect();
+        Ok(Self { tokens, keyed })
     }
 
     /// Parses the comma-separated form used by `CARHOOK__SMARTCAR__MANAGEMENT_TOKENS`.
@@ -141,12 +152,12 @@ impl ManagementTokens {
 
     /// How many tokens are configured.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.tokens.len()
     }
 
     /// Always false: an empty list cannot be built. Present for clippy's `len_without_is_empty`.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.tokens.is_empty()
     }
 
     fn mac(token: &SecretString) -> HmacSha256 {
@@ -157,27 +168,36 @@ impl ManagementTokens {
         }
     }
 
-    /// Checks `header` (the raw `SC-Signature` value, if any) against `body` under every token.
-    /// All tokens are tried whatever matches, in constant time each.
+    /// Checks `header` (the raw `SC-Signature` value, if any) against `body`, token by token in
+    /// order, stopping at the first that matches; each comparison is constant-time.
     pub fn verify(&self, header: Option<&[u8]>, body: Bytes) -> Result<Verified, SignatureError> {
         let sig = Signature::parse(header.ok_or(SignatureError::Missing)?)?;
-        let mut matched = None;
-        for (i, token) in self.0.iter().enumerate() {
-            let mut mac = Self::mac(token);
-            mac.update(&body);
-            if mac.verify_slice(&sig.0).is_ok() && matched.is_none() {
-                matched = Some(i);
-            }
-        }
-        matched
+        self.first_match(&sig, &body, || {})
             .map(|token_index| Verified { body, token_index })
             .ok_or(SignatureError::Mismatch)
+    }
+
+    /// Index of the first token whose HMAC of `body` is `sig`; `computed` is called once per HMAC.
+    fn first_match(
+        &self,
+        sig: &Signature,
+        body: &[u8],
+        mut computed: impl FnMut(),
+    ) -> Option<usize> {
+        self.keyed.iter().position(|keyed| {
+            computed();
+            let mut mac = keyed.clone();
+            mac.update(body);
+            mac.verify_slice(&sig.0).is_ok()
+        })
     }
 
     /// Lower-case hex HMAC of `message` under the current token: the VERIFY challenge answer.
     /// Callers must apply the signing-oracle guard first.
     pub fn answer_challenge(&self, challenge: &str) -> String {
-        sign(&self.0[0], challenge.as_bytes())
+        let mut mac = self.keyed[0].clone();
+        mac.update(challenge.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
     }
 }
 
@@ -232,6 +252,25 @@ mod tests {
                 .map(|v| v.token_index()),
             Err(SignatureError::Mismatch)
         );
+    }
+
+    /// Regression (issue 17): every token was hashed even after the first matched, so a delivery
+    /// signed with the current token cost one full-body HMAC per configured token.
+    #[test]
+    fn verification_stops_at_the_first_matching_token() {
+        let three = tokens(&["new", "old", "older"]);
+        let body = b"{\"eventId\":\"e\"}";
+        let count = |by: &str| {
+            let sig = sign(&SecretString::from(by.to_string()), body);
+            let sig = Signature::parse(sig.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            let mut n = 0;
+            let matched = three.first_match(&sig, body, || n += 1);
+            (matched, n)
+        };
+        assert_eq!(count("new"), (Some(0), 1));
+        assert_eq!(count("old"), (Some(1), 2));
+        assert_eq!(count("older"), (Some(2), 3));
+        assert_eq!(count("other"), (None, 3));
     }
 
     #[test]

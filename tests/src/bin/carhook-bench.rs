@@ -12,20 +12,16 @@
 //! Results go to `bench/results-<date>.json` and `bench/latest.md`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use carhook_tests::sim::load::{self, body_from, body_template, LoadSpec, Mode};
 use carhook_tests::*;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
-const CONCURRENCY: usize = 64;
+#[path = "../bench/receiver.rs"]
+mod receiver;
 
 fn secs(name: &str, default: u64) -> Duration {
     Duration::from_secs(
@@ -34,120 +30,6 @@ fn secs(name: &str, default: u64) -> Duration {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default),
     )
-}
-
-/// A hyper server that answers 200 to anything: the HTTP ceiling of this machine.
-async fn bare_server() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    use http_body_util::BodyExt;
-                    let _ = req.into_body().collect().await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(b"{\"status\":\"accepted\"}"),
-                    )))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-/// The same record sizes through a plain idempotent acks=all producer, CONCURRENCY in flight.
-async fn producer_loop(
-    s: &shared::config::Settings,
-    body_bytes: usize,
-    duration: Duration,
-) -> Value {
-    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
-        .create()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let template: Arc<str> = Arc::from(body_template(body_bytes));
-    let topic = s.kafka.events_topic.clone();
-    let deadline = Instant::now() + duration;
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..CONCURRENCY {
-        let (producer, template, topic) = (producer.clone(), Arc::clone(&template), topic.clone());
-        workers.push(tokio::spawn(async move {
-            let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
-            let mut n = w as u64 * 1_000_000;
-            while Instant::now() < deadline {
-                let body = body_from(&template, n);
-                let key = format!("load-veh-{}", n % 1000);
-                let t = Instant::now();
-                let ok = producer
-                    .send(
-                        FutureRecord::to(&topic).key(&key).payload(&body),
-                        Duration::from_secs(5),
-                    )
-                    .await
-                    .is_ok();
-                if ok {
-                    let _ = h.record(
-                        u64::try_from(t.elapsed().as_micros())
-                            .unwrap_or(u64::MAX)
-                            .max(1),
-                    );
-                }
-                n += 1;
-            }
-            h
-        }));
-    }
-    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
-    for w in workers {
-        if let Ok(h) = w.await {
-            let _ = all.add(h);
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    json!({"throughput_per_sec": all.len() as f64 / secs, "p99_ms": all.value_at_quantile(0.99) as f64 / 1000.0, "requests": all.len()})
-}
-
-fn load_json(r: &load::LoadReport) -> Value {
-    json!({"throughput_per_sec": r.throughput_per_sec, "p99_ms": r.latency_ms.get("p99"), "p50_ms": r.latency_ms.get("p50"),
-        "requests": r.requests, "statuses": r.statuses})
-}
-
-async fn receiver_figures(body_bytes: usize, duration: Duration) -> Value {
-    let bare = bare_server().await;
-    let spec = |addr, path: &str| LoadSpec {
-        addr,
-        path: path.to_string(),
-        token: TOKEN.to_string(),
-        mode: Mode::Concurrency(CONCURRENCY),
-        duration,
-        body_bytes,
-        max_inflight: 4096,
-    };
-    let bare_r = load::run(spec(bare, "/webhooks/smartcar"), None).await;
-    let s = settings(&[("CARHOOK__RECEIVER__MAX_INFLIGHT", "4096")]);
-    let r = spawn_receiver(&s).await;
-    let recv_r = load::run(spec(r.addr, &s.receiver.path), None).await;
-    r.stop().await;
-    let prod = producer_loop(&s, body_bytes, duration).await;
-    let limit = bare_r
-        .throughput_per_sec
-        .min(prod["throughput_per_sec"].as_f64().unwrap_or(f64::MAX));
-    json!({
-        "body_bytes": recv_r.body_bytes,
-        "receiver": load_json(&recv_r),
-        "bare_hyper": load_json(&bare_r),
-        "plain_producer": prod,
-        "ratio_to_smaller_limit": recv_r.throughput_per_sec / limit,
-    })
 }
 
 /// Pre-fills a fresh events topic with `n` events, then measures the processor draining it, the
@@ -463,6 +345,7 @@ async fn cql_costs(n: usize) -> Value {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    receiver::serve_if_asked().await;
     if std::env::var("BENCH_ONLY").as_deref() == Ok("cql") {
         let v = cql_costs(
             std::env::var("BENCH_EVENTS")
@@ -504,10 +387,15 @@ async fn main() {
             )
             .unwrap_or_default()
     );
-    eprintln!("bench: receiver 4 KB ...");
-    let r4 = receiver_figures(4096, dur).await;
-    eprintln!("bench: receiver 50 KB ...");
-    let r50 = receiver_figures(50_000, dur).await;
+    let (r4, r50, receiver_md) = receiver::figures(dur.as_secs()).await;
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("receiver") {
+        let all = json!({"receiver_4kb": r4, "receiver_50kb": r50});
+        println!(
+            "{}\n{receiver_md}",
+            serde_json::to_string_pretty(&all).unwrap_or_default()
+        );
+        return;
+    }
     eprintln!("bench: processor 4 KB ...");
     let p4 = processor_figures(events, 4096).await;
     eprintln!("bench: processor 50 KB ...");
@@ -539,28 +427,8 @@ async fn main() {
         serde_json::to_string_pretty(&all).unwrap_or_default(),
     );
     let mut md = format!("Measured {stamp} UTC on {machine} (`make bench`; Kafka, Cassandra and the services all on this machine).\n\n");
-    md.push_str("| figure | 4 KB | 50 KB | limit it is measured against |\n|---|---|---|---|\n");
-    for (label, key) in [
-        ("receiver acknowledged req/s (64 conns)", "receiver"),
-        ("bare hyper 200 req/s", "bare_hyper"),
-        ("plain rdkafka producer rec/s (acks=all)", "plain_producer"),
-    ] {
-        md.push_str(&format!(
-            "| {label} | {} | {} | |\n",
-            f(&r4[key]["throughput_per_sec"]),
-            f(&r50[key]["throughput_per_sec"])
-        ));
-        md.push_str(&format!(
-            "| {label}: p99 ms | {} | {} | |\n",
-            f(&r4[key]["p99_ms"]),
-            f(&r50[key]["p99_ms"])
-        ));
-    }
-    md.push_str(&format!(
-        "| receiver / min(bare hyper, plain producer) | {} | {} | 1.0 = at the limit |\n",
-        f(&r4["ratio_to_smaller_limit"]),
-        f(&r50["ratio_to_smaller_limit"])
-    ));
+    md.push_str(&receiver_md);
+    md.push_str("\n| figure | 4 KB | 50 KB | limit it is measured against |\n|---|---|---|---|\n");
     md.push_str(&format!(
         "| processor drain events/s | {} | {} | |\n",
         f(&p4["processor_drain_per_sec"]),
