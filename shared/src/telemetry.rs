@@ -502,11 +502,16 @@ pub fn tracer_provider(
         ))))
         .with_resource(resource(s, default_service));
     if let Some(export) = export_settings(s, &|k| std::env::var(k).ok())? {
-        // Built on a plain thread: the HTTP exporter's blocking client owns a runtime, which may
-        // be neither created nor dropped inside the service's tokio runtime.
-        let built = std::thread::spawn(move || exporter(export))
-            .join()
-            .map_err(|_| TelemetryError::Exporter("building the exporter panicked".into()))??;
+        let built = if export.protocol == Some(OtlpProtocol::HttpProtobuf) {
+            // On a plain thread: the HTTP exporter's blocking client owns a runtime, which may be
+            // neither created nor dropped inside the service's tokio runtime.
+            std::thread::spawn(move || exporter(export))
+                .join()
+                .map_err(|_| TelemetryError::Exporter("building the exporter panicked".into()))??
+        } else {
+            // Here: the gRPC channel needs the service's tokio runtime.
+            exporter(export)?
+        };
         builder = builder.with_batch_exporter(built);
     }
     Ok(builder.build())
