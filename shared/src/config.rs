@@ -261,6 +261,9 @@ pub struct ProcessorSettings {
     pub batch_max: usize,
     /// How long to wait to fill a batch.
     pub batch_wait_ms: u64,
+    /// Records processed at once (lanes: each holds one partition's events of some vehicles, in
+    /// order). Also replay's concurrency.
+    pub concurrency: usize,
     /// Deterministic failures of one record before it is dead-lettered.
     pub max_attempts: u32,
     /// Version of the state-derivation logic: breaks ties at equal `oemUpdatedAt` on replay.
@@ -287,6 +290,7 @@ impl Default for ProcessorSettings {
             instance_id: "processor-0".into(),
             batch_max: 500,
             batch_wait_ms: 50,
+            concurrency: 32,
             max_attempts: 3,
             logic_version: 1,
             rate_limit_backoff_secs: 900,
@@ -478,6 +482,9 @@ impl Settings {
         let p = &self.processor;
         if p.batch_max == 0 {
             return Err(invalid("processor.batch_max", "must be positive"));
+        }
+        if !(1..=1024).contains(&p.concurrency) {
+            return Err(invalid("processor.concurrency", "must be between 1 and 1024"));
         }
         if p.max_attempts == 0 {
             return Err(invalid("processor.max_attempts", "must be positive"));
