@@ -34,8 +34,8 @@
 //! moves on.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -388,7 +388,10 @@ impl Worker {
             Err(_) => return (batch, revoked),
         }
         let deadline = Instant::now() + Duration::from_millis(p.batch_wait_ms);
-        let mut bytes: usize = batch.iter().map(|m| m.payload().map_or(0, <[u8]>::len)).sum();
+        let mut bytes: usize = batch
+            .iter()
+            .map(|m| m.payload().map_or(0, <[u8]>::len))
+            .sum();
         while batch.len() < p.batch_max && bytes < PREFETCH_BYTES {
             let left = deadline.saturating_duration_since(Instant::now());
             let m = tokio::time::timeout(left, self.consumer.recv()).await;

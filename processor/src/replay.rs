@@ -633,12 +633,18 @@ mod tests {
         };
         // Pinned: FNV-1a of "from=0:120,1:98|to=t1761896351000|vehicle=car-1". A change here
         // silently restarts every interrupted replay from its start.
-        assert_eq!(default_group("carhook", &req), "carhook-replay-a6db86003063");
+        assert_eq!(
+            default_group("carhook", &req),
+            "carhook-replay-a6db86003063"
+        );
         let other = ReplayRequest {
             vehicle: None,
             ..req.clone()
         };
-        assert_ne!(default_group("carhook", &other), default_group("carhook", &req));
+        assert_ne!(
+            default_group("carhook", &other),
+            default_group("carhook", &req)
+        );
     }
 
     #[test]

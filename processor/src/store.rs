@@ -142,8 +142,11 @@ fn claim_result(res: QueryResult) -> Result<(bool, Option<StoredClaim>), String>
     if matches!(cell(Some(applied_at)), Some(CqlValue::Boolean(true))) {
         return Ok((true, None));
     }
-    let (Some(CqlValue::Text(topic)), Some(CqlValue::Int(partition)), Some(CqlValue::BigInt(offset))) =
-        (cell(topic_at), cell(partition_at), cell(offset_at))
+    let (
+        Some(CqlValue::Text(topic)),
+        Some(CqlValue::Int(partition)),
+        Some(CqlValue::BigInt(offset)),
+    ) = (cell(topic_at), cell(partition_at), cell(offset_at))
     else {
         return Ok((false, None));
     };

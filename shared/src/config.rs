@@ -484,7 +484,10 @@ impl Settings {
             return Err(invalid("processor.batch_max", "must be positive"));
         }
         if !(1..=1024).contains(&p.concurrency) {
-            return Err(invalid("processor.concurrency", "must be between 1 and 1024"));
+            return Err(invalid(
+                "processor.concurrency",
+                "must be between 1 and 1024",
+            ));
         }
         if p.max_attempts == 0 {
             return Err(invalid("processor.max_attempts", "must be positive"));

@@ -268,10 +268,7 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     }
     let admins: Vec<SocketAddr> = procs.iter().map(|p| p.admin).collect();
     let (drain, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
-    let rss = procs
-        .iter()
-        .map(Child::peak_rss_mb)
-        .fold(0.0_f64, f64::max);
+    let rss = procs.iter().map(Child::peak_rss_mb).fold(0.0_f64, f64::max);
     drop(procs);
     let plain = plain_loop(&s, n, body_bytes, concurrency).await;
     let st = carhook_processor::store::Store::prepare(
@@ -324,12 +321,19 @@ fn plain_concurrency(s: &Settings) -> usize {
 pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs: usize) -> Value {
     let mut all = Vec::new();
     for r in 0..runs {
-        eprintln!("bench:   run {}/{runs} ({n} events of {body_bytes} B, {instances} processor(s))", r + 1);
+        eprintln!(
+            "bench:   run {}/{runs} ({n} events of {body_bytes} B, {instances} processor(s))",
+            r + 1
+        );
         let v = processor_run(n, body_bytes, instances).await;
         eprintln!("bench:   {v}");
         all.push(v);
     }
-    let pick = |k: &str| -> Vec<f64> { all.iter().map(|v| v[k].as_f64().unwrap_or(f64::NAN)).collect() };
+    let pick = |k: &str| -> Vec<f64> {
+        all.iter()
+            .map(|v| v[k].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
     let mut out = serde_json::Map::new();
     for k in [
         "processor_drain_per_sec",
@@ -342,9 +346,16 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
         out.insert(k.to_string(), summary(&pick(k)));
     }
     out.insert("events".into(), json!(n));
-    out.insert("body_bytes".into(), all.first().map_or(Value::Null, |v| v["body_bytes"].clone()));
+    out.insert(
+        "body_bytes".into(),
+        all.first().map_or(Value::Null, |v| v["body_bytes"].clone()),
+    );
     out.insert("instances".into(), json!(instances));
-    out.insert("concurrency".into(), all.first().map_or(Value::Null, |v| v["concurrency"].clone()));
+    out.insert(
+        "concurrency".into(),
+        all.first()
+            .map_or(Value::Null, |v| v["concurrency"].clone()),
+    );
     Value::Object(out)
 }
 

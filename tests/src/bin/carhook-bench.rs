@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use carhook_tests::sim::load::{self, body_from, body_template, LoadSpec, Mode};
 use carhook_tests::bench::processor::{end_to_end, processor_figures};
+use carhook_tests::sim::load::{self, body_from, body_template, LoadSpec, Mode};
 use carhook_tests::*;
 use clap::{Parser, ValueEnum};
 use http_body_util::Full;
@@ -281,7 +281,13 @@ enum Figure {
 #[command(name = "carhook-bench")]
 struct Args {
     /// The figures to measure (repeat the flag or separate with commas).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "all", env = "BENCH_ONLY")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "all",
+        env = "BENCH_ONLY"
+    )]
     figure: Vec<Figure>,
     /// Measurements per processor figure (median and spread are reported).
     #[arg(long, default_value_t = 3, env = "BENCH_RUNS")]
@@ -347,7 +353,9 @@ async fn main() {
         let r4 = receiver_figures(4096, dur).await;
         eprintln!("bench: receiver 50 KB ...");
         let r50 = receiver_figures(50_000, dur).await;
-        md.push_str("| figure | 4 KB | 50 KB | limit it is measured against |\n|---|---|---|---|\n");
+        md.push_str(
+            "| figure | 4 KB | 50 KB | limit it is measured against |\n|---|---|---|---|\n",
+        );
         for (label, key) in [
             ("receiver acknowledged req/s (64 conns)", "receiver"),
             ("bare hyper 200 req/s", "bare_hyper"),
@@ -383,7 +391,11 @@ async fn main() {
         md.push_str("| figure | 4 KB | 50 KB | target |\n|---|---|---|---|\n");
         for (label, key, target) in [
             ("processor drain events/s", "processor_drain_per_sec", ""),
-            ("plain CQL loop (same writes) events/s", "plain_cql_loop_per_sec", ""),
+            (
+                "plain CQL loop (same writes) events/s",
+                "plain_cql_loop_per_sec",
+                "",
+            ),
             ("processor / plain CQL loop", "ratio", "≥ 0.8"),
             ("replay catch-up events/s", "replay_per_sec", ""),
             ("replay / processor drain", "replay_to_drain", "≥ 1.0"),
