@@ -170,7 +170,7 @@ pub fn transactional_producer(
 
 /// Bytes of records librdkafka may prefetch, and bytes of payload one batch may hold: with one
 /// batch processing and one committing, the processor holds at most about three times this.
-const PREFETCH_BYTES: usize = 8 << 20;
+const PREFETCH_BYTES: usize = 4 << 20;
 
 /// How long one transaction may take from its first call to its end: librdkafka's
 /// `transaction.timeout.ms` (set below), after which the broker aborts it anyway.

@@ -208,7 +208,7 @@ pub async fn replay(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
-        .set("queued.max.messages.kbytes", "8192")
+        .set("queued.max.messages.kbytes", "4096")
         .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
@@ -379,13 +379,18 @@ fn pace(read: u64, rate: u32, elapsed: Duration) -> Duration {
     Duration::from_secs_f64(read as f64 / f64::from(rate)).saturating_sub(elapsed)
 }
 
-/// Up to `want` records: waits up to 5 s for the first, then takes what arrives within 20 ms.
+/// Up to `want` records or about 4 MB of payload: waits up to 5 s for the first, then takes what
+/// arrives within 20 ms.
 async fn collect(consumer: &StreamConsumer, want: usize) -> Vec<OwnedMessage> {
     let mut out = Vec::new();
+    let mut bytes = 0;
     let mut wait = Duration::from_secs(5);
-    while out.len() < want {
+    while out.len() < want && bytes < 4 << 20 {
         match tokio::time::timeout(wait, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Ok(m)) => {
+                bytes += m.payload().map_or(0, <[u8]>::len);
+                out.push(m.detach());
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "replay consumer error");
                 break;
@@ -496,7 +501,10 @@ async fn replay_one(
         ctx.received_at,
         ctx.max_skew_ms,
     );
-    let delivered_at = match store.read_claim(event.envelope.event_id.as_str()).await? {
+    let delivered_at = match store
+        .read_decided_claim(event.envelope.event_id.as_str())
+        .await?
+    {
         Some(c)
             if c.owner.topic == msg.topic()
                 && c.owner.partition == msg.partition()

@@ -83,6 +83,7 @@ pub struct Store {
     keyspace: String,
     claim: PreparedStatement,
     read_claim: PreparedStatement,
+    read_settled_claim: PreparedStatement,
     take_over: PreparedStatement,
     reset_claim: PreparedStatement,
     mark_dead: PreparedStatement,
@@ -201,6 +202,12 @@ impl Store {
         .await?;
         // A linearizable read: sees any claim a concurrent LWT has committed.
         read_claim.set_consistency(scylla::statement::Consistency::LocalSerial);
+        // The same row at LOCAL_QUORUM: sees every claim whose Paxos round has committed.
+        let mut read_settled_claim = p(format!(
+            "SELECT status, topic, partition, \"offset\", delivered_at FROM {ks}.processed_events WHERE event_id = ?"
+        ))
+        .await?;
+        read_settled_claim.set_consistency(scylla::statement::Consistency::LocalQuorum);
         let take_over = p(format!(
             "UPDATE {ks}.processed_events USING TTL ? SET status = 'claimed', topic = ?, partition = ?, \"offset\" = ?, claimed_by = ? \
              WHERE event_id = ? IF status = 'dead_lettered'"
@@ -260,6 +267,7 @@ impl Store {
             keyspace: ks.to_string(),
             claim,
             read_claim,
+            read_settled_claim,
             take_over,
             reset_claim,
             mark_dead,
@@ -364,11 +372,37 @@ impl Store {
         })
     }
 
+    /// The claim of `event_id` for replay, where claims are long decided: a plain LOCAL_QUORUM
+    /// read, which sees every committed claim (a Paxos commit is a quorum write); only when it
+    /// finds none — the one case where a claim could still be in flight — is it read again
+    /// linearizably. So it answers what [`Store::read_claim`] would, without a Paxos round per
+    /// event.
+    pub async fn read_decided_claim(
+        &self,
+        event_id: &str,
+    ) -> Result<Option<StoredClaim>, StoreError> {
+        match self
+            .read_claim_with(&self.read_settled_claim, event_id)
+            .await?
+        {
+            Some(c) => Ok(Some(c)),
+            None => self.read_claim(event_id).await,
+        }
+    }
+
     /// The claim of `event_id`, read linearizably (None when there is none).
     pub async fn read_claim(&self, event_id: &str) -> Result<Option<StoredClaim>, StoreError> {
+        self.read_claim_with(&self.read_claim, event_id).await
+    }
+
+    async fn read_claim_with(
+        &self,
+        statement: &PreparedStatement,
+        event_id: &str,
+    ) -> Result<Option<StoredClaim>, StoreError> {
         let res = self
             .session
-            .execute_unpaged(&self.read_claim, (event_id,))
+            .execute_unpaged(statement, (event_id,))
             .await
             .map_err(|e| StoreError::from_exec("read claim", e))?;
         let row = res

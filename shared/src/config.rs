@@ -289,7 +289,7 @@ impl Default for ProcessorSettings {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             instance_id: "processor-0".into(),
             batch_max: 500,
-            batch_wait_ms: 50,
+            batch_wait_ms: 10,
             concurrency: 32,
             max_attempts: 3,
             logic_version: 1,
