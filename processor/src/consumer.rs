@@ -1,28 +1,45 @@
-//! The consumer loop: batches of records, one Kafka transaction per batch.
+//! The consumer loop: batches of records, processed in lanes, committed in Kafka transactions
+//! that overlap the processing of the next batch.
 //!
-//! Each batch is split by partition; partitions run concurrently, records within a partition run
-//! in order. The CQL effects of every record are durable before the batch's transaction starts.
-//! The transaction then carries, atomically: the batch's action records, its dead letters, and the
-//! consumer offsets (`send_offsets_to_transaction`). So:
-//! - a crash or kill -9 anywhere before the commit aborts the transaction: no action or dead letter
+//! Each batch is split by partition and, inside a partition, into lanes by vehicle
+//! ([`crate::lanes`]); up to `processor.concurrency` lanes run at once, records within a lane run in
+//! offset order. Results are put back in offset order per partition. The CQL effects of every
+//! record are durable before it is handed to a transaction. A transaction carries, atomically: the
+//! action records and dead letters of exactly the records whose offsets it commits (each
+//! partition's contiguous finished prefix), and those offsets (`send_offsets_to_transaction`).
+//! While one batch's transaction commits, the next batch is processed; the loop only polls Kafka
+//! (and so only sees rebalances) between the two.
+//!
+//! Why exactly-once still holds:
+//! - an offset is committed only with the actions and dead letters of the records below it, and
+//!   only once every record below it is finished (the prefix rule), so a commit never skips an
+//!   unfinished record, and nothing is emitted for a record whose offset is not committed with it;
+//! - a crash or kill -9 anywhere before a commit aborts its transaction: no action or dead letter
 //!   becomes visible to read_committed consumers, the offsets do not move, and the records are
-//!   processed again — their state writes are idempotent and their claims name them as owners;
-//! - a crash after the commit loses nothing: everything the batch did is already durable.
+//!   processed again — their state writes are idempotent (write timestamps), their claims name them
+//!   as owners, and a flag change re-emits its action (the aborted one was never visible);
+//! - records processed but not committed (past a failed one, in the batch behind an aborted
+//!   transaction, or of a partition revoked while they waited) are processed again from the
+//!   committed offset, by this instance or the new owner, with the same effects; they are dropped
+//!   here, never committed late: a partition revoked while its results waited is left out of the
+//!   transaction, since its new owner starts from the old committed offset;
+//! - two copies of one event id carry the same key (the vehicle, else the event id) and so run in
+//!   the same lane, one after the other; across partitions the claim's LWT decides the owner;
+//! - a crash after a commit loses nothing: everything it covers was durable before it began.
 //!
-//! A transient failure (store down, timeout) stops that partition at the failed record: offsets are
-//! committed only up to the record before it, the partition is rewound to it, the processor reports
-//! not ready and backs off with jitter, then resumes by itself. A poison record is dead-lettered
-//! inside the transaction and the partition moves on.
-//!
-//! Rebalances (cooperative-sticky) happen only while the loop polls. Records of partitions revoked
-//! while a batch was being collected are abandoned, not committed: the new owner starts from the
-//! last committed offset.
+//! A transient failure (store down, timeout) stops that lane at the failed record and the other
+//! lanes of its partition before records past it; the partition's prefix before it is committed,
+//! the partition is rewound to it, the processor reports not ready and backs off with jitter, then
+//! resumes by itself. A poison record is dead-lettered inside the transaction and the partition
+//! moves on.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::stream::{self, StreamExt};
 use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -37,12 +54,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dead_letter::{dead_letter_headers, header_str};
+use crate::lanes::{self, LaneResult};
 use crate::metrics::Metrics;
 use crate::pipeline::{Disposition, Pipeline};
 
-/// Logs and counts rebalances.
+/// Logs and counts rebalances, and remembers revoked partitions for the loop (see `collect`).
 pub struct GroupContext {
     metrics: Metrics,
+    revoked: std::sync::Mutex<Vec<i32>>,
+}
+
+impl GroupContext {
+    /// Partitions revoked since the last call.
+    fn take_revoked(&self) -> Vec<i32> {
+        self.revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default()
+    }
 }
 
 impl ClientContext for GroupContext {}
@@ -60,6 +89,11 @@ impl ConsumerContext for GroupContext {
         let partitions: Vec<i32> = list
             .map(|l| l.elements().iter().map(|e| e.partition()).collect())
             .unwrap_or_default();
+        if kind == "revoke" {
+            if let Ok(mut r) = self.revoked.lock() {
+                r.extend(&partitions);
+            }
+        }
         self.metrics
             .rebalances
             .get_or_create(&vec![("kind", kind.to_string())])
@@ -97,11 +131,20 @@ pub fn consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
+        // Prefetch bounded by memory, not by librdkafka's 64 MB default: with 50 KB events that
+        // alone would exceed the processor's memory budget.
+        .set(
+            "queued.max.messages.kbytes",
+            (PREFETCH_BYTES / 1024).to_string(),
+        )
         .set(
             "client.id",
             format!("carhook-processor-{}", settings.processor.instance_id),
         );
-    c.create_with_context(GroupContext { metrics })
+    c.create_with_context(GroupContext {
+        metrics,
+        revoked: std::sync::Mutex::new(Vec::new()),
+    })
 }
 
 /// Builds the transactional producer. The transactional id is stable per instance, so a restarted
@@ -124,6 +167,10 @@ pub fn transactional_producer(
         .set("message.timeout.ms", "25000");
     c.create()
 }
+
+/// Bytes of records librdkafka may prefetch, and bytes of payload one batch may hold: with one
+/// batch processing and one committing, the processor holds at most about three times this.
+const PREFETCH_BYTES: usize = 4 << 20;
 
 /// How long one transaction may take from its first call to its end: librdkafka's
 /// `transaction.timeout.ms` (set below), after which the broker aborts it anyway.
@@ -201,44 +248,54 @@ impl Worker {
         self.readiness.set("consumer", true);
         self.readiness.set("transactions", true);
         let mut failures: u32 = 0;
+        // Processed, not yet committed: committed while the next batch is processed.
+        let mut pending: Vec<PartitionRun> = Vec::new();
         while !shutdown.is_cancelled() {
-            let batch = self.collect(&shutdown).await;
+            let (batch, revoked) = self.collect(&shutdown, !pending.is_empty()).await;
+            // Revoked while collecting: the new owner (or this instance, from the committed offset)
+            // processes these records again, so they must not be committed here.
+            pending.retain(|r| !revoked.contains(&r.partition));
             if batch.is_empty() {
+                if !pending.is_empty() {
+                    let runs = std::mem::take(&mut pending);
+                    match self.commit(&runs).await {
+                        Ok(()) => self.committed(&runs),
+                        Err(f) => {
+                            self.rewind(runs.iter().map(|r| (r.partition, r.first_offset)));
+                            self.failed_commit(f, &mut failures, &shutdown).await?;
+                        }
+                    }
+                }
                 continue;
             }
-            let runs = self.process(batch).await;
-            let any_failed = runs.iter().any(|r| r.failed.is_some());
-            match self.commit(&runs).await {
-                Ok(()) => {
-                    self.readiness.set("transactions", true);
-                    self.finish(&runs);
-                }
-                Err(TxnFailure::Aborted(e)) => {
-                    self.metrics
-                        .transactions
-                        .get_or_create(&vec![("result", "aborted".to_string())])
-                        .inc();
-                    self.readiness.set("transactions", false);
-                    tracing::warn!(error = %e, "transaction aborted; batch will be processed again");
-                    self.rewind(runs.iter().map(|r| (r.partition, r.first_offset)));
-                    failures += 1;
-                    self.backoff(failures, &shutdown).await;
+            let committing = std::mem::take(&mut pending);
+            let (commit, runs) = tokio::join!(self.commit(&committing), self.process(batch));
+            match commit {
+                Ok(()) => self.committed(&committing),
+                Err(f) => {
+                    // Neither the batch that was committing nor the one processed meanwhile is
+                    // committed: both are processed again from their first offsets.
+                    let mut from: BTreeMap<i32, i64> = BTreeMap::new();
+                    for r in committing.iter().chain(&runs) {
+                        let o = from.entry(r.partition).or_insert(r.first_offset);
+                        *o = (*o).min(r.first_offset);
+                    }
+                    self.rewind(from.into_iter());
+                    self.failed_commit(f, &mut failures, &shutdown).await?;
                     continue;
                 }
-                Err(TxnFailure::Unusable(e)) => {
-                    self.metrics
-                        .transactions
-                        .get_or_create(&vec![("result", "failed".to_string())])
-                        .inc();
-                    self.readiness.set("transactions", false);
-                    return Err(LoopError::Fatal(e));
-                }
             }
+            let any_failed = runs.iter().any(|r| r.failed.is_some());
             if any_failed {
+                // Before the next collect: the partition resumes at the failed record, and only
+                // the prefix before it is committed (with the next batch).
                 self.rewind(
                     runs.iter()
                         .filter_map(|r| r.failed.as_ref().map(|(o, _)| (r.partition, *o))),
                 );
+            }
+            pending = runs;
+            if any_failed {
                 failures += 1;
                 self.readiness.set("store", false);
                 self.backoff(failures, &shutdown).await;
@@ -247,30 +304,103 @@ impl Worker {
                 self.readiness.set("store", true);
             }
         }
+        if !pending.is_empty() {
+            match self.commit(&pending).await {
+                Ok(()) => self.committed(&pending),
+                Err(TxnFailure::Aborted(e)) => {
+                    tracing::warn!(error = %e, "last transaction aborted at shutdown; the next owner processes it again");
+                }
+                Err(TxnFailure::Unusable(e)) => return Err(LoopError::Fatal(e)),
+            }
+        }
         self.readiness.set("consumer", false);
         Ok(())
     }
 
-    async fn collect(&self, shutdown: &CancellationToken) -> Vec<OwnedMessage> {
+    /// After a successful commit.
+    fn committed(&self, runs: &[PartitionRun]) {
+        if runs.iter().any(|r| !r.done.is_empty()) {
+            self.readiness.set("transactions", true);
+        }
+        self.finish(runs);
+    }
+
+    /// After a transaction that did not commit: counts it, and either backs off (aborted) or gives
+    /// the producer up (the supervisor rebuilds the clients).
+    async fn failed_commit(
+        &self,
+        failure: TxnFailure,
+        failures: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LoopError> {
+        match failure {
+            TxnFailure::Aborted(e) => {
+                self.metrics
+                    .transactions
+                    .get_or_create(&vec![("result", "aborted".to_string())])
+                    .inc();
+                self.readiness.set("transactions", false);
+                tracing::warn!(error = %e, "transaction aborted; its records will be processed again");
+                *failures += 1;
+                self.backoff(*failures, shutdown).await;
+                Ok(())
+            }
+            TxnFailure::Unusable(e) => {
+                self.metrics
+                    .transactions
+                    .get_or_create(&vec![("result", "failed".to_string())])
+                    .inc();
+                self.readiness.set("transactions", false);
+                Err(LoopError::Fatal(e))
+            }
+        }
+    }
+
+    /// Collects a batch; returns it with the partitions revoked meanwhile. Records of a revoked
+    /// partition received before its revocation are dropped: if it comes back, librdkafka fetches
+    /// it again from the committed offset (and drops what it had queued before), so what follows
+    /// in this batch starts there. With `pending` (results waiting to commit) an idle wait is cut
+    /// short, so they are committed promptly.
+    async fn collect(
+        &self,
+        shutdown: &CancellationToken,
+        pending: bool,
+    ) -> (Vec<OwnedMessage>, Vec<i32>) {
         let p = &self.settings.processor;
-        let mut batch = Vec::new();
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return batch,
-            m = tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()) => m,
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let mut revoked: Vec<i32> = Vec::new();
+        let first_wait = if pending {
+            Duration::from_millis(p.batch_wait_ms.max(1))
+        } else {
+            Duration::from_secs(1)
         };
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return (batch, revoked),
+            m = tokio::time::timeout(first_wait, self.consumer.recv()) => m,
+        };
+        self.drop_revoked(&mut batch, &mut revoked);
         match first {
             Ok(Ok(m)) => batch.push(m.detach()),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "consumer error");
-                return batch;
+                return (batch, revoked);
             }
-            Err(_) => return batch,
+            Err(_) => return (batch, revoked),
         }
         let deadline = Instant::now() + Duration::from_millis(p.batch_wait_ms);
-        while batch.len() < p.batch_max {
+        let mut bytes: usize = batch
+            .iter()
+            .map(|m| m.payload().map_or(0, <[u8]>::len))
+            .sum();
+        while batch.len() < p.batch_max && bytes < PREFETCH_BYTES {
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m.detach()),
+            let m = tokio::time::timeout(left, self.consumer.recv()).await;
+            self.drop_revoked(&mut batch, &mut revoked);
+            match m {
+                Ok(Ok(m)) => {
+                    bytes += m.payload().map_or(0, <[u8]>::len);
+                    batch.push(m.detach());
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     break;
@@ -285,28 +415,80 @@ impl Worker {
             .map(|l| l.elements().iter().map(|e| e.partition()).collect())
             .unwrap_or_default();
         batch.retain(|m| assigned.contains(&m.partition()));
-        batch
+        (batch, revoked)
     }
 
+    fn drop_revoked(&self, batch: &mut Vec<OwnedMessage>, revoked: &mut Vec<i32>) {
+        let r = self.consumer.context().take_revoked();
+        if !r.is_empty() {
+            batch.retain(|m| !r.contains(&m.partition()));
+            revoked.extend(r);
+        }
+    }
+
+    /// Processes a batch: each partition split into lanes by vehicle ([`crate::lanes`]), at most
+    /// `processor.concurrency` lanes at a time, results resequenced per partition.
     async fn process(&self, batch: Vec<OwnedMessage>) -> Vec<PartitionRun> {
-        let by_partition = by_partition(batch);
-        join_all(
-            by_partition
-                .into_iter()
-                .map(|(partition, msgs)| self.process_partition(partition, msgs)),
-        )
-        .await
+        let concurrency = self.settings.processor.concurrency.max(1);
+        let mut first_offsets = BTreeMap::new();
+        let mut lanes = Vec::new();
+        for (partition, msgs) in by_partition(batch) {
+            first_offsets.insert(partition, msgs.first().map_or(0, Message::offset));
+            lanes.extend(lanes::split(partition, msgs, concurrency));
+        }
+        // The lowest offset that failed so far, per partition: lanes of that partition stop before
+        // records past it, which could not be committed anyway.
+        let stops: BTreeMap<i32, AtomicI64> = first_offsets
+            .keys()
+            .map(|p| (*p, AtomicI64::new(i64::MAX)))
+            .collect();
+        let results: Vec<(i32, LaneResult<Done>)> = stream::iter(lanes)
+            .map(|lane| self.process_lane(lane, &stops))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut by_part: BTreeMap<i32, Vec<LaneResult<Done>>> = BTreeMap::new();
+        for (p, r) in results {
+            by_part.entry(p).or_default().push(r);
+        }
+        by_part
+            .into_iter()
+            .map(|(partition, results)| {
+                let r = lanes::resequence(results);
+                if r.discarded > 0 {
+                    tracing::debug!(
+                        partition,
+                        discarded = r.discarded,
+                        "records past a failed one are processed again after the rewind"
+                    );
+                }
+                PartitionRun {
+                    partition,
+                    first_offset: first_offsets.get(&partition).copied().unwrap_or(0),
+                    done: r.done.into_iter().map(|(_, d)| d).collect(),
+                    failed: r.failed,
+                }
+            })
+            .collect()
     }
 
-    async fn process_partition(&self, partition: i32, msgs: Vec<OwnedMessage>) -> PartitionRun {
-        let first_offset = msgs.first().map_or(0, |m| m.offset());
-        let mut run = PartitionRun {
-            partition,
-            first_offset,
-            done: Vec::with_capacity(msgs.len()),
+    /// One lane, record after record in offset order; stops at the first transient failure, or
+    /// before a record past another lane's failure in the same partition.
+    async fn process_lane(
+        &self,
+        lane: lanes::Lane,
+        stops: &BTreeMap<i32, AtomicI64>,
+    ) -> (i32, LaneResult<Done>) {
+        let partition = lane.partition;
+        let stop = stops.get(&partition);
+        let mut out = LaneResult {
+            done: Vec::with_capacity(lane.records.len()),
             failed: None,
         };
-        for msg in msgs {
+        for msg in lane.records {
+            if stop.is_some_and(|s| msg.offset() > s.load(Ordering::Acquire)) {
+                break;
+            }
             let started = Instant::now();
             let span = tracing::info_span!(
                 "process",
@@ -338,21 +520,27 @@ impl Worker {
             .instrument(span.clone())
             .await;
             match result {
-                Ok(disposition) => run.done.push(Done {
-                    msg,
-                    disposition,
-                    elapsed: started.elapsed(),
-                    span,
-                }),
+                Ok(disposition) => out.done.push((
+                    msg.offset(),
+                    Done {
+                        msg,
+                        disposition,
+                        elapsed: started.elapsed(),
+                        span,
+                    },
+                )),
                 Err(e) => {
                     let _e = span.enter();
                     tracing::warn!(partition, offset = msg.offset(), error = %e, "transient failure; will retry this record");
-                    run.failed = Some((msg.offset(), e.to_string()));
+                    if let Some(s) = stop {
+                        s.fetch_min(msg.offset(), Ordering::AcqRel);
+                    }
+                    out.failed = Some((msg.offset(), e.to_string()));
                     break;
                 }
             }
         }
-        run
+        (partition, out)
     }
 
     /// The transaction: actions, dead letters, offsets.

@@ -1,6 +1,7 @@
 //! The carhook processor: turns the events topic into vehicle state applications can trust.
 //!
-//! - [`consumer`]: batches, partitions in parallel, one Kafka transaction per batch.
+//! - [`consumer`]: batches in lanes, one Kafka transaction per batch, overlapping the next batch.
+//! - [`lanes`]: split by vehicle, resequence by offset.
 //! - [`pipeline`]: one record — parse, claim, plan, write.
 //! - [`effects`]: what an event means (pure): freshness-ordered writes and actions.
 //! - [`store`]: the CQL claims and state tables.
@@ -11,6 +12,7 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
 pub mod effects;
+pub mod lanes;
 pub mod metrics;
 pub mod pipeline;
 pub mod replay;

@@ -48,6 +48,10 @@ enum Command {
         /// Stop after this many records; run the same command again to continue.
         #[arg(long)]
         max_records: Option<u64>,
+        /// At most this many records per second, to leave the store room for live traffic
+        /// (default: as fast as the store allows, `processor.concurrency` at a time).
+        #[arg(long)]
+        max_rate: Option<u32>,
     },
     /// Inspect and redrive dead letters.
     Dlq {
@@ -127,6 +131,7 @@ async fn main() -> ExitCode {
             dry_run,
             group,
             max_records,
+            max_rate,
         } => {
             let mut s = settings;
             s.telemetry.log_format = shared::config::LogFormat::Pretty;
@@ -152,6 +157,7 @@ async fn main() -> ExitCode {
                 dry_run,
                 group,
                 max_records,
+                max_rate,
             };
             match carhook_processor::replay::replay(&s, &store, &req, shared::shutdown::on_signal())
                 .await

@@ -11,13 +11,20 @@
 //! - Writes carry the same (freshness, logic version) timestamps as live processing. A replay under
 //!   a newer `processor.logic_version` therefore replaces values with equal `oemUpdatedAt`, while an
 //!   older event still never overwrites newer state.
-//! - A dry run reads the stored write times and reports what would change, writing nothing.
+//! - A dry run reads the stored write times and reports what would change, writing nothing. A
+//!   real replay does not read before writing (the write timestamps decide), so its summary counts
+//!   events written, not cells changed.
+//! - It runs at the store's speed: partitions and, inside each, vehicles run concurrently in lanes
+//!   ([`crate::lanes`]), each vehicle's events in offset order, at most `processor.concurrency` at a
+//!   time; `max_rate` caps it so it can run beside live traffic. Offsets are committed per batch,
+//!   after every record of the batch is done.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{self, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -82,21 +89,23 @@ pub struct ReplayRequest {
     pub group: Option<String>,
     /// Stop after this many records (resume later by running the same command).
     pub max_records: Option<u64>,
+    /// At most this many records per second (so a replay leaves the store room for live traffic).
+    pub max_rate: Option<u32>,
 }
 
 /// The end-of-run summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
     pub read: u64,
-    /// Events whose replay changed at least one stored cell (or would, in a dry run).
+    /// Events written (a dry run: events that would change at least one stored cell).
     pub applied: u64,
-    /// Events whose every cell was already as fresh or fresher.
+    /// Dry run only: events whose every cell is already as fresh or fresher.
     pub unchanged: u64,
     /// Other vehicles, VERIFY, unknown types, and copies that do not own their event's claim.
     pub skipped: u64,
     /// Poison records (dead-lettered by live processing; not re-sent).
     pub dead_lettered: u64,
-    /// Signal cells that lost to a fresher stored value.
+    /// Dry run only: signal cells that would lose to a fresher stored value.
     pub stale_cells: u64,
     pub group: String,
     pub complete: bool,
@@ -113,11 +122,33 @@ pub enum ReplayError {
     Store(#[from] StoreError),
 }
 
+impl Bound {
+    /// A canonical text form (for the default group name): fixed across builds and versions.
+    fn canonical(&self) -> String {
+        match self {
+            Self::Time(t) => format!("t{}", t.as_i64()),
+            Self::Offsets(map) => map
+                .iter()
+                .map(|(p, o)| format!("{p}:{o}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+/// The default replay group: derived from the range and vehicle with a fixed hash (FNV-1a), so the
+/// same command resumes the same group whichever build of the processor runs it.
 fn default_group(base: &str, req: &ReplayRequest) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{:?}|{:?}|{:?}", req.from, req.to, req.vehicle).hash(&mut h);
-    format!("{base}-replay-{:012x}", h.finish() & 0xffff_ffff_ffff)
+    let key = format!(
+        "from={}|to={}|vehicle={}",
+        req.from.canonical(),
+        req.to.as_ref().map(Bound::canonical).unwrap_or_default(),
+        req.vehicle.as_deref().unwrap_or_default()
+    );
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{base}-replay-{:012x}", h & 0xffff_ffff_ffff)
 }
 
 /// Resolves a bound to one offset per partition.
@@ -177,6 +208,7 @@ pub async fn replay(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
+        .set("queued.max.messages.kbytes", "4096")
         .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
@@ -251,72 +283,160 @@ pub async fn replay(
         rate_limit_backoff_secs: settings.processor.rate_limit_backoff_secs,
         max_skew_ms: i64::try_from(settings.processor.max_clock_skew_ms).unwrap_or(i64::MAX),
     };
+    let concurrency = settings.processor.concurrency.max(1);
+    let batch_max = settings.processor.batch_max.max(1);
+    let started = Instant::now();
+    // The next offset of each partition whose records before it are all replayed.
+    let mut done_upto: BTreeMap<i32, i64> = BTreeMap::new();
     while !remaining.is_empty() && !shutdown.is_cancelled() {
-        if req.max_records.is_some_and(|m| summary.read >= m) {
+        let budget = req
+            .max_records
+            .map_or(u64::MAX, |m| m.saturating_sub(summary.read));
+        if budget == 0 {
             break;
         }
-        let msg = tokio::select! {
+        let want = usize::try_from(budget).unwrap_or(usize::MAX).min(batch_max);
+        let batch = tokio::select! {
             _ = shutdown.cancelled() => break,
-            m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()) => m,
+            b = collect(&consumer, want) => b,
         };
-        let msg: OwnedMessage = match msg {
-            Ok(Ok(m)) => m.detach(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "replay consumer error");
+        let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
+        for msg in batch {
+            let p = msg.partition();
+            let Some(&end_p) = remaining.get(&p) else {
+                continue;
+            };
+            if msg.offset() >= end_p {
+                remaining.remove(&p);
                 continue;
             }
-            Err(_) => continue,
-        };
-        let p = msg.partition();
-        let Some(&end_p) = remaining.get(&p) else {
-            continue;
-        };
-        if msg.offset() >= end_p {
-            remaining.remove(&p);
+            let lane = by_partition.entry(p).or_default();
+            if lane.last().is_none_or(|last| msg.offset() > last.offset()) {
+                lane.push(msg);
+            }
+        }
+        if by_partition.is_empty() {
             continue;
         }
-        summary.read += 1;
+        let n: usize = by_partition.values().map(Vec::len).sum();
+        if let Some(rate) = req.max_rate {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(pace(summary.read, rate, started.elapsed())) => {}
+            }
+        }
+        let mut next = TopicPartitionList::new();
+        let mut batch_upto = Vec::new();
+        let mut lanes = Vec::new();
+        for (p, msgs) in by_partition {
+            if let Some(last) = msgs.last() {
+                next.add_partition_offset(&topic, p, Offset::Offset(last.offset() + 1))?;
+                batch_upto.push((p, last.offset() + 1));
+                if last.offset() + 1 >= remaining.get(&p).copied().unwrap_or(0) {
+                    remaining.remove(&p);
+                }
+            }
+            lanes.extend(crate::lanes::split(p, msgs, concurrency));
+        }
+        let results: Vec<Result<Vec<One>, ReplayError>> = stream::iter(lanes)
+            .map(|lane| replay_lane(store, lane, req, ctx, &shutdown))
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        for r in results {
+            for o in r? {
+                o.count(&mut summary);
+            }
+        }
+        summary.read += n as u64;
+        if shutdown.is_cancelled() {
+            // A lane may have stopped early: commit nothing of this batch; it is replayed again.
+            break;
+        }
+        done_upto.extend(batch_upto);
+        consumer.commit(&next, CommitMode::Async)?;
+        progress.tick(&summary);
+    }
+    // Everything replayed, committed once more synchronously (the per-batch commits are async).
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &done_upto {
+        tpl.add_partition_offset(&topic, *p, Offset::Offset(*o))?;
+    }
+    if tpl.count() > 0 {
+        consumer.commit(&tpl, CommitMode::Sync)?;
+    }
+    summary.complete = remaining.is_empty() && !shutdown.is_cancelled();
+    progress.finish(&summary);
+    Ok(summary)
+}
+
+/// How long to wait before the next batch so that `read` records since the start stay within
+/// `rate` per second (0: no limit).
+fn pace(read: u64, rate: u32, elapsed: Duration) -> Duration {
+    if rate == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(read as f64 / f64::from(rate)).saturating_sub(elapsed)
+}
+
+/// Up to `want` records or about 4 MB of payload: waits up to 5 s for the first, then takes what
+/// arrives within 20 ms.
+async fn collect(consumer: &StreamConsumer, want: usize) -> Vec<OwnedMessage> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut wait = Duration::from_secs(5);
+    while out.len() < want && bytes < 4 << 20 {
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                bytes += m.payload().map_or(0, <[u8]>::len);
+                out.push(m.detach());
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "replay consumer error");
+                break;
+            }
+            Err(_) => break,
+        }
+        wait = Duration::from_millis(20);
+    }
+    out
+}
+
+/// One lane (one partition's records for a set of vehicles), record after record in offset order;
+/// a transient store error is retried with back-off until it succeeds or `shutdown` fires.
+async fn replay_lane(
+    store: &Store,
+    lane: crate::lanes::Lane,
+    req: &ReplayRequest,
+    ctx: Context,
+    shutdown: &CancellationToken,
+) -> Result<Vec<One>, ReplayError> {
+    let mut out = Vec::with_capacity(lane.records.len());
+    for msg in &lane.records {
         let ctx = Context {
-            received_at: received_at(&msg).unwrap_or(ctx.received_at),
+            received_at: received_at(msg).unwrap_or(ctx.received_at),
             ..ctx
         };
         let mut wait = Duration::from_millis(200);
         loop {
-            match replay_one(store, &msg, req, ctx).await {
+            match replay_one(store, msg, req, ctx).await {
                 Ok(o) => {
-                    o.count(&mut summary);
+                    out.push(o);
                     break;
                 }
                 Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "replay store error; retrying");
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(out),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                     wait = (wait * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, p, Offset::Offset(msg.offset() + 1))?;
-        consumer.commit(&tpl, CommitMode::Async)?;
-        if msg.offset() + 1 >= end_p {
-            remaining.remove(&p);
-        }
-        progress.tick(&summary);
     }
-    let mut tpl = TopicPartitionList::new();
-    if let Ok(pos) = consumer.position() {
-        for e in pos.elements() {
-            if let Offset::Offset(o) = e.offset() {
-                tpl.add_partition_offset(&topic, e.partition(), Offset::Offset(o))?;
-            }
-        }
-    }
-    if tpl.count() > 0 {
-        consumer.commit(&tpl, CommitMode::Sync)?;
-    }
-    summary.complete = remaining.is_empty();
-    progress.finish(&summary);
-    Ok(summary)
+    Ok(out)
 }
 
 /// When the receiver accepted the record: its header, else the record's own timestamp (never the
@@ -381,7 +501,10 @@ async fn replay_one(
         ctx.received_at,
         ctx.max_skew_ms,
     );
-    let delivered_at = match store.read_claim(event.envelope.event_id.as_str()).await? {
+    let delivered_at = match store
+        .read_decided_claim(event.envelope.event_id.as_str())
+        .await?
+    {
         Some(c)
             if c.owner.topic == msg.topic()
                 && c.owner.partition == msg.partition()
@@ -405,12 +528,15 @@ async fn replay_one(
                 continue;
             }
         }
-        let (n, st) = store.compare(&plan).await?;
-        if !req.dry_run && n > 0 {
+        if req.dry_run {
+            let (n, st) = store.compare(&plan).await?;
+            newer += n;
+            stale += st;
+        } else {
+            // No read before writing: the write timestamps keep fresher stored values.
             store.apply(&plan).await?;
+            newer += 1;
         }
-        newer += n;
-        stale += st;
     }
     Ok(if newer > 0 {
         One::Applied { stale }
@@ -490,6 +616,44 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_rate_spaces_batches_by_what_was_read() {
+        // 1000 read at 500/s: due at 2 s; 0.5 s in, wait 1.5 s; 3 s in, no wait.
+        assert_eq!(
+            pace(1000, 500, Duration::from_millis(500)),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(pace(1000, 500, Duration::from_secs(3)), Duration::ZERO);
+        assert_eq!(pace(1000, 0, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn default_group_is_fixed_across_builds() {
+        let req = ReplayRequest {
+            from: Bound::Offsets(BTreeMap::from([(0, 120), (1, 98)])),
+            to: EpochMillis::new(1_761_896_351_000).map(Bound::Time),
+            vehicle: Some("car-1".into()),
+            dry_run: false,
+            group: None,
+            max_records: None,
+            max_rate: None,
+        };
+        // Pinned: FNV-1a of "from=0:120,1:98|to=t1761896351000|vehicle=car-1". A change here
+        // silently restarts every interrupted replay from its start.
+        assert_eq!(
+            default_group("carhook", &req),
+            "carhook-replay-a6db86003063"
+        );
+        let other = ReplayRequest {
+            vehicle: None,
+            ..req.clone()
+        };
+        assert_ne!(
+            default_group("carhook", &other),
+            default_group("carhook", &req)
+        );
+    }
 
     #[test]
     fn bounds_parse_times_and_offset_lists() {

@@ -4,12 +4,15 @@
 //! (`INSERT … IF NOT EXISTS`); vehicle state must be ordered by the car's clock whatever the arrival
 //! order, which client write timestamps give without Paxos. CQL refuses `USING TIMESTAMP` on a
 //! conditional write, so the two live in different tables. One LWT per event (the claim) plus one
-//! plain batch per table keeps the per-event cost at roughly a single LWT.
+//! plain batch keeps the per-event cost at roughly a single LWT.
 
 use std::sync::Arc;
 
 use scylla::client::session::Session;
 use scylla::response::query_result::QueryResult;
+use scylla::serialize::row::{RowSerializationContext, SerializeRow};
+use scylla::serialize::writers::RowWriter;
+use scylla::serialize::SerializationError;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::SerialConsistency;
@@ -80,6 +83,7 @@ pub struct Store {
     keyspace: String,
     claim: PreparedStatement,
     read_claim: PreparedStatement,
+    read_settled_claim: PreparedStatement,
     take_over: PreparedStatement,
     reset_claim: PreparedStatement,
     mark_dead: PreparedStatement,
@@ -108,6 +112,64 @@ pub fn lwt_applied(res: QueryResult) -> Result<bool, String> {
     Ok(matches!(
         first.and_then(|r| r.columns.into_iter().next().flatten()),
         Some(CqlValue::Boolean(true))
+    ))
+}
+
+/// Reads a claim's LWT result: whether it applied and, when it did not, the existing claim if the
+/// server returned its columns (Cassandra and ScyllaDB do for `IF NOT EXISTS`), found by name.
+fn claim_result(res: QueryResult) -> Result<(bool, Option<StoredClaim>), String> {
+    let rows = res.into_rows_result().map_err(|e| e.to_string())?;
+    let specs = rows.column_specs();
+    let index = |name: &str| specs.get_by_name(name).map(|(i, _)| i);
+    let (applied_at, status_at, topic_at, partition_at, offset_at, delivered_at) = (
+        index("[applied]").unwrap_or(0),
+        index("status"),
+        index("topic"),
+        index("partition"),
+        index("offset"),
+        index("delivered_at"),
+    );
+    let Some(row) = rows
+        .rows::<Row>()
+        .map_err(|e| e.to_string())?
+        .next()
+        .transpose()
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok((false, None));
+    };
+    let cols = row.columns;
+    let cell = |i: Option<usize>| i.and_then(|i| cols.get(i).cloned().flatten());
+    if matches!(cell(Some(applied_at)), Some(CqlValue::Boolean(true))) {
+        return Ok((true, None));
+    }
+    let (
+        Some(CqlValue::Text(topic)),
+        Some(CqlValue::Int(partition)),
+        Some(CqlValue::BigInt(offset)),
+    ) = (cell(topic_at), cell(partition_at), cell(offset_at))
+    else {
+        return Ok((false, None));
+    };
+    let status = match cell(status_at) {
+        Some(CqlValue::Text(s)) => Some(s),
+        _ => None,
+    };
+    let delivered_at = match cell(delivered_at) {
+        Some(CqlValue::BigInt(t)) => EpochMillis::new(t),
+        _ => None,
+    };
+    Ok((
+        false,
+        Some(StoredClaim {
+            status,
+            owner: Position {
+                topic,
+                partition,
+                offset,
+            },
+            delivered_at,
+        }),
     ))
 }
 
@@ -140,6 +202,12 @@ impl Store {
         .await?;
         // A linearizable read: sees any claim a concurrent LWT has committed.
         read_claim.set_consistency(scylla::statement::Consistency::LocalSerial);
+        // The same row at LOCAL_QUORUM: sees every claim whose Paxos round has committed.
+        let mut read_settled_claim = p(format!(
+            "SELECT status, topic, partition, \"offset\", delivered_at FROM {ks}.processed_events WHERE event_id = ?"
+        ))
+        .await?;
+        read_settled_claim.set_consistency(scylla::statement::Consistency::LocalQuorum);
         let take_over = p(format!(
             "UPDATE {ks}.processed_events USING TTL ? SET status = 'claimed', topic = ?, partition = ?, \"offset\" = ?, claimed_by = ? \
              WHERE event_id = ? IF status = 'dead_lettered'"
@@ -199,6 +267,7 @@ impl Store {
             keyspace: ks.to_string(),
             claim,
             read_claim,
+            read_settled_claim,
             take_over,
             reset_claim,
             mark_dead,
@@ -264,16 +333,23 @@ impl Store {
             )
             .await
             .map_err(|e| StoreError::from_exec("claim", e))?;
-        if lwt_applied(res).map_err(|e| StoreError::from_exec("claim", e))? {
+        let (applied, existing) =
+            claim_result(res).map_err(|e| StoreError::from_exec("claim", e))?;
+        if applied {
             return Ok(Claim::Owner { delivered_at });
         }
-        let stored = self
-            .read_claim(event_id)
-            .await?
-            .ok_or_else(|| StoreError::Transient {
-                op: "read claim",
-                message: format!("claim for {event_id} vanished; retrying"),
-            })?;
+        // A claim that did not apply carries the row that stopped it (read by Paxos, so as
+        // current as a serial read); a server that leaves it out costs one serial read.
+        let stored = match existing {
+            Some(c) => c,
+            None => self
+                .read_claim(event_id)
+                .await?
+                .ok_or_else(|| StoreError::Transient {
+                    op: "read claim",
+                    message: format!("claim for {event_id} vanished; retrying"),
+                })?,
+        };
         // Rows claimed before delivery times were stored have none: this copy's is the best known.
         let owned_at = stored.delivered_at.unwrap_or(delivered_at);
         if stored.owner == *pos {
@@ -296,11 +372,37 @@ impl Store {
         })
     }
 
+    /// The claim of `event_id` for replay, where claims are long decided: a plain LOCAL_QUORUM
+    /// read, which sees every committed claim (a Paxos commit is a quorum write); only when it
+    /// finds none — the one case where a claim could still be in flight — is it read again
+    /// linearizably. So it answers what [`Store::read_claim`] would, without a Paxos round per
+    /// event.
+    pub async fn read_decided_claim(
+        &self,
+        event_id: &str,
+    ) -> Result<Option<StoredClaim>, StoreError> {
+        match self
+            .read_claim_with(&self.read_settled_claim, event_id)
+            .await?
+        {
+            Some(c) => Ok(Some(c)),
+            None => self.read_claim(event_id).await,
+        }
+    }
+
     /// The claim of `event_id`, read linearizably (None when there is none).
     pub async fn read_claim(&self, event_id: &str) -> Result<Option<StoredClaim>, StoreError> {
+        self.read_claim_with(&self.read_claim, event_id).await
+    }
+
+    async fn read_claim_with(
+        &self,
+        statement: &PreparedStatement,
+        event_id: &str,
+    ) -> Result<Option<StoredClaim>, StoreError> {
         let res = self
             .session
-            .execute_unpaged(&self.read_claim, (event_id,))
+            .execute_unpaged(statement, (event_id,))
             .await
             .map_err(|e| StoreError::from_exec("read claim", e))?;
         let row = res
@@ -544,60 +646,77 @@ impl Store {
         Ok(counts)
     }
 
-    /// Executes a plan: one unlogged single-partition batch per table. Idempotent.
+    /// Executes a plan in one round trip: an unlogged batch of every write, all keyed by the one
+    /// vehicle (a single partition of each table). Each statement keeps its own write timestamp:
+    /// values by the car's clock, availability and errors by delivery time. Idempotent.
     pub async fn apply(&self, plan: &Plan) -> Result<(), StoreError> {
         let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
             return Ok(());
         };
-        // Values (car clock) and availability (delivery clock) are separate cells with separate
-        // write timestamps: one batch for each statement shape.
-        if !plan.values.is_empty() {
-            let mut batch = Batch::new(BatchType::Unlogged);
-            let mut values: Vec<(i64, &str, &str, &str)> = Vec::new();
-            for w in &plan.values {
-                batch.append_statement(self.put_value.clone());
-                values.push((w.value.timestamp, &w.value.doc, vehicle, w.code.as_str()));
-            }
-            self.session
-                .batch(&batch, values)
-                .await
-                .map_err(|e| StoreError::from_exec("write signal values", e))?;
+        let mut batch = Batch::new(BatchType::Unlogged);
+        let mut rows: Vec<StateRow<'_>> = Vec::new();
+        for w in &plan.values {
+            batch.append_statement(self.put_value.clone());
+            rows.push(StateRow::Keyed(
+                w.value.timestamp,
+                &w.value.doc,
+                vehicle,
+                w.code.as_str(),
+            ));
         }
-        if !plan.availability.is_empty() {
-            let mut batch = Batch::new(BatchType::Unlogged);
-            let mut avail: Vec<(i64, &str, &str, &str)> = Vec::new();
-            for w in &plan.availability {
-                batch.append_statement(self.put_availability.clone());
-                avail.push((
-                    w.availability.timestamp,
-                    &w.availability.doc,
-                    vehicle,
-                    w.code.as_str(),
-                ));
-            }
-            self.session
-                .batch(&batch, avail)
-                .await
-                .map_err(|e| StoreError::from_exec("write signal availability", e))?;
+        for w in &plan.availability {
+            batch.append_statement(self.put_availability.clone());
+            rows.push(StateRow::Keyed(
+                w.availability.timestamp,
+                &w.availability.doc,
+                vehicle,
+                w.code.as_str(),
+            ));
         }
-        if !plan.errors.is_empty() {
-            let mut b = Batch::new(BatchType::Unlogged);
-            let mut vals: Vec<(i64, &str, &str, &str)> = Vec::new();
-            for w in &plan.errors {
-                b.append_statement(self.put_error.clone());
-                vals.push((w.state.timestamp, &w.state.doc, vehicle, &w.key));
-            }
-            self.session
-                .batch(&b, vals)
-                .await
-                .map_err(|e| StoreError::from_exec("write vehicle errors", e))?;
+        for w in &plan.errors {
+            batch.append_statement(self.put_error.clone());
+            rows.push(StateRow::Keyed(
+                w.state.timestamp,
+                &w.state.doc,
+                vehicle,
+                &w.key,
+            ));
         }
         if let Some(info) = &plan.vehicle_info {
-            self.session
-                .execute_unpaged(&self.put_vehicle, (info.timestamp, &info.doc, vehicle))
-                .await
-                .map_err(|e| StoreError::from_exec("write vehicle", e))?;
+            batch.append_statement(self.put_vehicle.clone());
+            rows.push(StateRow::Vehicle(info.timestamp, &info.doc, vehicle));
         }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.session
+            .batch(&batch, rows)
+            .await
+            .map_err(|e| StoreError::from_exec("write vehicle state", e))?;
         Ok(())
+    }
+}
+
+/// The bound values of one state write: (write timestamp, document, vehicle, code or error key),
+/// or (write timestamp, document, vehicle) for the vehicle row.
+enum StateRow<'a> {
+    Keyed(i64, &'a str, &'a str, &'a str),
+    Vehicle(i64, &'a str, &'a str),
+}
+
+impl SerializeRow for StateRow<'_> {
+    fn serialize(
+        &self,
+        ctx: &RowSerializationContext<'_>,
+        writer: &mut RowWriter,
+    ) -> Result<(), SerializationError> {
+        match self {
+            Self::Keyed(t, doc, v, k) => (t, doc, v, k).serialize(ctx, writer),
+            Self::Vehicle(t, doc, v) => (t, doc, v).serialize(ctx, writer),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        false
     }
 }

@@ -463,6 +463,9 @@ pub struct ProcessorSettings {
     pub batch_max: usize,
     /// How long to wait to fill a batch.
     pub batch_wait_ms: u64,
+    /// Records processed at once (lanes: each holds one partition's events of some vehicles, in
+    /// order). Also replay's concurrency.
+    pub concurrency: usize,
     /// Deterministic failures of one record before it is dead-lettered.
     pub max_attempts: u32,
     /// Version of the state-derivation logic: breaks ties at equal `oemUpdatedAt` on replay.
@@ -488,7 +491,8 @@ impl Default for ProcessorSettings {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
             instance_id: "processor-0".into(),
             batch_max: 500,
-            batch_wait_ms: 50,
+            batch_wait_ms: 10,
+            concurrency: 32,
             max_attempts: 3,
             logic_version: 1,
             rate_limit_backoff_secs: 900,
@@ -710,6 +714,12 @@ impl Settings {
         let p = &self.processor;
         if p.batch_max == 0 {
             return Err(invalid("processor.batch_max", "must be positive"));
+        }
+        if !(1..=1024).contains(&p.concurrency) {
+            return Err(invalid(
+                "processor.concurrency",
+                "must be between 1 and 1024",
+            ));
         }
         if p.max_attempts == 0 {
             return Err(invalid("processor.max_attempts", "must be positive"));

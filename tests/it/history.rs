@@ -50,6 +50,7 @@ fn everything() -> ReplayRequest {
         dry_run: false,
         group: None,
         max_records: None,
+        max_rate: None,
     }
 }
 
@@ -168,10 +169,8 @@ async fn replay_after_a_logic_change_takes_effect_at_equal_time_never_over_newer
     let sum = sum.unwrap_or_else(|e| panic!("{e}"));
     assert!(sum.complete);
     assert!(sum.read >= 3 && sum.applied >= 2, "{sum:?}");
-    assert!(
-        sum.stale_cells >= 1,
-        "the older odometer value lost to the newer: {sum:?}"
-    );
+    // A replay writes without reading first (the dry run above counted the stale cell): the older
+    // odometer value loses by its write timestamp, as the state below shows.
     // Newest live value wins over everything replayed; nothing older came back.
     let v = value_where(&s, "car-r", |v| v["body"]["value"] == 3).await;
     assert_eq!(v["eventId"], "newest");
@@ -262,9 +261,9 @@ async fn interrupted_replay_resumes_where_it_stopped() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((b.read, b.complete), (20, true), "{b:?}");
     assert_eq!(
-        a.unchanged + b.unchanged,
+        a.applied + b.applied,
         30,
-        "same logic version: nothing to change"
+        "every record of the range written exactly once across the two runs"
     );
     drop_keyspace(&s).await;
 }

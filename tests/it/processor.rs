@@ -521,3 +521,64 @@ async fn a_fenced_processor_rebuilds_its_kafka_clients_and_keeps_processing() {
     p.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// Lanes run vehicles concurrently, each vehicle's events one after another in offset order. The
+/// reconnect actions show the order: a vehicle's ERROR, RESOLVED, ERROR … each move its flag (one
+/// action each) only when applied in that order; a RESOLVED applied before its ERROR moves nothing.
+#[tokio::test]
+async fn lanes_apply_each_vehicles_events_in_order_and_emit_every_action() {
+    let s = settings(&[
+        ("CARHOOK__KAFKA__PARTITIONS", "1"),
+        ("CARHOOK__PROCESSOR__CONCURRENCY", "16"),
+    ]);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let t0 = 1_761_896_351_529_i64;
+    let vehicles: Vec<String> = (0..24).map(|v| format!("car-lane-{v}")).collect();
+    let steps = 6;
+    let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+    // Round-robin over vehicles, so every batch mixes them and one partition holds them all.
+    for step in 0..steps {
+        for car in &vehicles {
+            let state = if step % 2 == 0 { "ERROR" } else { "RESOLVED" };
+            bodies.push((
+                car.clone(),
+                error_event(
+                    &format!("{car}-{step}"),
+                    car,
+                    json!([{"type":"PERMISSION","code":null,"state":state,"signals":[]}]),
+                    t0 + step,
+                ),
+            ));
+        }
+    }
+    let recs: Vec<(Option<&str>, &[u8])> = bodies
+        .iter()
+        .map(|(k, b)| (Some(k.as_str()), b.as_slice()))
+        .collect();
+    produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &recs).await;
+    let p = spawn_processor(&s).await;
+    let expected = vehicles.len() * steps as usize;
+    let actions = read_topic(&s.kafka.brokers, &s.kafka.actions_topic, expected, WAIT);
+    assert_eq!(actions.len(), expected, "one action per event");
+    for car in &vehicles {
+        let kinds: Vec<String> = actions
+            .iter()
+            .filter(|m| m.key() == Some(car.as_bytes()))
+            .filter_map(|m| header(m, headers::ACTION_TYPE))
+            .collect();
+        let want: Vec<&str> = (0..steps)
+            .map(|i| {
+                if i % 2 == 0 {
+                    "RECONNECT_REQUIRED"
+                } else {
+                    "RECONNECT_RESOLVED"
+                }
+            })
+            .collect();
+        assert_eq!(kinds, want, "{car}");
+    }
+    p.stop().await;
+    drop_keyspace(&s).await;
+}

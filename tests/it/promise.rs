@@ -285,6 +285,7 @@ async fn replay_applies_only_the_owner_copy_with_the_delivery_time_of_its_claim(
             dry_run: false,
             group: None,
             max_records: None,
+            max_rate: None,
         },
         CancellationToken::new(),
     )

@@ -1,6 +1,7 @@
 //! Test harness: each test spawns the real services (in-process, on port 0) against the real Kafka
 //! broker and CQL store, with fresh topic, keyspace and group names so tests run in parallel.
 
+pub mod bench;
 pub mod sim;
 
 use std::collections::HashMap;

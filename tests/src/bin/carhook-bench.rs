@@ -9,225 +9,21 @@
 //!   receiver maximum;
 //! - replay: catch-up rate over the same backlog.
 //!
-//! Results go to `bench/results-<date>.json` and `bench/latest.md`.
+//! Results go to `bench/results-<date>.json` and `bench/latest.md`. `--figure` picks one figure;
+//! `--help` lists the options. The processor, replay and end-to-end figures live in
+//! `carhook_tests::bench::processor`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carhook_tests::sim::load::{self, body_from, body_template, LoadSpec, Mode};
+use carhook_tests::bench::processor::{end_to_end, processor_figures};
 use carhook_tests::*;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 
+/// Receiver figures: each server its own process (this binary, re-executed), loaded by `wrk`.
 #[path = "../bench/receiver.rs"]
 mod receiver;
-
-fn secs(name: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
-}
-
-/// Pre-fills a fresh events topic with `n` events, then measures the processor draining it, the
-/// plain CQL loop doing the same writes, and replay over the same backlog.
-async fn processor_figures(n: u64, body_bytes: usize) -> Value {
-    let s = settings(&[]);
-    shared::kafka::ensure_topics(&s.kafka)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
-        .create()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let template = body_template(body_bytes);
-    let mut pending = Vec::new();
-    for i in 0..n {
-        let body = body_from(&template, i);
-        let key = format!("load-veh-{}", i % 1000);
-        pending.push(async {
-            let (producer, body, key, topic) =
-                (producer.clone(), body, key, s.kafka.events_topic.clone());
-            producer
-                .send(
-                    FutureRecord::to(&topic).key(&key).payload(&body),
-                    Duration::from_secs(30),
-                )
-                .await
-                .is_ok()
-        });
-        if pending.len() >= 512 {
-            futures::future::join_all(pending.drain(..)).await;
-        }
-    }
-    futures::future::join_all(pending).await;
-    let started = Instant::now();
-    let p = spawn_processor(&s).await;
-    eventually(Duration::from_secs(900), || async {
-        metric_value(p.addr, "carhook_processor_events_total").await >= n as f64
-    })
-    .await;
-    let drain = n as f64 / started.elapsed().as_secs_f64();
-    p.stop().await;
-
-    // The same CQL writes from a plain loop: claim + state batch per event, one loop per partition.
-    let session = Arc::new(
-        shared::cql::connect(&s.cql)
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let store = carhook_processor::store::Store::prepare(session, &s.cql.keyspace, 7)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let ctx = carhook_processor::effects::Context {
-        received_at: shared::clock::EpochMillis::now(),
-        delivered_at: shared::clock::EpochMillis::now(),
-        logic_version: 1,
-        rate_limit_backoff_secs: 900,
-        max_skew_ms: 60_000,
-    };
-    let started = Instant::now();
-    let loops = usize::try_from(s.kafka.partitions).unwrap_or(6);
-    let template = Arc::new(template);
-    let mut tasks = Vec::new();
-    for l in 0..loops {
-        let (store, template) = (store.clone(), Arc::clone(&template));
-        tasks.push(tokio::spawn(async move {
-            let mut i = l as u64;
-            while i < n {
-                let body = body_from(&template.replace("load-", "plain-"), i);
-                if let Ok(ev) = shared::event::Event::parse(&body) {
-                    let pos = carhook_processor::store::Position {
-                        topic: "plain".into(),
-                        partition: l as i32,
-                        offset: i as i64,
-                    };
-                    let _ = store
-                        .claim(
-                            ev.envelope.event_id.as_str(),
-                            None,
-                            &pos,
-                            "plain",
-                            ctx.delivered_at,
-                        )
-                        .await;
-                    let _ = store
-                        .apply(&carhook_processor::effects::plan(&ev, ctx))
-                        .await;
-                }
-                i += loops as u64;
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let plain = n as f64 / started.elapsed().as_secs_f64();
-
-    let st = store.clone();
-    let req = carhook_processor::replay::ReplayRequest {
-        from: carhook_processor::replay::Bound::Offsets(BTreeMap::new()),
-        to: None,
-        vehicle: None,
-        dry_run: false,
-        group: None,
-        max_records: None,
-    };
-    let started = Instant::now();
-    let sum = carhook_processor::replay::replay(
-        &s,
-        &st,
-        &req,
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let replay_rate = sum.read as f64 / started.elapsed().as_secs_f64();
-    drop_keyspace(&s).await;
-    json!({"events": n, "body_bytes": body_from(&template, 0).len(), "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain,
-        "ratio": drain / plain, "replay_per_sec": replay_rate})
-}
-
-/// Receiver + processor running; load at `rate`; a sample of events is polled in the store until
-/// visible after its 200.
-async fn end_to_end(rate: u32, duration: Duration) -> Value {
-    let s = settings(&[]);
-    let r = spawn_receiver(&s).await;
-    let p = spawn_processor(&s).await;
-    let bg = tokio::spawn(load::run(
-        LoadSpec {
-            addr: r.addr,
-            path: s.receiver.path.clone(),
-            token: TOKEN.to_string(),
-            mode: Mode::Rate(rate),
-            duration,
-            body_bytes: 4096,
-            max_inflight: 4096,
-        },
-        None,
-    ));
-    let session = Arc::new(
-        shared::cql::connect(&s.cql)
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let q = format!(
-        "SELECT code FROM {}.signal_state WHERE vehicle_id = ? LIMIT 1",
-        s.cql.keyspace
-    );
-    let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + duration;
-    let mut i = 0;
-    while Instant::now() < deadline {
-        let vehicle = format!("e2e-probe-{i}");
-        let body = state_event(
-            &format!("e2e-{i}"),
-            &vehicle,
-            &[(
-                "charge-ischarging",
-                json!({"value": true}),
-                1_764_000_000_000,
-            )],
-        );
-        let reply = post(
-            r.addr,
-            &s.receiver.path,
-            body.clone(),
-            Some(&sign(TOKEN, &body)),
-        )
-        .await;
-        let acked = Instant::now();
-        if reply.status == 200 {
-            loop {
-                let seen = session
-                    .query_unpaged(q.as_str(), (vehicle.as_str(),))
-                    .await
-                    .ok()
-                    .and_then(|r| r.into_rows_result().ok())
-                    .is_some_and(|r| r.rows_num() > 0);
-                if seen || acked.elapsed() > Duration::from_secs(30) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            let _ = hist.record(
-                u64::try_from(acked.elapsed().as_micros())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-            );
-        }
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let bg = bg.await.ok();
-    p.stop().await;
-    r.stop().await;
-    drop_keyspace(&s).await;
-    json!({"load_rate_per_sec": rate, "achieved_per_sec": bg.map(|b| b.throughput_per_sec), "samples": hist.len(),
-        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": hist.max() as f64 / 1000.0})
-}
 
 fn f(v: &Value) -> String {
     v.as_f64().map_or("-".into(), |x| {
@@ -343,26 +139,54 @@ async fn cql_costs(n: usize) -> Value {
     Value::Object(out)
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
-    receiver::serve_if_asked().await;
-    if std::env::var("BENCH_ONLY").as_deref() == Ok("cql") {
-        let v = cql_costs(
-            std::env::var("BENCH_EVENTS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1200),
-        )
-        .await;
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        return;
-    }
-    let dur = secs("BENCH_SECONDS", 10);
-    let events: u64 = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5000);
-    let machine = format!(
+/// Which figure to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Figure {
+    /// Everything below, in one run.
+    All,
+    /// Receiver req/s, CPU per request, RSS and p99 vs bare hyper, a same-settings baseline (read +
+    /// acks=all produce) and a plain producer (4 KB and 50 KB; needs `wrk`).
+    Receiver,
+    /// Processor drain vs the plain CQL loop, and replay catch-up (4 KB and 50 KB).
+    Processor,
+    /// Two processor instances sharing the group vs the plain loop at twice the concurrency (4 KB).
+    ProcessorTwo,
+    /// End-to-end latency (200 → state visible) at half the processor's measured drain rate.
+    EndToEnd,
+    /// Per-write cost of the claim, a conditional update and a timestamped update.
+    Cql,
+}
+
+/// Measures each carhook figure next to its limit against the real broker and store; writes
+/// bench/results-<date>.json and bench/latest.md.
+#[derive(Parser, Debug)]
+#[command(name = "carhook-bench")]
+struct Args {
+    /// The figures to measure (repeat the flag or separate with commas).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "all",
+        env = "BENCH_ONLY"
+    )]
+    figure: Vec<Figure>,
+    /// Measurements per processor figure (median and spread are reported).
+    #[arg(long, default_value_t = 3, env = "BENCH_RUNS")]
+    runs: usize,
+    /// Backlog size for the 4 KB processor figure (the 50 KB one uses a fifth).
+    #[arg(long, default_value_t = 5000, env = "BENCH_EVENTS")]
+    events: u64,
+    /// Duration of each load phase (receiver, end to end), seconds.
+    #[arg(long, default_value_t = 10, env = "BENCH_SECONDS")]
+    seconds: u64,
+    /// End-to-end load rate; default half the measured maximum (processor drain and receiver).
+    #[arg(long)]
+    rate: Option<u32>,
+}
+
+fn machine() -> String {
+    format!(
         "{} cores, {} GB RAM, {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -386,29 +210,113 @@ async fn main() {
                     .to_string())
             )
             .unwrap_or_default()
-    );
-    let (r4, r50, receiver_md) = receiver::figures(dur.as_secs()).await;
-    if std::env::var("BENCH_ONLY").as_deref() == Ok("receiver") {
-        let all = json!({"receiver_4kb": r4, "receiver_50kb": r50});
-        println!(
-            "{}\n{receiver_md}",
-            serde_json::to_string_pretty(&all).unwrap_or_default()
-        );
-        return;
+    )
+}
+
+/// `median (min–max)` of a summarised figure.
+fn spread(v: &Value) -> String {
+    if v["median"].is_null() {
+        return "-".into();
     }
-    eprintln!("bench: processor 4 KB ...");
-    let p4 = processor_figures(events, 4096).await;
-    eprintln!("bench: processor 50 KB ...");
-    let p50 = processor_figures(events / 5, 50_000).await;
-    eprintln!("bench: CQL write costs ...");
-    let cql = cql_costs(1200).await;
-    let half = (r4["receiver"]["throughput_per_sec"]
-        .as_f64()
-        .unwrap_or(200.0)
-        / 2.0)
-        .min(p4["processor_drain_per_sec"].as_f64().unwrap_or(f64::MAX)) as u32;
-    eprintln!("bench: end to end at {half}/s ...");
-    let e2e = end_to_end(half.max(1), dur).await;
+    format!("{} ({}–{})", f(&v["median"]), f(&v["min"]), f(&v["max"]))
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    // Re-executed as one of the receiver figure's servers: serve, never return.
+    receiver::serve_if_asked().await;
+    let args = Args::parse();
+    let dur = Duration::from_secs(args.seconds);
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let runs = args.runs.max(1);
+    let wants = |f: Figure| args.figure.contains(&Figure::All) || args.figure.contains(&f);
+    let mut all = serde_json::Map::new();
+    let mut md = String::new();
+    if wants(Figure::Receiver) {
+        let (r4, r50, receiver_md) = receiver::figures(dur.as_secs()).await;
+        md.push_str(&receiver_md);
+        md.push('\n');
+        all.insert("receiver_4kb".into(), r4);
+        all.insert("receiver_50kb".into(), r50);
+    }
+    let mut drain = None;
+    if wants(Figure::Processor) {
+        eprintln!("bench: processor 4 KB ...");
+        let p4 = processor_figures(args.events, 4096, 1, runs).await;
+        eprintln!("bench: processor 50 KB ...");
+        let p50 = processor_figures(args.events / 5, 50_000, 1, runs).await;
+        drain = p4["processor_drain_per_sec"]["median"].as_f64();
+        md.push_str(&format!("Processor, median (min–max) of {runs} runs; the plain loop runs {} workers, the processor's concurrency budget:\n\n", p4["concurrency"]));
+        md.push_str("| figure | 4 KB | 50 KB | target |\n|---|---|---|---|\n");
+        for (label, key, target) in [
+            ("processor drain events/s", "processor_drain_per_sec", ""),
+            (
+                "plain CQL loop (same writes) events/s",
+                "plain_cql_loop_per_sec",
+                "",
+            ),
+            ("processor / plain CQL loop", "ratio", "≥ 0.8"),
+            ("replay catch-up events/s", "replay_per_sec", ""),
+            ("replay / processor drain", "replay_to_drain", "≥ 1.0"),
+            ("processor peak RSS MB", "processor_peak_rss_mb", "< 128"),
+        ] {
+            md.push_str(&format!(
+                "| {label} | {} | {} | {target} |\n",
+                spread(&p4[key]),
+                spread(&p50[key])
+            ));
+        }
+        md.push('\n');
+        all.insert("processor_4kb".into(), p4);
+        all.insert("processor_50kb".into(), p50);
+    }
+    if wants(Figure::ProcessorTwo) {
+        eprintln!("bench: two processors, 4 KB ...");
+        let p2 = processor_figures(args.events, 4096, 2, runs).await;
+        md.push_str(&format!(
+            "Two processor instances in one group vs the plain loop at {} workers (4 KB), median (min–max) of {runs} runs: drain {} events/s, plain loop {}, ratio {} (target ≥ 0.8); peak RSS {} MB.\n\n",
+            p2["concurrency"],
+            spread(&p2["processor_drain_per_sec"]),
+            spread(&p2["plain_cql_loop_per_sec"]),
+            spread(&p2["ratio"]),
+            spread(&p2["processor_peak_rss_mb"]),
+        ));
+        all.insert("processor_two_4kb".into(), p2);
+    }
+    if wants(Figure::Cql) {
+        eprintln!("bench: CQL write costs ...");
+        let cql = cql_costs(1200).await;
+        md.push_str("CQL write cost on this store (sequential p50 / p99 ms; writes/s with 6 concurrent writers):\n\n| write | p50 ms | p99 ms | writes/s |\n|---|---|---|---|\n");
+        for k in [
+            "claim_insert_if_not_exists",
+            "lwt_update_if_older",
+            "update_using_timestamp",
+        ] {
+            md.push_str(&format!(
+                "| {k} | {} | {} | {} |\n",
+                f(&cql[k]["p50_ms"]),
+                f(&cql[k]["p99_ms"]),
+                f(&cql[k]["writes_per_sec_6_way"])
+            ));
+        }
+        md.push('\n');
+        all.insert("cql_write_costs".into(), cql);
+    }
+    if wants(Figure::EndToEnd) {
+        let receiver_max = all
+            .get("receiver_4kb")
+            .and_then(|r| r["receiver"]["throughput_per_sec"].as_f64())
+            .unwrap_or(f64::MAX);
+        let half = match (args.rate, drain) {
+            (Some(r), _) => r,
+            (None, Some(d)) => (d.min(receiver_max) / 2.0) as u32,
+            (None, None) => 200,
+        };
+        eprintln!("bench: end to end at {half}/s ...");
+        let e2e = end_to_end(half.max(1), dur).await;
+        md.push_str(&format!("End to end, 200 → state visible, at {half}/s: p50 {} ms, p99 {} ms, max {} ms ({} samples; target p99 < 100 ms).\n\n", f(&e2e["p50_ms"]), f(&e2e["p99_ms"]), f(&e2e["max_ms"]), e2e["samples"]));
+        all.insert("end_to_end".into(), e2e);
+    }
     let date = time::OffsetDateTime::now_utc();
     let stamp = format!(
         "{:04}-{:02}-{:02}T{:02}{:02}",
@@ -418,51 +326,21 @@ async fn main() {
         date.hour(),
         date.minute()
     );
-    let all = json!({"date": stamp, "machine": machine, "git": std::env::var("BENCH_GIT").unwrap_or_default(),
-        "receiver_4kb": r4, "receiver_50kb": r50, "processor_4kb": p4, "processor_50kb": p50, "end_to_end": e2e, "cql_write_costs": cql});
+    let machine = machine();
+    all.insert("date".into(), json!(stamp));
+    all.insert("machine".into(), json!(machine));
+    all.insert("command".into(), json!(command));
+    all.insert(
+        "git".into(),
+        json!(std::env::var("BENCH_GIT").unwrap_or_default()),
+    );
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(
         dir.join(format!("results-{stamp}.json")),
-        serde_json::to_string_pretty(&all).unwrap_or_default(),
+        serde_json::to_string_pretty(&Value::Object(all)).unwrap_or_default(),
     );
-    let mut md = format!("Measured {stamp} UTC on {machine} (`make bench`; Kafka, Cassandra and the services all on this machine).\n\n");
-    md.push_str(&receiver_md);
-    md.push_str("\n| figure | 4 KB | 50 KB | limit it is measured against |\n|---|---|---|---|\n");
-    md.push_str(&format!(
-        "| processor drain events/s | {} | {} | |\n",
-        f(&p4["processor_drain_per_sec"]),
-        f(&p50["processor_drain_per_sec"])
-    ));
-    md.push_str(&format!(
-        "| plain CQL loop (same writes) events/s | {} | {} | |\n",
-        f(&p4["plain_cql_loop_per_sec"]),
-        f(&p50["plain_cql_loop_per_sec"])
-    ));
-    md.push_str(&format!(
-        "| processor / plain CQL loop | {} | {} | 1.0 = at the limit |\n",
-        f(&p4["ratio"]),
-        f(&p50["ratio"])
-    ));
-    md.push_str(&format!(
-        "| replay catch-up events/s | {} | {} | processor drain |\n",
-        f(&p4["replay_per_sec"]),
-        f(&p50["replay_per_sec"])
-    ));
-    md.push_str(&format!("| end to end 200 → state visible p50 / p99 ms (at {}/s) | {} / {} | | Smartcar budget: none; SLO target < 1 s |\n", half, f(&e2e["p50_ms"]), f(&e2e["p99_ms"])));
-    md.push_str("\nCQL write cost on this store (sequential p50 / p99 ms; writes/s with 6 concurrent writers):\n\n| write | p50 ms | p99 ms | writes/s |\n|---|---|---|---|\n");
-    for k in [
-        "claim_insert_if_not_exists",
-        "lwt_update_if_older",
-        "update_using_timestamp",
-    ] {
-        md.push_str(&format!(
-            "| {k} | {} | {} | {} |\n",
-            f(&cql[k]["p50_ms"]),
-            f(&cql[k]["p99_ms"]),
-            f(&cql[k]["writes_per_sec_6_way"])
-        ));
-    }
+    let md = format!("Measured {stamp} UTC on {machine} with `{command}` (git {}; Kafka, Cassandra and the services all on this machine).\n\n{md}", std::env::var("BENCH_GIT").unwrap_or_default());
     let _ = std::fs::write(dir.join("latest.md"), &md);
     println!("{md}");
 }

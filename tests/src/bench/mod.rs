@@ -1,0 +1,3 @@
+//! Figures for `carhook-bench`, one module per service.
+
+pub mod processor;

@@ -1,0 +1,439 @@
+//! The processor's figures for `carhook-bench`: drain rate against a plain CQL loop doing the same
+//! writes with the same concurrency, replay catch-up over the same backlog, and end-to-end latency.
+//!
+//! How each side is timed, so the ratio compares work and not set-up: the processor runs as its own
+//! OS process (the release binary, so the RSS reported is its own) and sets up (tables, prepared
+//! statements, transactions, group join) before it handles its first record; the plain loop
+//! prepares its statements first. Both are timed from the moment the first tenth of the records is
+//! done (the same warm-up) to the moment the last one is, and the rate is over the records in
+//! between. Each figure is measured `runs` times; the report gives the median and the spread.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use shared::config::Settings;
+
+use crate::sim::load::{self, body_from, body_template, LoadSpec, Mode};
+use crate::{
+    child_env, drop_keyspace, eventually, free_port, get, metric_value, post, settings, sign,
+    spawn_processor, spawn_receiver, state_event, warm_transactions, TOKEN,
+};
+
+/// Median and spread of repeated measurements.
+pub fn summary(xs: &[f64]) -> Value {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return json!({"median": null, "min": null, "max": null, "runs": []});
+    }
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    json!({"median": median, "min": v[0], "max": v[v.len() - 1], "runs": xs})
+}
+
+/// The release `processor` binary next to this bench binary (`BENCH_PROCESSOR_BIN` overrides it,
+/// e.g. to measure an older build side by side).
+fn processor_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("BENCH_PROCESSOR_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    exe.parent()
+        .map(|d| d.join("processor"))
+        .unwrap_or_else(|| panic!("no target dir"))
+}
+
+/// A processor running as its own process (killed on drop).
+struct Child {
+    child: std::process::Child,
+    admin: SocketAddr,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Child {
+    /// Peak resident set size so far, in MB (VmHWM).
+    fn peak_rss_mb(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+async fn start_processor(s: &Settings, instance: &str) -> Child {
+    warm_transactions(s).await;
+    let admin = free_port();
+    let log = std::env::temp_dir().join(format!("carhook-bench-{instance}.log"));
+    let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let mut env = child_env(s, admin, instance);
+    env.push(("CARHOOK__TELEMETRY__LOG_LEVEL".into(), "warn".into()));
+    let child = std::process::Command::new(processor_bin())
+        .arg("run")
+        .env_clear()
+        .envs(env)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", processor_bin().display()));
+    let c = Child { child, admin };
+    eventually(Duration::from_secs(60), || async {
+        get(admin, "/ready").await.0 == 200
+    })
+    .await;
+    c
+}
+
+/// Fills `s`'s events topic with `n` events of about `body_bytes`, keyed over 1000 vehicles.
+async fn prefill(s: &Settings, n: u64, body_bytes: usize) -> usize {
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let template = body_template(body_bytes);
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let body = body_from(&template, i);
+        let key = format!("load-veh-{}", i % 1000);
+        let (producer, topic) = (producer.clone(), s.kafka.events_topic.clone());
+        pending.push(async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(&key).payload(&body),
+                    Duration::from_secs(30),
+                )
+                .await
+                .is_ok()
+        });
+        if pending.len() >= 512 {
+            futures::future::join_all(pending.drain(..)).await;
+        }
+    }
+    futures::future::join_all(pending).await;
+    body_from(&template, 0).len()
+}
+
+/// Times the span between `warm_up` and `n` records done, as `done()` reports them; polls every
+/// 10 ms. Returns (records/s over that span, seconds).
+async fn timed<F, Fut>(n: u64, warm_up: u64, within: Duration, mut done: F) -> (f64, f64)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let deadline = Instant::now() + within;
+    let mut t0 = None;
+    loop {
+        let d = done().await;
+        if t0.is_none() && d >= warm_up {
+            t0 = Some(Instant::now());
+        }
+        if d >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {d} of {n} records done within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(0.001);
+    ((n - warm_up) as f64 / secs, secs)
+}
+
+/// The same CQL writes as the processor (claim + state writes per event) from `concurrency`
+/// workers taking events from a shared counter; timed like the drain.
+async fn plain_loop(s: &Settings, n: u64, body_bytes: usize, concurrency: usize) -> f64 {
+    let session = Arc::new(
+        shared::cql::connect(&s.cql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    shared::cql::migrate(&session, &s.cql)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = carhook_processor::store::Store::prepare(session, &s.cql.keyspace, 7)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ctx = carhook_processor::effects::Context {
+        received_at: shared::clock::EpochMillis::now(),
+        delivered_at: shared::clock::EpochMillis::now(),
+        logic_version: 1,
+        rate_limit_backoff_secs: 900,
+        max_skew_ms: 60_000,
+    };
+    let template = Arc::new(body_template(body_bytes).replace("load-", "plain-"));
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (store, template, next, done) = (
+            store.clone(),
+            Arc::clone(&template),
+            Arc::clone(&next),
+            Arc::clone(&done),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let body = body_from(&template, i);
+                if let Ok(ev) = shared::event::Event::parse(&body) {
+                    let pos = carhook_processor::store::Position {
+                        topic: "plain".into(),
+                        partition: i32::try_from(w).unwrap_or(0),
+                        offset: i64::try_from(i).unwrap_or(0),
+                    };
+                    let _ = store
+                        .claim(
+                            ev.envelope.event_id.as_str(),
+                            ev.envelope.vehicle_id.as_ref().map(|v| v.as_str()),
+                            &pos,
+                            "plain",
+                            ctx.delivered_at,
+                        )
+                        .await;
+                    for plan in carhook_processor::effects::plans(&ev, ctx) {
+                        let _ = store.apply(&plan).await;
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let counter = Arc::clone(&done);
+    let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || {
+        let c = Arc::clone(&counter);
+        async move { c.load(Ordering::Relaxed) }
+    })
+    .await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    rate
+}
+
+/// Events handled by the processors at `admins` (every outcome).
+async fn handled(admins: &[SocketAddr]) -> u64 {
+    let mut sum = 0.0;
+    for a in admins {
+        sum += metric_value(*a, "carhook_processor_events_total").await;
+    }
+    sum as u64
+}
+
+/// One run: a fresh topic and keyspace filled with `n` events; `instances` processors drain it;
+/// the plain loop does the same writes with the same total concurrency; replay catches up over the
+/// backlog.
+async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
+    let s = settings(&[]);
+    let bytes = prefill(&s, n, body_bytes).await;
+    let concurrency = plain_concurrency(&s) * instances;
+    let mut procs = Vec::new();
+    for i in 0..instances {
+        procs.push(start_processor(&s, &format!("bench-{i}")).await);
+    }
+    let admins: Vec<SocketAddr> = procs.iter().map(|p| p.admin).collect();
+    let (drain, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
+    let rss = procs.iter().map(Child::peak_rss_mb).fold(0.0_f64, f64::max);
+    drop(procs);
+    let plain = plain_loop(&s, n, body_bytes, concurrency).await;
+    let st = carhook_processor::store::Store::prepare(
+        Arc::new(
+            shared::cql::connect(&s.cql)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        &s.cql.keyspace,
+        7,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let replay_rate = if instances == 1 {
+        let req = carhook_processor::replay::ReplayRequest {
+            from: carhook_processor::replay::Bound::Offsets(BTreeMap::new()),
+            to: None,
+            vehicle: None,
+            dry_run: false,
+            group: None,
+            max_records: None,
+            max_rate: None,
+        };
+        let started = Instant::now();
+        let sum = carhook_processor::replay::replay(
+            &s,
+            &st,
+            &req,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        sum.read as f64 / started.elapsed().as_secs_f64()
+    } else {
+        f64::NAN
+    };
+    drop_keyspace(&s).await;
+    json!({"events": n, "body_bytes": bytes, "instances": instances, "concurrency": concurrency,
+        "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain, "ratio": drain / plain,
+        "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss})
+}
+
+/// The plain loop's concurrency for one processor instance: the processor's own budget
+/// (`processor.concurrency`).
+fn plain_concurrency(s: &Settings) -> usize {
+    s.processor.concurrency
+}
+
+/// `runs` processor runs; every figure as median and spread.
+pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs: usize) -> Value {
+    let mut all = Vec::new();
+    for r in 0..runs {
+        eprintln!(
+            "bench:   run {}/{runs} ({n} events of {body_bytes} B, {instances} processor(s))",
+            r + 1
+        );
+        let v = processor_run(n, body_bytes, instances).await;
+        eprintln!("bench:   {v}");
+        all.push(v);
+    }
+    let pick = |k: &str| -> Vec<f64> {
+        all.iter()
+            .map(|v| v[k].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let mut out = serde_json::Map::new();
+    for k in [
+        "processor_drain_per_sec",
+        "plain_cql_loop_per_sec",
+        "ratio",
+        "replay_per_sec",
+        "replay_to_drain",
+        "processor_peak_rss_mb",
+    ] {
+        out.insert(k.to_string(), summary(&pick(k)));
+    }
+    out.insert("events".into(), json!(n));
+    out.insert(
+        "body_bytes".into(),
+        all.first().map_or(Value::Null, |v| v["body_bytes"].clone()),
+    );
+    out.insert("instances".into(), json!(instances));
+    out.insert(
+        "concurrency".into(),
+        all.first()
+            .map_or(Value::Null, |v| v["concurrency"].clone()),
+    );
+    Value::Object(out)
+}
+
+/// Receiver + processor running; load at `rate`; a sample of events is polled in the store until
+/// visible after its 200.
+pub async fn end_to_end(rate: u32, duration: Duration) -> Value {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let bg = tokio::spawn(load::run(
+        LoadSpec {
+            addr: r.addr,
+            path: s.receiver.path.clone(),
+            token: TOKEN.to_string(),
+            mode: Mode::Rate(rate),
+            duration,
+            body_bytes: 4096,
+            max_inflight: 4096,
+        },
+        None,
+    ));
+    let session = Arc::new(
+        shared::cql::connect(&s.cql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let q = format!(
+        "SELECT code FROM {}.signal_state WHERE vehicle_id = ? LIMIT 1",
+        s.cql.keyspace
+    );
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + duration;
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let vehicle = format!("e2e-probe-{i}");
+        let body = state_event(
+            &format!("e2e-{i}"),
+            &vehicle,
+            &[(
+                "charge-ischarging",
+                json!({"value": true}),
+                1_764_000_000_000,
+            )],
+        );
+        let reply = post(
+            r.addr,
+            &s.receiver.path,
+            body.clone(),
+            Some(&sign(TOKEN, &body)),
+        )
+        .await;
+        let acked = Instant::now();
+        if reply.status == 200 {
+            loop {
+                let seen = session
+                    .query_unpaged(q.as_str(), (vehicle.as_str(),))
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_rows_result().ok())
+                    .is_some_and(|r| r.rows_num() > 0);
+                if seen || acked.elapsed() > Duration::from_secs(30) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let _ = hist.record(
+                u64::try_from(acked.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bg = bg.await.ok();
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+    json!({"load_rate_per_sec": rate, "achieved_per_sec": bg.map(|b| b.throughput_per_sec), "samples": hist.len(),
+        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": hist.max() as f64 / 1000.0})
+}
