@@ -4,7 +4,7 @@
 #   1. promtool check rules deploy/prometheus/rules.yml
 #   2. promtool test rules  deploy/prometheus/rules_test.yml rules_test_long.yml
 #   3. deploy/grafana/carhook.json is valid JSON (python3 -m json.tool), every panel uses the
-#      ${datasource} variable, and every metric named in a panel query, an alert expression or a test
+#      ${datasource} variable and scopes every carhook selector with namespace=~"$namespace", and every metric named in a panel query, an alert expression or a test
 #      series is in the metric catalogue below (which is itself checked against the metric
 #      registrations in receiver/src/metrics.rs and processor/src/metrics.rs when they are present);
 #      the dashboard queries are also parsed by promtool (as recording rules in a scratch file); every
@@ -246,6 +246,8 @@ def check_dashboard(dash):
                and v.get("query") == "prometheus"]
     if not ds_vars:
         errors.append("dashboard: no `datasource` template variable of type prometheus")
+    if not any(v.get("name") == "namespace" for v in dash.get("templating", {}).get("list", [])):
+        errors.append("dashboard: no `namespace` template variable")
     queries, ids = [], set()
     for p in panels(dash.get("panels", [])):
         title = p.get("title", "?")
@@ -269,6 +271,10 @@ def check_dashboard(dash):
                 errors.append(f"panel {title!r} target {t.get('refId')}: datasource is not ${{datasource}}")
             expr = t.get("expr", "")
             check_names(f"panel {title!r} target {t.get('refId')}", expr)
+            # One environment at a time: every carhook selector is scoped by the namespace variable.
+            for sel in re.findall(r"\{[^{}]*\}", expr):
+                if "carhook-" in sel and 'namespace=~"$namespace"' not in sel:
+                    errors.append(f"panel {title!r} target {t.get('refId')}: selector {sel} without namespace=~\"$namespace\"")
             queries.append((title, t.get("refId", "?"), expr))
     return queries
 
