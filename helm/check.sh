@@ -347,6 +347,20 @@ PY
     fi
   done
   ok "promtool check rules: the PrometheusRule of $n renders (scoped, tuned, alerts disabled)"
+  # The default (scoped) render under promtool's unit tests: namespace isolation and the
+  # kafka-exporter relabelling (helm/rules_scoped_test.yml).
+  mkdir -p "$scratch/scoped"
+  if "${HELM[@]}" template carhook "$chart" --namespace carhook "${SECRET[@]}" --set metrics.prometheusRule.enabled=true \
+    --show-only templates/prometheusrule.yaml >"$scratch/pr-scoped.yaml" 2>"$scratch/err" &&
+    "$PYTHON" -c 'import sys, yaml; yaml.safe_dump({"groups": yaml.safe_load(open(sys.argv[1]))["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)' \
+      "$scratch/pr-scoped.yaml" "$scratch/scoped/rules.yml" &&
+    cp "$here/rules_scoped_test.yml" "$scratch/scoped/" &&
+    (cd "$scratch/scoped" && "$PROMTOOL" test rules rules_scoped_test.yml) >"$scratch/pt" 2>&1; then
+    ok "promtool test rules helm/rules_scoped_test.yml on the rendered PrometheusRule (namespace isolation, kafka-exporter lag)"
+  else
+    cat "$scratch/err" "$scratch/pt" 2>/dev/null
+    fail "promtool test rules helm/rules_scoped_test.yml"
+  fi
 else
   echo "  note promtool not found ($PROMTOOL): run deploy/check-observability.sh first to install it"
 fi
