@@ -377,7 +377,6 @@ def check_keda_auth(where, trigger, deployment, trigger_auths):
 
 
 RENDER_NAMESPACE = "carhook"  # helm/check.sh renders with --namespace carhook
-SCOPED = {}  # render path -> False for renders with metrics.prometheusRule.scopeToNamespace=false
 _NOTES = set()
 
 
@@ -582,7 +581,7 @@ def check_render(path, keys):
                 expr = r.get("expr", "")
                 # Scoped (the default): every carhook selector carries this release's namespace.
                 for sel in re.findall(r"\{[^{}]*job=~?\"carhook-[^{}]*\}", expr):
-                    if f'namespace="{ns}"' not in sel and SCOPED.get(path, True):
+                    if f'namespace="{ns}"' not in sel:
                         problem(f"{where}: {name}: selector {sel} is not scoped to namespace {ns}")
                 if "example.com" in expr or "example.com" in json.dumps(r.get("annotations") or {}):
                     problem(f"{where}: {name}: placeholder example.com")
