@@ -160,6 +160,8 @@ def check_pod(where, pod, keys, component):
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     for c in spec.get("containers", []) + spec.get("initContainers", []):
         cw = f"{where} container {c['name']}"
+        if c.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            problem(f"{cw}: terminationMessagePolicy is not FallbackToLogsOnError (a crash would leave no reason in kubectl describe)")
         sc = c.get("securityContext") or {}
         if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
             problem(f"{cw}: runAsNonRoot is not set")
@@ -374,6 +376,16 @@ def check_keda_auth(where, trigger, deployment, trigger_auths):
         problem(f"{tw}: unexpected parameters {sorted(extra)}")
 
 
+RENDER_NAMESPACE = "carhook"  # helm/check.sh renders with --namespace carhook
+_NOTES = set()
+
+
+def note_once(msg):
+    if msg not in _NOTES:
+        _NOTES.add(msg)
+        print(f"  note {msg}")
+
+
 def check_manifests(paths):
     keys = config_keys()
     for p in paths:
@@ -540,16 +552,107 @@ def check_render(path, keys):
     for pr in by_kind.get("PrometheusRule", []):
         where = f"{pr['__file']}: PrometheusRule {pr['metadata']['name']}"
         src = os.path.join(ROOT, "deploy", "prometheus", "rules.yml")
+        # The rendered rules derive from deploy/prometheus/rules.yml: the same groups and rule kinds, each
+        # alert (name, severity) of the source at most once per rule, severity kept. (check.sh also
+        # checks that an unscoped default render equals the source exactly, and runs promtool on every
+        # render.)
         if os.path.exists(src):
             want = yaml.safe_load(open(src, encoding="utf-8")).get("groups")
-            if pr["spec"].get("groups") != want:
+            want_rules = {(g["name"], r.get("alert") or r.get("record"), (r.get("labels") or {}).get("severity"))
+                          for g in want for r in g["rules"]}
+            for g in pr["spec"].get("groups") or []:
+                for r in g.get("rules") or []:
+                    key = (g["name"], r.get("alert") or r.get("record"), (r.get("labels") or {}).get("severity"))
+                    if key not in want_rules:
+                        problem(f"{where}: rule {key} is not in deploy/prometheus/rules.yml (run helm/sync-rules.sh)")
+            if [g["name"] for g in pr["spec"].get("groups") or []] != [g["name"] for g in want]:
                 problem(f"{where}: groups differ from deploy/prometheus/rules.yml (run helm/sync-rules.sh)")
-        jobs = set(re.findall(r'job=~?"([^"]+)"', json.dumps(pr["spec"])))
+        text = json.dumps(pr["spec"])
+        jobs = set(re.findall(r'job=~?\\"([^"\\]+)\\"', text))
         labelled = {(s["metadata"].get("labels") or {}).get("carhook.io/prometheus-job") for s in services.values()}
         for j in jobs:
             for alt in j.split("|"):
-                if alt not in labelled:
+                if alt.startswith("carhook-") and alt not in labelled:
                     problem(f"{where}: rules select job {alt!r}, but no Service carries that carhook.io/prometheus-job")
+        ns = pr["metadata"].get("namespace") or RENDER_NAMESPACE
+        for g in pr["spec"].get("groups") or []:
+            for r in g.get("rules") or []:
+                name = r.get("alert") or r.get("record")
+                expr = r.get("expr", "")
+                # Scoped (the default): every carhook selector carries this release's namespace.
+                for sel in re.findall(r"\{[^{}]*job=~?\"carhook-[^{}]*\}", expr):
+                    if f'namespace="{ns}"' not in sel:
+                        problem(f"{where}: {name}: selector {sel} is not scoped to namespace {ns}")
+                if "example.com" in expr or "example.com" in json.dumps(r.get("annotations") or {}):
+                    problem(f"{where}: {name}: placeholder example.com")
+                if r.get("alert"):
+                    if (r.get("labels") or {}).get("severity") not in ("warning", "critical"):
+                        problem(f"{where}: {name}: severity is not warning|critical")
+                    url = (r.get("annotations") or {}).get("runbook_url")
+                    if url is not None and not re.fullmatch(r"https?://\S+/RUNBOOK\.md#" + name.lower(), url):
+                        problem(f"{where}: {name}: runbook_url {url!r} is not <base>/RUNBOOK.md#{name.lower()}")
+
+    for np_ in by_kind.get("NetworkPolicy", []):
+        where = f"{np_['__file']}: NetworkPolicy {np_['metadata']['name']}"
+        sel = np_["spec"]["podSelector"]
+        pods = [d["spec"]["template"] for d in deployments] + [j["spec"]["template"] for j in by_kind.get("Job", [])]
+        selected = [p for p in pods if labels_match(sel, p["metadata"].get("labels") or {})]
+        if len(selected) != 1:
+            problem(f"{where}: podSelector matches {len(selected)} pod templates, expected 1")
+            continue
+        pod = selected[0]
+        comp = (pod["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+        if set(np_["spec"].get("policyTypes") or []) != {"Ingress", "Egress"}:
+            problem(f"{where}: policyTypes should be Ingress and Egress")
+        ports = {p.get("name"): p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports") or []}
+        for rule in np_["spec"].get("ingress") or []:
+            rp = [p.get("port") for p in rule.get("ports") or []]
+            if not rp:
+                problem(f"{where}: an ingress rule without ports opens every port")
+            for port in rp:
+                if port not in ports.values() and port not in ports:
+                    problem(f"{where}: ingress port {port} is not a container port of the {comp}")
+                if port in (ports.get("admin"), "admin") and not rule.get("from"):
+                    problem(f"{where}: the admin port (/metrics) is open to every source")
+                if port in (ports.get("http"), "http") and comp != "receiver":
+                    problem(f"{where}: webhook port on a {comp}")
+        opened = {p.get("port") for r in np_["spec"].get("ingress") or [] for p in r.get("ports") or []}
+        if comp == "receiver" and ports.get("http") not in opened:
+            problem(f"{where}: the receiver's webhook port {ports.get('http')} is not open")
+        if comp == "processor" and ports.get("http") in opened:
+            problem(f"{where}: processor exposes a webhook port")
+        egress_ports = {p.get("port") for r in np_["spec"].get("egress") or [] for p in r.get("ports") or []}
+        if 53 not in egress_ports:
+            problem(f"{where}: no DNS egress (port 53)")
+        c = pod["spec"]["containers"][0]
+        for env, default in (("CARHOOK__KAFKA__BROKERS", None), ("CARHOOK__CQL__NODES", None),
+                             ("CARHOOK__TELEMETRY__OTLP_ENDPOINT", None)):
+            v = env_value(c, env)
+            if not v:
+                continue
+            for hostport in re.split(r"[,\s]+", re.sub(r"^\w+://", "", v).split("/")[0]):
+                m = re.search(r":(\d+)$", hostport)
+                if m and int(m.group(1)) not in egress_ports:
+                    problem(f"{where}: {env} uses port {m.group(1)}, which no egress rule allows")
+
+    for cm in by_kind.get("ConfigMap", []):
+        data = cm.get("data") or {}
+        if "carhook.json" not in data:
+            continue
+        where = f"{cm['__file']}: ConfigMap {cm['metadata']['name']}"
+        if (cm["metadata"].get("labels") or {}).get("grafana_dashboard") is None:
+            note_once("dashboard ConfigMap without the grafana_dashboard label (a custom sidecar label is set)")
+        src = os.path.join(ROOT, "deploy", "grafana", "carhook.json")
+        if json.loads(data["carhook.json"]) != json.load(open(src, encoding="utf-8")):
+            problem(f"{where}: the dashboard differs from deploy/grafana/carhook.json (run helm/sync-rules.sh)")
+
+    for hpa in by_kind.get("HorizontalPodAutoscaler", []):
+        for m in hpa["spec"].get("metrics") or []:
+            if m.get("type") == "Pods":
+                name = m["pods"]["metric"]["name"]
+                readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+                if name.startswith("carhook_") and f"`{name}`" not in readme:
+                    problem(f"{hpa['__file']}: HPA Pods metric {name} is not a metric of the README's Metrics table")
 
     print(f"check.py manifests: {os.path.basename(path)}: {len(docs)} objects checked")
 

