@@ -58,6 +58,28 @@ impl Metrics {
             untrusted_timestamps: Family::default(),
             legacy_events: Family::default(),
         };
+        // Every series with known label values exists from start-up at 0, so `rate()` and
+        // `increase()` see the first error instead of a series appearing from nothing.
+        let zero = |family: &Family<Labels, Counter>, label: &'static str, values: &[&str]| {
+            for v in values {
+                let _ = family.get_or_create(&vec![(label, v.to_string())]);
+            }
+        };
+        zero(&m.events, "outcome", &crate::pipeline::Disposition::LABELS);
+        zero(&m.store_errors, "kind", &["transient", "refused"]);
+        let mut reasons = shared::event::EventError::CLASSES.to_vec();
+        reasons.push("store_refused");
+        zero(&m.dead_letters, "reason", &reasons);
+        zero(
+            &m.actions,
+            "type",
+            &["RECONNECT_REQUIRED", "RECONNECT_RESOLVED"],
+        );
+        zero(
+            &m.transactions,
+            "result",
+            &["committed", "aborted", "failed"],
+        );
         for form in ["eventBased", "dynamic", "scheduled", "other"] {
             let _ = m
                 .legacy_events
@@ -74,6 +96,11 @@ impl Metrics {
                 .get_or_create(&vec![("clock", clock.to_string())]);
         }
         let r = registry.sub_registry_with_prefix("carhook_processor");
+        r.register(
+            "build",
+            "Always 1; the build's version as a label (carhook_processor_build_info)",
+            build_info(),
+        );
         r.register(
             "events",
             "Events handled, by outcome (applied, duplicate, dead_lettered, ignored)",
@@ -176,4 +203,12 @@ impl Metrics {
             .get_or_create(&vec![("outcome", outcome.to_string())])
             .inc();
     }
+}
+
+/// `…_build_info{version} 1`: which build runs where (joins onto any other series by instance).
+pub fn build_info() -> prometheus_client::metrics::info::Info<Vec<(&'static str, String)>> {
+    prometheus_client::metrics::info::Info::new(vec![(
+        "version",
+        env!("CARGO_PKG_VERSION").to_string(),
+    )])
 }

@@ -31,6 +31,9 @@ pub enum Disposition {
 }
 
 impl Disposition {
+    /// Every value [`Disposition::label`] can take.
+    pub const LABELS: [&'static str; 4] = ["applied", "duplicate", "ignored", "dead_lettered"];
+
     /// Bounded outcome label.
     pub fn label(&self) -> &'static str {
         match self {

@@ -43,7 +43,31 @@ impl Metrics {
             quarantined: Family::default(),
             verify_challenges: Family::default(),
         };
+        // Every series with known label values exists from start-up at 0, so `rate()` and
+        // `increase()` see the first occurrence instead of a series appearing from nothing.
+        for outcome in crate::outcome::Outcome::LABELS {
+            let _ = m.requests.get_or_create(&vec![("outcome", outcome)]);
+        }
+        for reason in shared::signature::SignatureError::REASONS
+            .into_iter()
+            .chain(["verify_refused"])
+        {
+            let _ = m
+                .signature_failures
+                .get_or_create(&vec![("reason", reason)]);
+        }
+        for result in ["queued", "dropped", "rate_limited"] {
+            let _ = m.quarantined.get_or_create(&vec![("result", result)]);
+        }
         let r = registry.sub_registry_with_prefix("carhook_receiver");
+        r.register(
+            "build",
+            "Always 1; the build's version as a label (carhook_receiver_build_info)",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
         r.register(
             "requests",
             "Webhook requests answered, by outcome",

@@ -56,6 +56,24 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every value [`Outcome::label`] can take (exported at 0 from start-up).
+    pub const LABELS: [&'static str; 14] = [
+        "accepted",
+        "verify_answered",
+        "unauthorized",
+        "verify_refused",
+        "bad_request",
+        "too_large",
+        "timeout",
+        "method_not_allowed",
+        "not_found",
+        "overloaded",
+        "deadline",
+        "circuit_open",
+        "kafka_unavailable",
+        "draining",
+    ];
+
     /// Bounded label for `requests_total{outcome}`.
     pub fn label(&self) -> &'static str {
         match self {

@@ -47,6 +47,16 @@ pub enum EventError {
 }
 
 impl EventError {
+    /// Every value [`EventError::class`] can take (metrics export each at 0 from start-up).
+    pub const CLASSES: [&'static str; 6] = [
+        "not_json",
+        "not_object",
+        "missing_field",
+        "wrong_type",
+        "invalid_id",
+        "too_many_signals",
+    ];
+
     /// Bounded label for metrics and the dead-letter `error-class` header.
     pub fn class(&self) -> &'static str {
         match self {

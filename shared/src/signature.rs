@@ -34,6 +34,15 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
+    /// Every value [`SignatureError::reason`] can take (metrics export each at 0 from start-up).
+    pub const REASONS: [&'static str; 5] = [
+        "missing",
+        "empty",
+        "wrong_length",
+        "not_lower_hex",
+        "mismatch",
+    ];
+
     /// A stable, bounded label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -211,6 +220,19 @@ pub fn sign(token: &SecretString, body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_listed_for_the_metrics() {
+        for e in [
+            SignatureError::Missing,
+            SignatureError::Empty,
+            SignatureError::WrongLength(3),
+            SignatureError::NotLowerHex,
+            SignatureError::Mismatch,
+        ] {
+            assert!(SignatureError::REASONS.contains(&e.reason()), "{e:?}");
+        }
+    }
 
     fn tokens(list: &[&str]) -> ManagementTokens {
         match ManagementTokens::new(

@@ -82,3 +82,51 @@ async fn cql_store_migrates_idempotently_and_reads_back_writes() {
     assert_eq!(row.0, "{\"x\":1}");
     drop_keyspace(&s).await;
 }
+
+/// A service that has seen no traffic already exports every series whose labels are known (at 0)
+/// and its build: `rate()` alerts and dashboards see the first error, not a series appearing from
+/// nothing (before, `carhook_processor_store_errors_total` and others were absent until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_services_export_known_series_at_zero_and_their_build() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let version = env!("CARGO_PKG_VERSION");
+    for (admin, lines) in [
+        (
+            r.admin,
+            vec![
+                "carhook_receiver_requests_total{outcome=\"kafka_unavailable\"} 0".to_string(),
+                "carhook_receiver_requests_total{outcome=\"circuit_open\"} 0".to_string(),
+                "carhook_receiver_signature_failures_total{reason=\"mismatch\"} 0".to_string(),
+                "carhook_receiver_quarantined_total{result=\"dropped\"} 0".to_string(),
+                format!("carhook_receiver_build_info{{version=\"{version}\"}} 1"),
+            ],
+        ),
+        (
+            p.addr,
+            vec![
+                "carhook_processor_store_errors_total{kind=\"transient\"} 0".to_string(),
+                "carhook_processor_store_errors_total{kind=\"refused\"} 0".to_string(),
+                "carhook_processor_dead_letters_total{reason=\"not_json\"} 0".to_string(),
+                "carhook_processor_dead_letters_total{reason=\"store_refused\"} 0".to_string(),
+                "carhook_processor_actions_total{type=\"RECONNECT_REQUIRED\"} 0".to_string(),
+                "carhook_processor_transactions_total{result=\"aborted\"} 0".to_string(),
+                "carhook_processor_events_total{outcome=\"dead_lettered\"} 0".to_string(),
+                format!("carhook_processor_build_info{{version=\"{version}\"}} 1"),
+            ],
+        ),
+    ] {
+        let (status, text) = get(admin, "/metrics").await;
+        assert_eq!(status, 200);
+        for line in lines {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in:\n{text}"
+            );
+        }
+    }
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+}
