@@ -292,3 +292,22 @@ async fn check_fails_when_a_store_row_is_changed_by_hand() {
     r.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// `smartcar-sim` against an address where nothing listens: a clear error and exit 2, never a
+/// panic (before, `verify` panicked in the HTTP helper with "http: client error (Connect)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smartcar_sim_answers_a_refused_connection_with_an_error_not_a_panic() {
+    let closed = free_port();
+    let url = format!("http://{closed}/webhooks/smartcar");
+    let out = std::process::Command::new(workspace_bin("smartcar-sim"))
+        .args(["verify", &url])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no answer") && stderr.contains(&closed.to_string()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
