@@ -197,7 +197,8 @@ pub fn owned_topics(s: &KafkaSettings) -> Vec<TopicSpec> {
     ]
 }
 
-/// Creates the owned topics if missing. Idempotent: an existing topic is left as it is.
+/// Creates the owned topics if missing, after [`check_connection`] (so a refused login or CA is
+/// named). Idempotent: an existing topic is left as it is.
 pub async fn ensure_topics(s: &KafkaSettings) -> Result<(), TopicError> {
     check_connection(s).await?;
     let admin: AdminClient<DefaultClientContext> =

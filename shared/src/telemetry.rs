@@ -517,6 +517,29 @@ pub fn tracer_provider(
     Ok(builder.build())
 }
 
+/// The JSON log layer: one flat line per event with the current span's fields, which later
+/// `record`s append to ([`AppendJsonFields`]), written through `logs`. Production and the tests
+/// build it here, so the tests check what runs.
+fn json_layer<S>(
+    logs: LogWriter,
+) -> tracing_subscriber::fmt::Layer<
+    S,
+    AppendJsonFields,
+    tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json>,
+    LogWriter,
+>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .fmt_fields(AppendJsonFields)
+        .with_writer(logs)
+}
+
 /// Installs the global subscriber and propagator. Call once, from `main`, inside the runtime.
 pub fn init(
     s: &TelemetrySettings,
@@ -535,16 +558,7 @@ pub fn init(
     let logs = LogWriter::spawn(std::io::stdout());
     let result = match s.log_format {
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
-                    .fmt_fields(AppendJsonFields)
-                    .with_writer(logs.clone())
-                    .with_filter(filter),
-            )
+            .with(json_layer(logs.clone()).with_filter(filter))
             .try_init(),
         LogFormat::Pretty => registry
             .with(
@@ -714,15 +728,7 @@ mod tests {
     fn json_lines_carry_the_latest_span_fields() {
         let sink = Sink::default();
         let logs = LogWriter::spawn(sink.clone());
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
-                .fmt_fields(AppendJsonFields)
-                .with_writer(logs.clone()),
-        );
+        let subscriber = tracing_subscriber::registry().with(json_layer(logs.clone()));
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "request",

@@ -81,24 +81,15 @@ fn run_to_exit(
     within: Duration,
 ) -> (Option<i32>, String) {
     let log = std::env::temp_dir().join(format!("{}.{bin}.out", fresh("secured")));
-    let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-    let mut child = std::process::Command::new(workspace_bin(bin))
-        .args(args)
-        .env_clear()
-        .envs(env)
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+    // The admin address is never asked for: this child is only waited on.
+    let mut service = ChildService::launch(bin, args, env, free_port(), &log);
     let deadline = std::time::Instant::now() + within;
     let code = loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = service.child.try_wait() {
             break status.code();
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            drop(service); // kills and reaps it
             break None;
         }
         std::thread::sleep(Duration::from_millis(100));
