@@ -5,9 +5,12 @@
 //! - [`pipeline`]: one record — parse, claim, plan, write.
 //! - [`effects`]: what an event means (pure): freshness-ordered writes and actions.
 //! - [`store`]: the CQL claims and state tables.
+//! - [`view`]: the vehicle state document and the cells it is rendered from.
+//! - [`changelog`]: which events changed a document; the views that decide it without a read.
 //! - [`dead_letter`]: poison records and their provenance.
 //! - [`state`]: the vehicle state view (`processor state`).
 
+pub mod changelog;
 pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
@@ -18,6 +21,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod state;
 pub mod store;
+pub mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +32,7 @@ use shared::config::Settings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::changelog::Changelog;
 use crate::consumer::Worker;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineSettings};
@@ -126,7 +131,7 @@ async fn run_inner(
     .await?;
     readiness.set("store", true);
     let p = &settings.processor;
-    let pipeline = Arc::new(Pipeline::new(
+    let mut pipeline = Pipeline::new(
         store,
         PipelineSettings {
             instance_id: p.instance_id.clone(),
@@ -136,7 +141,11 @@ async fn run_inner(
             max_clock_skew_ms: i64::try_from(p.max_clock_skew_ms).unwrap_or(i64::MAX),
         },
         metrics.clone(),
-    ));
+    );
+    if p.changelog {
+        pipeline.changelog = Some(Changelog::new(settings.kafka.clone()));
+    }
+    let pipeline = Arc::new(pipeline);
     tracing::info!(
         group = %settings.kafka.consumer_group,
         topic = %settings.kafka.events_topic,

@@ -1,7 +1,7 @@
 //! Crashes and rebalances: kill -9 mid-batch and a second instance joining and leaving mid-stream
-//! leave state and actions exactly as an undisturbed run would.
+//! leave state, actions and the state changelog exactly as an undisturbed run would.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use carhook_tests::*;
@@ -89,6 +89,57 @@ async fn assert_exact_outcome(s: &shared::config::Settings) {
     assert!(actions.iter().all(|m| m.key().is_some()));
 }
 
+/// The state changelog against ground truth: every event of the workload changes its vehicle's
+/// document (a higher odometer, then the error), so each vehicle has exactly one record per event,
+/// in the order sent, none twice, and its last record is what `processor state` shows.
+async fn assert_exact_changelog(s: &shared::config::Settings) {
+    let per_vehicle = STATES_PER_VEHICLE as usize + 1;
+    let brokers = s.kafka.brokers.clone();
+    let topic = s.kafka.state_topic.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        // The last event of every vehicle is a change: once VEHICLES * per_vehicle records are
+        // there the workload is in; reading to the end then also shows any extra record.
+        read_topic(
+            &brokers,
+            &topic,
+            VEHICLES * per_vehicle,
+            Duration::from_secs(60),
+        );
+        read_to_end(&brokers, &topic, Duration::from_secs(60))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut by_car: BTreeMap<String, Vec<(String, serde_json::Value)>> = BTreeMap::new();
+    for m in &records {
+        let car = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        let doc: serde_json::Value =
+            serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default();
+        let event = header(m, shared::headers::EVENT_ID).unwrap_or_default();
+        by_car.entry(car).or_default().push((event, doc));
+    }
+    assert_eq!(
+        by_car.len(),
+        VEHICLES,
+        "one key per vehicle: {:?}",
+        by_car.keys()
+    );
+    for (car, recs) in &by_car {
+        let ids: Vec<&str> = recs.iter().map(|(e, _)| e.as_str()).collect();
+        let want: Vec<String> = (0..STATES_PER_VEHICLE)
+            .map(|i| format!("{car}-s{i}"))
+            .chain([format!("{car}-perm")])
+            .collect();
+        assert_eq!(
+            ids, want,
+            "{car}: change records (event ids) in order, each once"
+        );
+        let last = &recs.last().map(|(_, d)| d.clone()).unwrap_or_default();
+        let state = state_document(s, car).await.unwrap_or_default();
+        assert_eq!(last, &state, "{car}: the last record is the current state");
+    }
+}
+
 #[tokio::test]
 async fn kill_9_mid_batch_then_restart_gives_the_same_state_and_actions() {
     let s = settings(&[
@@ -108,6 +159,7 @@ async fn kill_9_mid_batch_then_restart_gives_the_same_state_and_actions() {
     first.kill9();
     let second = ChildService::processor(&s, "crashy", &log, &[]).await;
     assert_exact_outcome(&s).await;
+    assert_exact_changelog(&s).await;
     assert_eq!(second.terminate(), Some(0), "clean exit on SIGTERM");
     drop_keyspace(&s).await;
 }
@@ -134,6 +186,7 @@ async fn second_instance_joining_and_first_leaving_mid_stream_loses_nothing_and_
     .await;
     a.stop().await;
     assert_exact_outcome(&s).await;
+    assert_exact_changelog(&s).await;
     b.stop().await;
     drop_keyspace(&s).await;
 }
