@@ -59,6 +59,22 @@ pub struct Change {
     pub cell_times: String,
 }
 
+/// What applying a plan meant for the changelog.
+#[derive(Debug)]
+pub enum Observed {
+    /// The plan concerns no vehicle.
+    Nothing,
+    /// The vehicle's view took the plan: its change record, if the document changed, and how to
+    /// undo it.
+    Viewed {
+        change: Option<Box<Change>>,
+        undo: Box<Undo>,
+    },
+    /// The vehicle belongs to another partition: ask its owner to refresh it (a control record on
+    /// the events topic, keyed by the vehicle, in the same transaction).
+    RefreshElsewhere(String),
+}
+
 /// How to take back what a record did to a view, if the record is processed again.
 #[derive(Debug, Clone)]
 pub struct Undo {
@@ -168,28 +184,15 @@ impl Changelog {
         offset: i64,
         key: Option<&[u8]>,
         plan: &Plan,
-    ) -> Result<(Option<Change>, Option<Undo>), StoreError> {
+    ) -> Result<Observed, StoreError> {
         let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
-            return Ok((None, None));
+            return Ok(Observed::Nothing);
         };
         if key != Some(vehicle.as_bytes()) {
             // A legacy body listing several vehicles is keyed by one of them: the others belong to
-            // other partitions (and possibly other owners). Their record is rendered from the store.
-            let (view, _) = crate::state::stored_view(store.session(), store.keyspace(), vehicle)
-                .await
-                .map_err(transient)?;
-            let document = view.render(vehicle);
-            return Ok((
-                Some(Change {
-                    vehicle: vehicle.to_owned(),
-                    event_id: String::new(),
-                    event_type: String::new(),
-                    changed: view::changed(&Value::Null, &document),
-                    document: document.to_string(),
-                    cell_times: view.cell_times().to_string(),
-                }),
-                None,
-            ));
+            // other partitions (and possibly other owners), whose views must learn of this write.
+            // Their owner is asked to refresh them, in order with their own events.
+            return Ok(Observed::RefreshElsewhere(vehicle.to_owned()));
         }
         let pv = self.partition_views(partition, offset).await?;
         let cached = pv.vehicles.lock().map_err(transient)?.get(vehicle).cloned();
@@ -213,15 +216,15 @@ impl Changelog {
             .lock()
             .map_err(transient)?
             .insert(vehicle.to_owned(), entry);
-        Ok((
-            change,
-            Some(Undo {
+        Ok(Observed::Viewed {
+            change: change.map(Box::new),
+            undo: Box::new(Undo {
                 partition,
                 offset,
                 vehicle: vehicle.to_owned(),
                 prior,
             }),
-        ))
+        })
     }
 
     /// The views of `partition`, restored from its changelog partition on first use.

@@ -675,6 +675,23 @@ impl Worker {
         let mut owned: Vec<Outgoing> = Vec::new();
         for d in runs.iter().flat_map(|r| &r.done) {
             if let Disposition::Applied(applied) = &d.disposition {
+                for v in &applied.refresh_requests {
+                    let h = OwnedHeaders::new().insert(Header {
+                        key: headers::CONTROL,
+                        value: Some(headers::CONTROL_REFRESH_STATE),
+                    });
+                    let body = serde_json::json!({
+                        "vehicleId": v,
+                        "requestedBy": "processor",
+                        "cause": format!("{}:{}", d.msg.partition(), d.msg.offset()),
+                    });
+                    owned.push((
+                        kafka.events_topic.clone(),
+                        Some(v.as_bytes().to_vec()),
+                        body.to_string().into_bytes(),
+                        h,
+                    ));
+                }
                 for c in &applied.changes {
                     let mut h = OwnedHeaders::new()
                         .insert(Header {

@@ -12,7 +12,7 @@ use shared::event::{Event, EventKind};
 use shared::headers;
 use tracing::Instrument;
 
-use crate::changelog::{Change, Changelog, Undo};
+use crate::changelog::{Change, Changelog, Observed, Undo};
 use crate::dead_letter::{header_str, Poison};
 use crate::effects::{self, Context, Plan};
 use crate::metrics::Metrics;
@@ -29,6 +29,9 @@ pub struct Applied {
     pub undo: Vec<Undo>,
     /// A state refresh request (control record), not a Smartcar event.
     pub refresh: bool,
+    /// Vehicles of other partitions this record wrote (a legacy body listing several): their
+    /// owners are asked to refresh them (control records produced in the same transaction).
+    pub refresh_requests: Vec<String>,
 }
 
 /// What became of a record.
@@ -212,20 +215,27 @@ impl Pipeline {
             .sum();
         let mut changes = Vec::new();
         let mut undo = Vec::new();
+        let mut refresh_requests = Vec::new();
         let applied = async {
             for plan in &mut plans {
                 self.store.apply(plan).await?;
                 self.keep_flag_changes(plan, event_id).await?;
                 if let Some(changelog) = &self.changelog {
-                    let (change, u) = changelog
+                    match changelog
                         .observe(&self.store, pos.partition, pos.offset, msg.key(), plan)
-                        .await?;
-                    undo.extend(u);
-                    changes.extend(change.map(|mut c| {
-                        c.event_id = event_id.to_owned();
-                        c.event_type = event.envelope.event_type.clone();
-                        c
-                    }));
+                        .await?
+                    {
+                        Observed::Nothing => {}
+                        Observed::Viewed { change, undo: u } => {
+                            undo.push(*u);
+                            changes.extend(change.map(|c| Change {
+                                event_id: event_id.to_owned(),
+                                event_type: event.envelope.event_type.clone(),
+                                ..*c
+                            }));
+                        }
+                        Observed::RefreshElsewhere(v) => refresh_requests.push(v),
+                    }
                 }
             }
             Ok::<(), StoreError>(())
@@ -265,6 +275,7 @@ impl Pipeline {
                     changes,
                     undo,
                     refresh: false,
+                    refresh_requests,
                 }))
             }
             Err(e) if e.is_transient() => {
@@ -327,6 +338,7 @@ impl Pipeline {
                 .collect(),
             undo: undo.into_iter().collect(),
             refresh: true,
+            refresh_requests: Vec::new(),
         }))
     }
 

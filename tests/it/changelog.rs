@@ -42,8 +42,8 @@ fn account_error(event_id: &str, car: &str, state: &str, delivered_at: i64) -> V
     )
 }
 
-/// The changelog's records per vehicle, once `sentinel` (the last event, a change) is in: every
-/// record before it in its partition is then committed too.
+/// The changelog's records per vehicle, once `sentinel` (the last event, a change; ending in `:`,
+/// any event id it begins) is in: every record before it in its partition is then committed too.
 async fn records_until(
     s: &Settings,
     car: &str,
@@ -59,7 +59,9 @@ async fn records_until(
                 .unwrap_or_else(|e| panic!("{e}"));
             let done = all.iter().any(|m| {
                 m.key() == Some(car.as_bytes())
-                    && header(m, headers::EVENT_ID).as_deref() == Some(sentinel.as_str())
+                    && header(m, headers::EVENT_ID).is_some_and(|id| {
+                        id == sentinel || (sentinel.ends_with(':') && id.starts_with(&sentinel))
+                    })
             });
             if done {
                 let mut by: BTreeMap<String, Vec<OwnedMessage>> = BTreeMap::new();
@@ -109,8 +111,9 @@ async fn only_real_changes_are_recorded_in_order_and_the_last_record_is_the_stat
     // the greater document (the event id decides): this one loses, nothing a reader sees changes.
     let same = state("cl-a5", car, json!([odometer(100, T0 + 4_000)]), T0 + 7_000);
     let sentinel = state("cl-e6", car, json!([soc(55, T0 + 8_000)]), T0 + 8_000);
-    // A legacy v2 body (readings ordered by sc-data-age) for another vehicle, twice.
-    let legacy = br#"{"version":"2.0","webhookId":"wh","eventName":"scheduled","mode":"live","payload":{"vehicles":[{"vehicleId":"cl-legacy","requestId":"cl-r1","data":[{"path":"/odometer","code":200,"body":{"distance":1234.5},"headers":{"sc-data-age":"2023-01-02T03:04:05.000Z"}}]}]}}"#.to_vec();
+    // A legacy v2 body (readings ordered by sc-data-age) for two other vehicles, twice. It is keyed
+    // by the first; the second's partition owner is asked to refresh it.
+    let legacy = br#"{"version":"2.0","webhookId":"wh","eventName":"scheduled","mode":"live","payload":{"vehicles":[{"vehicleId":"cl-legacy","requestId":"cl-r1","data":[{"path":"/odometer","code":200,"body":{"distance":1234.5},"headers":{"sc-data-age":"2023-01-02T03:04:05.000Z"}}]},{"vehicleId":"cl-legacy-b","requestId":"cl-r2","data":[{"path":"/odometer","code":200,"body":{"distance":99.5},"headers":{"sc-data-age":"2023-01-02T03:04:06.000Z"}}]}]}}"#.to_vec();
     let records: Vec<(Option<&str>, &[u8])> = [
         &e1, &e1_again, &stale, &partial, &err, &resolved, &same, &sentinel,
     ]
@@ -184,6 +187,22 @@ async fn only_real_changes_are_recorded_in_order_and_the_last_record_is_the_stat
     assert_eq!(
         doc(&legacy_records[0])["signals"]["v2-odometer"]["body"]["distance"],
         1234.5
+    );
+    let b = records_until(&s, "cl-legacy-b", "refresh:").await;
+    let b = b.get("cl-legacy-b").cloned().unwrap_or_default();
+    assert_eq!(
+        b.len(),
+        1,
+        "the second vehicle recorded once, by its own partition's owner"
+    );
+    assert_eq!(
+        header(&b[0], headers::EVENT_TYPE).as_deref(),
+        Some("CARHOOK_STATE_REFRESH")
+    );
+    assert_eq!(Some(doc(&b[0])), state_document(&s, "cl-legacy-b").await);
+    assert_eq!(
+        doc(&b[0])["signals"]["v2-odometer"]["body"]["distance"],
+        99.5
     );
 }
 
