@@ -190,3 +190,62 @@ async fn second_instance_joining_and_first_leaving_mid_stream_loses_nothing_and_
     b.stop().await;
     drop_keyspace(&s).await;
 }
+
+#[tokio::test]
+async fn a_partition_revoked_while_its_results_wait_to_commit_is_applied_again_by_its_new_owner_once(
+) {
+    // A long batch wait holds processed results in the first instance while it waits for more
+    // records; the second joins then, and the partitions it takes over are revoked from the first
+    // with results waiting. Those must be left out of the first's transaction and processed again
+    // by the second: state, actions and changelog exactly as an undisturbed run.
+    let s = settings(&[
+        ("CARHOOK__KAFKA__PARTITIONS", "4"),
+        ("CARHOOK__PROCESSOR__BATCH_WAIT_MS", "15000"),
+        ("CARHOOK__PROCESSOR__BATCH_MAX", "1000"),
+    ]);
+    let mut s_b = s.clone();
+    s_b.processor.instance_id = format!("{}-b", s.processor.instance_id);
+    let a = spawn_processor(&s).await;
+    let work = workload();
+    produce(&s, &work).await;
+    // Written to the store (counted when applied), not yet committed (counted after the commit).
+    eventually(Duration::from_secs(60), || async {
+        metric_value(a.addr, "carhook_processor_signals_written_total").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        metric_value(
+            a.addr,
+            "carhook_processor_transactions_total{result=\"committed\"}"
+        )
+        .await,
+        0.0,
+        "the first batch must still wait to commit when the second instance joins"
+    );
+    let b = spawn_processor(&s_b).await;
+    assert_exact_outcome(&s).await;
+    assert_exact_changelog(&s).await;
+    let applied = |p: &Running| {
+        let addr = p.addr;
+        async move { metric_value(addr, "carhook_processor_events_total{outcome=\"applied\"}").await }
+    };
+    eventually(Duration::from_secs(30), || async {
+        applied(&a).await + applied(&b).await == work.len() as f64
+    })
+    .await;
+    assert!(
+        metric_value(b.addr, "carhook_processor_signals_written_total").await > 0.0,
+        "the second instance applied again what the first had applied and not committed"
+    );
+    assert!(
+        metric_value(
+            a.addr,
+            "carhook_processor_rebalances_total{kind=\"revoke\"}"
+        )
+        .await
+            >= 1.0
+    );
+    a.stop().await;
+    b.stop().await;
+    drop_keyspace(&s).await;
+}
