@@ -46,6 +46,8 @@ pub struct App {
     /// Bodies being read: bounds slow senders apart from `inflight`.
     pub body_reads: Arc<Semaphore>,
     pub verify_rate: RateLimit,
+    /// Which successful deliveries get their log line.
+    pub event_lines: shared::telemetry::EventLines,
 }
 
 /// Holds a permit and counts it in a gauge for as long as it lives.
@@ -168,7 +170,7 @@ impl App {
             "event_id",
             delivery.routing.event_id.as_deref().unwrap_or(""),
         );
-        delivery.finish(outcome, &self.metrics, retry_after)
+        delivery.finish(outcome, &self.metrics, retry_after, &self.event_lines)
     }
 
     async fn webhook(

@@ -5,9 +5,13 @@
 //! `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` variables are honoured where carhook's own keys
 //! are not set. Spans carry `service.name`, `service.version` and `service.instance.id`.
 //!
-//! Logs are JSON lines (or pretty for a terminal) from `tracing`; each line carries the fields of the
-//! current span, and request/record spans record a `trace_id`, so every line of one delivery can be
-//! found from its trace. Spans go to OpenTelemetry through `tracing-opentelemetry`: with an OTLP
+//! Logs are JSON lines (or pretty for a terminal) from `tracing`; each line carries the plain-named
+//! fields of the current span (`event_id`, `vehicle_id`, `trace_id` …) but not its dotted
+//! OpenTelemetry attributes (`otel.*`, `messaging.*`, `http.*`, `db.*`): those describe the span for
+//! the trace backend and repeated on every line they were most of its bytes. Request/record spans
+//! record a `trace_id`, so every line of one delivery can be found from its trace. Each service writes
+//! one INFO line per event; [`EventLines`] samples or drops the successful ones
+//! (`telemetry.event_log`), never a failure. Spans go to OpenTelemetry through `tracing-opentelemetry`: with an OTLP
 //! endpoint they are exported in batches; without one the provider still creates real trace ids (so
 //! `traceparent` headers connect receiver and processor) and exports nothing.
 //!
@@ -39,7 +43,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::collections::HashMap;
 
-use crate::config::{LogFormat, OtlpProtocol, TelemetrySettings};
+use crate::config::{EventLog, LogFormat, OtlpProtocol, TelemetrySettings};
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -418,7 +422,9 @@ struct JsonEntries<'a> {
 
 impl JsonEntries<'_> {
     fn entry(&mut self, name: &str, value: serde_json::Value) {
-        if self.result.is_err() {
+        // Dotted names are OpenTelemetry attributes (`otel.name`, `messaging.kafka.offset`, …):
+        // exported with the span, left out of the log line's copy of it.
+        if self.result.is_err() || name.contains('.') {
             return;
         }
         let sep = if std::mem::take(&mut self.first) {
@@ -488,6 +494,45 @@ impl<'w> FormatFields<'w> for AppendJsonFields {
         let result = v.result;
         current.fields.push('}');
         result
+    }
+}
+
+/// Decides which successful per-event lines are written (`telemetry.event_log`). Callers log
+/// failures regardless: this only ever drops lines of events that went well.
+#[derive(Debug, Clone, Copy)]
+pub struct EventLines {
+    mode: EventLog,
+    /// The share kept under `sample`.
+    ratio: f64,
+}
+
+impl EventLines {
+    /// From the settings.
+    pub fn new(s: &TelemetrySettings) -> Self {
+        Self {
+            mode: s.event_log,
+            ratio: s.event_log_sample_ratio,
+        }
+    }
+
+    /// Whether the successful event traced by `span` gets its line. Sampling is by trace id, as
+    /// the trace sampler does, so receiver and processor keep the lines of the same events; a span
+    /// without a trace id is kept.
+    pub fn keep(&self, span: &tracing::Span) -> bool {
+        match self.mode {
+            EventLog::All => true,
+            EventLog::Errors => false,
+            EventLog::Sample => {
+                let cx = span.context();
+                let sc = cx.span().span_context().clone();
+                if !sc.is_valid() {
+                    return true;
+                }
+                // The low 64 bits of a trace id are random (W3C trace context, level 2).
+                let low = u128::from_be_bytes(sc.trace_id().to_bytes()) as u64;
+                (low as f64) < self.ratio * (u64::MAX as f64)
+            }
+        }
     }
 }
 
@@ -732,6 +777,8 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "request",
+                otel.kind = "server",
+                messaging.kafka.offset = 7,
                 path = "/a\"b\\c",
                 status = tracing::field::Empty,
                 event_id = tracing::field::Empty,
@@ -750,6 +797,14 @@ mod tests {
         assert_eq!(line["span"]["status"], 200, "{text}");
         assert_eq!(line["span"]["path"], "/a\"b\\c", "{text}");
         assert_eq!(line["span"]["name"], "request", "{text}");
+        let span_keys: Vec<_> = line["span"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        assert!(
+            span_keys.iter().all(|k| !k.contains('.')),
+            "OpenTelemetry attributes repeated in a log line: {text}"
+        );
         assert_eq!(line["n"], 3, "{text}");
         assert_eq!(line["message"], "delivery accepted", "{text}");
     }

@@ -259,6 +259,11 @@ async fn main() {
             ("replay catch-up events/s", "replay_per_sec", ""),
             ("replay / processor drain", "replay_to_drain", "≥ 1.0"),
             ("processor peak RSS MB", "processor_peak_rss_mb", "< 128"),
+            (
+                "processor log bytes per event (stdout + stderr, `info`)",
+                "processor_log_bytes_per_event",
+                "",
+            ),
         ] {
             md.push_str(&format!(
                 "| {label} | {} | {} | {target} |\n",
