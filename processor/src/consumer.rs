@@ -506,6 +506,9 @@ impl Worker {
                 event_type = tracing::field::Empty,
                 vehicle_id = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                error.type = tracing::field::Empty,
             );
             shared::telemetry::continue_from(&span, &|k| header_str(&msg, k).map(str::to_owned));
             span.record("trace_id", shared::telemetry::trace_id(&span));
@@ -533,6 +536,7 @@ impl Worker {
                 Err(e) => {
                     let _e = span.enter();
                     tracing::warn!(partition, offset = msg.offset(), error = %e, "transient failure; will retry this record");
+                    shared::telemetry::record_error(&span, "store_transient", &e.to_string());
                     if let Some(s) = stop {
                         s.fetch_min(msg.offset(), Ordering::AcqRel);
                     }
@@ -737,6 +741,7 @@ impl Worker {
                         .get_or_create(&vec![("reason", p.class.to_string())])
                         .inc();
                     let event_id = header_str(&d.msg, headers::EVENT_ID).unwrap_or("");
+                    shared::telemetry::record_error(&d.span, p.class, &p.message);
                     tracing::warn!(event_id, partition, offset, outcome, reason = p.class, error = %p.message, duration_ms, "event dead-lettered");
                     continue;
                 }

@@ -10,7 +10,6 @@ use rdkafka::message::{Message, OwnedMessage};
 use shared::clock::EpochMillis;
 use shared::event::{Event, EventKind};
 use shared::headers;
-use tracing::Instrument;
 
 use crate::dead_letter::{header_str, Poison};
 use crate::effects::{self, Context, Plan};
@@ -144,12 +143,6 @@ impl Pipeline {
                 &self.settings.instance_id,
                 delivered_at,
             )
-            .instrument(tracing::info_span!(
-                "claim",
-                otel.name = "claim eventId",
-                db.system = "cassandra",
-                db.operation.name = "INSERT IF NOT EXISTS"
-            ))
             .await
             .inspect_err(|e| self.count_store_error(e))?;
         let delivered_at = match claim {
@@ -183,6 +176,7 @@ impl Pipeline {
             .iter()
             .map(|p| p.values.len() + p.availability.len())
             .sum();
+        // Each statement is its own CQL CLIENT span under the record's span (see `Store`).
         let applied = async {
             for plan in &mut plans {
                 self.store.apply(plan).await?;
@@ -190,12 +184,6 @@ impl Pipeline {
             }
             Ok::<(), StoreError>(())
         }
-        .instrument(tracing::info_span!(
-            "write state",
-            otel.name = "write vehicle state",
-            db.system = "cassandra",
-            signals = cells
-        ))
         .await;
         match applied {
             Ok(()) => {

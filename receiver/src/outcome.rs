@@ -197,6 +197,14 @@ impl Delivery {
                 )
             };
         }
+        if status.is_server_error() {
+            // A 5xx is a failure of this service (semantic conventions: a 4xx is the client's).
+            let cause = match &outcome {
+                Outcome::Unavailable { cause, .. } | Outcome::DeadlineExceeded(cause) => cause,
+                _ => label,
+            };
+            shared::telemetry::record_error(&tracing::Span::current(), label, cause);
+        }
         let quiet = matches!(
             outcome,
             Outcome::Accepted { .. } | Outcome::Challenge { .. }

@@ -617,6 +617,16 @@ pub fn init(
     Ok(Telemetry { provider, logs })
 }
 
+/// Marks `span` failed for OpenTelemetry: status Error with `description`, and `error.type` =
+/// `error_type` (a short, bounded class, never a message). The span must declare
+/// `otel.status_code`, `otel.status_description` and `error.type` (as `Empty`): a field a span
+/// did not declare is silently dropped.
+pub fn record_error(span: &tracing::Span, error_type: &str, description: &str) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", description);
+    span.record("error.type", error_type);
+}
+
 /// The current span's trace id as hex, for the `trace_id` log field ("" when not sampled).
 pub fn trace_id(span: &tracing::Span) -> String {
     let cx = span.context();
