@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod state;
 pub mod store;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -585,10 +585,43 @@ where
         .with_writer(logs)
 }
 
-/// Installs the global subscriber and propagator. Call once, from `main`, inside the runtime.
+/// Installs the global subscriber and propagator, logging to stdout (the services). Call once,
+/// from `main`, inside the runtime.
 pub fn init(
     s: &TelemetrySettings,
     default_service: &'static str,
+) -> Result<Telemetry, TelemetryError> {
+    use std::io::IsTerminal;
+    let ansi = std::io::stdout().is_terminal();
+    init_with(
+        s,
+        default_service,
+        LogWriter::spawn(std::io::stdout()),
+        ansi,
+    )
+}
+
+/// As [`init`], for operator commands: log lines go to stderr, so stdout carries only the
+/// command's result (`processor replay … | jq` works).
+pub fn init_for_tool(
+    s: &TelemetrySettings,
+    default_service: &'static str,
+) -> Result<Telemetry, TelemetryError> {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    init_with(
+        s,
+        default_service,
+        LogWriter::spawn(std::io::stderr()),
+        ansi,
+    )
+}
+
+fn init_with(
+    s: &TelemetrySettings,
+    default_service: &'static str,
+    logs: LogWriter,
+    ansi: bool,
 ) -> Result<Telemetry, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = tracer_provider(s, default_service)?;
@@ -600,7 +633,6 @@ pub fn init(
         .with_tracer(provider.tracer(default_service))
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(otel);
-    let logs = LogWriter::spawn(std::io::stdout());
     let result = match s.log_format {
         LogFormat::Json => registry
             .with(json_layer(logs.clone()).with_filter(filter))
@@ -608,6 +640,7 @@ pub fn init(
         LogFormat::Pretty => registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
                     .with_writer(logs.clone())
                     .with_filter(filter),
             )

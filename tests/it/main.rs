@@ -11,4 +11,5 @@ mod receiver;
 mod secured;
 mod sim;
 mod stack;
+mod tools;
 mod trace;

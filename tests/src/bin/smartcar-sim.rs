@@ -153,22 +153,13 @@ struct SendArgs {
     out: PathBuf,
 }
 
+/// A duration as humantime writes it (`30s`, `2m`, `500ms`, `1h 30m`); a bare number is seconds.
 fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(
-        s.trim()
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.trim().len()),
-    );
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 30s, 2m, 500ms"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    let s = s.trim();
+    if let Some(secs) = s.parse::<f64>().ok().filter(|n| n.is_finite() && *n >= 0.0) {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 2m, 500ms)"))
 }
 
 fn split_url(url: &str) -> Result<(SocketAddr, String), String> {
