@@ -853,6 +853,37 @@ mod tests {
     }
 
     #[test]
+    fn event_lines_keep_by_mode_and_sample_by_trace_id() {
+        let lines = |mode, ratio| {
+            EventLines::new(&TelemetrySettings {
+                event_log: mode,
+                event_log_sample_ratio: ratio,
+                ..TelemetrySettings::default()
+            })
+        };
+        let untraced = tracing::Span::none();
+        assert!(lines(EventLog::All, 0.0).keep(&untraced));
+        assert!(!lines(EventLog::Errors, 1.0).keep(&untraced));
+        assert!(
+            lines(EventLog::Sample, 0.0).keep(&untraced),
+            "no trace id: kept"
+        );
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let quarter = lines(EventLog::Sample, 0.25);
+            let spans: Vec<_> = (0..2000).map(|_| tracing::info_span!("event")).collect();
+            let kept = spans.iter().filter(|s| quarter.keep(s)).count();
+            assert!((300..700).contains(&kept), "{kept} of 2000 kept at 0.25");
+            // The decision is the trace id's: the same span is always decided alike.
+            assert!(spans.iter().all(|s| quarter.keep(s) == quarter.keep(s)));
+            assert!(!spans.iter().any(|s| lines(EventLog::Sample, 0.0).keep(s)));
+            assert!(spans.iter().all(|s| lines(EventLog::Sample, 1.0).keep(s)));
+        });
+    }
+
+    #[test]
     fn every_line_is_written_whole_and_in_order_before_flush_returns() {
         let sink = Sink::default();
         let logs = LogWriter::spawn(sink.clone());
