@@ -535,11 +535,15 @@ impl Worker {
                 event_type = tracing::field::Empty,
                 vehicle_id = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                error.type = tracing::field::Empty,
             );
             shared::telemetry::continue_from(&span, &|k| header_str(&msg, k).map(str::to_owned));
             span.record("trace_id", shared::telemetry::trace_id(&span));
             let result = async {
-                tracing::info!(
+                // DEBUG: the INFO line per record is the one written when it is finished.
+                tracing::debug!(
                     partition = msg.partition(),
                     offset = msg.offset(),
                     "processing start"
@@ -561,6 +565,7 @@ impl Worker {
                 Err(e) => {
                     let _e = span.enter();
                     tracing::warn!(partition, offset = msg.offset(), error = %e, "transient failure; will retry this record");
+                    shared::telemetry::record_error(&span, "store_transient", &e.to_string());
                     if let Some(s) = stop {
                         s.fetch_min(msg.offset(), Ordering::AcqRel);
                     }
@@ -797,20 +802,28 @@ impl Worker {
     }
 
     /// After a commit: the per-record log line (processing end) and outcome metrics.
+    ///
+    /// One line per record, inside its span, which supplies `trace_id`, `event_id`, `vehicle_id`
+    /// and `event_type`; a dead letter is always logged, with its error, and successful records
+    /// only as `telemetry.event_log` says.
     fn finish(&self, runs: &[PartitionRun]) {
+        let lines = shared::telemetry::EventLines::new(&self.settings.telemetry);
         for d in runs.iter().flat_map(|r| &r.done) {
             let _in_span = d.span.enter();
             let outcome = d.disposition.label();
             self.metrics.outcome(outcome);
-            let event_id = header_str(&d.msg, headers::EVENT_ID).unwrap_or("");
             let duration_ms = d.elapsed.as_secs_f64() * 1000.0;
-            match &d.disposition {
+            let (partition, offset) = (d.msg.partition(), d.msg.offset());
+            let (actions, state_changes) = match &d.disposition {
                 Disposition::Poison(p) => {
                     self.metrics
                         .dead_letters
                         .get_or_create(&vec![("reason", p.class.to_string())])
                         .inc();
-                    tracing::warn!(event_id, partition = d.msg.partition(), offset = d.msg.offset(), outcome, reason = p.class, error = %p.message, duration_ms, "event dead-lettered");
+                    let event_id = header_str(&d.msg, headers::EVENT_ID).unwrap_or("");
+                    shared::telemetry::record_error(&d.span, p.class, &p.message);
+                    tracing::warn!(event_id, partition, offset, outcome, reason = p.class, error = %p.message, duration_ms, "event dead-lettered");
+                    continue;
                 }
                 Disposition::Applied(applied) => {
                     let actions: Vec<_> = applied.plans.iter().flat_map(|p| &p.actions).collect();
@@ -825,38 +838,31 @@ impl Worker {
                                 .inc();
                         }
                     }
-                    tracing::info!(
-                        event_id,
-                        partition = d.msg.partition(),
-                        offset = d.msg.offset(),
-                        outcome,
-                        actions = actions.len(),
-                        state_changes = applied.changes.len(),
-                        duration_ms,
-                        "event processed"
-                    );
+                    (actions.len(), applied.changes.len())
                 }
-                Disposition::Ignored(why) => {
-                    tracing::info!(
-                        event_id,
-                        partition = d.msg.partition(),
-                        offset = d.msg.offset(),
-                        outcome,
-                        reason = *why,
-                        duration_ms,
-                        "event processed"
-                    )
-                }
-                Disposition::Duplicate => {
-                    tracing::info!(
-                        event_id,
-                        partition = d.msg.partition(),
-                        offset = d.msg.offset(),
-                        outcome,
-                        duration_ms,
-                        "event processed"
-                    )
-                }
+                Disposition::Ignored(_) | Disposition::Duplicate => (0, 0),
+            };
+            if !lines.keep(&d.span) {
+                continue;
+            }
+            match &d.disposition {
+                Disposition::Ignored(why) => tracing::info!(
+                    partition,
+                    offset,
+                    outcome,
+                    reason = *why,
+                    duration_ms,
+                    "event processed"
+                ),
+                _ => tracing::info!(
+                    partition,
+                    offset,
+                    outcome,
+                    actions,
+                    state_changes,
+                    duration_ms,
+                    "event processed"
+                ),
             }
         }
     }

@@ -8,6 +8,12 @@
 //!   an LWT after the broker acknowledged the copy; a second redrive of the same letter is skipped;
 //! - the redriven copy is a new record, so the processor's claim logic lets it take over an event
 //!   whose claim was marked dead-lettered, and treats it as a duplicate if the event was applied.
+//!
+//! Reads never act on a silently truncated view: [`scan`] reads each partition up to the high
+//! watermark it had when the read started and reports a [`Coverage`]; [`read_letters`] and
+//! redrive by reason or `--all` fail when any partition could not be read to its end. `show`
+//! and redrive by position fetch each letter directly at its offset ([`fetch`]) instead of
+//! scanning.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -35,6 +41,69 @@ pub enum DlqError {
     NotFound(String),
     #[error("{0:?} is not an offset or partition:offset")]
     BadPosition(String),
+    #[error("unknown reason {given:?}; the error classes are: {}", KNOWN_REASONS.join(", "))]
+    BadReason { given: String },
+    #[error("the dead-letter topic could not be read to its end: {0}")]
+    Incomplete(Coverage),
+}
+
+/// Every error class a dead letter can carry (`carhook-dlq-error-class`): the event parser's
+/// classes and `store_refused` (a statement the store refused `processor.max_attempts` times).
+pub const KNOWN_REASONS: [&str; 7] = [
+    "not_json",
+    "not_object",
+    "missing_field",
+    "wrong_type",
+    "invalid_id",
+    "too_many_signals",
+    "store_refused",
+];
+
+/// Checks `--reason` against [`KNOWN_REASONS`].
+pub fn parse_reason(s: &str) -> Result<String, DlqError> {
+    if KNOWN_REASONS.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(DlqError::BadReason {
+            given: s.to_string(),
+        })
+    }
+}
+
+/// How much of the dead-letter topic a read covered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Coverage {
+    /// Letters read.
+    pub read: u64,
+    /// Offsets between the low and high watermarks of every partition when the read started: the
+    /// letters present, plus the transaction markers of the processor's transactions.
+    pub offsets: u64,
+    /// Partitions holding letters.
+    pub partitions: u64,
+    /// Of those, partitions read up to their high watermark.
+    pub partitions_read_to_end: u64,
+    /// Every partition read to its end (false also when `--limit` stopped the read).
+    pub complete: bool,
+    /// The read stopped early because `--limit` letters matched.
+    pub limit_reached: bool,
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "read {} letter(s) of {} offset(s) present; {} of {} partition(s) read to the end{}",
+            self.read,
+            self.offsets,
+            self.partitions_read_to_end,
+            self.partitions,
+            if self.limit_reached {
+                " (stopped at --limit)"
+            } else {
+                ""
+            }
+        )
+    }
 }
 
 /// A dead letter's position on the dead-letter topic.
@@ -127,106 +196,182 @@ impl Letter {
     }
 }
 
-/// Reads every letter currently on the dead-letter topic (a snapshot up to the high watermarks).
-pub fn read_letters(settings: &Settings) -> Result<Vec<Letter>, DlqError> {
-    let topic = &settings.kafka.dlq_topic;
-    let c: BaseConsumer = shared::kafka::base_config(&settings.kafka)
+/// How long a partition may go without any progress before its read is given up as incomplete.
+const STALL: Duration = Duration::from_secs(15);
+
+fn reader(settings: &Settings) -> Result<BaseConsumer, DlqError> {
+    Ok(shared::kafka::base_config(&settings.kafka)
         .set("group.id", "carhook-dlq-reader")
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
         .set("isolation.level", "read_committed")
-        .create()?;
+        .create()?)
+}
+
+/// Reads the dead-letter topic partition by partition, in position order, each up to the high
+/// watermark it had when the read started, handing every letter to `on_letter`, which returns
+/// false to stop (e.g. `--limit` reached). Returns what the read covered.
+pub fn scan(
+    settings: &Settings,
+    mut on_letter: impl FnMut(Letter) -> bool,
+) -> Result<Coverage, DlqError> {
+    let topic = &settings.kafka.dlq_topic;
+    let c = reader(settings)?;
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = std::collections::HashMap::new();
+    let mut parts: Vec<(i32, i64, i64)> = Vec::new();
     for p in md.topics().iter().flat_map(|t| t.partitions()) {
         let (low, high) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
         if high > low {
-            tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
-            ends.insert(p.id(), high);
+            parts.push((p.id(), low, high));
         }
     }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
-    }
-    c.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut done = std::collections::HashSet::new();
-    while done.len() < ends.len() && std::time::Instant::now() < deadline {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let m = m.detach();
-                let end = ends.get(&m.partition()).copied().unwrap_or(0);
-                if m.offset() + 1 >= end {
-                    done.insert(m.partition());
-                }
-                if m.offset() < end {
-                    out.push(Letter {
-                        pos: LetterPos {
-                            partition: m.partition(),
-                            offset: m.offset(),
-                        },
-                        msg: m,
-                    });
-                }
+    parts.sort_unstable();
+    let mut cov = Coverage {
+        offsets: parts.iter().map(|(_, l, h)| (h - l) as u64).sum(),
+        partitions: parts.len() as u64,
+        ..Coverage::default()
+    };
+    for (partition, low, high) in parts {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
+        c.assign(&tpl)?;
+        let mut last_progress = std::time::Instant::now();
+        let mut at = low;
+        while at < high {
+            if last_progress.elapsed() > STALL {
+                return Ok(cov); // incomplete: `complete` stays false
             }
-            Some(Err(e)) => return Err(e.into()),
-            None => {
-                // Transaction markers occupy offsets: a partition whose position reached the end is done.
-                if let Ok(pos) = c.position() {
-                    for e in pos.elements() {
-                        if let (Offset::Offset(o), Some(end)) =
-                            (e.offset(), ends.get(&e.partition()))
-                        {
-                            if o >= *end {
-                                done.insert(e.partition());
-                            }
+            match c.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let m = m.detach();
+                    at = m.offset() + 1;
+                    last_progress = std::time::Instant::now();
+                    if m.offset() >= high {
+                        break;
+                    }
+                    cov.read += 1;
+                    let pos = LetterPos {
+                        partition,
+                        offset: m.offset(),
+                    };
+                    if !on_letter(Letter { pos, msg: m }) {
+                        cov.limit_reached = true;
+                        return Ok(cov);
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    // Transaction markers and aborted letters occupy offsets: the consumer's
+                    // position passing them is progress too.
+                    let position = c.position()?;
+                    if let Some(Offset::Offset(o)) = position
+                        .find_partition(topic, partition)
+                        .map(|e| e.offset())
+                    {
+                        if o > at {
+                            at = o;
+                            last_progress = std::time::Instant::now();
                         }
                     }
                 }
             }
         }
+        cov.partitions_read_to_end += 1;
     }
-    out.sort_by_key(|l| l.pos);
+    cov.complete = cov.partitions_read_to_end == cov.partitions;
+    Ok(cov)
+}
+
+/// Reads every letter currently on the dead-letter topic (a snapshot up to the high watermarks);
+/// fails rather than return part of them.
+pub fn read_letters(settings: &Settings) -> Result<Vec<Letter>, DlqError> {
+    let mut out = Vec::new();
+    let cov = scan(settings, |l| {
+        out.push(l);
+        true
+    })?;
+    if !cov.complete {
+        return Err(DlqError::Incomplete(cov));
+    }
     Ok(out)
 }
 
-/// Prints letters as a table (or JSON lines).
-pub fn print_list(letters: &[Letter], json_out: bool) {
-    if json_out {
-        let all: Vec<Value> = letters.iter().map(|l| l.to_json(false)).collect();
-        println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
-        return;
+/// The letter at `pos`, read directly at its offset (no scan). `NotFound` when the partition or
+/// offset holds no letter (out of range, expired, a transaction marker, an aborted write).
+pub fn fetch(settings: &Settings, pos: LetterPos) -> Result<Letter, DlqError> {
+    let topic = &settings.kafka.dlq_topic;
+    let c = reader(settings)?;
+    let not_found = || DlqError::NotFound(pos.to_string());
+    let (low, high) = match c.fetch_watermarks(topic, pos.partition, Duration::from_secs(10)) {
+        Ok(w) => w,
+        Err(e)
+            if e.rdkafka_error_code()
+                == Some(rdkafka::types::RDKafkaErrorCode::UnknownPartition) =>
+        {
+            return Err(not_found())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if pos.offset < low || pos.offset >= high {
+        return Err(not_found());
     }
-    println!(
-        "{:<10} {:<18} {:<32} {:<38} {:<24} {:>8} {:>7}",
-        "POSITION", "REASON", "ORIGINAL", "EVENT ID", "VEHICLE", "AGE", "REDRIVE"
-    );
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, pos.partition, Offset::Offset(pos.offset))?;
+    c.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + STALL;
+    while std::time::Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) if m.offset() == pos.offset => {
+                return Ok(Letter {
+                    pos,
+                    msg: m.detach(),
+                })
+            }
+            Some(Ok(_)) => return Err(not_found()),
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                let past = c
+                    .position()?
+                    .find_partition(topic, pos.partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o > pos.offset),
+                        _ => None,
+                    });
+                if past == Some(true) {
+                    return Err(not_found());
+                }
+            }
+        }
+    }
+    Err(DlqError::Incomplete(Coverage {
+        offsets: 1,
+        partitions: 1,
+        ..Coverage::default()
+    }))
+}
+
+/// Letters as a table: position, reason, original position, event id, vehicle, age, redrives.
+pub fn table(letters: &[Letter]) -> comfy_table::Table {
+    let mut t = crate::tools::table([
+        "POSITION", "REASON", "ORIGINAL", "EVENT ID", "VEHICLE", "AGE", "REDRIVES",
+    ]);
     for l in letters {
         let v = l.to_json(false);
         let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
-        let age = v["ageSeconds"].as_i64().map_or("-".to_string(), human_age);
-        println!(
-            "{:<10} {:<18} {:<32} {:<38} {:<24} {:>8} {:>7}",
+        let age = v["ageSeconds"].as_i64().map_or("-".to_string(), |secs| {
+            humantime::format_duration(Duration::from_secs(secs.max(0).unsigned_abs())).to_string()
+        });
+        t.add_row(vec![
             s("position"),
             s("reason"),
             s("original"),
             s("eventId"),
             s("vehicle"),
             age,
-            l.redrive_count()
-        );
+            l.redrive_count().to_string(),
+        ]);
     }
-    println!("{} letter(s)", letters.len());
-}
-
-fn human_age(secs: i64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
+    t
 }
 
 /// Which letters to redrive.
@@ -240,6 +385,8 @@ pub enum Selection {
 /// Redrive results.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RedriveSummary {
+    /// What the read of the dead-letter topic covered (None when letters were fetched by position).
+    pub coverage: Option<Coverage>,
     pub selected: u64,
     pub redriven: u64,
     pub already_redriven: u64,
@@ -277,6 +424,33 @@ async fn was_redriven(
     Ok(rows.rows_num() > 0)
 }
 
+/// The letters `selection` names: fetched directly by position, else from a complete read of the
+/// topic (an incomplete one is an error: acting on part of the letters would be silent).
+pub fn select(
+    settings: &Settings,
+    selection: &Selection,
+) -> Result<(Vec<Letter>, Option<Coverage>), DlqError> {
+    if let Selection::Positions(ps) = selection {
+        let letters = ps
+            .iter()
+            .map(|p| fetch(settings, *p))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok((letters, None));
+    }
+    let mut out = Vec::new();
+    let cov = scan(settings, |l| {
+        if matches!(selection, Selection::Reason(r) if l.reason() != r) {
+            return true;
+        }
+        out.push(l);
+        true
+    })?;
+    if !cov.complete {
+        return Err(DlqError::Incomplete(cov));
+    }
+    Ok((out, Some(cov)))
+}
+
 /// Re-publishes the selected letters to the events topic.
 pub async fn redrive(
     settings: &Settings,
@@ -285,22 +459,23 @@ pub async fn redrive(
     dry_run: bool,
     max_redrives: u32,
 ) -> Result<RedriveSummary, DlqError> {
-    let letters = read_letters(settings)?;
-    let chosen: Vec<&Letter> = letters
-        .iter()
-        .filter(|l| match selection {
-            Selection::All => true,
-            Selection::Positions(ps) => ps.contains(&l.pos),
-            Selection::Reason(r) => l.reason() == r,
-        })
-        .collect();
-    if let Selection::Positions(ps) = selection {
-        if let Some(missing) = ps.iter().find(|p| !chosen.iter().any(|l| l.pos == **p)) {
-            return Err(DlqError::NotFound(missing.to_string()));
-        }
-    }
+    let (letters, coverage) = select(settings, selection)?;
+    redrive_letters(settings, session, &letters, coverage, dry_run, max_redrives).await
+}
+
+/// Re-publishes `letters` (chosen with [`select`], whose `coverage` the summary carries).
+pub async fn redrive_letters(
+    settings: &Settings,
+    session: &Session,
+    letters: &[Letter],
+    coverage: Option<Coverage>,
+    dry_run: bool,
+    max_redrives: u32,
+) -> Result<RedriveSummary, DlqError> {
+    let chosen: Vec<&Letter> = letters.iter().collect();
     let producer: FutureProducer = shared::kafka::producer_config(&settings.kafka).create()?;
     let mut sum = RedriveSummary {
+        coverage,
         selected: chosen.len() as u64,
         ..Default::default()
     };
@@ -322,11 +497,11 @@ pub async fn redrive(
             continue;
         }
         if dry_run {
-            println!(
-                "would redrive {} ({}) event {}",
-                l.pos,
-                l.reason(),
-                header_str(&l.msg, headers::EVENT_ID).unwrap_or("-")
+            tracing::info!(
+                position = %l.pos,
+                reason = l.reason(),
+                event_id = header_str(&l.msg, headers::EVENT_ID).unwrap_or("-"),
+                "would redrive"
             );
             sum.redriven += 1;
             continue;
@@ -371,4 +546,22 @@ pub async fn redrive(
         b.finish_and_clear();
     }
     Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_reasons_are_the_parser_classes_and_store_refused() {
+        let mut want = shared::event::EventError::CLASSES.to_vec();
+        want.push("store_refused");
+        assert_eq!(KNOWN_REASONS.to_vec(), want);
+        assert!(parse_reason("not_json").is_ok());
+        let e = parse_reason("not-json").err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("store_refused")),
+            "{e:?}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod state;
 pub mod store;
+pub mod tools;
 pub mod view;
 
 use std::sync::Arc;
@@ -57,20 +58,23 @@ pub async fn connect_store(
     readiness: &Readiness,
     shutdown: &CancellationToken,
 ) -> Option<Arc<scylla::client::session::Session>> {
-    let mut wait = Duration::from_millis(200);
-    loop {
-        match shared::cql::connect(&settings.cql).await {
-            Ok(s) => return Some(Arc::new(s)),
-            Err(e) => {
-                readiness.set("store", false);
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cql store not reachable");
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(Duration::from_secs(10));
+    use backon::Retryable;
+    // 200 ms doubling to at most 10 s, without end: the store coming back is the only way out
+    // (besides shutdown); no jitter, one processor connecting is no herd.
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times();
+    let connect = (|| shared::cql::connect(&settings.cql))
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .notify(|e, wait| {
+            readiness.set("store", false);
+            tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cql store not reachable");
+        });
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        session = connect => session.ok().map(Arc::new),
     }
 }
 

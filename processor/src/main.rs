@@ -3,12 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use carhook_processor::tools::Output;
 use clap::{Parser, Subcommand};
 use shared::config::Settings;
 
 /// Turns Smartcar events into vehicle state; operator tools for state, migrations.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, after_help = carhook_processor::tools::EXIT_CODES)]
 struct Args {
     /// TOML configuration file (also CARHOOK_CONFIG); environment CARHOOK__SECTION__KEY overrides it.
     #[arg(long, global = true)]
@@ -23,15 +24,20 @@ enum Command {
     Run,
     /// Apply CQL migrations and create topics, then exit.
     Migrate,
-    /// Print a vehicle's current state as JSON.
+    /// Print a vehicle's current state (JSON, or a table); exit 3 for an unknown vehicle.
+    #[command(after_help = carhook_processor::tools::EXIT_CODES)]
     State {
         /// The vehicle id.
         vehicle_id: String,
         /// Also print `lastEvent`: the last event applied (bookkeeping, not part of the document).
         #[arg(long)]
         last_event: bool,
+        /// `json` (default) or `table`.
+        #[arg(long, value_enum, default_value = "json")]
+        output: Output,
     },
     /// Re-derive state from a range of the events topic with the current logic (no actions).
+    #[command(after_help = carhook_processor::tools::EXIT_CODES)]
     Replay {
         /// Start: an RFC 3339 time, or a partition:offset list such as 0:120,1:98.
         #[arg(long)]
@@ -59,49 +65,15 @@ enum Command {
         /// replay wrote in the state changelog (`kafka.state_topic`).
         #[arg(long, conflicts_with = "dry_run")]
         emit_changes: bool,
+        /// The summary as `json` (default) or `table`.
+        #[arg(long, value_enum, default_value = "json")]
+        output: Output,
     },
     /// Inspect and redrive dead letters.
+    #[command(after_help = carhook_processor::tools::EXIT_CODES)]
     Dlq {
         #[command(subcommand)]
-        command: DlqCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum DlqCommand {
-    /// Table of dead letters.
-    List {
-        /// Only letters with this error class (e.g. not_json, missing_field).
-        #[arg(long)]
-        reason: Option<String>,
-        /// At most this many.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// One letter with its headers and body; POSITION is partition:offset (or an offset on partition 0).
-    Show {
-        position: carhook_processor::dlq::LetterPos,
-    },
-    /// Re-publish letters to the events topic.
-    Redrive {
-        /// Every letter.
-        #[arg(long, conflicts_with_all = ["offset", "reason"])]
-        all: bool,
-        /// These positions (partition:offset), comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        offset: Vec<carhook_processor::dlq::LetterPos>,
-        /// Letters with this error class.
-        #[arg(long)]
-        reason: Option<String>,
-        /// Show what would be redriven.
-        #[arg(long)]
-        dry_run: bool,
-        /// Loop guard: refuse letters already redriven this many times.
-        #[arg(long, default_value_t = 3)]
-        max_redrives: u32,
+        command: carhook_processor::tools::DlqCommand,
     },
 }
 
@@ -122,7 +94,7 @@ async fn main() -> ExitCode {
         Command::Migrate => {
             let mut s = settings;
             s.telemetry.log_format = shared::config::LogFormat::Pretty;
-            let _t = shared::telemetry::init(&s.telemetry, "carhook-processor");
+            let _t = shared::telemetry::init_for_tool(&s.telemetry, "carhook-processor");
             match carhook_processor::migrate(&s).await {
                 Ok(v) => {
                     println!("migrations applied: {v:?}; topics ensured");
@@ -140,24 +112,11 @@ async fn main() -> ExitCode {
             max_records,
             max_rate,
             emit_changes,
+            output,
         } => {
             let mut s = settings;
             s.telemetry.log_format = shared::config::LogFormat::Pretty;
-            let _t = shared::telemetry::init(&s.telemetry, "carhook-processor");
-            let session = match shared::cql::connect(&s.cql).await {
-                Ok(x) => std::sync::Arc::new(x),
-                Err(e) => return fail(e, 1),
-            };
-            let store = match carhook_processor::store::Store::prepare(
-                session,
-                &s.cql.keyspace,
-                s.cql.dedup_ttl_days,
-            )
-            .await
-            {
-                Ok(x) => x,
-                Err(e) => return fail(e, 1),
-            };
+            let _t = shared::telemetry::init_for_tool(&s.telemetry, "carhook-processor");
             let req = carhook_processor::replay::ReplayRequest {
                 from,
                 to,
@@ -168,48 +127,19 @@ async fn main() -> ExitCode {
                 max_rate,
                 emit_changes,
             };
-            match carhook_processor::replay::replay(&s, &store, &req, shared::shutdown::on_signal())
-                .await
-            {
-                Ok(sum) => {
-                    println!("{}", serde_json::to_string_pretty(&sum).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e, 1),
-            }
+            carhook_processor::tools::replay(&s, &req, output).await
         }
-        Command::Dlq { command } => dlq(settings, command).await,
+        Command::Dlq { command } => {
+            let mut s = settings;
+            s.telemetry.log_format = shared::config::LogFormat::Pretty;
+            let _t = shared::telemetry::init_for_tool(&s.telemetry, "carhook-processor");
+            carhook_processor::tools::dlq(&s, command).await
+        }
         Command::State {
             vehicle_id,
             last_event,
-        } => {
-            let session = match shared::cql::connect(&settings.cql).await {
-                Ok(s) => s,
-                Err(e) => return fail(e, 1),
-            };
-            let state = if last_event {
-                carhook_processor::state::vehicle_state_with_last_event(
-                    &session,
-                    &settings.cql.keyspace,
-                    &vehicle_id,
-                )
-                .await
-            } else {
-                carhook_processor::state::vehicle_state(
-                    &session,
-                    &settings.cql.keyspace,
-                    &vehicle_id,
-                )
-                .await
-            };
-            match state {
-                Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e, 1),
-            }
-        }
+            output,
+        } => carhook_processor::tools::state(&settings, &vehicle_id, last_event, output).await,
     }
 }
 
@@ -231,65 +161,5 @@ async fn serve(settings: Settings) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),
-    }
-}
-
-async fn dlq(settings: Settings, command: DlqCommand) -> ExitCode {
-    use carhook_processor::dlq;
-    match command {
-        DlqCommand::List {
-            reason,
-            limit,
-            json,
-        } => match dlq::read_letters(&settings) {
-            Ok(letters) => {
-                let shown: Vec<_> = letters
-                    .into_iter()
-                    .filter(|l| reason.as_deref().is_none_or(|r| l.reason() == r))
-                    .take(limit.unwrap_or(usize::MAX))
-                    .collect();
-                dlq::print_list(&shown, json);
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e, 1),
-        },
-        DlqCommand::Show { position } => match dlq::read_letters(&settings) {
-            Ok(letters) => match letters.iter().find(|l| l.pos == position) {
-                Some(l) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&l.to_json(true)).unwrap_or_default()
-                    );
-                    ExitCode::SUCCESS
-                }
-                None => fail(dlq::DlqError::NotFound(position.to_string()), 1),
-            },
-            Err(e) => fail(e, 1),
-        },
-        DlqCommand::Redrive {
-            all,
-            offset,
-            reason,
-            dry_run,
-            max_redrives,
-        } => {
-            let selection = match (all, offset.is_empty(), reason) {
-                (true, _, _) => dlq::Selection::All,
-                (false, false, _) => dlq::Selection::Positions(offset),
-                (false, true, Some(r)) => dlq::Selection::Reason(r),
-                (false, true, None) => return fail("redrive needs --all, --offset or --reason", 2),
-            };
-            let session = match shared::cql::connect(&settings.cql).await {
-                Ok(x) => x,
-                Err(e) => return fail(e, 1),
-            };
-            match dlq::redrive(&settings, &session, &selection, dry_run, max_redrives).await {
-                Ok(sum) => {
-                    println!("{}", serde_json::to_string_pretty(&sum).unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e, 1),
-            }
-        }
     }
 }

@@ -10,7 +10,6 @@ use rdkafka::message::{Message, OwnedMessage};
 use shared::clock::EpochMillis;
 use shared::event::{Event, EventKind};
 use shared::headers;
-use tracing::Instrument;
 
 use crate::changelog::{Change, Changelog, Observed, Undo};
 use crate::dead_letter::{header_str, Poison};
@@ -174,12 +173,6 @@ impl Pipeline {
                 &self.settings.instance_id,
                 delivered_at,
             )
-            .instrument(tracing::info_span!(
-                "claim",
-                otel.name = "claim eventId",
-                db.system = "cassandra",
-                db.operation.name = "INSERT IF NOT EXISTS"
-            ))
             .await
             .inspect_err(|e| self.count_store_error(e))?;
         let delivered_at = match claim {
@@ -216,6 +209,7 @@ impl Pipeline {
         let mut changes = Vec::new();
         let mut undo = Vec::new();
         let mut refresh_requests = Vec::new();
+        // Each statement is its own CQL CLIENT span under the record's span (see `Store`).
         let applied = async {
             for plan in &mut plans {
                 self.store.apply(plan).await?;
@@ -240,12 +234,6 @@ impl Pipeline {
             }
             Ok::<(), StoreError>(())
         }
-        .instrument(tracing::info_span!(
-            "write state",
-            otel.name = "write vehicle state",
-            db.system = "cassandra",
-            signals = cells
-        ))
         .await;
         match applied {
             Ok(()) => {

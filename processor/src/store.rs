@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use scylla::client::session::Session;
+use scylla::errors::ExecutionError;
 use scylla::response::query_result::QueryResult;
 use scylla::serialize::row::{RowSerializationContext, SerializeRow};
 use scylla::serialize::writers::RowWriter;
@@ -19,6 +20,7 @@ use scylla::statement::SerialConsistency;
 use scylla::value::{CqlValue, Row};
 
 use shared::clock::EpochMillis;
+use tracing::Instrument;
 
 use crate::effects::Plan;
 
@@ -46,6 +48,15 @@ impl StoreError {
     /// Whether retrying may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Transient { .. })
+    }
+
+    /// `transient` or `refused`: the `error.type` of a failed statement's span.
+    pub fn kind(&self) -> &'static str {
+        if self.is_transient() {
+            "transient"
+        } else {
+            "refused"
+        }
     }
 }
 
@@ -398,22 +409,24 @@ impl Store {
         delivered_at: EpochMillis,
     ) -> Result<Claim, StoreError> {
         let res = self
-            .session
-            .execute_unpaged(
-                &self.claim,
-                (
-                    event_id,
-                    &pos.topic,
-                    pos.partition,
-                    pos.offset,
-                    vehicle,
-                    instance,
-                    delivered_at.as_i64(),
-                    self.dedup_ttl_secs,
+            .traced(
+                "claim",
+                ("INSERT", "processed_events"),
+                self.session.execute_unpaged(
+                    &self.claim,
+                    (
+                        event_id,
+                        &pos.topic,
+                        pos.partition,
+                        pos.offset,
+                        vehicle,
+                        instance,
+                        delivered_at.as_i64(),
+                        self.dedup_ttl_secs,
+                    ),
                 ),
             )
-            .await
-            .map_err(|e| StoreError::from_exec("claim", e))?;
+            .await?;
         let (applied, existing) =
             claim_result(res).map_err(|e| StoreError::from_exec("claim", e))?;
         if applied {
@@ -482,10 +495,12 @@ impl Store {
         event_id: &str,
     ) -> Result<Option<StoredClaim>, StoreError> {
         let res = self
-            .session
-            .execute_unpaged(statement, (event_id,))
-            .await
-            .map_err(|e| StoreError::from_exec("read claim", e))?;
+            .traced(
+                "read claim",
+                ("SELECT", "processed_events"),
+                self.session.execute_unpaged(statement, (event_id,)),
+            )
+            .await?;
         let row = res
             .into_rows_result()
             .map_err(|e| StoreError::from_exec("read claim", e))?
@@ -524,8 +539,10 @@ impl Store {
         event_id: &str,
         pos: &Position,
     ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(
+        self.traced(
+            op,
+            ("UPDATE", "processed_events"),
+            self.session.execute_unpaged(
                 statement,
                 (
                     self.dedup_ttl_secs,
@@ -534,9 +551,9 @@ impl Store {
                     pos.partition,
                     pos.offset,
                 ),
-            )
-            .await
-            .map_err(|e| StoreError::from_exec(op, e))?;
+            ),
+        )
+        .await?;
         Ok(())
     }
 
@@ -547,20 +564,22 @@ impl Store {
         instance: &str,
     ) -> Result<bool, StoreError> {
         let res = self
-            .session
-            .execute_unpaged(
-                &self.take_over,
-                (
-                    self.dedup_ttl_secs,
-                    &pos.topic,
-                    pos.partition,
-                    pos.offset,
-                    instance,
-                    event_id,
+            .traced(
+                "take over claim",
+                ("UPDATE", "processed_events"),
+                self.session.execute_unpaged(
+                    &self.take_over,
+                    (
+                        self.dedup_ttl_secs,
+                        &pos.topic,
+                        pos.partition,
+                        pos.offset,
+                        instance,
+                        event_id,
+                    ),
                 ),
             )
-            .await
-            .map_err(|e| StoreError::from_exec("take over claim", e))?;
+            .await?;
         lwt_applied(res).map_err(|e| StoreError::from_exec("take over claim", e))
     }
 
@@ -596,10 +615,13 @@ impl Store {
         };
         for _ in 0..8 {
             let row = self
-                .session
-                .execute_unpaged(&self.read_flag, (vehicle, key))
-                .await
-                .map_err(|e| StoreError::from_exec(OP, e))?
+                .traced(
+                    OP,
+                    ("SELECT", "reconnect_flags"),
+                    self.session
+                        .execute_unpaged(&self.read_flag, (vehicle, key)),
+                )
+                .await?
                 .into_rows_result()
                 .map_err(|e| err(&e))?
                 .maybe_first_row::<(Option<String>, Option<i64>, Option<String>, Option<String>)>()
@@ -607,13 +629,15 @@ impl Store {
             let Some((cur_state, cur_at, cur_event, changed_by)) = row else {
                 let sets = state == "ERROR";
                 let res = self
-                    .session
-                    .execute_unpaged(
-                        &self.insert_flag,
-                        (vehicle, key, state, at, event_id, sets.then_some(event_id)),
+                    .traced(
+                        OP,
+                        ("INSERT", "reconnect_flags"),
+                        self.session.execute_unpaged(
+                            &self.insert_flag,
+                            (vehicle, key, state, at, event_id, sets.then_some(event_id)),
+                        ),
                     )
-                    .await
-                    .map_err(|e| StoreError::from_exec(OP, e))?;
+                    .await?;
                 if lwt_applied(res).map_err(|e| err(&e))? {
                     return Ok(sets);
                 }
@@ -633,22 +657,24 @@ impl Store {
                 changed_by.as_deref()
             };
             let res = self
-                .session
-                .execute_unpaged(
-                    &self.update_flag,
-                    (
-                        state,
-                        at,
-                        event_id,
-                        new_changed_by,
-                        vehicle,
-                        key,
-                        cur_at,
-                        cur_event.as_deref().unwrap_or(""),
+                .traced(
+                    OP,
+                    ("UPDATE", "reconnect_flags"),
+                    self.session.execute_unpaged(
+                        &self.update_flag,
+                        (
+                            state,
+                            at,
+                            event_id,
+                            new_changed_by,
+                            vehicle,
+                            key,
+                            cur_at,
+                            cur_event.as_deref().unwrap_or(""),
+                        ),
                     ),
                 )
-                .await
-                .map_err(|e| StoreError::from_exec(OP, e))?;
+                .await?;
             if lwt_applied(res).map_err(|e| err(&e))? {
                 return Ok(changes);
             }
@@ -663,15 +689,19 @@ impl Store {
     pub async fn cells(&self, vehicle: &str) -> Result<Vec<StoredCell>, StoreError> {
         const OP: &str = "read vehicle cells";
         let signals = self
-            .session
-            .execute_unpaged(&self.signal_cells, (vehicle,))
-            .await
-            .map_err(|e| StoreError::from_exec(OP, e))?;
+            .traced(
+                OP,
+                ("SELECT", "signal_state"),
+                self.session.execute_unpaged(&self.signal_cells, (vehicle,)),
+            )
+            .await?;
         let errors = self
-            .session
-            .execute_unpaged(&self.error_cells, (vehicle,))
-            .await
-            .map_err(|e| StoreError::from_exec(OP, e))?;
+            .traced(
+                OP,
+                ("SELECT", "vehicle_errors"),
+                self.session.execute_unpaged(&self.error_cells, (vehicle,)),
+            )
+            .await?;
         cells_from(signals, errors).map_err(|e| StoreError::from_exec(OP, e))
     }
 
@@ -683,10 +713,12 @@ impl Store {
             return Ok((0, 0));
         };
         let rows = self
-            .session
-            .execute_unpaged(&self.signal_times, (vehicle,))
-            .await
-            .map_err(|e| StoreError::from_exec("read signal write times", e))?
+            .traced(
+                "read signal write times",
+                ("SELECT", "signal_state"),
+                self.session.execute_unpaged(&self.signal_times, (vehicle,)),
+            )
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec("read signal write times", e))?;
         let mut signals = std::collections::HashMap::new();
@@ -699,10 +731,12 @@ impl Store {
             signals.insert(code, (v, a));
         }
         let rows = self
-            .session
-            .execute_unpaged(&self.error_times, (vehicle,))
-            .await
-            .map_err(|e| StoreError::from_exec("read error write times", e))?
+            .traced(
+                "read error write times",
+                ("SELECT", "vehicle_errors"),
+                self.session.execute_unpaged(&self.error_times, (vehicle,)),
+            )
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec("read error write times", e))?;
         let mut errors = std::collections::HashMap::new();
@@ -786,11 +820,38 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        self.session
+        // One span for the batch: several tables of one vehicle, no single collection name.
+        let span = shared::cql_trace::span(&self.keyspace, "BATCH UPDATE", None);
+        let res = self
+            .session
             .batch(&batch, rows)
-            .await
-            .map_err(|e| StoreError::from_exec("write vehicle state", e))?;
+            .instrument(span.clone())
+            .await;
+        Self::finish_span(&span, "write vehicle state", &res);
+        res.map_err(|e| StoreError::from_exec("write vehicle state", e))?;
         Ok(())
+    }
+
+    /// Runs one statement execution inside its CQL CLIENT span ([`shared::cql_trace`]); `op`
+    /// names it in errors, `(operation, table)` in the trace.
+    async fn traced(
+        &self,
+        op: &'static str,
+        (operation, table): (&'static str, &'static str),
+        exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
+    ) -> Result<QueryResult, StoreError> {
+        let span = shared::cql_trace::span(&self.keyspace, operation, Some(table));
+        let res = exec.instrument(span.clone()).await;
+        Self::finish_span(&span, op, &res);
+        res.map_err(|e| StoreError::from_exec(op, e))
+    }
+
+    fn finish_span(
+        span: &tracing::Span,
+        op: &'static str,
+        res: &Result<QueryResult, ExecutionError>,
+    ) {
+        shared::cql_trace::finish(span, res, |e| StoreError::from_exec(op, e).kind());
     }
 }
 

@@ -11,6 +11,15 @@
 //! - Requests are not the only probe. Behind a load balancer an unready pod gets no requests, so the
 //!   receiver's background broker check calls [`Breaker::broker_healthy`]: a healthy broker closes a
 //!   half-open circuit, or an open one whose open period has run out (which counts as half-open).
+//!
+//! Why it is hand-written while rate limiting (`governor`) and retry (`backon`) come from crates: it
+//! is small (three states behind one mutex), every rule above is pinned by the tests below and by the
+//! receiver's integration tests, and its states map directly onto what the service reports — `/ready`
+//! and `carhook_receiver_circuit_open` follow [`Breaker::is_open`], and the background broker check
+//! closes it through [`Breaker::broker_healthy`]. A general-purpose breaker wraps the guarded call
+//! and counts its results; the two rules above (an abandoned half-open probe counts as a failure, an
+//! outside health check may close the circuit) would have to be rebuilt around it, for less code
+//! saved than they take.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

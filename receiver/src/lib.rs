@@ -83,6 +83,7 @@ pub async fn run(
         inflight: Arc::new(Semaphore::new(r.max_inflight)),
         body_reads: Arc::new(Semaphore::new(r.max_body_reads)),
         verify_rate: RateLimit::per_second(r.verify_per_sec),
+        event_lines: shared::telemetry::EventLines::new(&settings.telemetry),
     });
     let probe_stop = shutdown.child_token();
     let probe = tokio::spawn(crate::readiness::run(

@@ -11,6 +11,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use shared::envelope::Routing;
 use shared::signature::SignatureError;
+use shared::telemetry::EventLines;
 
 use crate::metrics::Metrics;
 
@@ -158,11 +159,16 @@ impl Delivery {
     }
 
     /// Answers: builds the response, writes the log line, bumps the metrics.
+    ///
+    /// The line is written inside the request span, which supplies `trace_id` and `event_id`. A
+    /// request that went well (accepted, VERIFY answered) is logged as `lines` says; every other
+    /// outcome always is.
     pub fn finish(
         self,
         outcome: Outcome,
         metrics: &Metrics,
         retry_after_secs: u64,
+        lines: &EventLines,
     ) -> Response<Full<Bytes>> {
         let elapsed = self.started.elapsed();
         let label = outcome.label();
@@ -180,7 +186,6 @@ impl Delivery {
         macro_rules! log {
             ($lvl:ident, $($extra:tt)*) => {
                 tracing::$lvl!(
-                    event_id = r.event_id.as_deref().unwrap_or(""),
                     delivery_id = r.delivery_id.as_deref().unwrap_or(""),
                     event_type = r.event_type.as_deref().unwrap_or(""),
                     vehicle_id = r.vehicle_id.as_deref().unwrap_or(""),
@@ -192,7 +197,20 @@ impl Delivery {
                 )
             };
         }
+        if status.is_server_error() {
+            // A 5xx is a failure of this service (semantic conventions: a 4xx is the client's).
+            let cause = match &outcome {
+                Outcome::Unavailable { cause, .. } | Outcome::DeadlineExceeded(cause) => cause,
+                _ => label,
+            };
+            shared::telemetry::record_error(&tracing::Span::current(), label, cause);
+        }
+        let quiet = matches!(
+            outcome,
+            Outcome::Accepted { .. } | Outcome::Challenge { .. }
+        ) && !lines.keep(&tracing::Span::current());
         match &outcome {
+            _ if quiet => {}
             Outcome::Accepted {
                 partition,
                 offset,

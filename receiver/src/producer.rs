@@ -129,6 +129,9 @@ impl EventProducer {
             messaging.kafka.message.key = routing.key().unwrap_or(""),
             messaging.destination.partition.id = tracing::field::Empty,
             messaging.kafka.offset = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            error.type = tracing::field::Empty,
         );
         let received_at = EpochMillis::now().as_i64().to_string();
         let token_index = body.token_index().to_string();
@@ -189,13 +192,27 @@ impl EventProducer {
                     offset: delivery.offset,
                 })
             }
-            Err(Some(source)) => Err(PersistError::Kafka {
-                topic: topic.to_string(),
-                source,
-            }),
-            Err(None) => Err(PersistError::Deadline {
-                topic: topic.to_string(),
-            }),
+            Err(Some(source)) => {
+                // error.type: the librdkafka error code (e.g. MessageTimedOut), a bounded set.
+                let kind = source
+                    .rdkafka_error_code()
+                    .map_or_else(|| "kafka".to_string(), |c| format!("{c:?}"));
+                shared::telemetry::record_error(&span, &kind, &source.to_string());
+                Err(PersistError::Kafka {
+                    topic: topic.to_string(),
+                    source,
+                })
+            }
+            Err(None) => {
+                shared::telemetry::record_error(
+                    &span,
+                    "deadline",
+                    "no acknowledgement within the request deadline",
+                );
+                Err(PersistError::Deadline {
+                    topic: topic.to_string(),
+                })
+            }
         }
     }
 

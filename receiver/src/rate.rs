@@ -1,40 +1,23 @@
-//! A token bucket: the rate limit on unsigned VERIFY answers and on quarantine copies.
+//! The rate limit on unsigned VERIFY answers and on quarantine copies: `governor`'s GCRA limiter
+//! (a token bucket in effect), `per_sec` per second with bursts up to `per_sec`, lock-free.
 
-use std::sync::Mutex;
-use std::time::Instant;
+use std::num::NonZeroU32;
 
-/// Allows `per_sec` events per second on average, bursts up to `per_sec`.
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+/// Allows `per_sec` events per second on average, bursts up to `per_sec`; 0 allows none.
 #[derive(Debug)]
-pub struct RateLimit {
-    per_sec: f64,
-    state: Mutex<(f64, Instant)>,
-}
+pub struct RateLimit(Option<DefaultDirectRateLimiter>);
 
 impl RateLimit {
     /// A full bucket.
     pub fn per_second(per_sec: u32) -> Self {
-        let per_sec = f64::from(per_sec);
-        Self {
-            per_sec,
-            state: Mutex::new((per_sec, Instant::now())),
-        }
+        Self(NonZeroU32::new(per_sec).map(|n| RateLimiter::direct(Quota::per_second(n))))
     }
 
     /// Takes one token if there is one.
     pub fn try_take(&self) -> bool {
-        let Ok(mut s) = self.state.lock() else {
-            return false;
-        };
-        let now = Instant::now();
-        let refill = now.duration_since(s.1).as_secs_f64() * self.per_sec;
-        s.0 = (s.0 + refill).min(self.per_sec);
-        s.1 = now;
-        if s.0 >= 1.0 {
-            s.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.0.as_ref().is_some_and(|l| l.check().is_ok())
     }
 }
 

@@ -46,6 +46,8 @@ pub struct App {
     /// Bodies being read: bounds slow senders apart from `inflight`.
     pub body_reads: Arc<Semaphore>,
     pub verify_rate: RateLimit,
+    /// Which successful deliveries get their log line.
+    pub event_lines: shared::telemetry::EventLines,
 }
 
 /// Holds a permit and counts it in a gauge for as long as it lives.
@@ -137,11 +139,17 @@ struct Received {
 impl App {
     /// Handles one HTTP request on the webhook listener (its headers are in).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        // `http.route` only when the request matched the webhook route (semantic conventions).
+        let route = (req.uri().path() == self.settings.path).then_some(self.settings.path.as_str());
         let span = tracing::info_span!(
             "request",
             otel.name = format!("{} {}", req.method(), self.settings.path),
             otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            error.type = tracing::field::Empty,
             http.request.method = %req.method(),
+            http.route = route,
             url.path = req.uri().path(),
             http.response.status_code = tracing::field::Empty,
             event_id = tracing::field::Empty,
@@ -168,7 +176,7 @@ impl App {
             "event_id",
             delivery.routing.event_id.as_deref().unwrap_or(""),
         );
-        delivery.finish(outcome, &self.metrics, retry_after)
+        delivery.finish(outcome, &self.metrics, retry_after, &self.event_lines)
     }
 
     async fn webhook(

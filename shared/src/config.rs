@@ -530,6 +530,22 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Which per-event log lines (one per webhook delivery, one per processed record) are written.
+/// Failures — rejected or unacknowledged deliveries, dead letters, store errors — are always
+/// written whole, whatever this says.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLog {
+    /// Every event's line.
+    #[default]
+    All,
+    /// A share of successful events (`telemetry.event_log_sample_ratio`), chosen by trace id, so
+    /// the receiver and the processor keep or drop the same events.
+    Sample,
+    /// Only failures; successful events are counted in the metrics, not logged.
+    Errors,
+}
+
 /// Logging and tracing settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -537,6 +553,10 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info,carhook_receiver=debug`.
     pub log_level: String,
+    /// Per-event lines written at INFO: `all`, `sample` or `errors`.
+    pub event_log: EventLog,
+    /// With `event_log = sample`: the share of successful events logged, 0.0–1.0.
+    pub event_log_sample_ratio: f64,
     /// OTLP endpoint, e.g. `http://otel-collector:4317` (gRPC) or `https://api.vendor.io/v1/traces`
     /// (HTTP). Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`, and
     /// without any nothing is exported.
@@ -561,6 +581,8 @@ impl Default for TelemetrySettings {
         Self {
             log_format: LogFormat::Json,
             log_level: "info".into(),
+            event_log: EventLog::All,
+            event_log_sample_ratio: 0.01,
             otlp_endpoint: None,
             otlp_protocol: None,
             otlp_ca_file: None,
@@ -756,6 +778,12 @@ impl Settings {
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
             return Err(invalid(
                 "telemetry.sampling_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.event_log_sample_ratio) {
+            return Err(invalid(
+                "telemetry.event_log_sample_ratio",
                 "must be between 0.0 and 1.0",
             ));
         }

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod cql;
+pub mod cql_trace;
 pub mod envelope;
 pub mod event;
 pub mod headers;

@@ -5,9 +5,13 @@
 //! `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` variables are honoured where carhook's own keys
 //! are not set. Spans carry `service.name`, `service.version` and `service.instance.id`.
 //!
-//! Logs are JSON lines (or pretty for a terminal) from `tracing`; each line carries the fields of the
-//! current span, and request/record spans record a `trace_id`, so every line of one delivery can be
-//! found from its trace. Spans go to OpenTelemetry through `tracing-opentelemetry`: with an OTLP
+//! Logs are JSON lines (or pretty for a terminal) from `tracing`; each line carries the plain-named
+//! fields of the current span (`event_id`, `vehicle_id`, `trace_id` …) but not its dotted
+//! OpenTelemetry attributes (`otel.*`, `messaging.*`, `http.*`, `db.*`): those describe the span for
+//! the trace backend and repeated on every line they were most of its bytes. Request/record spans
+//! record a `trace_id`, so every line of one delivery can be found from its trace. Each service writes
+//! one INFO line per event; [`EventLines`] samples or drops the successful ones
+//! (`telemetry.event_log`), never a failure. Spans go to OpenTelemetry through `tracing-opentelemetry`: with an OTLP
 //! endpoint they are exported in batches; without one the provider still creates real trace ids (so
 //! `traceparent` headers connect receiver and processor) and exports nothing.
 //!
@@ -39,7 +43,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::collections::HashMap;
 
-use crate::config::{LogFormat, OtlpProtocol, TelemetrySettings};
+use crate::config::{EventLog, LogFormat, OtlpProtocol, TelemetrySettings};
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -418,7 +422,9 @@ struct JsonEntries<'a> {
 
 impl JsonEntries<'_> {
     fn entry(&mut self, name: &str, value: serde_json::Value) {
-        if self.result.is_err() {
+        // Dotted names are OpenTelemetry attributes (`otel.name`, `messaging.kafka.offset`, …):
+        // exported with the span, left out of the log line's copy of it.
+        if self.result.is_err() || name.contains('.') {
             return;
         }
         let sep = if std::mem::take(&mut self.first) {
@@ -491,6 +497,45 @@ impl<'w> FormatFields<'w> for AppendJsonFields {
     }
 }
 
+/// Decides which successful per-event lines are written (`telemetry.event_log`). Callers log
+/// failures regardless: this only ever drops lines of events that went well.
+#[derive(Debug, Clone, Copy)]
+pub struct EventLines {
+    mode: EventLog,
+    /// The share kept under `sample`.
+    ratio: f64,
+}
+
+impl EventLines {
+    /// From the settings.
+    pub fn new(s: &TelemetrySettings) -> Self {
+        Self {
+            mode: s.event_log,
+            ratio: s.event_log_sample_ratio,
+        }
+    }
+
+    /// Whether the successful event traced by `span` gets its line. Sampling is by trace id, as
+    /// the trace sampler does, so receiver and processor keep the lines of the same events; a span
+    /// without a trace id is kept.
+    pub fn keep(&self, span: &tracing::Span) -> bool {
+        match self.mode {
+            EventLog::All => true,
+            EventLog::Errors => false,
+            EventLog::Sample => {
+                let cx = span.context();
+                let sc = cx.span().span_context().clone();
+                if !sc.is_valid() {
+                    return true;
+                }
+                // The low 64 bits of a trace id are random (W3C trace context, level 2).
+                let low = u128::from_be_bytes(sc.trace_id().to_bytes()) as u64;
+                (low as f64) < self.ratio * (u64::MAX as f64)
+            }
+        }
+    }
+}
+
 /// Builds the tracer provider (exporting only when an endpoint is configured).
 pub fn tracer_provider(
     s: &TelemetrySettings,
@@ -540,10 +585,43 @@ where
         .with_writer(logs)
 }
 
-/// Installs the global subscriber and propagator. Call once, from `main`, inside the runtime.
+/// Installs the global subscriber and propagator, logging to stdout (the services). Call once,
+/// from `main`, inside the runtime.
 pub fn init(
     s: &TelemetrySettings,
     default_service: &'static str,
+) -> Result<Telemetry, TelemetryError> {
+    use std::io::IsTerminal;
+    let ansi = std::io::stdout().is_terminal();
+    init_with(
+        s,
+        default_service,
+        LogWriter::spawn(std::io::stdout()),
+        ansi,
+    )
+}
+
+/// As [`init`], for operator commands: log lines go to stderr, so stdout carries only the
+/// command's result (`processor replay … | jq` works).
+pub fn init_for_tool(
+    s: &TelemetrySettings,
+    default_service: &'static str,
+) -> Result<Telemetry, TelemetryError> {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    init_with(
+        s,
+        default_service,
+        LogWriter::spawn(std::io::stderr()),
+        ansi,
+    )
+}
+
+fn init_with(
+    s: &TelemetrySettings,
+    default_service: &'static str,
+    logs: LogWriter,
+    ansi: bool,
 ) -> Result<Telemetry, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = tracer_provider(s, default_service)?;
@@ -555,7 +633,6 @@ pub fn init(
         .with_tracer(provider.tracer(default_service))
         .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
     let registry = tracing_subscriber::registry().with(otel);
-    let logs = LogWriter::spawn(std::io::stdout());
     let result = match s.log_format {
         LogFormat::Json => registry
             .with(json_layer(logs.clone()).with_filter(filter))
@@ -563,6 +640,7 @@ pub fn init(
         LogFormat::Pretty => registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
                     .with_writer(logs.clone())
                     .with_filter(filter),
             )
@@ -570,6 +648,16 @@ pub fn init(
     };
     result.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     Ok(Telemetry { provider, logs })
+}
+
+/// Marks `span` failed for OpenTelemetry: status Error with `description`, and `error.type` =
+/// `error_type` (a short, bounded class, never a message). The span must declare
+/// `otel.status_code`, `otel.status_description` and `error.type` (as `Empty`): a field a span
+/// did not declare is silently dropped.
+pub fn record_error(span: &tracing::Span, error_type: &str, description: &str) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", description);
+    span.record("error.type", error_type);
 }
 
 /// The current span's trace id as hex, for the `trace_id` log field ("" when not sampled).
@@ -732,6 +820,8 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "request",
+                otel.kind = "server",
+                messaging.kafka.offset = 7,
                 path = "/a\"b\\c",
                 status = tracing::field::Empty,
                 event_id = tracing::field::Empty,
@@ -750,8 +840,47 @@ mod tests {
         assert_eq!(line["span"]["status"], 200, "{text}");
         assert_eq!(line["span"]["path"], "/a\"b\\c", "{text}");
         assert_eq!(line["span"]["name"], "request", "{text}");
+        let span_keys: Vec<_> = line["span"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        assert!(
+            span_keys.iter().all(|k| !k.contains('.')),
+            "OpenTelemetry attributes repeated in a log line: {text}"
+        );
         assert_eq!(line["n"], 3, "{text}");
         assert_eq!(line["message"], "delivery accepted", "{text}");
+    }
+
+    #[test]
+    fn event_lines_keep_by_mode_and_sample_by_trace_id() {
+        let lines = |mode, ratio| {
+            EventLines::new(&TelemetrySettings {
+                event_log: mode,
+                event_log_sample_ratio: ratio,
+                ..TelemetrySettings::default()
+            })
+        };
+        let untraced = tracing::Span::none();
+        assert!(lines(EventLog::All, 0.0).keep(&untraced));
+        assert!(!lines(EventLog::Errors, 1.0).keep(&untraced));
+        assert!(
+            lines(EventLog::Sample, 0.0).keep(&untraced),
+            "no trace id: kept"
+        );
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let quarter = lines(EventLog::Sample, 0.25);
+            let spans: Vec<_> = (0..2000).map(|_| tracing::info_span!("event")).collect();
+            let kept = spans.iter().filter(|s| quarter.keep(s)).count();
+            assert!((300..700).contains(&kept), "{kept} of 2000 kept at 0.25");
+            // The decision is the trace id's: the same span is always decided alike.
+            assert!(spans.iter().all(|s| quarter.keep(s) == quarter.keep(s)));
+            assert!(!spans.iter().any(|s| lines(EventLog::Sample, 0.0).keep(s)));
+            assert!(spans.iter().all(|s| lines(EventLog::Sample, 1.0).keep(s)));
+        });
     }
 
     #[test]

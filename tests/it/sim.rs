@@ -311,3 +311,108 @@ async fn smartcar_sim_answers_a_refused_connection_with_an_error_not_a_panic() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A TLS terminator in front of `to`, with the stack's node certificate (it names 127.0.0.1 and
+/// is signed by the stack's CA): what a load balancer in front of the receiver looks like.
+async fn tls_proxy(to: std::net::SocketAddr) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = stack_dir().join("tls");
+    let certs = CertificateDer::pem_file_iter(tls.join("node.pem"))
+        .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| panic!("node.pem: {e}"));
+    let key = PrivateKeyDer::from_pem_file(tls.join("node.key"))
+        .unwrap_or_else(|e| panic!("node.key: {e}"));
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `smartcar-sim` speaks https: through a TLS terminator in front of the real receiver, VERIFY
+/// and a small send round pass when the CA is given, and an unknown CA is a clear error (exit
+/// 2), not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smartcar_sim_delivers_over_https_with_a_private_ca() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let proxy = tls_proxy(r.addr).await;
+    let url = format!("https://127.0.0.1:{}{}", proxy.port(), s.receiver.path);
+    let ca = stack_dir().join("tls/ca.pem");
+    let sim = |args: &[&str]| {
+        std::process::Command::new(workspace_bin("smartcar-sim"))
+            .args(args)
+            .env("SMARTCAR_SIM_TOKEN", TOKEN)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let ca_arg = ca.to_string_lossy().into_owned();
+    let ok = sim(&["verify", &url, "--ca-file", &ca_arg]);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert!(text(&ok).contains("VERIFY passed"), "{}", text(&ok));
+
+    let out = std::env::temp_dir().join(format!("{}.sim-https.json", s.cql.keyspace));
+    let out_arg = out.to_string_lossy().into_owned();
+    let sent = sim(&[
+        "send",
+        "--url",
+        &url,
+        "--ca-file",
+        &ca_arg,
+        "--vehicles",
+        "2",
+        "--events-per-vehicle",
+        "3",
+        "--retry-scale",
+        "0.001",
+        "--out",
+        &out_arg,
+    ]);
+    assert_eq!(sent.status.code(), Some(0), "{}", text(&sent));
+    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("run file: {e}"));
+    let deliveries = run["deliveries"].as_array().cloned().unwrap_or_default();
+    assert!(!deliveries.is_empty(), "{run:#}");
+    assert!(
+        deliveries.iter().all(|d| d["statuses"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|x| x.as_u64().is_some_and(|c| c != 0)))),
+        "every delivery got an HTTP answer over TLS: {run:#}"
+    );
+
+    let unknown_ca = sim(&["verify", &url]);
+    assert_eq!(unknown_ca.status.code(), Some(2), "{}", text(&unknown_ca));
+    assert!(
+        text(&unknown_ca).contains("no answer") && !text(&unknown_ca).contains("panicked"),
+        "{}",
+        text(&unknown_ca)
+    );
+    r.stop().await;
+}

@@ -97,16 +97,60 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
         vehicle_state(&s, vehicle).await.is_some()
     })
     .await;
+    // A record that can only be dead-lettered: its span carries the error.
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some("poison"), b"not json".as_slice())],
+    )
+    .await;
+    eventually(Duration::from_secs(60), || async {
+        metric_value(processor.admin, "carhook_processor_dead_letters_total").await >= 1.0
+    })
+    .await;
+    // A receiver whose broker is unreachable answers 503: its request and send spans are errors.
+    let unreachable = {
+        let (listen, admin) = (free_port(), free_port());
+        let mut env = child_env(&s, free_port(), "unused");
+        env.extend(
+            [
+                ("CARHOOK__RECEIVER__LISTEN", listen.to_string()),
+                ("CARHOOK__RECEIVER__ADMIN_LISTEN", admin.to_string()),
+                ("CARHOOK__KAFKA__BROKERS", "127.0.0.1:1".to_string()),
+                ("CARHOOK__KAFKA__CREATE_TOPICS", "false".to_string()),
+                ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "1000".to_string()),
+                (
+                    "CARHOOK__TELEMETRY__SERVICE_NAME",
+                    "carhook-receiver-unreachable".to_string(),
+                ),
+                ("CARHOOK__TELEMETRY__OTLP_ENDPOINT", endpoint.clone()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        let mut child = ChildService::launch("receiver", &[], env, admin, &log);
+        child.addr = listen;
+        child
+    };
+    let failing = example("vehicle_error.v4.error.json");
+    let sig = sign(TOKEN, &failing);
+    eventually(Duration::from_secs(30), || {
+        let (body, sig) = (failing.clone(), sig.clone());
+        async move { try_post(unreachable.addr, "/webhooks/smartcar", body, &sig).await == Some(503) }
+    })
+    .await;
     // SIGTERM flushes the batch exporters.
     assert_eq!(receiver.terminate(), Some(0));
     assert_eq!(processor.terminate(), Some(0));
+    assert_eq!(unreachable.terminate(), Some(0));
     eventually(Duration::from_secs(30), || async {
         collector
             .0
             .lock()
             .map(|s| {
                 s.iter()
-                    .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("write"))
+                    .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("BATCH"))
+                    && s.iter()
+                        .any(|(svc, _)| svc == "carhook-receiver-unreachable")
             })
             .unwrap_or(false)
     })
@@ -145,8 +189,12 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
     let consumer = find("carhook-processor", &|sp| {
         sp.kind == SpanKind::Consumer as i32
     });
-    let claim = find("carhook-processor", &|sp| sp.name == "claim eventId");
-    let write = find("carhook-processor", &|sp| sp.name == "write vehicle state");
+    let claim = find("carhook-processor", &|sp| {
+        sp.name == "INSERT processed_events"
+    });
+    let write = find("carhook-processor", &|sp| {
+        sp.name.starts_with("BATCH UPDATE")
+    });
 
     assert_eq!(server_span.name, "POST /webhooks/smartcar");
     assert_eq!(producer.name, format!("send {}", s.kafka.events_topic));
@@ -168,6 +216,93 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
     );
     assert_eq!(claim.parent_span_id, consumer.span_id);
     assert_eq!(write.parent_span_id, consumer.span_id);
+    // One CLIENT span per CQL statement execution: the claim's LWT and the state batch.
+    let cql_spans: Vec<&Span> = spans
+        .iter()
+        .filter(|(_, sp)| sp.parent_span_id == consumer.span_id)
+        .map(|(_, sp)| sp)
+        .collect();
+    assert_eq!(
+        cql_spans
+            .iter()
+            .map(|sp| sp.name.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "INSERT processed_events".to_string(),
+            format!("BATCH UPDATE {}", s.cql.keyspace)
+        ],
+        "the record's CQL spans, in order"
+    );
+    for sp in [&claim, &write] {
+        assert_eq!(
+            sp.kind,
+            SpanKind::Client as i32,
+            "{} is a CLIENT span",
+            sp.name
+        );
+        assert_eq!(attr(sp, "db.system").as_deref(), Some("cassandra"));
+        assert_eq!(
+            attr(sp, "db.namespace").as_deref(),
+            Some(s.cql.keyspace.as_str())
+        );
+        assert!(
+            attr(sp, "server.address").is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok()),
+            "{}: no server.address",
+            sp.name
+        );
+        assert!(
+            attr(sp, "server.port").is_some(),
+            "{}: no server.port",
+            sp.name
+        );
+    }
+    assert_eq!(
+        attr(&claim, "db.collection.name").as_deref(),
+        Some("processed_events")
+    );
+    assert_eq!(attr(&claim, "db.operation.name").as_deref(), Some("INSERT"));
+    assert_eq!(
+        attr(&write, "db.operation.name").as_deref(),
+        Some("BATCH UPDATE")
+    );
+    assert_eq!(
+        attr(&server_span, "http.route").as_deref(),
+        Some("/webhooks/smartcar")
+    );
+    let status = |sp: &Span| sp.status.as_ref().map_or(0, |st| st.code);
+    const ERROR: i32 = 2; // opentelemetry-proto StatusCode::Error
+    for sp in [&server_span, &producer, &consumer, &claim, &write] {
+        assert_ne!(status(sp), ERROR, "{} succeeded", sp.name);
+    }
+
+    // Errors: the dead-lettered record, the 503 and the failed send carry status Error and
+    // error.type.
+    let poisoned = find("carhook-processor", &|sp| {
+        sp.kind == SpanKind::Consumer as i32
+            && attr(sp, "messaging.kafka.message.key").as_deref() == Some("poison")
+    });
+    assert_eq!(status(&poisoned), ERROR, "{poisoned:#?}");
+    assert_eq!(attr(&poisoned, "error.type").as_deref(), Some("not_json"));
+    let refused = find("carhook-receiver-unreachable", &|sp| {
+        sp.kind == SpanKind::Server as i32
+    });
+    assert_eq!(status(&refused), ERROR, "{refused:#?}");
+    assert_eq!(
+        attr(&refused, "error.type").as_deref(),
+        Some("kafka_unavailable")
+    );
+    assert_eq!(
+        attr(&refused, "http.response.status_code").as_deref(),
+        Some("503")
+    );
+    let failed_send = find("carhook-receiver-unreachable", &|sp| {
+        sp.kind == SpanKind::Producer as i32
+    });
+    assert_eq!(status(&failed_send), ERROR, "{failed_send:#?}");
+    assert!(
+        attr(&failed_send, "error.type").is_some(),
+        "{failed_send:#?}"
+    );
 
     assert_eq!(
         attr(&producer, "messaging.system").as_deref(),
@@ -216,11 +351,13 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
         .map(|b| format!("{b:02x}"))
         .collect();
     let logs = std::fs::read_to_string(&log).unwrap_or_default();
-    let with_trace = logs.lines().filter(|l| l.contains(&trace_hex)).count();
-    assert!(
-        with_trace >= 3,
-        "expected receiver and processor log lines with trace id {trace_hex}"
-    );
+    let with_trace: Vec<&str> = logs.lines().filter(|l| l.contains(&trace_hex)).collect();
+    for target in ["carhook_receiver", "carhook_processor"] {
+        assert!(
+            with_trace.iter().any(|l| l.contains(target)),
+            "expected a {target} log line with trace id {trace_hex}: {with_trace:#?}"
+        );
+    }
     // The management tokens appear in no log line, no span and no metric.
     for secret in [TOKEN, OLD_TOKEN] {
         assert!(!logs.contains(secret), "a token leaked into the logs");

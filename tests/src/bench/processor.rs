@@ -90,14 +90,14 @@ impl Child {
     }
 }
 
-async fn start_processor(s: &Settings, instance: &str) -> Child {
+/// Starts a processor with production logging (`info`, JSON, as `child_env` sets), its stdout and
+/// stderr going to `log`, so the drain also measures what logging costs and how much it writes.
+async fn start_processor(s: &Settings, instance: &str, log: &std::path::Path) -> Child {
     warm_transactions(s).await;
     let admin = free_port();
-    let log = std::env::temp_dir().join(format!("carhook-bench-{instance}.log"));
-    let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
     let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-    let mut env = child_env(s, admin, instance);
-    env.push(("CARHOOK__TELEMETRY__LOG_LEVEL".into(), "warn".into()));
+    let env = child_env(s, admin, instance);
     let child = std::process::Command::new(processor_bin())
         .arg("run")
         .env_clear()
@@ -263,13 +263,25 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     let bytes = prefill(&s, n, body_bytes).await;
     let concurrency = plain_concurrency(&s) * instances;
     let mut procs = Vec::new();
-    for i in 0..instances {
-        procs.push(start_processor(&s, &format!("bench-{i}")).await);
+    let logs: Vec<std::path::PathBuf> = (0..instances)
+        .map(|i| std::env::temp_dir().join(format!("carhook-bench-{}-{i}.log", s.cql.keyspace)))
+        .collect();
+    for (i, log) in logs.iter().enumerate() {
+        procs.push(start_processor(&s, &format!("bench-{i}"), log).await);
     }
     let admins: Vec<SocketAddr> = procs.iter().map(|p| p.admin).collect();
     let (drain, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
     let rss = procs.iter().map(Child::peak_rss_mb).fold(0.0_f64, f64::max);
-    drop(procs);
+    let events = handled(&admins).await.max(1);
+    drop(procs); // SIGTERM: each writes out its queued lines before it exits
+    let log_bytes: u64 = logs
+        .iter()
+        .map(|l| std::fs::metadata(l).map_or(0, |m| m.len()))
+        .sum();
+    for l in &logs {
+        let _ = std::fs::remove_file(l);
+    }
+    let log_bytes_per_event = log_bytes as f64 / events as f64;
     let changes = crate::record_count(&s.kafka.brokers, &s.kafka.state_topic);
     // The changelog's cost: the same backlog drained again with it off, into a fresh keyspace and
     // group (so every event is applied again, not a duplicate).
@@ -278,10 +290,12 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
         off.processor.changelog = false;
         off.kafka.consumer_group = format!("{}-nochangelog", s.kafka.consumer_group);
         off.cql.keyspace = format!("{}_nochangelog", s.cql.keyspace);
-        let p = start_processor(&off, "bench-nochangelog").await;
+        let log = std::env::temp_dir().join(format!("{}.bench-nochangelog.log", s.cql.keyspace));
+        let p = start_processor(&off, "bench-nochangelog", &log).await;
         let admins = [p.admin];
         let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
         drop(p);
+        let _ = std::fs::remove_file(&log);
         drop_keyspace(&off).await;
         rate
     } else {
@@ -328,7 +342,8 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
         "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain, "ratio": drain / plain,
         "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss,
         "state_changes": changes, "drain_without_changelog_per_sec": without,
-        "changelog_drain_ratio": drain / without})
+        "changelog_drain_ratio": drain / without,
+        "processor_log_bytes_per_event": log_bytes_per_event})
 }
 
 /// The plain loop's concurrency for one processor instance: the processor's own budget
@@ -365,6 +380,7 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
         "state_changes",
         "drain_without_changelog_per_sec",
         "changelog_drain_ratio",
+        "processor_log_bytes_per_event",
     ] {
         out.insert(k.to_string(), summary(&pick(k)));
     }

@@ -383,21 +383,26 @@ async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
     let receiver_bin = std::env::var("BENCH_RECEIVER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| release_bin("receiver"));
-    let receiver = |name: &'static str, bin: PathBuf, addr: SocketAddr| {
+    let recv_admin = free_port();
+    let receiver = |name: &'static str, bin: PathBuf, addr: SocketAddr, admin: SocketAddr| {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(bin);
         cmd.env_clear()
             .envs(env.iter().cloned())
             .env("CARHOOK__RECEIVER__LISTEN", addr.to_string())
-            .env("CARHOOK__RECEIVER__ADMIN_LISTEN", free_port().to_string())
+            .env("CARHOOK__RECEIVER__ADMIN_LISTEN", admin.to_string())
             .env("CARHOOK__TELEMETRY__LOG_LEVEL", "info")
             .env("CARHOOK__TELEMETRY__LOG_FORMAT", "json");
         async move { (start(name, &mut cmd, addr, &log).await, log) }
     };
-    let (recv, recv_log) = receiver("receiver", receiver_bin, recv_addr).await;
+    let (recv, recv_log) = receiver("receiver", receiver_bin, recv_addr, recv_admin).await;
     // `BENCH_RECEIVER_BEFORE_BIN`: another receiver build measured in the same rounds.
     let before = match std::env::var("BENCH_RECEIVER_BEFORE_BIN") {
-        Ok(bin) => Some(receiver("before", PathBuf::from(bin), free_port()).await.0),
+        Ok(bin) => Some(
+            receiver("before", PathBuf::from(bin), free_port(), free_port())
+                .await
+                .0,
+        ),
         Err(_) => None,
     };
     let mut servers = vec![&bare, &base, &recv];
@@ -420,6 +425,11 @@ async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
     let log_lines = std::fs::read_to_string(&recv_log)
         .map(|l| l.lines().count())
         .unwrap_or(0);
+    // Every request the receiver answered (warm-up and readiness included) against every byte it
+    // wrote to stdout and stderr: the log volume per webhook at production logging.
+    let requests = metric_value(recv_admin, "carhook_receiver_requests_total").await;
+    let log_bytes = std::fs::metadata(&recv_log).map_or(0, |m| m.len());
+    let log_bytes_per_request = log_bytes as f64 / requests.max(1.0);
     let med = |i: usize, f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
     let fig = |i: usize| {
         json!({"throughput_per_sec": med(i, |r| r.acked_per_sec), "p99_ms": med(i, |r| r.p99_ms),
@@ -476,6 +486,7 @@ async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
         "receiver_rss_mb": rss,
         "receiver_peak_rss_mb": hwm,
         "receiver_log_lines": log_lines,
+        "receiver_log_bytes_per_request": log_bytes_per_request,
         "receiver_at_half_max": recv_half,
         "baseline_at_half_max": base_half,
     })
@@ -611,6 +622,13 @@ fn table(r4: &Value, r50: &Value, secs: u64, rounds: usize) -> String {
         &r4["receiver_peak_rss_mb"],
         &r50["receiver_peak_rss_mb"],
         "< 64",
+    );
+    row(
+        &mut md,
+        "receiver log bytes per request (stdout + stderr, `info`)",
+        &r4["receiver_log_bytes_per_request"],
+        &r50["receiver_log_bytes_per_request"],
+        "",
     );
     if !r4["receiver_before"].is_null() {
         let (b4, b50) = (&r4["receiver_before"], &r50["receiver_before"]);

@@ -270,6 +270,11 @@ async fn main() {
                 "changelog_drain_ratio",
                 "",
             ),
+            (
+                "processor log bytes per event (stdout + stderr, `info`)",
+                "processor_log_bytes_per_event",
+                "",
+            ),
         ] {
             md.push_str(&format!(
                 "| {label} | {} | {} | {target} |\n",

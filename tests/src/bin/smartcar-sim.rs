@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use carhook_tests::sim::{self, generate::Faults, load::Mode};
+use carhook_tests::sim::{self, generate::Faults, load::Mode, target::Target};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -38,7 +38,11 @@ enum Command {
     },
     /// Perform the VERIFY handshake like Smartcar's dashboard.
     Verify {
+        /// Webhook URL, `http://` or `https://`.
         url: String,
+        /// PEM CA bundle to trust for an `https://` URL, besides the system's roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         #[arg(
             long,
             env = "SMARTCAR_SIM_TOKEN",
@@ -78,9 +82,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SendArgs {
-    /// Webhook URL.
+    /// Webhook URL, `http://` or `https://`.
     #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/smartcar")]
     url: String,
+    /// PEM CA bundle to trust for an `https://` URL, besides the system's roots.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// Management token to sign with.
     #[arg(
         long,
@@ -153,28 +160,21 @@ struct SendArgs {
     out: PathBuf,
 }
 
+/// A duration as humantime writes it (`30s`, `2m`, `500ms`, `1h 30m`); a bare number is seconds.
 fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(
-        s.trim()
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(s.trim().len()),
-    );
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected e.g. 30s, 2m, 500ms"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    let s = s.trim();
+    if let Some(secs) = s.parse::<f64>().ok().filter(|n| n.is_finite() && *n >= 0.0) {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 2m, 500ms)"))
 }
 
 fn split_url(url: &str) -> Result<(SocketAddr, String), String> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs (local testing)"))?;
+        .ok_or_else(|| {
+            format!("{url}: load takes only http:// URLs (it measures a receiver directly; send and verify take https://)")
+        })?;
     let (host, path) = rest
         .split_once('/')
         .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
@@ -241,8 +241,9 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 legacy,
                 verify,
                 out,
+                ca_file,
             } = *send;
-            let (addr, path) = split_url(&url)?;
+            let target = Target::new(&url, ca_file.as_deref())?;
             let mut f = if all_faults {
                 Faults::all()
             } else {
@@ -301,9 +302,8 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             }
             let events = sim::generate::generate(seed, vehicles, events_per_vehicle, f);
             let started = Instant::now();
-            let (deliveries, report) = sim::send::send_all(
-                addr,
-                &path,
+            let (deliveries, report) = sim::send::send_to(
+                &target,
                 &token,
                 &events,
                 concurrency,
@@ -363,8 +363,13 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        Command::Verify { url, token, signed } => {
-            let (addr, path) = split_url(&url)?;
+        Command::Verify {
+            url,
+            ca_file,
+            token,
+            signed,
+        } => {
+            let target = Target::new(&url, ca_file.as_deref())?;
             let challenge = format!("sim-{}", std::process::id());
             let body = serde_json::to_vec(&serde_json::json!({"eventId": format!("verify-{challenge}"), "eventType": "VERIFY",
                 "data": {"challenge": challenge}, "meta": {"version": "4.0", "deliveryId": "sim", "deliveredAt": 1_764_000_000_000_i64}}))
@@ -372,9 +377,10 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             let expected = sim::hmac::sign_hex(token.as_bytes(), challenge.as_bytes());
             let sig = signed.then(|| sim::hmac::sign_hex(token.as_bytes(), &body));
             // A refused or cut connection is an answer for the operator, not a panic.
-            let (status, reply) = carhook_tests::try_exchange(addr, &path, body, sig.as_deref())
+            let (status, reply) = target
+                .exchange_or_cause(body, sig.as_deref())
                 .await
-                .ok_or_else(|| format!("{url}: no answer (connection refused, reset or closed)"))?;
+                .map_err(|cause| format!("{url}: no answer ({cause})"))?;
             let answer: serde_json::Value = serde_json::from_slice(&reply).unwrap_or_default();
             if status == 200 && answer["challenge"] == expected.as_str() {
                 println!("VERIFY passed: {url} answered the challenge correctly");

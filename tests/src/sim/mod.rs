@@ -5,6 +5,7 @@
 //! - [`truth`]: what the system must hold afterwards, from the simulator's own model.
 //! - [`check`]: the readable diff between truth and the system, read from CQL and Kafka directly.
 //! - [`hmac`]: the simulator's own HMAC-SHA256 (independent of the code under test).
+//! - [`target`]: the webhook URL (`http://` or `https://`, `--ca-file`) and its client.
 //! - [`load`]: fixed-rate or fixed-concurrency load with HDR latency percentiles.
 
 pub mod check;
@@ -12,6 +13,7 @@ pub mod generate;
 pub mod hmac;
 pub mod load;
 pub mod send;
+pub mod target;
 pub mod truth;
 
 use std::collections::BTreeMap;

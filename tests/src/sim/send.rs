@@ -12,6 +12,7 @@ use futures::stream::{self, StreamExt};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::generate::{body, SimEvent, SimKind};
+use super::target::Target;
 
 /// Smartcar's retry schedule after the first attempt.
 pub const RETRY_SCHEDULE_SECS: [f64; 3] = [25.0, 50.0, 100.0];
@@ -95,10 +96,8 @@ fn signature(e: &SimEvent, key: &[u8], body: &[u8]) -> Option<String> {
 }
 
 /// POSTs one delivery: the status (0 when no answer came) and the answer body.
-async fn deliver(addr: SocketAddr, path: &str, body: Vec<u8>, sig: Option<&str>) -> (u16, Bytes) {
-    crate::try_exchange(addr, path, body, sig)
-        .await
-        .unwrap_or_default()
+async fn deliver(target: &Target, body: Vec<u8>, sig: Option<&str>) -> (u16, Bytes) {
+    target.exchange(body, sig).await.unwrap_or_default()
 }
 
 /// Whether a VERIFY answer is `{"challenge": <hex HMAC-SHA256(token, challenge)>}`, computed
@@ -109,10 +108,23 @@ fn answers_challenge(e: &SimEvent, token: &[u8], answer: &[u8]) -> bool {
         .is_ok_and(|v| v["challenge"].as_str() == Some(want.as_str()))
 }
 
-/// Sends every event (and each duplicate), returns per-event results and totals.
+/// [`send_to`] a plain-HTTP receiver at `addr` + `path`.
 pub async fn send_all(
     addr: SocketAddr,
     path: &str,
+    token: &str,
+    events: &[SimEvent],
+    concurrency: usize,
+    retry_scale: f64,
+    progress: Option<indicatif::ProgressBar>,
+) -> (Vec<Delivery>, SendReport) {
+    let target = Target::plain(addr, path);
+    send_to(&target, token, events, concurrency, retry_scale, progress).await
+}
+
+/// Sends every event (and each duplicate) to `target`, returns per-event results and totals.
+pub async fn send_to(
+    target: &Target,
     token: &str,
     events: &[SimEvent],
     concurrency: usize,
@@ -123,15 +135,10 @@ pub async fn send_all(
     let wrong = Arc::new(SecretString::from(
         "not-this-applications-token".to_string(),
     ));
-    let path: Arc<str> = Arc::from(path);
     let results: Vec<(Delivery, usize)> = stream::iter(events.iter().cloned())
         .map(|e| {
-            let (token, wrong, path, progress) = (
-                Arc::clone(&token),
-                Arc::clone(&wrong),
-                Arc::clone(&path),
-                progress.clone(),
-            );
+            let (token, wrong, progress) =
+                (Arc::clone(&token), Arc::clone(&wrong), progress.clone());
             async move {
                 // Only a wrong-token fault signs with another token; the other faults spoil the
                 // header or the signed bytes of a signature made with the right one.
@@ -171,8 +178,8 @@ pub async fn send_all(
                     let status = if attempt == 0 && e.duplicate && e.concurrent_duplicate {
                         // The same delivery twice at once: both race for the claim.
                         let (a, a2) = tokio::join!(
-                            deliver(addr, &path, b.clone(), sig.as_deref()),
-                            deliver(addr, &path, b.clone(), sig.as_deref())
+                            deliver(target, b.clone(), sig.as_deref()),
+                            deliver(target, b.clone(), sig.as_deref())
                         );
                         let second = record(&mut d, &b, a2);
                         let first = record(&mut d, &b, a);
@@ -182,7 +189,7 @@ pub async fn send_all(
                             second
                         }
                     } else {
-                        let answer = deliver(addr, &path, b.clone(), sig.as_deref()).await;
+                        let answer = deliver(target, b.clone(), sig.as_deref()).await;
                         record(&mut d, &b, answer)
                     };
                     if ok(status) {
@@ -197,7 +204,7 @@ pub async fn send_all(
                     // A second delivery of the same event: new deliveryId and deliveredAt.
                     let b = body(&e, 7);
                     let sig = signature(&e, key.expose_secret().as_bytes(), &b);
-                    let answer = deliver(addr, &path, b.clone(), sig.as_deref()).await;
+                    let answer = deliver(target, b.clone(), sig.as_deref()).await;
                     record(&mut d, &b, answer);
                     dups += 1;
                 }
