@@ -190,6 +190,11 @@ pub fn owned_topics(s: &KafkaSettings) -> Vec<TopicSpec> {
             retention_ms: hours(s.events_retention_hours),
         },
         TopicSpec {
+            name: s.poll_topic.clone(),
+            partitions: s.partitions,
+            retention_ms: hours(s.events_retention_hours),
+        },
+        TopicSpec {
             name: s.quarantine_topic.clone(),
             partitions: 1,
             retention_ms: hours(s.quarantine_retention_hours),
