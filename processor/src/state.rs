@@ -64,6 +64,12 @@ pub async fn vehicle_state(
         if status == "unsupported" {
             unsupported.push(Value::from(code.clone()));
         }
+        // `webhook` or `poll`; values stored before polling existed all came from webhooks.
+        let source = match (&value, value.get("source")) {
+            (Value::Null, _) => Value::Null,
+            (_, Some(s)) => s.clone(),
+            (_, None) => Value::from("webhook"),
+        };
         signals.insert(
             code,
             json!({
@@ -73,6 +79,7 @@ pub async fn vehicle_state(
                 "fetchedAt": value.get("fetchedAt").cloned().unwrap_or(Value::Null),
                 "eventId": value.get("eventId").cloned().unwrap_or(Value::Null),
                 "logicVersion": value.get("logicVersion").cloned().unwrap_or(Value::Null),
+                "source": source,
                 "error": availability.get("error").cloned().filter(|e| !e.is_null() && status != "available"),
                 "unavailableSince": (status != "available").then(|| availability.get("since").cloned()).flatten(),
             }),

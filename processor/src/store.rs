@@ -94,6 +94,7 @@ pub struct Store {
     put_availability: PreparedStatement,
     put_error: PreparedStatement,
     put_vehicle: PreparedStatement,
+    put_user: PreparedStatement,
     signal_times: PreparedStatement,
     error_times: PreparedStatement,
     dedup_ttl_secs: i32,
@@ -254,6 +255,10 @@ impl Store {
             "UPDATE {ks}.vehicles USING TIMESTAMP ? SET info = ? WHERE vehicle_id = ?"
         ))
         .await?;
+        let put_user = p(format!(
+            "UPDATE {ks}.vehicle_users USING TIMESTAMP ? SET user_id = ? WHERE vehicle_id = ?"
+        ))
+        .await?;
         let signal_times = p(format!(
             "SELECT code, WRITETIME(value), WRITETIME(availability) FROM {ks}.signal_state WHERE vehicle_id = ?"
         ))
@@ -278,6 +283,7 @@ impl Store {
             put_availability,
             put_error,
             put_vehicle,
+            put_user,
             signal_times,
             error_times,
             dedup_ttl_secs: i32::try_from(u64::from(dedup_ttl_days) * 86_400).unwrap_or(i32::MAX),
@@ -685,6 +691,10 @@ impl Store {
         if let Some(info) = &plan.vehicle_info {
             batch.append_statement(self.put_vehicle.clone());
             rows.push(StateRow::Vehicle(info.timestamp, &info.doc, vehicle));
+        }
+        if let Some(user) = &plan.user {
+            batch.append_statement(self.put_user.clone());
+            rows.push(StateRow::Vehicle(user.timestamp, &user.doc, vehicle));
         }
         if rows.is_empty() {
             return Ok(());
