@@ -7,6 +7,7 @@
 //! - [`store`]: the CQL claims and state tables.
 //! - [`dead_letter`]: poison records and their provenance.
 //! - [`state`]: the vehicle state view (`processor state`).
+//! - [`poll`]: the REST polling fallback (`processor poll run|now|resync`).
 
 pub mod consumer;
 pub mod dead_letter;
@@ -15,6 +16,7 @@ pub mod effects;
 pub mod lanes;
 pub mod metrics;
 pub mod pipeline;
+pub mod poll;
 pub mod replay;
 pub mod state;
 pub mod store;

@@ -33,7 +33,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn from_exec(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> Self {
+    pub(crate) fn from_exec(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> Self {
         let message = e.to_string();
         let dbg = format!("{e:?}");
         if dbg.contains("DbError(Invalid") || dbg.contains("DbError(SyntaxError") {

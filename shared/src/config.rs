@@ -903,6 +903,13 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The poller refuses to start without client credentials (exit 2, naming the key).
+    pub fn client_credentials_check(&self) -> Result<(), ConfigError> {
+        self.smartcar.client_credentials().map(drop)
+    }
+}
+
 impl PollerSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.bucket_capacity == 0 {

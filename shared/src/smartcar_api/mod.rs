@@ -377,12 +377,24 @@ impl SmartcarApi {
     }
 
     /// `GET /vehicles/{id}/signals` for `user`. A 401 invalidates the token and retries once with a
-    /// fresh one; every other non-200 is an [`ApiError`] saying what to do.
-    pub async fn signals(&self, vehicle: &VehicleId, user: &str) -> Result<Fetched, ApiError> {
+    /// fresh one; every other non-200 is an [`ApiError`] saying what to do. `admit` is awaited
+    /// before every request to the vehicle API (the retry after a 401 too), so a caller's budget
+    /// counts each one.
+    pub async fn signals<F, Fut>(
+        &self,
+        vehicle: &VehicleId,
+        user: &str,
+        mut admit: F,
+    ) -> Result<Fetched, ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let url = format!("{}/vehicles/{}/signals", self.cfg.vehicle_api_url, vehicle);
         let mut reminted = false;
         loop {
             let (token, generation) = self.token().await?;
+            admit().await;
             let answer = self
                 .http
                 .get(&url)
