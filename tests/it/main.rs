@@ -4,6 +4,7 @@ mod bad_input;
 mod config;
 mod crash;
 mod history;
+mod poll;
 mod processor;
 mod promise;
 mod receiver;

@@ -9,9 +9,11 @@
 //! - [`store`]: user ids, open errors and per-vehicle budget state in CQL.
 //! - [`metrics`]: the `carhook_poller_*` metrics.
 //!
-//! `processor poll run` consumes the poll-request topic in its own consumer group; offsets are
-//! stored only after a request was handled (or found unusable), so a crash re-reads it — and the
-//! per-vehicle minimum interval makes the repeat a skip instead of a second billable request.
+//! `processor poll run` consumes the poll-request topic in its own consumer group, up to
+//! `poller.concurrency` requests at once, each on its own (a vehicle waiting out its 429 holds up
+//! no other). Offsets are stored only up to the oldest request still running, so a crash re-reads
+//! what was not finished — and the per-vehicle minimum interval makes the repeat a skip instead
+//! of a second billable request.
 
 pub mod budget;
 pub mod metrics;
@@ -19,14 +21,14 @@ pub mod poller;
 pub mod requests;
 pub mod store;
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use serde_json::json;
@@ -141,7 +143,7 @@ async fn run_inner(
     }
     let poller = Arc::new(build(settings, session, metrics).await?);
     readiness.set("store", true);
-    let consumer = request_consumer(settings)?;
+    let consumer = Arc::new(request_consumer(settings)?);
     consumer.subscribe(&[settings.kafka.poll_topic.as_str()])?;
     readiness.set("consumer", true);
     tracing::info!(
@@ -151,92 +153,137 @@ async fn run_inner(
         bucket_refill_ms = settings.poller.bucket_refill_ms,
         "poller started"
     );
+    let concurrency = settings.poller.concurrency;
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let offsets = Arc::new(Mutex::new(Offsets::default()));
+    let in_flight: Arc<Mutex<HashSet<VehicleId>>> = Arc::default();
+    let topic = settings.kafka.poll_topic.clone();
     let mut stream = consumer.stream();
-    let batch_max = settings.poller.concurrency;
     loop {
-        let first = tokio::select! {
+        let next = tokio::select! {
             _ = shutdown.cancelled() => break,
             m = stream.next() => m,
         };
-        let Some(first) = first else { break };
-        let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(batch_max);
-        match first {
-            Ok(m) => batch.push(m),
+        let Some(next) = next else { break };
+        let m = match next {
+            Ok(m) => m.detach(),
             Err(e) => {
                 tracing::warn!(error = %e, "poll-request consumer error");
                 continue;
             }
-        }
-        // Fill the batch with what is already there, without waiting for more.
-        while batch.len() < batch_max {
-            match tokio::time::timeout(Duration::from_millis(20), stream.next()).await {
-                Ok(Some(Ok(m))) => batch.push(m),
-                Ok(Some(Err(e))) => tracing::warn!(error = %e, "poll-request consumer error"),
-                Ok(None) | Err(_) => break,
+        };
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break;
+        };
+        lock(&offsets).started(m.partition(), m.offset());
+        let (poller, offsets, in_flight, consumer, topic, shutdown) = (
+            Arc::clone(&poller),
+            Arc::clone(&offsets),
+            Arc::clone(&in_flight),
+            Arc::clone(&consumer),
+            topic.clone(),
+            shutdown.clone(),
+        );
+        // Each request runs on its own, so a vehicle waiting out its retry-after never holds up
+        // another; offsets are stored only up to the oldest request still running.
+        tokio::spawn(async move {
+            handle_record(&poller, &m, &in_flight, &shutdown).await;
+            let next = lock(&offsets).finished(m.partition(), m.offset());
+            let mut list = rdkafka::TopicPartitionList::new();
+            if list
+                .add_partition_offset(&topic, m.partition(), rdkafka::Offset::Offset(next))
+                .is_ok()
+            {
+                if let Err(e) = consumer.store_offsets(&list) {
+                    tracing::debug!(error = %e, "offset not stored (partition revoked?)");
+                }
             }
-        }
-        handle_batch(&poller, &batch, shutdown).await;
-        for m in &batch {
-            if let Err(e) = consumer.store_offset_from_message(m) {
-                tracing::debug!(error = %e, "offset not stored (partition revoked?)");
-            }
-        }
+            drop(slot);
+        });
     }
+    // Let running requests finish (bounded), then commit what they stored.
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     tracing::info!("poller stopped");
     Ok(())
 }
 
-/// Handles one batch concurrently. Several requests for one vehicle in a batch are polled once
-/// (the rest would only meet the minimum interval). A store failure is retried with back-off
-/// until it works or `shutdown` fires: the request is not lost and nothing is polled twice.
-async fn handle_batch(
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Per partition: offsets being handled and the highest seen, so the stored offset never passes
+/// a request still running.
+#[derive(Default)]
+struct Offsets {
+    running: HashMap<i32, BTreeSet<i64>>,
+    highest: HashMap<i32, i64>,
+}
+
+impl Offsets {
+    fn started(&mut self, partition: i32, offset: i64) {
+        self.running.entry(partition).or_default().insert(offset);
+        let h = self.highest.entry(partition).or_insert(offset);
+        *h = (*h).max(offset);
+    }
+
+    /// Marks `offset` done; returns the offset to store (the next one to read after a restart).
+    fn finished(&mut self, partition: i32, offset: i64) -> i64 {
+        let running = self.running.entry(partition).or_default();
+        running.remove(&offset);
+        match running.first() {
+            Some(oldest) => *oldest,
+            None => self.highest.get(&partition).map_or(offset, |h| h + 1),
+        }
+    }
+}
+
+/// Handles one poll-request record. A second request for a vehicle already being polled is
+/// counted as a skip (it would only meet the minimum interval). A store failure is retried with
+/// back-off until it works or `shutdown` fires: the request is not lost and nothing is polled
+/// twice.
+async fn handle_record(
     poller: &Poller,
-    batch: &[BorrowedMessage<'_>],
+    m: &rdkafka::message::OwnedMessage,
+    in_flight: &Mutex<HashSet<VehicleId>>,
     shutdown: &CancellationToken,
 ) {
-    let mut seen = HashSet::new();
-    let mut work = Vec::new();
-    for m in batch {
-        let parsed = m
-            .payload()
-            .ok_or_else(|| "empty record".to_string())
-            .and_then(|p| PollRequest::parse(p).map_err(|e| e.to_string()));
-        match parsed {
-            Ok((req, vehicle)) => {
-                if seen.insert(vehicle.clone()) {
-                    work.push((req, vehicle));
-                } else {
-                    poller.metrics.poll(req.reason, "skipped_min_interval");
-                }
+    let parsed = m
+        .payload()
+        .ok_or_else(|| "empty record".to_string())
+        .and_then(|p| PollRequest::parse(p).map_err(|e| e.to_string()));
+    let (req, vehicle) = match parsed {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(error = %e, partition = m.partition(), offset = m.offset(), "unusable poll request skipped");
+            poller.metrics.poll(PollReason::Operator, "invalid_request");
+            return;
+        }
+    };
+    if !lock(in_flight).insert(vehicle.clone()) {
+        poller.metrics.poll(req.reason, "skipped_min_interval");
+        return;
+    }
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match poller.handle(&req, &vehicle, Options::default()).await {
+            Ok(outcome) => {
+                log_outcome(&vehicle, req.reason, &outcome);
+                poller.metrics.poll(req.reason, outcome.label());
+                break;
             }
             Err(e) => {
-                tracing::warn!(error = %e, partition = m.partition(), offset = m.offset(), "unusable poll request skipped");
-                poller.metrics.poll(PollReason::Operator, "invalid_request");
+                tracing::warn!(vehicle_id = %vehicle, error = %e, retry_in_ms = wait.as_millis() as u64, "store unavailable; poll request retried");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
             }
         }
     }
-    let tasks = work.iter().map(|(req, vehicle)| async move {
-        let mut wait = Duration::from_millis(200);
-        loop {
-            match poller.handle(req, vehicle, Options::default()).await {
-                Ok(outcome) => {
-                    log_outcome(vehicle, req.reason, &outcome);
-                    poller.metrics.poll(req.reason, outcome.label());
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(vehicle_id = %vehicle, error = %e, retry_in_ms = wait.as_millis() as u64, "store unavailable; poll request retried");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
-    });
-    futures::future::join_all(tasks).await;
+    lock(in_flight).remove(&vehicle);
 }
 
 fn log_outcome(vehicle: &VehicleId, reason: PollReason, outcome: &Outcome) {
@@ -283,6 +330,9 @@ pub async fn poll_now(
     let vehicle = VehicleId::parse(vehicle).map_err(|e| PollError::Vehicle(vehicle.into(), e))?;
     ApiConfig::from_settings(&settings.smartcar)?;
     let session = Arc::new(shared::cql::connect(&settings.cql).await?);
+    if settings.cql.migrate {
+        shared::cql::migrate(&session, &settings.cql).await?;
+    }
     let mut registry = Registry::default();
     let metrics = PollMetrics::register(&mut registry, settings.poller.bucket_capacity);
     let poller = build(settings, Arc::clone(&session), metrics).await?;
@@ -365,6 +415,9 @@ pub async fn poll_now(
 /// delivered at or after `since`. Returns how many were requested.
 pub async fn resync(settings: &Settings, since: EpochMillis) -> Result<usize, PollError> {
     let session = Arc::new(shared::cql::connect(&settings.cql).await?);
+    if settings.cql.migrate {
+        shared::cql::migrate(&session, &settings.cql).await?;
+    }
     let store = PollStore::prepare(session, &settings.cql.keyspace).await?;
     let vehicles = store.active_since(since).await?;
     let producer = requests::RequestProducer::new(&settings.kafka)?;
@@ -376,4 +429,22 @@ pub async fn resync(settings: &Settings, since: EpochMillis) -> Result<usize, Po
             .map_err(PollError::Produce)?;
     }
     Ok(vehicles.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_offset_never_passes_a_running_request() {
+        let mut o = Offsets::default();
+        for off in [10, 11, 12] {
+            o.started(0, off);
+        }
+        assert_eq!(o.finished(0, 11), 10, "10 still runs");
+        assert_eq!(o.finished(0, 12), 10);
+        assert_eq!(o.finished(0, 10), 13, "all done: resume after the highest");
+        o.started(1, 5);
+        assert_eq!(o.finished(1, 5), 6, "partitions are independent");
+    }
 }
