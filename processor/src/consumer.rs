@@ -688,6 +688,13 @@ impl Worker {
                 }
                 _ => {}
             }
+            if self.emit_actions {
+                owned.extend(crate::poll::triggers::records(
+                    &kafka.poll_topic,
+                    &d.msg,
+                    &d.disposition,
+                ));
+            }
         }
         let mut sends = Vec::new();
         for (topic, key, payload, h) in &owned {
@@ -722,6 +729,11 @@ impl Worker {
             let _in_span = d.span.enter();
             let outcome = d.disposition.label();
             self.metrics.outcome(outcome);
+            if self.emit_actions {
+                for r in crate::poll::triggers::requests(&d.msg, &d.disposition) {
+                    self.metrics.poll_requested(r.reason);
+                }
+            }
             let event_id = header_str(&d.msg, headers::EVENT_ID).unwrap_or("");
             let duration_ms = d.elapsed.as_secs_f64() * 1000.0;
             match &d.disposition {

@@ -79,6 +79,8 @@ pub struct Plan {
     pub user: Option<Cell>,
     /// Where the event's readings came from (a webhook or a REST poll).
     pub source: EventSource,
+    /// A vehicle error was RESOLVED: data may flow again, so one refresh poll is requested.
+    pub refresh_poll: bool,
     /// Candidate actions; the pipeline keeps those whose flag changed.
     pub actions: Vec<Action>,
     /// Bounded error-type labels of the VEHICLE_ERROR items, for counting.
@@ -247,6 +249,7 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
         EventKind::VehicleError { vehicle, errors } => {
             p.vehicle = Some(vehicle.clone());
             for (i, e) in errors.iter().enumerate() {
+                p.refresh_poll |= e.state == ErrorState::Resolved;
                 p.error_types.push(error_type_label(&e.error_type));
                 p.errors.push(ErrorWrite {
                     key: e.key(),
@@ -627,6 +630,10 @@ mod tests {
             .contains(r#""backoffUntil":1700000060000"#));
         let resolved = plan(&mk("RESOLVED"), ctx());
         assert_eq!(resolved.actions[0].kind, "RECONNECT_RESOLVED");
+        assert!(
+            resolved.refresh_poll && !err.refresh_poll,
+            "a resolution asks for one refresh poll"
+        );
         assert!(resolved.errors[0]
             .state
             .doc

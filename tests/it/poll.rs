@@ -521,3 +521,62 @@ async fn the_global_bucket_is_never_exceeded_under_a_resync_of_1000_vehicles() {
     );
     drop_keyspace(&s).await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_and_a_resolved_error_each_request_one_poll_in_the_batch_transaction() {
+    let s = settings(&[]);
+    let processor = spawn_processor(&s).await;
+    let resolved = error_event(
+        "err-resolved",
+        "car-resolved",
+        json!([{"type":"PERMISSION","code":null,"state":"RESOLVED"}]),
+        1_761_896_351_529,
+    );
+    // A polled record that is poison must not ask for another poll (a loop).
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[
+            (Some("car-poison"), b"{not json".as_slice()),
+            (Some("car-resolved"), resolved.as_slice()),
+        ],
+    )
+    .await;
+    let brokers = s.kafka.brokers.clone();
+    let topic = s.kafka.poll_topic.clone();
+    let requests = tokio::task::spawn_blocking(move || {
+        read_topic(&brokers, &topic, 2, Duration::from_secs(60))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut got: Vec<(String, String)> = requests
+        .iter()
+        .map(|m| {
+            let v: Value = serde_json::from_slice(rdkafka::Message::payload(m).unwrap_or_default())
+                .unwrap_or_default();
+            (
+                v["vehicleId"].as_str().unwrap_or_default().to_string(),
+                v["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("car-poison".to_string(), "dead_letter".to_string()),
+            ("car-resolved".to_string(), "error_resolved".to_string())
+        ],
+        "exactly one request each"
+    );
+    assert_eq!(
+        metric_value(
+            processor.admin,
+            "carhook_processor_poll_requests_total{reason=\"dead_letter\"}"
+        )
+        .await,
+        1.0
+    );
+    processor.stop().await;
+    drop_keyspace(&s).await;
+}

@@ -7,6 +7,7 @@
 //! - [`poller`]: one request — budgets, the API call with its retry rules, the polled event.
 //! - [`budget`]: the global token bucket and the application pause after a 429.
 //! - [`store`]: user ids, open errors and per-vehicle budget state in CQL.
+//! - [`triggers`]: the processor's own requests (dead letters, resolved errors).
 //! - [`metrics`]: the `carhook_poller_*` metrics.
 //!
 //! `processor poll run` consumes the poll-request topic in its own consumer group, up to
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod poller;
 pub mod requests;
 pub mod store;
+pub mod triggers;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
