@@ -580,3 +580,122 @@ async fn a_dead_letter_and_a_resolved_error_each_request_one_poll_in_the_batch_t
     processor.stop().await;
     drop_keyspace(&s).await;
 }
+
+#[tokio::test]
+async fn a_receiver_outage_longer_than_the_retry_window_polls_those_vehicles_once() {
+    const PATH: &str = "/webhooks/smartcar";
+    // The outage: the events topic does not exist yet (the broker creates no topic by itself),
+    // so every produce times out and the receiver answers 503.
+    let s = settings(&[
+        ("CARHOOK__KAFKA__CREATE_TOPICS", "false"),
+        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "1000"),
+        ("CARHOOK__RECEIVER__BREAKER_FAILURES", "1000"),
+        ("CARHOOK__POLLER__OUTAGE_WINDOW_SECS", "3"),
+    ]);
+    let mut others = s.kafka.clone();
+    others.events_topic = format!("{}.unused", s.kafka.events_topic);
+    shared::kafka::ensure_topics(&others)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let receiver = spawn_receiver_unready(&s).await;
+    let deliver = |event: &str, car: &str| {
+        let body = state_event(event, car, &[("odometer-traveleddistance", km(1), T0)]);
+        let sig = sign(TOKEN, &body);
+        let addr = receiver.addr;
+        async move { post(addr, PATH, body, Some(&sig)).await.status }
+    };
+    let started = std::time::Instant::now();
+    assert_eq!(deliver("long-1", "car-long").await, 503);
+    while started.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Refused only just now: Smartcar's retries will reach the recovered receiver.
+    assert_eq!(deliver("short-1", "car-short").await, 503);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut n = 0;
+    eventually(Duration::from_secs(60), || {
+        n += 1;
+        let event = format!("ok-{n}");
+        async move { deliver(&event, "car-ok").await == 200 }
+    })
+    .await;
+    let brokers = s.kafka.brokers.clone();
+    let topic = s.kafka.poll_topic.clone();
+    let requests = tokio::task::spawn_blocking(move || {
+        read_topic(&brokers, &topic, 1, Duration::from_secs(30))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let got: Vec<Value> = requests
+        .iter()
+        .map(|m| {
+            serde_json::from_slice(rdkafka::Message::payload(m).unwrap_or_default())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        got.len(),
+        1,
+        "one request, for the long outage only: {got:?}"
+    );
+    assert_eq!(got[0]["vehicleId"], "car-long");
+    assert_eq!(got[0]["reason"], "receiver_outage");
+    assert_eq!(
+        metric_value(
+            receiver.admin,
+            "carhook_receiver_outage_polls_total{result=\"requested\"}"
+        )
+        .await,
+        1.0
+    );
+    // The poller answers that request with Smartcar's truth. The vehicle's user is known from a
+    // webhook applied before the outage (an older odometer reading).
+    let processor = spawn_processor(&s).await;
+    let earlier = state_event(
+        "long-0",
+        "car-long",
+        &[("odometer-traveleddistance", km(1), T0)],
+    );
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some("car-long"), &earlier)],
+    )
+    .await;
+    state_where(&s, "car-long", |v| {
+        v["signals"]["odometer-traveleddistance"]["body"]["value"] == 1
+    })
+    .await;
+    let api = fake().await;
+    let truth = ApiVehicle::new(
+        "u1",
+        &[
+            ("odometer-traveleddistance", km(4242), T0 + 5_000),
+            ("tractionbattery-stateofcharge", soc(55), T0 + 5_000),
+        ],
+    );
+    api.set_vehicle("car-long", truth.clone());
+    let poller = start_poller(&s, &api, &[]).await;
+    let state = state_where(&s, "car-long", |v| {
+        v["signals"]["odometer-traveleddistance"]["source"] == "poll"
+    })
+    .await;
+    for (code, (body, _)) in &truth.signals {
+        assert_eq!(&state["signals"][code]["body"], body, "{code}: {state:#}");
+        assert_eq!(state["signals"][code]["source"], "poll", "{code}");
+    }
+    assert_eq!(
+        metric_value(
+            poller.admin,
+            "carhook_poller_polls_total{reason=\"receiver_outage\",result=\"polled\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(api.calls_for("car-long").len(), 1, "polled once");
+    processor.stop().await;
+    receiver.stop().await;
+    drop_keyspace(&s).await;
+}
