@@ -604,8 +604,9 @@ pub struct PollerSettings {
     pub outage_window_secs: u64,
     /// Receiver: vehicles remembered after a 503 (beyond it, the oldest are forgotten and counted).
     pub outage_max_vehicles: usize,
-    /// Safety net: these signal codes…
-    pub safety_net_signals: Vec<String>,
+    /// Safety net: these signal codes (comma-separated, e.g.
+    /// `tractionbattery-stateofcharge,odometer-traveleddistance`)…
+    pub safety_net_signals: String,
     /// …older than this on a vehicle…
     pub safety_net_max_age_secs: u64,
     /// …that had an event within this long get a poll (0 turns the safety net off).
@@ -631,7 +632,7 @@ impl Default for PollerSettings {
             concurrency: 8,
             outage_window_secs: 175,
             outage_max_vehicles: 100_000,
-            safety_net_signals: Vec::new(),
+            safety_net_signals: String::new(),
             safety_net_max_age_secs: 86_400,
             safety_net_active_secs: 0,
             safety_net_every_secs: 600,
@@ -911,6 +912,16 @@ impl Settings {
 }
 
 impl PollerSettings {
+    /// The safety net's signal codes.
+    pub fn safety_net_codes(&self) -> Vec<String> {
+        self.safety_net_signals
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.bucket_capacity == 0 {
             return Err(invalid("poller.bucket_capacity", "must be positive"));

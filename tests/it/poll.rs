@@ -699,3 +699,90 @@ async fn a_receiver_outage_longer_than_the_retry_window_polls_those_vehicles_onc
     receiver.stop().await;
     drop_keyspace(&s).await;
 }
+
+#[tokio::test]
+async fn the_safety_net_polls_an_active_vehicle_whose_configured_signal_is_too_old() {
+    let s = settings(&[]);
+    let processor = spawn_processor(&s).await;
+    // Both vehicles were active (their webhooks were delivered on 2025-10-31); car-stale's
+    // battery reading is from 2024, car-fresh's a second old: only car-stale is polled.
+    let stale = state_event(
+        "s-1",
+        "car-stale",
+        &[("tractionbattery-stateofcharge", soc(10), T0)],
+    );
+    let fresh = state_event(
+        "f-1",
+        "car-fresh",
+        &[(
+            "tractionbattery-stateofcharge",
+            soc(90),
+            shared::clock::EpochMillis::now().as_i64() - 1_000,
+        )],
+    );
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some("car-stale"), &stale), (Some("car-fresh"), &fresh)],
+    )
+    .await;
+    state_where(&s, "car-fresh", |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["body"]["value"] == 90
+    })
+    .await;
+    state_where(&s, "car-stale", |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["body"]["value"] == 10
+    })
+    .await;
+    let api = fake().await;
+    for car in ["car-stale", "car-fresh"] {
+        api.set_vehicle(
+            car,
+            ApiVehicle::new(
+                "u1",
+                &[("tractionbattery-stateofcharge", soc(42), T0 + 1_000)],
+            ),
+        );
+    }
+    let poller = start_poller(
+        &s,
+        &api,
+        &[
+            (
+                "CARHOOK__POLLER__SAFETY_NET_SIGNALS",
+                "tractionbattery-stateofcharge",
+            ),
+            ("CARHOOK__POLLER__SAFETY_NET_MAX_AGE_SECS", "86400"),
+            // Active within ~460 days: the fixed deliveredAt of the test events.
+            ("CARHOOK__POLLER__SAFETY_NET_ACTIVE_SECS", "40000000"),
+            ("CARHOOK__POLLER__SAFETY_NET_EVERY_SECS", "1"),
+            ("CARHOOK__POLLER__MIN_INTERVAL_SECS", "3600"),
+        ],
+    )
+    .await;
+    let state = state_where(&s, "car-stale", |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["source"] == "poll"
+    })
+    .await;
+    assert_eq!(
+        state["signals"]["tractionbattery-stateofcharge"]["body"]["value"],
+        42
+    );
+    // Later rounds ask again, but the minimum interval keeps it to one billable request.
+    eventually(Duration::from_secs(30), || async {
+        metric_value(
+            poller.admin,
+            "carhook_poller_polls_total{reason=\"safety_net\",result=\"skipped_min_interval\"}",
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(api.calls_for("car-stale").len(), 1);
+    assert!(
+        api.calls_for("car-fresh").is_empty(),
+        "a fresh value needs no poll"
+    );
+    processor.stop().await;
+    drop_keyspace(&s).await;
+}

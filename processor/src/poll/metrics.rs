@@ -30,6 +30,8 @@ pub struct PollMetrics {
     pub requests: Family<Labels, Counter>,
     /// Poll requests handled, by reason and result.
     pub polls: Family<Labels, Counter>,
+    /// Poll requests the poller itself made (the safety net), by reason.
+    pub requested: Family<Labels, Counter>,
     /// Requests left in the global bucket after the last admission.
     pub budget_left: Gauge,
     /// Application tokens minted.
@@ -46,6 +48,7 @@ impl PollMetrics {
         let m = Self {
             requests: Family::default(),
             polls: Family::default(),
+            requested: Family::default(),
             budget_left: Gauge::default(),
             tokens_minted: Counter::default(),
             paused_seconds: Gauge::default(),
@@ -65,6 +68,10 @@ impl PollMetrics {
                 ]);
             }
         }
+        let _ = m.requested.get_or_create(&vec![(
+            "reason",
+            PollReason::SafetyNet.as_str().to_string(),
+        )]);
         let r = registry.sub_registry_with_prefix("carhook_poller");
         r.register(
             "build",
@@ -80,6 +87,11 @@ impl PollMetrics {
             "polls",
             "Poll requests handled, by reason and result (polled, skipped_*, failed, bad_response)",
             m.polls.clone(),
+        );
+        r.register(
+            "requested",
+            "Poll requests the poller made itself, by reason (safety_net)",
+            m.requested.clone(),
         );
         r.register(
             "budget_left",
@@ -108,6 +120,13 @@ impl PollMetrics {
     pub fn request(&self, outcome: &str) {
         self.requests
             .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
+    }
+
+    /// Counts one request the poller made.
+    pub fn requested(&self, reason: PollReason) {
+        self.requested
+            .get_or_create(&vec![("reason", reason.as_str().to_string())])
             .inc();
     }
 

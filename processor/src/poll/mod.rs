@@ -155,6 +155,13 @@ async fn run_inner(
         bucket_refill_ms = settings.poller.bucket_refill_ms,
         "poller started"
     );
+    let safety_net = tokio::spawn(safety_net(
+        settings.clone(),
+        poller.store.clone(),
+        requests::RequestProducer::new(&settings.kafka)?,
+        poller.metrics.clone(),
+        shutdown.clone(),
+    ));
     let concurrency = settings.poller.concurrency;
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let offsets = Arc::new(Mutex::new(Offsets::default()));
@@ -207,8 +214,79 @@ async fn run_inner(
     let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    safety_net.abort();
     tracing::info!("poller stopped");
     Ok(())
+}
+
+/// The safety net: every `poller.safety_net_every_secs`, a vehicle with an event within
+/// `safety_net_active_secs` whose configured `safety_net_signals` are older than
+/// `safety_net_max_age_secs` (or missing) gets a poll request. Off while `safety_net_active_secs`
+/// is 0 or no signal is configured. The requests go through the topic like any other, so the
+/// budgets (minimum interval above all) bound what it costs.
+async fn safety_net(
+    settings: Settings,
+    store: PollStore,
+    producer: requests::RequestProducer,
+    metrics: PollMetrics,
+    shutdown: CancellationToken,
+) {
+    let p = &settings.poller;
+    let codes = p.safety_net_codes();
+    if p.safety_net_active_secs == 0 || codes.is_empty() {
+        return;
+    }
+    let every = Duration::from_secs(p.safety_net_every_secs);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = EpochMillis::now().as_i64();
+        let ago = |secs: u64| {
+            EpochMillis::new(
+                now.saturating_sub(i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)),
+            )
+            .unwrap_or_else(EpochMillis::now)
+        };
+        let active = match store.active_since(ago(p.safety_net_active_secs)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "safety net: cannot list active vehicles; next round retries");
+                continue;
+            }
+        };
+        let mut requested = 0usize;
+        for v in active {
+            let stale = match store
+                .stale_signals(&v, &codes, ago(p.safety_net_max_age_secs))
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(vehicle_id = %v, error = %e, "safety net: cannot read signals");
+                    continue;
+                }
+            };
+            if stale.is_empty() {
+                continue;
+            }
+            match producer
+                .request(&PollRequest::new(&v, None, PollReason::SafetyNet))
+                .await
+            {
+                Ok(()) => {
+                    requested += 1;
+                    metrics.requested(PollReason::SafetyNet);
+                    tracing::info!(vehicle_id = %v, stale = ?stale, "safety net: poll requested");
+                }
+                Err(e) => {
+                    tracing::warn!(vehicle_id = %v, error = %e, "safety net: poll request not produced")
+                }
+            }
+        }
+        tracing::info!(requested, "safety net round done");
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
