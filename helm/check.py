@@ -194,7 +194,7 @@ def check_pod(where, pod, keys, component):
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
         for probe_name, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
             probe = c.get(probe_name)
-            if component in ("receiver", "processor"):
+            if component in ("receiver", "processor", "poller"):
                 if not probe:
                     problem(f"{cw}: {probe_name} is missing")
                     continue
@@ -207,7 +207,8 @@ def check_pod(where, pod, keys, component):
                 if isinstance(port, int) and port not in ports.values():
                     problem(f"{cw}: {probe_name} port {port} is not a declared container port")
         listen_vars = {"receiver": ["CARHOOK__RECEIVER__LISTEN", "CARHOOK__RECEIVER__ADMIN_LISTEN"],
-                       "processor": ["CARHOOK__PROCESSOR__ADMIN_LISTEN"]}.get(component, [])
+                       "processor": ["CARHOOK__PROCESSOR__ADMIN_LISTEN"],
+                       "poller": ["CARHOOK__POLLER__ADMIN_LISTEN"]}.get(component, [])
         if component == "receiver":
             for probe_name in ("livenessProbe", "readinessProbe", "startupProbe"):
                 if ((c.get(probe_name) or {}).get("httpGet") or {}).get("port") != "admin":
@@ -242,6 +243,18 @@ def check_pod(where, pod, keys, component):
             if spec.get("terminationGracePeriodSeconds", 30) < need:
                 problem(f"{cw}: terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} "
                         f"< preStop sleep + drain ({need} s)")
+        if component == "poller":
+            sf = env_value(c, "CARHOOK__SMARTCAR__CLIENT_SECRET_FILE")
+            if env.get("CARHOOK__SMARTCAR__CLIENT_SECRET") is not None:
+                problem(f"{cw}: CARHOOK__SMARTCAR__CLIENT_SECRET is set; the secret must come from a mounted Secret file")
+            if not env_value(c, "CARHOOK__SMARTCAR__CLIENT_ID"):
+                problem(f"{cw}: CARHOOK__SMARTCAR__CLIENT_ID is missing")
+            mounts = [m for m in c.get("volumeMounts") or [] if sf and sf.startswith(m["mountPath"].rstrip("/") + "/")]
+            if not mounts:
+                problem(f"{cw}: CARHOOK__SMARTCAR__CLIENT_SECRET_FILE={sf} is not under a volume mount")
+            for m in mounts:
+                if "secret" not in volumes.get(m["name"], {}):
+                    problem(f"{cw}: the client secret comes from volume {m['name']}, which is not a Secret")
         if component == "processor":
             need = ms_to_s(env_value(c, "CARHOOK__PROCESSOR__SHUTDOWN_GRACE_MS"), 20000)
             if spec.get("terminationGracePeriodSeconds", 30) < need:
@@ -411,8 +424,8 @@ def check_render(path, keys):
         return [d for d in deployments if labels_match(selector, d["spec"]["template"]["metadata"].get("labels") or {})]
 
     comps = sorted(component_of(d) for d in deployments)
-    if comps != ["processor", "receiver"]:
-        problem(f"expected one receiver and one processor Deployment, found {comps}")
+    if comps not in (["processor", "receiver"], ["poller", "processor", "receiver"]):
+        problem(f"expected one receiver, one processor and at most one poller Deployment, found {comps}")
 
     for d in deployments:
         where = f"{d['__file']}: Deployment {d['metadata']['name']}"
