@@ -417,6 +417,22 @@ async fn bad_responses_are_counted_never_crash_the_poller_and_never_write_state(
     })
     .await;
     assert_eq!(record_count(&s.kafka.brokers, &s.kafka.events_topic), 1);
+    // The polled record: keyed by vehicle, marked as polled, carrying the poll's trace context.
+    let brokers = s.kafka.brokers.clone();
+    let topic = s.kafka.events_topic.clone();
+    let records = tokio::task::spawn_blocking(move || {
+        read_topic(&brokers, &topic, 1, Duration::from_secs(30))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let m = &records[0];
+    assert_eq!(rdkafka::Message::key(m), Some("car-good".as_bytes()));
+    assert_eq!(header(m, "carhook-source").as_deref(), Some("poll"));
+    assert_eq!(
+        header(m, "carhook-poll-reason").as_deref(),
+        Some("operator")
+    );
+    assert!(header(m, "carhook-event-id").is_some_and(|id| id.starts_with("poll-")));
     drop_keyspace(&s).await;
 }
 
@@ -513,6 +529,11 @@ async fn the_global_bucket_is_never_exceeded_under_a_resync_of_1000_vehicles() {
     assert!(
         took >= floor.saturating_sub(Duration::from_millis(50)),
         "{took:?} is faster than the bucket permits ({floor:?})"
+    );
+    assert_eq!(
+        api.minted(),
+        1,
+        "16 requests at once share one token (single-flight)"
     );
     // And the polled values reached the store as polled values.
     let state = state_where(&s, "car-0999", |v| {
@@ -788,5 +809,40 @@ async fn the_safety_net_polls_an_active_vehicle_whose_configured_signal_is_too_o
         "a fresh value needs no poll"
     );
     processor.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn a_token_is_minted_again_before_it_expires_without_a_401() {
+    let s = settings(&[]);
+    // Tokens live 4 s: the poller refreshes at half their life (its margin is larger).
+    let api = FakeApi::start(CLIENT_ID, CLIENT_SECRET, 4).await;
+    for car in ["car-1", "car-2"] {
+        api.set_vehicle(
+            car,
+            ApiVehicle::new("u1", &[("odometer-traveleddistance", km(1), T0)]),
+        );
+    }
+    let poller = start_poller(&s, &api, &[]).await;
+    request_poll(&s, "car-1").await;
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "polled").await >= 1.0
+    })
+    .await;
+    let first = api.calls_for("car-1")[0].at;
+    while first.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    request_poll(&s, "car-2").await;
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "polled").await >= 2.0
+    })
+    .await;
+    assert_eq!(api.minted(), 2);
+    assert!(
+        api.calls().iter().all(|c| c.status == 200),
+        "no request was refused: {:?}",
+        api.calls()
+    );
     drop_keyspace(&s).await;
 }
