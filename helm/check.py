@@ -710,7 +710,8 @@ def check_secured(paths):
         "CARHOOK__TELEMETRY__OTLP_HEADERS_FILE": {"secret": values["otlp"]["headers"]["existingSecret"], "key": "headers"},
         "CARHOOK__TELEMETRY__OTLP_CA_FILE": {"secret": values["otlp"]["tls"]["ca"]["existingSecret"], "key": "ca.crt"},
     }
-    connection_prefixes = ("CARHOOK__KAFKA__S", "CARHOOK__KAFKA__PROPERTIES__", "CARHOOK__CQL__USERNAME",
+    connection_prefixes = ("CARHOOK__KAFKA__SASL_", "CARHOOK__KAFKA__SSL_", "CARHOOK__KAFKA__SECURITY_",
+                           "CARHOOK__KAFKA__PROPERTIES__", "CARHOOK__CQL__USERNAME",
                            "CARHOOK__CQL__PASSWORD", "CARHOOK__CQL__TLS", "CARHOOK__TELEMETRY__OTLP_")
     for path in paths:
         docs = load_docs([path])

@@ -242,6 +242,9 @@ impl Worker {
             Ok(r) => r.map_err(LoopError::Setup)?,
             Err(_) => return Err(LoopError::Setup(KafkaError::Canceled)),
         }
+        if let Some(c) = &self.pipeline.changelog {
+            c.reset();
+        }
         self.consumer
             .subscribe(&[&self.settings.kafka.events_topic])
             .map_err(LoopError::Setup)?;
@@ -255,6 +258,9 @@ impl Worker {
             // Revoked while collecting: the new owner (or this instance, from the committed offset)
             // processes these records again, so they must not be committed here.
             pending.retain(|r| !revoked.contains(&r.partition));
+            if let Some(c) = &self.pipeline.changelog {
+                c.drop_partitions(&revoked);
+            }
             if batch.is_empty() {
                 if !pending.is_empty() {
                     let runs = std::mem::take(&mut pending);
@@ -262,6 +268,7 @@ impl Worker {
                         Ok(()) => self.committed(&runs),
                         Err(f) => {
                             self.rewind(runs.iter().map(|r| (r.partition, r.first_offset)));
+                            self.undo(runs.into_iter().flat_map(|r| r.done));
                             self.failed_commit(f, &mut failures, &shutdown).await?;
                         }
                     }
@@ -281,6 +288,7 @@ impl Worker {
                         *o = (*o).min(r.first_offset);
                     }
                     self.rewind(from.into_iter());
+                    self.undo(committing.into_iter().chain(runs).flat_map(|r| r.done));
                     self.failed_commit(f, &mut failures, &shutdown).await?;
                     continue;
                 }
@@ -315,6 +323,22 @@ impl Worker {
         }
         self.readiness.set("consumer", false);
         Ok(())
+    }
+
+    /// Records that will be processed again: their changes are taken back out of the changelog's
+    /// views, so processing them again produces the same change records.
+    fn undo(&self, done: impl Iterator<Item = Done>) {
+        let Some(c) = &self.pipeline.changelog else {
+            return;
+        };
+        c.undo(
+            done.filter_map(|d| match d.disposition {
+                Disposition::Applied(a) => Some(a.undo),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        );
     }
 
     /// After a successful commit.
@@ -433,7 +457,11 @@ impl Worker {
         let mut first_offsets = BTreeMap::new();
         let mut lanes = Vec::new();
         for (partition, msgs) in by_partition(batch) {
-            first_offsets.insert(partition, msgs.first().map_or(0, Message::offset));
+            let first = msgs.first().map_or(0, Message::offset);
+            if let Some(c) = &self.pipeline.changelog {
+                c.begin(partition, first);
+            }
+            first_offsets.insert(partition, first);
             lanes.extend(lanes::split(partition, msgs, concurrency));
         }
         // The lowest offset that failed so far, per partition: lanes of that partition stop before
@@ -455,12 +483,13 @@ impl Worker {
             .into_iter()
             .map(|(partition, results)| {
                 let r = lanes::resequence(results);
-                if r.discarded > 0 {
+                if !r.discarded.is_empty() {
                     tracing::debug!(
                         partition,
-                        discarded = r.discarded,
+                        discarded = r.discarded.len(),
                         "records past a failed one are processed again after the rewind"
                     );
+                    self.undo(r.discarded.into_iter().map(|(_, d)| d));
                 }
                 PartitionRun {
                     partition,
@@ -645,9 +674,60 @@ impl Worker {
         let kafka = &self.settings.kafka;
         let mut owned: Vec<Outgoing> = Vec::new();
         for d in runs.iter().flat_map(|r| &r.done) {
+            if let Disposition::Applied(applied) = &d.disposition {
+                for v in &applied.refresh_requests {
+                    let h = OwnedHeaders::new().insert(Header {
+                        key: headers::CONTROL,
+                        value: Some(headers::CONTROL_REFRESH_STATE),
+                    });
+                    let body = serde_json::json!({
+                        "vehicleId": v,
+                        "requestedBy": "processor",
+                        "cause": format!("{}:{}", d.msg.partition(), d.msg.offset()),
+                    });
+                    owned.push((
+                        kafka.events_topic.clone(),
+                        Some(v.as_bytes().to_vec()),
+                        body.to_string().into_bytes(),
+                        h,
+                    ));
+                }
+                for c in &applied.changes {
+                    let mut h = OwnedHeaders::new()
+                        .insert(Header {
+                            key: headers::EVENT_ID,
+                            value: Some(c.event_id.as_str()),
+                        })
+                        .insert(Header {
+                            key: headers::EVENT_TYPE,
+                            value: Some(c.event_type.as_str()),
+                        })
+                        .insert(Header {
+                            key: headers::CHANGED,
+                            value: Some(c.changed.join(",").as_str()),
+                        })
+                        .insert(Header {
+                            key: headers::CELL_TIMES,
+                            value: Some(c.cell_times.as_str()),
+                        });
+                    if let Some(tp) = header_str(&d.msg, headers::TRACEPARENT) {
+                        h = h.insert(Header {
+                            key: headers::TRACEPARENT,
+                            value: Some(tp),
+                        });
+                    }
+                    owned.push((
+                        kafka.state_topic.clone(),
+                        Some(c.vehicle.as_bytes().to_vec()),
+                        c.document.clone().into_bytes(),
+                        h,
+                    ));
+                }
+            }
             match &d.disposition {
-                Disposition::Applied(plans) if self.emit_actions => {
-                    for (plan, a) in plans
+                Disposition::Applied(applied) if self.emit_actions => {
+                    for (plan, a) in applied
+                        .plans
                         .iter()
                         .flat_map(|p| p.actions.iter().map(move |a| (p, a)))
                     {
@@ -744,8 +824,11 @@ impl Worker {
                         .inc();
                     tracing::warn!(event_id, partition = d.msg.partition(), offset = d.msg.offset(), outcome, reason = p.class, error = %p.message, duration_ms, "event dead-lettered");
                 }
-                Disposition::Applied(plans) => {
-                    let actions: Vec<_> = plans.iter().flat_map(|p| &p.actions).collect();
+                Disposition::Applied(applied) => {
+                    let actions: Vec<_> = applied.plans.iter().flat_map(|p| &p.actions).collect();
+                    self.metrics
+                        .state_changes
+                        .inc_by(applied.changes.len() as u64);
                     if self.emit_actions {
                         for a in &actions {
                             self.metrics
@@ -760,6 +843,7 @@ impl Worker {
                         offset = d.msg.offset(),
                         outcome,
                         actions = actions.len(),
+                        state_changes = applied.changes.len(),
                         duration_ms,
                         "event processed"
                     );

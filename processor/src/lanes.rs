@@ -71,8 +71,9 @@ pub struct Resequenced<T> {
     pub done: Vec<(i64, T)>,
     /// The lowest failed offset of any lane: where the partition is rewound to.
     pub failed: Option<(i64, String)>,
-    /// Finished records past the failure: applied, but neither committed nor reported.
-    pub discarded: usize,
+    /// Finished records past the failure: applied, but neither committed nor reported; they are
+    /// processed again after the rewind.
+    pub discarded: Vec<(i64, T)>,
 }
 
 /// Merges a partition's lane results in offset order and keeps only the prefix before the lowest
@@ -89,12 +90,15 @@ pub fn resequence<T>(results: Vec<LaneResult<T>>) -> Resequenced<T> {
         done.extend(r.done);
     }
     done.sort_by_key(|(o, _)| *o);
-    let before = done.len();
-    if let Some((f, _)) = &failed {
-        done.retain(|(o, _)| o < f);
-    }
+    let discarded = match &failed {
+        Some((f, _)) => {
+            let cut = done.partition_point(|(o, _)| o < f);
+            done.split_off(cut)
+        }
+        None => Vec::new(),
+    };
     Resequenced {
-        discarded: before - done.len(),
+        discarded,
         done,
         failed,
     }
@@ -176,7 +180,10 @@ mod tests {
         let offsets: Vec<i64> = r.done.iter().map(|(o, _)| *o).collect();
         assert_eq!(offsets, vec![0, 1, 2]);
         assert_eq!(r.failed.map(|(o, _)| o), Some(3));
-        assert_eq!(r.discarded, 3);
+        assert_eq!(
+            r.discarded.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
     }
 
     #[test]

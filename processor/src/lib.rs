@@ -5,10 +5,13 @@
 //! - [`pipeline`]: one record — parse, claim, plan, write.
 //! - [`effects`]: what an event means (pure): freshness-ordered writes and actions.
 //! - [`store`]: the CQL claims and state tables.
+//! - [`view`]: the vehicle state document and the cells it is rendered from.
+//! - [`changelog`]: which events changed a document; the views that decide it without a read.
 //! - [`dead_letter`]: poison records and their provenance.
 //! - [`state`]: the vehicle state view (`processor state`).
 //! - [`poll`]: the REST polling fallback (`processor poll run|now|resync`).
 
+pub mod changelog;
 pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
@@ -20,6 +23,7 @@ pub mod poll;
 pub mod replay;
 pub mod state;
 pub mod store;
+pub mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +34,7 @@ use shared::config::Settings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::changelog::Changelog;
 use crate::consumer::Worker;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineSettings};
@@ -128,7 +133,7 @@ async fn run_inner(
     .await?;
     readiness.set("store", true);
     let p = &settings.processor;
-    let pipeline = Arc::new(Pipeline::new(
+    let mut pipeline = Pipeline::new(
         store,
         PipelineSettings {
             instance_id: p.instance_id.clone(),
@@ -138,7 +143,11 @@ async fn run_inner(
             max_clock_skew_ms: i64::try_from(p.max_clock_skew_ms).unwrap_or(i64::MAX),
         },
         metrics.clone(),
-    ));
+    );
+    if p.changelog {
+        pipeline.changelog = Some(Changelog::new(settings.kafka.clone()));
+    }
+    let pipeline = Arc::new(pipeline);
     tracing::info!(
         group = %settings.kafka.consumer_group,
         topic = %settings.kafka.events_topic,

@@ -27,6 +27,9 @@ enum Command {
     State {
         /// The vehicle id.
         vehicle_id: String,
+        /// Also print `lastEvent`: the last event applied (bookkeeping, not part of the document).
+        #[arg(long)]
+        last_event: bool,
     },
     /// Re-derive state from a range of the events topic with the current logic (no actions).
     Replay {
@@ -52,6 +55,10 @@ enum Command {
         /// (default: as fast as the store allows, `processor.concurrency` at a time).
         #[arg(long)]
         max_rate: Option<u32>,
+        /// Afterwards, have the live processors record the corrected state of every vehicle the
+        /// replay wrote in the state changelog (`kafka.state_topic`).
+        #[arg(long, conflicts_with = "dry_run")]
+        emit_changes: bool,
     },
     /// Inspect and redrive dead letters.
     Dlq {
@@ -165,6 +172,7 @@ async fn main() -> ExitCode {
             group,
             max_records,
             max_rate,
+            emit_changes,
         } => {
             let mut s = settings;
             s.telemetry.log_format = shared::config::LogFormat::Pretty;
@@ -191,6 +199,7 @@ async fn main() -> ExitCode {
                 group,
                 max_records,
                 max_rate,
+                emit_changes,
             };
             match carhook_processor::replay::replay(&s, &store, &req, shared::shutdown::on_signal())
                 .await
@@ -204,18 +213,30 @@ async fn main() -> ExitCode {
         }
         Command::Dlq { command } => dlq(settings, command).await,
         Command::Poll { command } => poll(settings, command).await,
-        Command::State { vehicle_id } => {
+        Command::State {
+            vehicle_id,
+            last_event,
+        } => {
             let session = match shared::cql::connect(&settings.cql).await {
                 Ok(s) => s,
                 Err(e) => return fail(e, 1),
             };
-            match carhook_processor::state::vehicle_state(
-                &session,
-                &settings.cql.keyspace,
-                &vehicle_id,
-            )
-            .await
-            {
+            let state = if last_event {
+                carhook_processor::state::vehicle_state_with_last_event(
+                    &session,
+                    &settings.cql.keyspace,
+                    &vehicle_id,
+                )
+                .await
+            } else {
+                carhook_processor::state::vehicle_state(
+                    &session,
+                    &settings.cql.keyspace,
+                    &vehicle_id,
+                )
+                .await
+            };
+            match state {
                 Ok(v) => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     ExitCode::SUCCESS

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub events: Family<Labels, Counter>,
     pub stale_signals: Counter,
     pub signals_written: Counter,
+    /// Records written to the state changelog (events that changed a vehicle's document).
+    pub state_changes: Counter,
     pub processing_duration: Histogram,
     pub store_errors: Family<Labels, Counter>,
     pub dead_letters: Family<Labels, Counter>,
@@ -46,6 +48,7 @@ impl Metrics {
             events: Family::default(),
             stale_signals: Counter::default(),
             signals_written: Counter::default(),
+            state_changes: Counter::default(),
             processing_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             store_errors: Family::default(),
             dead_letters: Family::default(),
@@ -123,6 +126,11 @@ impl Metrics {
             "signals_written",
             "Signal cells written (value or availability)",
             m.signals_written.clone(),
+        );
+        r.register(
+            "state_changes",
+            "Records written to the state changelog: events that changed what processor state shows",
+            m.state_changes.clone(),
         );
         r.register_with_unit(
             "processing_duration",

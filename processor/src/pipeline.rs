@@ -12,16 +12,33 @@ use shared::event::{Event, EventKind};
 use shared::headers;
 use tracing::Instrument;
 
+use crate::changelog::{Change, Changelog, Observed, Undo};
 use crate::dead_letter::{header_str, Poison};
 use crate::effects::{self, Context, Plan};
 use crate::metrics::Metrics;
 use crate::store::{Claim, Position, Store, StoreError};
 
+/// A record whose effects are durable.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// One plan per vehicle concerned; their actions are emitted.
+    pub plans: Vec<Plan>,
+    /// State changelog records (none when nothing a reader sees changed, or the changelog is off).
+    pub changes: Vec<Change>,
+    /// How to take the record back out of the changelog's views if it is processed again.
+    pub undo: Vec<Undo>,
+    /// A state refresh request (control record), not a Smartcar event.
+    pub refresh: bool,
+    /// Vehicles of other partitions this record wrote (a legacy body listing several): their
+    /// owners are asked to refresh them (control records produced in the same transaction).
+    pub refresh_requests: Vec<String>,
+}
+
 /// What became of a record.
 #[derive(Debug)]
 pub enum Disposition {
-    /// Effects are durable; emit the plans' actions (one plan per vehicle concerned).
-    Applied(Vec<Plan>),
+    /// Effects are durable; emit the actions and change records.
+    Applied(Applied),
     /// Another record owns this event id: no effect.
     Duplicate,
     /// Nothing to apply (VERIFY, unknown type): counted.
@@ -32,11 +49,18 @@ pub enum Disposition {
 
 impl Disposition {
     /// Every value [`Disposition::label`] can take.
-    pub const LABELS: [&'static str; 4] = ["applied", "duplicate", "ignored", "dead_lettered"];
+    pub const LABELS: [&'static str; 5] = [
+        "applied",
+        "refreshed",
+        "duplicate",
+        "ignored",
+        "dead_lettered",
+    ];
 
     /// Bounded outcome label.
     pub fn label(&self) -> &'static str {
         match self {
+            Self::Applied(a) if a.refresh => "refreshed",
             Self::Applied(_) => "applied",
             Self::Duplicate => "duplicate",
             Self::Ignored(_) => "ignored",
@@ -60,6 +84,8 @@ pub struct Pipeline {
     pub store: Store,
     pub settings: PipelineSettings,
     pub metrics: Metrics,
+    /// The state changelog's views (None: `processor.changelog` off, or replay).
+    pub changelog: Option<Changelog>,
     /// Deterministic failures so far, by (partition, offset): (attempts, first failure).
     failures: Mutex<HashMap<(i32, i64), (u32, EpochMillis)>>,
     /// Clocks already logged as untrusted (each is logged once per process, counted always).
@@ -81,6 +107,7 @@ impl Pipeline {
             store,
             settings,
             metrics,
+            changelog: None,
             failures: Mutex::new(HashMap::new()),
             untrusted_logged: Mutex::new(HashSet::new()),
         }
@@ -97,6 +124,9 @@ impl Pipeline {
 
     /// Processes one record. `Err` means transient: retry later, do not commit past it.
     pub async fn handle(&self, msg: &OwnedMessage) -> Result<Disposition, StoreError> {
+        if let Some(kind) = header_str(msg, headers::CONTROL) {
+            return self.control(msg, kind).await;
+        }
         let started = Instant::now();
         let body = msg.payload().unwrap_or_default();
         let event = match Event::parse(body) {
@@ -183,10 +213,30 @@ impl Pipeline {
             .iter()
             .map(|p| p.values.len() + p.availability.len())
             .sum();
+        let mut changes = Vec::new();
+        let mut undo = Vec::new();
+        let mut refresh_requests = Vec::new();
         let applied = async {
             for plan in &mut plans {
                 self.store.apply(plan).await?;
                 self.keep_flag_changes(plan, event_id).await?;
+                if let Some(changelog) = &self.changelog {
+                    match changelog
+                        .observe(&self.store, pos.partition, pos.offset, msg.key(), plan)
+                        .await?
+                    {
+                        Observed::Nothing => {}
+                        Observed::Viewed { change, undo: u } => {
+                            undo.push(*u);
+                            changes.extend(change.map(|c| Change {
+                                event_id: event_id.to_owned(),
+                                event_type: event.envelope.event_type.clone(),
+                                ..*c
+                            }));
+                        }
+                        Observed::RefreshElsewhere(v) => refresh_requests.push(v),
+                    }
+                }
             }
             Ok::<(), StoreError>(())
         }
@@ -220,13 +270,27 @@ impl Pipeline {
                 self.metrics
                     .processing_duration
                     .observe(started.elapsed().as_secs_f64());
-                Ok(Disposition::Applied(plans))
+                Ok(Disposition::Applied(Applied {
+                    plans,
+                    changes,
+                    undo,
+                    refresh: false,
+                    refresh_requests,
+                }))
             }
             Err(e) if e.is_transient() => {
+                // A view updated before a later plan of the record failed is taken back: the
+                // record is processed again.
+                if let Some(changelog) = &self.changelog {
+                    changelog.undo(undo);
+                }
                 self.count_store_error(&e);
                 Err(e)
             }
             Err(e) => {
+                if let Some(changelog) = &self.changelog {
+                    changelog.undo(undo);
+                }
                 self.count_store_error(&e);
                 let (attempts, first) = self.note_failure(&pos);
                 if attempts < self.settings.max_attempts {
@@ -242,6 +306,40 @@ impl Pipeline {
                 }))
             }
         }
+    }
+
+    /// A carhook control record: a state refresh for its key's vehicle (see
+    /// [`Changelog::refresh`]). Anything else is ignored and counted.
+    async fn control(&self, msg: &OwnedMessage, kind: &str) -> Result<Disposition, StoreError> {
+        if kind != headers::CONTROL_REFRESH_STATE {
+            return Ok(Disposition::Ignored("unknown_control"));
+        }
+        let (Some(changelog), Some(vehicle)) = (
+            &self.changelog,
+            msg.key().and_then(|k| std::str::from_utf8(k).ok()),
+        ) else {
+            return Ok(Disposition::Ignored("refresh_without_changelog"));
+        };
+        tracing::Span::current().record("vehicle_id", vehicle);
+        let (change, undo) = changelog
+            .refresh(&self.store, msg.partition(), msg.offset(), vehicle)
+            .await
+            .inspect_err(|e| self.count_store_error(e))?;
+        let event_id = format!("refresh:{}:{}", msg.partition(), msg.offset());
+        Ok(Disposition::Applied(Applied {
+            plans: Vec::new(),
+            changes: change
+                .map(|mut c| {
+                    c.event_id = event_id;
+                    c.event_type = "CARHOOK_STATE_REFRESH".into();
+                    c
+                })
+                .into_iter()
+                .collect(),
+            undo: undo.into_iter().collect(),
+            refresh: true,
+            refresh_requests: Vec::new(),
+        }))
     }
 
     /// Keeps only the plan's actions whose reconnect flag this event really changed, so the

@@ -91,6 +91,10 @@ pub struct ReplayRequest {
     pub max_records: Option<u64>,
     /// At most this many records per second (so a replay leaves the store room for live traffic).
     pub max_rate: Option<u32>,
+    /// After writing, ask the live processors to record the corrected state of every vehicle the
+    /// replay wrote in the state changelog: one refresh control record per vehicle on the events
+    /// topic, applied in order with the vehicle's events (see `Changelog::refresh`).
+    pub emit_changes: bool,
 }
 
 /// The end-of-run summary.
@@ -101,12 +105,15 @@ pub struct Summary {
     pub applied: u64,
     /// Dry run only: events whose every cell is already as fresh or fresher.
     pub unchanged: u64,
-    /// Other vehicles, VERIFY, unknown types, and copies that do not own their event's claim.
+    /// Other vehicles, VERIFY, unknown types, carhook control records, and copies that do not own
+    /// their event's claim.
     pub skipped: u64,
     /// Poison records (dead-lettered by live processing; not re-sent).
     pub dead_lettered: u64,
     /// Dry run only: signal cells that would lose to a fresher stored value.
     pub stale_cells: u64,
+    /// `--emit-changes`: vehicles whose state refresh was requested from the live processors.
+    pub refresh_requested: u64,
     pub group: String,
     pub complete: bool,
 }
@@ -120,6 +127,11 @@ pub enum ReplayError {
     NoTopic(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("requesting state refreshes on {topic}: {source}")]
+    Refresh {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
 }
 
 impl Bound {
@@ -288,6 +300,7 @@ pub async fn replay(
     let started = Instant::now();
     // The next offset of each partition whose records before it are all replayed.
     let mut done_upto: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut touched: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     while !remaining.is_empty() && !shutdown.is_cancelled() {
         let budget = req
             .max_records
@@ -346,6 +359,9 @@ pub async fn replay(
         for r in results {
             for o in r? {
                 o.count(&mut summary);
+                if let One::Applied { vehicles, .. } = o {
+                    touched.extend(vehicles);
+                }
             }
         }
         summary.read += n as u64;
@@ -366,8 +382,59 @@ pub async fn replay(
         consumer.commit(&tpl, CommitMode::Sync)?;
     }
     summary.complete = remaining.is_empty() && !shutdown.is_cancelled();
+    if req.emit_changes && !req.dry_run {
+        summary.refresh_requested = request_refresh(settings, &group, &touched).await?;
+    }
     progress.finish(&summary);
     Ok(summary)
+}
+
+/// Produces one refresh control record per vehicle to the events topic, keyed by the vehicle (so
+/// it lands in the vehicle's partition, behind its events); returns how many were acknowledged.
+async fn request_refresh(
+    settings: &Settings,
+    group: &str,
+    vehicles: &std::collections::BTreeSet<String>,
+) -> Result<u64, ReplayError> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = &settings.kafka.events_topic;
+    let failed = |source| ReplayError::Refresh {
+        topic: topic.clone(),
+        source,
+    };
+    let producer: FutureProducer = shared::kafka::producer_config(&settings.kafka)
+        .create()
+        .map_err(failed)?;
+    let sends = vehicles.iter().map(|v| {
+        let body = serde_json::json!({ "vehicleId": v, "requestedBy": "replay", "group": group })
+            .to_string();
+        let producer = &producer;
+        async move {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: shared::headers::CONTROL,
+                value: Some(shared::headers::CONTROL_REFRESH_STATE),
+            });
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(v.as_str())
+                        .payload(&body)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r.map_err(failed)?;
+    }
+    tracing::info!(
+        vehicles = vehicles.len(),
+        "state refresh requested for the vehicles the replay wrote"
+    );
+    Ok(vehicles.len() as u64)
 }
 
 /// How long to wait before the next batch so that `read` records since the start stay within
@@ -449,8 +516,14 @@ fn received_at(msg: &OwnedMessage) -> Option<EpochMillis> {
 }
 
 enum One {
-    Applied { stale: u64 },
-    Unchanged { stale: u64 },
+    /// Written (or, in a dry run, would change), for these vehicles.
+    Applied {
+        stale: u64,
+        vehicles: Vec<String>,
+    },
+    Unchanged {
+        stale: u64,
+    },
     Skipped,
     Poison,
 }
@@ -458,7 +531,7 @@ enum One {
 impl One {
     fn count(&self, s: &mut Summary) {
         match self {
-            Self::Applied { stale } => {
+            Self::Applied { stale, .. } => {
                 s.applied += 1;
                 s.stale_cells += stale;
             }
@@ -478,6 +551,10 @@ async fn replay_one(
     req: &ReplayRequest,
     ctx: Context,
 ) -> Result<One, StoreError> {
+    if crate::dead_letter::header_str(msg, shared::headers::CONTROL).is_some() {
+        // A carhook control record (e.g. a state refresh a previous replay requested): no event.
+        return Ok(One::Skipped);
+    }
     let Ok(event) = Event::parse(msg.payload().unwrap_or_default()) else {
         return Ok(One::Poison);
     };
@@ -522,6 +599,7 @@ async fn replay_one(
     };
     let mut newer = 0;
     let mut stale = 0;
+    let mut vehicles = Vec::new();
     for plan in effects::plans(&event, ctx) {
         if let Some(v) = &req.vehicle {
             if plan.vehicle.as_ref().map(|x| x.as_str()) != Some(v.as_str()) {
@@ -536,10 +614,11 @@ async fn replay_one(
             // No read before writing: the write timestamps keep fresher stored values.
             store.apply(&plan).await?;
             newer += 1;
+            vehicles.extend(plan.vehicle.as_ref().map(|v| v.as_str().to_owned()));
         }
     }
     Ok(if newer > 0 {
-        One::Applied { stale }
+        One::Applied { stale, vehicles }
     } else {
         One::Unchanged { stale }
     })
@@ -638,6 +717,7 @@ mod tests {
             group: None,
             max_records: None,
             max_rate: None,
+            emit_changes: false,
         };
         // Pinned: FNV-1a of "from=0:120,1:98|to=t1761896351000|vehicle=car-1". A change here
         // silently restarts every interrupted replay from its start.

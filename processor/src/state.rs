@@ -1,7 +1,11 @@
-//! The current state of one vehicle as applications see it (`processor state <vehicle-id>`).
+//! The current state of one vehicle as applications see it (`processor state <vehicle-id>`): the
+//! stored cells rendered through [`crate::view`], so it is the very document the state changelog
+//! carries.
 
 use scylla::client::session::Session;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
+
+use crate::view::View;
 
 /// Why the state could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -12,17 +16,12 @@ pub enum StateError {
     Store { vehicle: String, message: String },
 }
 
-fn parse(doc: Option<String>) -> Value {
-    doc.and_then(|d| serde_json::from_str(&d).ok())
-        .unwrap_or(Value::Null)
-}
-
-/// Reads the vehicle's state as the documented JSON shape.
-pub async fn vehicle_state(
+/// A vehicle's stored cells and its bookkeeping row (last event seen), if any.
+pub async fn stored_view(
     session: &Session,
     keyspace: &str,
     vehicle: &str,
-) -> Result<Value, StateError> {
+) -> Result<(View, Option<Value>), StateError> {
     let err = |e: &dyn std::fmt::Display| StateError::Store {
         vehicle: vehicle.to_string(),
         message: e.to_string(),
@@ -37,90 +36,88 @@ pub async fn vehicle_state(
         .into_rows_result()
         .map_err(|e| err(&e))?
         .maybe_first_row::<(Option<String>,)>()
-        .map_err(|e| err(&e))?;
-    let Some((info,)) = info else {
-        return Err(StateError::UnknownVehicle(vehicle.to_string()));
-    };
+        .map_err(|e| err(&e))?
+        .map(|(info,)| {
+            info.and_then(|d| serde_json::from_str(&d).ok())
+                .unwrap_or(Value::Null)
+        });
+    let mut view = View::default();
     let signal_rows = session
-        .query_unpaged(q("signal_state", "code, value, availability"), (vehicle,))
+        .query_unpaged(
+            q(
+                "signal_state",
+                "code, value, WRITETIME(value), availability, WRITETIME(availability)",
+            ),
+            (vehicle,),
+        )
         .await
         .map_err(|e| err(&e))?
         .into_rows_result()
         .map_err(|e| err(&e))?;
-    let mut signals = Map::new();
-    let mut unsupported = Vec::new();
     for row in signal_rows
-        .rows::<(String, Option<String>, Option<String>)>()
+        .rows::<(
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+        )>()
         .map_err(|e| err(&e))?
     {
-        let (code, value, availability) = row.map_err(|e| err(&e))?;
-        let value = parse(value);
-        let availability = parse(availability);
-        let status = availability
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("available")
-            .to_string();
-        if status == "unsupported" {
-            unsupported.push(Value::from(code.clone()));
+        let (code, value, value_ts, availability, availability_ts) = row.map_err(|e| err(&e))?;
+        if let (Some(doc), Some(ts)) = (value, value_ts) {
+            view.put_value(&code, &doc, ts);
         }
-        // `webhook` or `poll`; values stored before polling existed all came from webhooks.
-        let source = match (&value, value.get("source")) {
-            (Value::Null, _) => Value::Null,
-            (_, Some(s)) => s.clone(),
-            (_, None) => Value::from("webhook"),
-        };
-        signals.insert(
-            code,
-            json!({
-                "body": value.get("body").cloned().unwrap_or(Value::Null),
-                "status": status,
-                "oemUpdatedAt": value.get("oemUpdatedAt").cloned().unwrap_or(Value::Null),
-                "fetchedAt": value.get("fetchedAt").cloned().unwrap_or(Value::Null),
-                "eventId": value.get("eventId").cloned().unwrap_or(Value::Null),
-                "logicVersion": value.get("logicVersion").cloned().unwrap_or(Value::Null),
-                "source": source,
-                "error": availability.get("error").cloned().filter(|e| !e.is_null() && status != "available"),
-                "unavailableSince": (status != "available").then(|| availability.get("since").cloned()).flatten(),
-            }),
-        );
+        if let (Some(doc), Some(ts)) = (availability, availability_ts) {
+            view.put_availability(&code, &doc, ts);
+        }
     }
     let error_rows = session
-        .query_unpaged(q("vehicle_errors", "error_key, state"), (vehicle,))
+        .query_unpaged(
+            q("vehicle_errors", "error_key, state, WRITETIME(state)"),
+            (vehicle,),
+        )
         .await
         .map_err(|e| err(&e))?
         .into_rows_result()
         .map_err(|e| err(&e))?;
-    let mut active = Vec::new();
-    let mut needs_reconnect = false;
-    let mut backoff_until: Option<i64> = None;
     for row in error_rows
-        .rows::<(String, Option<String>)>()
+        .rows::<(String, Option<String>, Option<i64>)>()
         .map_err(|e| err(&e))?
     {
-        let (key, state) = row.map_err(|e| err(&e))?;
-        let state = parse(state);
-        if state.get("state").and_then(Value::as_str) != Some("ERROR") {
-            continue;
+        let (key, state, ts) = row.map_err(|e| err(&e))?;
+        if let (Some(doc), Some(ts)) = (state, ts) {
+            view.put_error(&key, &doc, ts);
         }
-        needs_reconnect |= state
-            .get("needsReconnect")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if let Some(b) = state.get("backoffUntil").and_then(Value::as_i64) {
-            backoff_until = Some(backoff_until.map_or(b, |x| x.max(b)));
-        }
-        let mut e = state.as_object().cloned().unwrap_or_default();
-        e.insert("key".into(), Value::from(key));
-        active.push(Value::Object(e));
     }
-    Ok(json!({
-        "vehicleId": vehicle,
-        "vehicle": parse(info),
-        "signals": signals,
-        "needsReconnect": needs_reconnect,
-        "unsupportedSignals": unsupported,
-        "activeErrors": active,
-        "rateLimitedUntil": backoff_until,
-    }))
+    Ok((view, info))
+}
+
+/// Reads the vehicle's state document (README, "Vehicle state document").
+pub async fn vehicle_state(
+    session: &Session,
+    keyspace: &str,
+    vehicle: &str,
+) -> Result<Value, StateError> {
+    let (view, info) = stored_view(session, keyspace, vehicle).await?;
+    if info.is_none() && view.is_empty() {
+        return Err(StateError::UnknownVehicle(vehicle.to_string()));
+    }
+    Ok(view.render(vehicle))
+}
+
+/// The state document plus `lastEvent`: the bookkeeping of the last event applied (its id, type,
+/// delivery time, legacy details). Not part of the document, so not in the changelog.
+pub async fn vehicle_state_with_last_event(
+    session: &Session,
+    keyspace: &str,
+    vehicle: &str,
+) -> Result<Value, StateError> {
+    let (view, info) = stored_view(session, keyspace, vehicle).await?;
+    if info.is_none() && view.is_empty() {
+        return Err(StateError::UnknownVehicle(vehicle.to_string()));
+    }
+    let mut doc = view.render(vehicle);
+    doc["lastEvent"] = info.unwrap_or(Value::Null);
+    Ok(doc)
 }

@@ -76,6 +76,23 @@ pub struct StoredClaim {
     pub delivered_at: Option<EpochMillis>,
 }
 
+/// Which cell a [`StoredCell`] is.
+#[derive(Debug, Clone)]
+pub enum CellKind {
+    Value(String),
+    Availability(String),
+    Error(String),
+}
+
+/// One stored state cell: its document, write timestamp and the event id the document names.
+#[derive(Debug, Clone)]
+pub struct StoredCell {
+    pub kind: CellKind,
+    pub doc: String,
+    pub timestamp: i64,
+    pub event_id: Option<String>,
+}
+
 /// Prepared statements against one keyspace.
 #[derive(Clone)]
 pub struct Store {
@@ -97,6 +114,8 @@ pub struct Store {
     put_user: PreparedStatement,
     signal_times: PreparedStatement,
     error_times: PreparedStatement,
+    signal_cells: PreparedStatement,
+    error_cells: PreparedStatement,
     dedup_ttl_secs: i32,
 }
 
@@ -267,6 +286,14 @@ impl Store {
             "SELECT error_key, WRITETIME(state) FROM {ks}.vehicle_errors WHERE vehicle_id = ?"
         ))
         .await?;
+        let signal_cells = p(format!(
+            "SELECT code, value, WRITETIME(value), availability, WRITETIME(availability) FROM {ks}.signal_state WHERE vehicle_id = ?"
+        ))
+        .await?;
+        let error_cells = p(format!(
+            "SELECT error_key, state, WRITETIME(state) FROM {ks}.vehicle_errors WHERE vehicle_id = ?"
+        ))
+        .await?;
         Ok(Self {
             session,
             keyspace: ks.to_string(),
@@ -286,6 +313,8 @@ impl Store {
             put_user,
             signal_times,
             error_times,
+            signal_cells,
+            error_cells,
             dedup_ttl_secs: i32::try_from(u64::from(dedup_ttl_days) * 86_400).unwrap_or(i32::MAX),
         })
     }
@@ -582,6 +611,75 @@ impl Store {
             op: OP,
             message: format!("flag {vehicle}/{key} kept changing under contention; retrying"),
         })
+    }
+
+    /// Every stored state cell of a vehicle, with its write timestamp and the event that wrote it.
+    pub async fn cells(&self, vehicle: &str) -> Result<Vec<StoredCell>, StoreError> {
+        const OP: &str = "read vehicle cells";
+        let writer = |doc: &str| {
+            serde_json::from_str::<serde_json::Value>(doc)
+                .ok()
+                .and_then(|d| d.get("eventId")?.as_str().map(str::to_owned))
+        };
+        let mut out = Vec::new();
+        let rows = self
+            .session
+            .execute_unpaged(&self.signal_cells, (vehicle,))
+            .await
+            .map_err(|e| StoreError::from_exec(OP, e))?
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec(OP, e))?;
+        for row in rows
+            .rows::<(
+                String,
+                Option<String>,
+                Option<i64>,
+                Option<String>,
+                Option<i64>,
+            )>()
+            .map_err(|e| StoreError::from_exec(OP, e))?
+        {
+            let (code, value, vt, availability, at) =
+                row.map_err(|e| StoreError::from_exec(OP, e))?;
+            if let (Some(doc), Some(timestamp)) = (value, vt) {
+                out.push(StoredCell {
+                    kind: CellKind::Value(code.clone()),
+                    event_id: writer(&doc),
+                    doc,
+                    timestamp,
+                });
+            }
+            if let (Some(doc), Some(timestamp)) = (availability, at) {
+                out.push(StoredCell {
+                    kind: CellKind::Availability(code),
+                    event_id: writer(&doc),
+                    doc,
+                    timestamp,
+                });
+            }
+        }
+        let rows = self
+            .session
+            .execute_unpaged(&self.error_cells, (vehicle,))
+            .await
+            .map_err(|e| StoreError::from_exec(OP, e))?
+            .into_rows_result()
+            .map_err(|e| StoreError::from_exec(OP, e))?;
+        for row in rows
+            .rows::<(String, Option<String>, Option<i64>)>()
+            .map_err(|e| StoreError::from_exec(OP, e))?
+        {
+            let (key, state, t) = row.map_err(|e| StoreError::from_exec(OP, e))?;
+            if let (Some(doc), Some(timestamp)) = (state, t) {
+                out.push(StoredCell {
+                    kind: CellKind::Error(key),
+                    event_id: writer(&doc),
+                    doc,
+                    timestamp,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Compares a plan with the stored write times: (cells the plan would change, cells that lose

@@ -171,6 +171,9 @@ pub struct KafkaSettings {
     pub events_topic: String,
     pub dlq_topic: String,
     pub actions_topic: String,
+    /// Compacted changelog of vehicle state documents, keyed by vehicle (see the README's
+    /// "Following vehicle state").
+    pub state_topic: String,
     /// Short-retention topic keeping raw bytes of rejected deliveries for diagnosis.
     pub quarantine_topic: String,
     /// Durable poll requests for the poller, keyed by vehicle.
@@ -333,6 +336,7 @@ impl Default for KafkaSettings {
             events_topic: "smartcar.events".into(),
             dlq_topic: "smartcar.events.dlq".into(),
             actions_topic: "smartcar.actions".into(),
+            state_topic: "smartcar.vehicle-state".into(),
             quarantine_topic: "smartcar.events.quarantine".into(),
             poll_topic: "smartcar.poll-requests".into(),
             partitions: 6,
@@ -549,6 +553,9 @@ pub struct ProcessorSettings {
     /// How far a car's or Smartcar's clock may run ahead of receive time before the timestamp is
     /// not trusted (the next clock is used instead).
     pub max_clock_skew_ms: u64,
+    /// Write a record to the state changelog (`kafka.state_topic`) for every event that changed a
+    /// vehicle's state, in the same transaction as the offsets.
+    pub changelog: bool,
 }
 
 impl Default for ProcessorSettings {
@@ -566,6 +573,7 @@ impl Default for ProcessorSettings {
             shutdown_grace_ms: 20_000,
             commit_timeout_ms: 10_000,
             max_clock_skew_ms: 60_000,
+            changelog: true,
         }
     }
 }
@@ -747,6 +755,7 @@ impl Settings {
             ("kafka.events_topic", &k.events_topic),
             ("kafka.dlq_topic", &k.dlq_topic),
             ("kafka.actions_topic", &k.actions_topic),
+            ("kafka.state_topic", &k.state_topic),
             ("kafka.quarantine_topic", &k.quarantine_topic),
             ("kafka.poll_topic", &k.poll_topic),
         ] {

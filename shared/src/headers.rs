@@ -42,3 +42,16 @@ pub const REDRIVE_COUNT: &str = "carhook-redrive-count";
 
 /// Action records: which action (`RECONNECT_REQUIRED`, `RECONNECT_RESOLVED`).
 pub const ACTION_TYPE: &str = "carhook-action-type";
+
+/// State changelog records: the signal codes whose entry in the document changed, comma-separated
+/// (error keys as `error:<key>`).
+pub const CHANGED: &str = "carhook-changed";
+/// State changelog records: the write timestamp of every cell the document was rendered from
+/// (internal, versioned JSON): what a processor restores its view of the vehicle from.
+pub const CELL_TIMES: &str = "carhook-cell-times";
+/// A carhook control record on the events topic (not a Smartcar event): its kind, e.g.
+/// [`CONTROL_REFRESH_STATE`].
+pub const CONTROL: &str = "carhook-control";
+/// Control kind: re-read the keyed vehicle's state from the store and record it in the state
+/// changelog if it differs (what `processor replay --emit-changes` sends after correcting state).
+pub const CONTROL_REFRESH_STATE: &str = "refresh-state";

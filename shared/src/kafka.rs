@@ -16,6 +16,8 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub retention_ms: u64,
+    /// `compact` for the state changelog (kept per key forever), else `delete`.
+    pub compacted: bool,
 }
 
 /// Why provisioning failed.
@@ -178,26 +180,40 @@ pub fn owned_topics(s: &KafkaSettings) -> Vec<TopicSpec> {
             name: s.events_topic.clone(),
             partitions: s.partitions,
             retention_ms: hours(s.events_retention_hours),
+            compacted: false,
         },
         TopicSpec {
             name: s.dlq_topic.clone(),
             partitions: s.partitions,
             retention_ms: hours(s.dlq_retention_hours),
+            compacted: false,
         },
         TopicSpec {
             name: s.actions_topic.clone(),
             partitions: s.partitions,
             retention_ms: hours(s.events_retention_hours),
+            compacted: false,
+        },
+        // Partitioned like the events topic and keyed by vehicle with the same partitioner, so a
+        // vehicle's change records sit in the partition number of its events: the processor owning
+        // events partition p restores its vehicles' views from changelog partition p.
+        TopicSpec {
+            name: s.state_topic.clone(),
+            partitions: s.partitions,
+            retention_ms: 0,
+            compacted: true,
         },
         TopicSpec {
             name: s.poll_topic.clone(),
             partitions: s.partitions,
             retention_ms: hours(s.events_retention_hours),
+            compacted: false,
         },
         TopicSpec {
             name: s.quarantine_topic.clone(),
             partitions: 1,
             retention_ms: hours(s.quarantine_retention_hours),
+            compacted: false,
         },
     ]
 }
@@ -220,13 +236,22 @@ pub async fn ensure_topics(s: &KafkaSettings) -> Result<(), TopicError> {
         .iter()
         .zip(&retention)
         .map(|(t, r)| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &t.name,
                 t.partitions,
                 TopicReplication::Fixed(s.replication_factor),
             )
-            .set("retention.ms", r)
-            .set("min.insync.replicas", min_isr)
+            .set("min.insync.replicas", min_isr);
+            if t.compacted {
+                // Small segments and an eager cleaner keep the uncompacted head short: it is what
+                // a processor reads to restore its views after a rebalance.
+                topic
+                    .set("cleanup.policy", "compact")
+                    .set("segment.ms", "3600000")
+                    .set("min.cleanable.dirty.ratio", "0.1")
+            } else {
+                topic.set("retention.ms", r)
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

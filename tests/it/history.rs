@@ -51,6 +51,7 @@ fn everything() -> ReplayRequest {
         group: None,
         max_records: None,
         max_rate: None,
+        emit_changes: false,
     }
 }
 

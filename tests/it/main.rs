@@ -1,6 +1,7 @@
 //! Integration suites: the real receiver and processor against the real Kafka broker and CQL store.
 
 mod bad_input;
+mod changelog;
 mod config;
 mod crash;
 mod history;

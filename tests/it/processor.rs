@@ -229,8 +229,8 @@ async fn protocol_examples_partial_failure_and_legacy_are_handled() {
     })
     .await;
     // The legacy body is claimed and recorded as its vehicle's last event, not ignored.
-    let v2 = state_where(&s, "v2car", |v| v["vehicle"]["lastEventId"] == "legacy-1").await;
-    assert_eq!(v2["vehicle"]["legacy"]["eventName"], "schedule");
+    let v2 = state_where(&s, "v2car", |v| v["lastEvent"]["lastEventId"] == "legacy-1").await;
+    assert_eq!(v2["lastEvent"]["legacy"]["eventName"], "schedule");
     assert!(
         vehicle_state(&s, "no-such-car").await.is_none(),
         "unknown vehicle has no state"

@@ -77,7 +77,7 @@ async fn a_fresh_value_is_not_shown_unavailable_because_the_car_clock_lags_deliv
     )
     .await;
     let st = state_where(&s, car, |v| {
-        v["vehicle"]["lastEventId"] == "lag-2"
+        v["lastEvent"]["lastEventId"] == "lag-2"
             && v["signals"]["tractionbattery-stateofcharge"]["body"]["value"] == 64
     })
     .await;
@@ -117,7 +117,7 @@ async fn a_far_future_car_clock_neither_freezes_the_signal_nor_dead_letters_the_
         &[(Some(car), &broken), (Some(car), &next)],
     )
     .await;
-    let st = state_where(&s, car, |v| v["vehicle"]["lastEventId"] == "future-2").await;
+    let st = state_where(&s, car, |v| v["lastEvent"]["lastEventId"] == "future-2").await;
     assert_eq!(
         st["signals"]["odometer-traveleddistance"]["body"]["value"], 2,
         "a value from a broken clock must not freeze the signal: {st:#}"
@@ -163,7 +163,7 @@ async fn actions_follow_the_reconnect_flag_so_the_last_action_agrees_with_state(
     let recs: Vec<(Option<&str>, &[u8])> =
         events.iter().map(|e| (Some(car), e.as_slice())).collect();
     produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &recs).await;
-    let st = state_where(&s, car, |v| v["vehicle"]["lastEventId"] == "flag-e").await;
+    let st = state_where(&s, car, |v| v["lastEvent"]["lastEventId"] == "flag-e").await;
     assert_eq!(st["needsReconnect"], false);
     eventually(WAIT, || async {
         metric(&p, r#"carhook_processor_events_total{outcome="applied"}"#).await == 5.0
@@ -268,7 +268,7 @@ async fn replay_applies_only_the_owner_copy_with_the_delivery_time_of_its_claim(
         metric(&p, r#"carhook_processor_events_total{outcome="duplicate"}"#).await == 1.0
     })
     .await;
-    let st = state_where(&s, car, |v| v["vehicle"]["lastEventId"] == "retry-ok").await;
+    let st = state_where(&s, car, |v| v["lastEvent"]["lastEventId"] == "retry-ok").await;
     assert_eq!(st["needsReconnect"], false);
     p.stop().await;
 
@@ -286,6 +286,7 @@ async fn replay_applies_only_the_owner_copy_with_the_delivery_time_of_its_claim(
             group: None,
             max_records: None,
             max_rate: None,
+            emit_changes: false,
         },
         CancellationToken::new(),
     )
@@ -300,7 +301,7 @@ async fn replay_applies_only_the_owner_copy_with_the_delivery_time_of_its_claim(
         after["needsReconnect"], false,
         "replay must not let the retried ERROR beat the resolution: {after:#}"
     );
-    assert_eq!(after["vehicle"]["lastEventId"], "retry-ok");
+    assert_eq!(after["lastEvent"]["lastEventId"], "retry-ok");
     drop_keyspace(&s).await;
 }
 
@@ -326,8 +327,11 @@ async fn legacy_v2_bodies_are_claimed_applied_per_vehicle_and_never_dead_lettere
             200
         );
     }
-    let a = state_where(&s, "lg-car-a", |v| v["vehicle"]["lastEventId"] == "lg-ev-1").await;
-    assert_eq!(a["vehicle"]["legacy"]["eventType"], "CHARGING_COMPLETED");
+    let a = state_where(&s, "lg-car-a", |v| {
+        v["lastEvent"]["lastEventId"] == "lg-ev-1"
+    })
+    .await;
+    assert_eq!(a["lastEvent"]["legacy"]["eventType"], "CHARGING_COMPLETED");
     let b = state_where(&s, "lg-car-b", |v| {
         v["signals"].as_object().map(|o| o.len()) == Some(2)
     })
@@ -336,11 +340,11 @@ async fn legacy_v2_bodies_are_claimed_applied_per_vehicle_and_never_dead_lettere
     assert_eq!(b["signals"]["v2-odometer"]["status"], "available");
     assert_eq!(b["signals"]["v2-battery"]["status"], "unavailable");
     assert_eq!(b["signals"]["v2-battery"]["error"]["code"], "ASLEEP");
-    assert_eq!(b["vehicle"]["lastEventId"], "v2-request:lg-r1,lg-r2");
+    assert_eq!(b["lastEvent"]["lastEventId"], "v2-request:lg-r1,lg-r2");
     let c = state_where(&s, "lg-car-c", |v| !v["signals"]["v2-odometer"].is_null()).await;
     assert_eq!(c["signals"]["v2-odometer"]["body"]["distance"], 99.5);
     let d = state_where(&s, "lg-car-d", |v| !v["signals"]["v2-fuel"].is_null()).await;
-    assert!(d["vehicle"]["lastEventId"]
+    assert!(d["lastEvent"]["lastEventId"]
         .as_str()
         .is_some_and(|id| id.starts_with("sha256:")));
     eventually(WAIT, || async {

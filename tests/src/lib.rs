@@ -111,6 +111,10 @@ pub fn settings(extra: &[(&str, &str)]) -> Settings {
         ("CARHOOK__KAFKA__DLQ_TOPIC", format!("{name}.events.dlq")),
         ("CARHOOK__KAFKA__ACTIONS_TOPIC", format!("{name}.actions")),
         (
+            "CARHOOK__KAFKA__STATE_TOPIC",
+            format!("{name}.vehicle-state"),
+        ),
+        (
             "CARHOOK__KAFKA__QUARANTINE_TOPIC",
             format!("{name}.quarantine"),
         ),
@@ -287,6 +291,7 @@ pub async fn warm_transactions(settings: &Settings) {
         k.events_topic = "carhook-test-warmup".into();
         k.dlq_topic = "carhook-test-warmup.dlq".into();
         k.actions_topic = "carhook-test-warmup.actions".into();
+        k.state_topic = "carhook-test-warmup.state".into();
         k.quarantine_topic = "carhook-test-warmup.q".into();
         k.poll_topic = "carhook-test-warmup.poll".into();
         shared::kafka::ensure_topics(&k)
@@ -606,8 +611,21 @@ pub async fn produce_raw(brokers: &str, topic: &str, records: &[(Option<&str>, &
     }
 }
 
-/// Reads a vehicle's state as `processor state` prints it.
+/// Reads a vehicle's state as `processor state --last-event` prints it: the state document plus
+/// `lastEvent` (the bookkeeping of the last event applied).
 pub async fn vehicle_state(settings: &Settings, vehicle: &str) -> Option<serde_json::Value> {
+    let session = shared::cql::connect(&settings.cql).await.ok()?;
+    carhook_processor::state::vehicle_state_with_last_event(
+        &session,
+        &settings.cql.keyspace,
+        vehicle,
+    )
+    .await
+    .ok()
+}
+
+/// Reads a vehicle's state document exactly as `processor state` prints it.
+pub async fn state_document(settings: &Settings, vehicle: &str) -> Option<serde_json::Value> {
     let session = shared::cql::connect(&settings.cql).await.ok()?;
     carhook_processor::state::vehicle_state(&session, &settings.cql.keyspace, vehicle)
         .await
@@ -659,6 +677,11 @@ pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String
         (
             "CARHOOK__KAFKA__ACTIONS_TOPIC",
             s.kafka.actions_topic.clone(),
+        ),
+        ("CARHOOK__KAFKA__STATE_TOPIC", s.kafka.state_topic.clone()),
+        (
+            "CARHOOK__PROCESSOR__CHANGELOG",
+            s.processor.changelog.to_string(),
         ),
         (
             "CARHOOK__KAFKA__QUARANTINE_TOPIC",

@@ -30,7 +30,9 @@ pub fn requests(msg: &OwnedMessage, disposition: &Disposition) -> Vec<PollReques
             .map(|v| PollRequest::new(&v, None, PollReason::DeadLetter))
             .into_iter()
             .collect(),
-        Disposition::Applied(plans) => plans
+        // A state refresh (control record) is carhook's own, not an event: it asks for nothing.
+        Disposition::Applied(a) if !a.refresh => a
+            .plans
             .iter()
             .filter(|p| p.refresh_poll)
             .filter_map(|p| p.vehicle.as_ref())

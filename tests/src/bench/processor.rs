@@ -270,6 +270,23 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     let (drain, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
     let rss = procs.iter().map(Child::peak_rss_mb).fold(0.0_f64, f64::max);
     drop(procs);
+    let changes = crate::record_count(&s.kafka.brokers, &s.kafka.state_topic);
+    // The changelog's cost: the same backlog drained again with it off, into a fresh keyspace and
+    // group (so every event is applied again, not a duplicate).
+    let without = if instances == 1 {
+        let mut off = s.clone();
+        off.processor.changelog = false;
+        off.kafka.consumer_group = format!("{}-nochangelog", s.kafka.consumer_group);
+        off.cql.keyspace = format!("{}_nochangelog", s.cql.keyspace);
+        let p = start_processor(&off, "bench-nochangelog").await;
+        let admins = [p.admin];
+        let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
+        drop(p);
+        drop_keyspace(&off).await;
+        rate
+    } else {
+        f64::NAN
+    };
     let plain = plain_loop(&s, n, body_bytes, concurrency).await;
     let st = carhook_processor::store::Store::prepare(
         Arc::new(
@@ -291,6 +308,7 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
             group: None,
             max_records: None,
             max_rate: None,
+            emit_changes: false,
         };
         let started = Instant::now();
         let sum = carhook_processor::replay::replay(
@@ -308,7 +326,9 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     drop_keyspace(&s).await;
     json!({"events": n, "body_bytes": bytes, "instances": instances, "concurrency": concurrency,
         "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain, "ratio": drain / plain,
-        "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss})
+        "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss,
+        "state_changes": changes, "drain_without_changelog_per_sec": without,
+        "changelog_drain_ratio": drain / without})
 }
 
 /// The plain loop's concurrency for one processor instance: the processor's own budget
@@ -342,6 +362,9 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
         "replay_per_sec",
         "replay_to_drain",
         "processor_peak_rss_mb",
+        "state_changes",
+        "drain_without_changelog_per_sec",
+        "changelog_drain_ratio",
     ] {
         out.insert(k.to_string(), summary(&pick(k)));
     }

@@ -259,6 +259,17 @@ async fn main() {
             ("replay catch-up events/s", "replay_per_sec", ""),
             ("replay / processor drain", "replay_to_drain", "≥ 1.0"),
             ("processor peak RSS MB", "processor_peak_rss_mb", "< 128"),
+            ("state changelog records written", "state_changes", ""),
+            (
+                "drain with changelog off events/s",
+                "drain_without_changelog_per_sec",
+                "",
+            ),
+            (
+                "drain with / without changelog",
+                "changelog_drain_ratio",
+                "",
+            ),
         ] {
             md.push_str(&format!(
                 "| {label} | {} | {} | {target} |\n",

@@ -1,0 +1,465 @@
+//! The vehicle-state changelog: decides, without reading the store per event, whether an event
+//! changed a vehicle's state document, and produces the record that says so.
+//!
+//! A vehicle's events all go to one partition and run in one lane, one after the other, so the
+//! owner of a partition can keep a [`View`] of each of its vehicles in memory. An event's plan is
+//! applied to the view after the store write; when the rendered document differs from the last one
+//! the changelog holds, a [`Change`] goes into the same Kafka transaction as the event's offset.
+//!
+//! Where a view comes from matters for exactly-once. The store can be *ahead* of the changelog: a
+//! previous owner (killed, or losing the partition in a rebalance) may have written the effects of
+//! records whose transaction never committed; they are processed again, and their change records
+//! must be produced then. So a view is the state *as of the committed changelog*, never simply the
+//! stored cells:
+//! - on the first touch of a partition after assignment, its changelog partition is read to its
+//!   end (read_committed: only committed records), keeping each vehicle's last record — the
+//!   document and the cell times it was rendered from (the pattern Kafka Streams uses to restore a
+//!   state store from its changelog). Changelog partition p holds the vehicles of events partition
+//!   p (same count, same key, same partitioner);
+//! - a vehicle with no record yet is read from the store, without the cells written by records of
+//!   this partition at or past the offset the partition started from at assignment (the writer is
+//!   found through the claim of the event id each cell names): those records are processed again;
+//! - records processed but then not committed by this instance (past a failed record, in an aborted
+//!   transaction) are undone in memory ([`Changelog::undo`]) before they are processed again;
+//! - a revoked partition's views are dropped; the next owner restores them.
+//!
+//! Memory: one view per vehicle of the owned partitions (about the size of its document).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use shared::config::KafkaSettings;
+use shared::headers;
+
+use crate::effects::Plan;
+use crate::store::{Store, StoreError};
+use crate::view::{self, View};
+
+/// How long restoring one changelog partition may take before the record is retried.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One changelog record to produce: the vehicle's whole document after the event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub vehicle: String,
+    /// The event that made the change, and its type (record headers).
+    pub event_id: String,
+    pub event_type: String,
+    /// The state document (JSON).
+    pub document: String,
+    /// Signal codes (and `error:<key>`) whose part of the document changed.
+    pub changed: Vec<String>,
+    /// Cell times the document was rendered from (JSON, see [`View::cell_times`]).
+    pub cell_times: String,
+}
+
+/// What applying a plan meant for the changelog.
+#[derive(Debug)]
+pub enum Observed {
+    /// The plan concerns no vehicle.
+    Nothing,
+    /// The vehicle's view took the plan: its change record, if the document changed, and how to
+    /// undo it.
+    Viewed {
+        change: Option<Box<Change>>,
+        undo: Box<Undo>,
+    },
+    /// The vehicle belongs to another partition: ask its owner to refresh it (a control record on
+    /// the events topic, keyed by the vehicle, in the same transaction).
+    RefreshElsewhere(String),
+}
+
+/// How to take back what a record did to a view, if the record is processed again.
+#[derive(Debug, Clone)]
+pub struct Undo {
+    partition: i32,
+    offset: i64,
+    vehicle: String,
+    prior: Entry,
+}
+
+/// A vehicle's view and the last document the changelog holds for it (null: none yet).
+#[derive(Debug, Clone)]
+struct Entry {
+    view: View,
+    document: Value,
+}
+
+/// Each vehicle's last changelog record read at restore: (document, cell times).
+type LastRecords = HashMap<String, (Vec<u8>, Vec<u8>)>;
+
+/// The views of one owned partition.
+struct PartitionViews {
+    /// First offset processed since assignment: records at or past it may have been written to
+    /// the store by a previous owner without their change records being committed.
+    start_offset: i64,
+    restored: tokio::sync::OnceCell<()>,
+    /// Last record per vehicle read at restore, turned into a view on first touch.
+    records: Mutex<LastRecords>,
+    vehicles: Mutex<HashMap<String, Entry>>,
+}
+
+/// The owner's views of its vehicles.
+pub struct Changelog {
+    kafka: KafkaSettings,
+    partitions: Mutex<HashMap<i32, Arc<PartitionViews>>>,
+}
+
+fn transient(message: impl std::fmt::Display) -> StoreError {
+    StoreError::Transient {
+        op: "state changelog",
+        message: message.to_string(),
+    }
+}
+
+impl Changelog {
+    /// Views for the events topic and state topic of `kafka`.
+    pub fn new(kafka: KafkaSettings) -> Self {
+        Self {
+            kafka,
+            partitions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Called before a partition's records are processed: a partition seen for the first time
+    /// since assignment starts at `first_offset`.
+    pub fn begin(&self, partition: i32, first_offset: i64) {
+        if let Ok(mut p) = self.partitions.lock() {
+            p.entry(partition).or_insert_with(|| {
+                Arc::new(PartitionViews {
+                    start_offset: first_offset,
+                    restored: tokio::sync::OnceCell::new(),
+                    records: Mutex::new(HashMap::new()),
+                    vehicles: Mutex::new(HashMap::new()),
+                })
+            });
+        }
+    }
+
+    /// Forgets every view (a new consumer joins the group: it starts from committed offsets).
+    pub fn reset(&self) {
+        if let Ok(mut p) = self.partitions.lock() {
+            p.clear();
+        }
+    }
+
+    /// Forgets revoked partitions: their next owner restores their views.
+    pub fn drop_partitions(&self, partitions: &[i32]) {
+        if let Ok(mut p) = self.partitions.lock() {
+            for partition in partitions {
+                p.remove(partition);
+            }
+        }
+    }
+
+    /// Takes back what records that will be processed again did to the views: each vehicle gets
+    /// the view it had before the earliest of them.
+    pub fn undo(&self, mut undos: Vec<Undo>) {
+        undos.sort_by_key(|u| std::cmp::Reverse(u.offset));
+        let Ok(parts) = self.partitions.lock() else {
+            return;
+        };
+        for u in undos {
+            if let Some(pv) = parts.get(&u.partition) {
+                if let Ok(mut v) = pv.vehicles.lock() {
+                    v.insert(u.vehicle, u.prior);
+                }
+            }
+        }
+    }
+
+    /// After `plan` (of the record at `partition`/`offset`, keyed by `key`) is durable in the
+    /// store: applies it to the vehicle's view; returns the change record if the document changed,
+    /// and how to undo it.
+    pub async fn observe(
+        &self,
+        store: &Store,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        plan: &Plan,
+    ) -> Result<Observed, StoreError> {
+        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
+            return Ok(Observed::Nothing);
+        };
+        if key != Some(vehicle.as_bytes()) {
+            // A legacy body listing several vehicles is keyed by one of them: the others belong to
+            // other partitions (and possibly other owners), whose views must learn of this write.
+            // Their owner is asked to refresh them, in order with their own events.
+            return Ok(Observed::RefreshElsewhere(vehicle.to_owned()));
+        }
+        let pv = self.partition_views(partition, offset).await?;
+        let cached = pv.vehicles.lock().map_err(transient)?.get(vehicle).cloned();
+        let mut entry = match cached {
+            Some(e) => e,
+            None => self.load(store, &pv, partition, vehicle).await?,
+        };
+        let prior = entry.clone();
+        entry.view.apply(plan);
+        let document = entry.view.render(vehicle);
+        let change = (document != entry.document).then(|| Change {
+            vehicle: vehicle.to_owned(),
+            event_id: String::new(),
+            event_type: String::new(),
+            changed: view::changed(&entry.document, &document),
+            document: document.to_string(),
+            cell_times: entry.view.cell_times().to_string(),
+        });
+        entry.document = document;
+        pv.vehicles
+            .lock()
+            .map_err(transient)?
+            .insert(vehicle.to_owned(), entry);
+        Ok(Observed::Viewed {
+            change: change.map(Box::new),
+            undo: Box::new(Undo {
+                partition,
+                offset,
+                vehicle: vehicle.to_owned(),
+                prior,
+            }),
+        })
+    }
+
+    /// The views of `partition`, restored from its changelog partition on first use.
+    async fn partition_views(
+        &self,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Arc<PartitionViews>, StoreError> {
+        self.begin(partition, offset);
+        let pv = {
+            let parts = self.partitions.lock().map_err(transient)?;
+            parts
+                .get(&partition)
+                .cloned()
+                .ok_or_else(|| transient(format!("partition {partition} has no views")))?
+        };
+        pv.restored
+            .get_or_try_init(|| async {
+                let kafka = self.kafka.clone();
+                let records = tokio::task::spawn_blocking(move || restore(&kafka, partition))
+                    .await
+                    .map_err(transient)?
+                    .map_err(transient)?;
+                *pv.records.lock().map_err(transient)? = records;
+                Ok::<(), StoreError>(())
+            })
+            .await?;
+        Ok(pv)
+    }
+
+    /// A refresh request (control record at `partition`/`offset`, keyed by `vehicle`): the
+    /// vehicle's state is read from the store — written there by something other than this
+    /// partition's events, e.g. a replay — and recorded if its document differs from the last
+    /// record. Every earlier record of the vehicle in this partition is applied by now; cells of
+    /// later ones a previous owner may have written are left out, as on first touch.
+    pub async fn refresh(
+        &self,
+        store: &Store,
+        partition: i32,
+        offset: i64,
+        vehicle: &str,
+    ) -> Result<(Option<Change>, Option<Undo>), StoreError> {
+        let pv = self.partition_views(partition, offset).await?;
+        let cached = pv.vehicles.lock().map_err(transient)?.get(vehicle).cloned();
+        let prior = match cached {
+            Some(e) => e,
+            None => self.load(store, &pv, partition, vehicle).await?,
+        };
+        let view = self
+            .committed_cells(store, partition, offset, vehicle)
+            .await?;
+        if view.is_empty() && prior.document.is_null() {
+            return Ok((None, None));
+        }
+        let document = view.render(vehicle);
+        let change = (document != prior.document).then(|| Change {
+            vehicle: vehicle.to_owned(),
+            event_id: String::new(),
+            event_type: String::new(),
+            changed: view::changed(&prior.document, &document),
+            document: document.to_string(),
+            cell_times: view.cell_times().to_string(),
+        });
+        pv.vehicles
+            .lock()
+            .map_err(transient)?
+            .insert(vehicle.to_owned(), Entry { view, document });
+        Ok((
+            change,
+            Some(Undo {
+                partition,
+                offset,
+                vehicle: vehicle.to_owned(),
+                prior,
+            }),
+        ))
+    }
+
+    /// A vehicle's view on first touch: its restored record, else the store without the cells of
+    /// records that will be processed again.
+    async fn load(
+        &self,
+        store: &Store,
+        pv: &PartitionViews,
+        partition: i32,
+        vehicle: &str,
+    ) -> Result<Entry, StoreError> {
+        let record = pv.records.lock().map_err(transient)?.remove(vehicle);
+        if let Some((doc, times)) = record {
+            let parsed = serde_json::from_slice::<Value>(&doc)
+                .map_err(|e| e.to_string())
+                .and_then(|d| {
+                    let t = serde_json::from_slice::<Value>(&times).map_err(|e| e.to_string())?;
+                    View::restore(vehicle, &d, &t)
+                        .map(|v| (v, d))
+                        .map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok((view, document)) => return Ok(Entry { view, document }),
+                Err(e) => tracing::warn!(
+                    vehicle,
+                    partition,
+                    error = %e,
+                    "state changelog record unreadable; the vehicle's view is read from the store and its next change record carries its whole state"
+                ),
+            }
+        }
+        let view = self
+            .committed_cells(store, partition, pv.start_offset, vehicle)
+            .await?;
+        Ok(Entry {
+            view,
+            document: Value::Null,
+        })
+    }
+
+    /// The vehicle's stored cells, less those written by records of `partition` at or past
+    /// `start` (they are processed again, and their change records produced then).
+    async fn committed_cells(
+        &self,
+        store: &Store,
+        partition: i32,
+        start: i64,
+        vehicle: &str,
+    ) -> Result<View, StoreError> {
+        let cells = store.cells(vehicle).await?;
+        let mut ahead: HashMap<String, bool> = HashMap::new();
+        for c in &cells {
+            let Some(id) = c.event_id.as_deref() else {
+                continue;
+            };
+            if ahead.contains_key(id) {
+                continue;
+            }
+            let claim = store.read_decided_claim(id).await?;
+            let is_ahead = claim.is_some_and(|c| {
+                c.owner.topic == self.kafka.events_topic
+                    && c.owner.partition == partition
+                    && c.owner.offset >= start
+            });
+            ahead.insert(id.to_owned(), is_ahead);
+        }
+        let mut view = View::default();
+        for c in &cells {
+            if c.event_id
+                .as_deref()
+                .is_some_and(|id| ahead.get(id) == Some(&true))
+            {
+                continue;
+            }
+            match &c.kind {
+                crate::store::CellKind::Value(code) => view.put_value(code, &c.doc, c.timestamp),
+                crate::store::CellKind::Availability(code) => {
+                    view.put_availability(code, &c.doc, c.timestamp)
+                }
+                crate::store::CellKind::Error(key) => view.put_error(key, &c.doc, c.timestamp),
+            }
+        }
+        Ok(view)
+    }
+}
+
+/// The restore consumer's context: reaching the end of the partition is how a restore finishes,
+/// not an error worth a log line (librdkafka also reports it through the error callback).
+struct RestoreContext;
+
+impl rdkafka::ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, "state changelog restore: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RestoreContext {}
+
+/// Reads changelog partition `partition` to its end (committed records only): each vehicle's last
+/// record, as (document, cell times).
+fn restore(kafka: &KafkaSettings, partition: i32) -> Result<LastRecords, String> {
+    let topic = &kafka.state_topic;
+    let started = Instant::now();
+    let consumer: BaseConsumer<RestoreContext> = shared::kafka::base_config(kafka)
+        .set("group.id", "carhook-state-restore")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(RestoreContext)
+        .map_err(|e| format!("{topic}: restore consumer: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
+        .and_then(|()| consumer.assign(&tpl))
+        .map_err(|e| format!("{topic}[{partition}]: assign: {e}"))?;
+    let mut last = LastRecords::new();
+    let mut read = 0u64;
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                read += 1;
+                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                    continue;
+                };
+                match m.payload() {
+                    None => {
+                        last.remove(key);
+                    }
+                    Some(doc) => {
+                        let times = m
+                            .headers()
+                            .and_then(|h| {
+                                h.iter()
+                                    .find(|h| h.key == headers::CELL_TIMES)
+                                    .and_then(|h| h.value)
+                            })
+                            .unwrap_or_default();
+                        last.insert(key.to_owned(), (doc.to_vec(), times.to_vec()));
+                    }
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(format!("{topic}[{partition}]: {e}")),
+            None if started.elapsed() > RESTORE_TIMEOUT => {
+                return Err(format!(
+                    "{topic}[{partition}]: end not reached within {RESTORE_TIMEOUT:?}"
+                ))
+            }
+            None => {}
+        }
+    }
+    tracing::info!(
+        topic = topic.as_str(),
+        partition,
+        records = read,
+        vehicles = last.len(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "vehicle views restored from the state changelog"
+    );
+    Ok(last)
+}
