@@ -375,13 +375,7 @@ impl Changelog {
             {
                 continue;
             }
-            match &c.kind {
-                crate::store::CellKind::Value(code) => view.put_value(code, &c.doc, c.timestamp),
-                crate::store::CellKind::Availability(code) => {
-                    view.put_availability(code, &c.doc, c.timestamp)
-                }
-                crate::store::CellKind::Error(key) => view.put_error(key, &c.doc, c.timestamp),
-            }
+            view.put(c);
         }
         Ok(view)
     }

@@ -5,6 +5,7 @@
 use scylla::client::session::Session;
 use serde_json::Value;
 
+use crate::store::{cells_from, ERROR_CELL_COLUMNS, SIGNAL_CELL_COLUMNS};
 use crate::view::View;
 
 /// Why the state could not be read.
@@ -41,54 +42,17 @@ pub async fn stored_view(
             info.and_then(|d| serde_json::from_str(&d).ok())
                 .unwrap_or(Value::Null)
         });
+    let signals = session
+        .query_unpaged(q("signal_state", SIGNAL_CELL_COLUMNS), (vehicle,))
+        .await
+        .map_err(|e| err(&e))?;
+    let errors = session
+        .query_unpaged(q("vehicle_errors", ERROR_CELL_COLUMNS), (vehicle,))
+        .await
+        .map_err(|e| err(&e))?;
     let mut view = View::default();
-    let signal_rows = session
-        .query_unpaged(
-            q(
-                "signal_state",
-                "code, value, WRITETIME(value), availability, WRITETIME(availability)",
-            ),
-            (vehicle,),
-        )
-        .await
-        .map_err(|e| err(&e))?
-        .into_rows_result()
-        .map_err(|e| err(&e))?;
-    for row in signal_rows
-        .rows::<(
-            String,
-            Option<String>,
-            Option<i64>,
-            Option<String>,
-            Option<i64>,
-        )>()
-        .map_err(|e| err(&e))?
-    {
-        let (code, value, value_ts, availability, availability_ts) = row.map_err(|e| err(&e))?;
-        if let (Some(doc), Some(ts)) = (value, value_ts) {
-            view.put_value(&code, &doc, ts);
-        }
-        if let (Some(doc), Some(ts)) = (availability, availability_ts) {
-            view.put_availability(&code, &doc, ts);
-        }
-    }
-    let error_rows = session
-        .query_unpaged(
-            q("vehicle_errors", "error_key, state, WRITETIME(state)"),
-            (vehicle,),
-        )
-        .await
-        .map_err(|e| err(&e))?
-        .into_rows_result()
-        .map_err(|e| err(&e))?;
-    for row in error_rows
-        .rows::<(String, Option<String>, Option<i64>)>()
-        .map_err(|e| err(&e))?
-    {
-        let (key, state, ts) = row.map_err(|e| err(&e))?;
-        if let (Some(doc), Some(ts)) = (state, ts) {
-            view.put_error(&key, &doc, ts);
-        }
+    for c in cells_from(signals, errors).map_err(|e| err(&e))? {
+        view.put(&c);
     }
     Ok((view, info))
 }
@@ -99,11 +63,7 @@ pub async fn vehicle_state(
     keyspace: &str,
     vehicle: &str,
 ) -> Result<Value, StateError> {
-    let (view, info) = stored_view(session, keyspace, vehicle).await?;
-    if info.is_none() && view.is_empty() {
-        return Err(StateError::UnknownVehicle(vehicle.to_string()));
-    }
-    Ok(view.render(vehicle))
+    read(session, keyspace, vehicle, false).await
 }
 
 /// The state document plus `lastEvent`: the bookkeeping of the last event applied (its id, type,
@@ -113,11 +73,22 @@ pub async fn vehicle_state_with_last_event(
     keyspace: &str,
     vehicle: &str,
 ) -> Result<Value, StateError> {
+    read(session, keyspace, vehicle, true).await
+}
+
+async fn read(
+    session: &Session,
+    keyspace: &str,
+    vehicle: &str,
+    last_event: bool,
+) -> Result<Value, StateError> {
     let (view, info) = stored_view(session, keyspace, vehicle).await?;
     if info.is_none() && view.is_empty() {
         return Err(StateError::UnknownVehicle(vehicle.to_string()));
     }
     let mut doc = view.render(vehicle);
-    doc["lastEvent"] = info.unwrap_or(Value::Null);
+    if last_event {
+        doc["lastEvent"] = info.unwrap_or(Value::Null);
+    }
     Ok(doc)
 }

@@ -93,6 +93,58 @@ pub struct StoredCell {
     pub event_id: Option<String>,
 }
 
+/// The columns [`cells_from`] reads, per table (`signal_state`, `vehicle_errors`).
+pub const SIGNAL_CELL_COLUMNS: &str =
+    "code, value, WRITETIME(value), availability, WRITETIME(availability)";
+pub const ERROR_CELL_COLUMNS: &str = "error_key, state, WRITETIME(state)";
+
+/// A vehicle's cells from the answers to `SELECT {SIGNAL_CELL_COLUMNS} FROM signal_state` and
+/// `SELECT {ERROR_CELL_COLUMNS} FROM vehicle_errors` for it.
+pub fn cells_from(signals: QueryResult, errors: QueryResult) -> Result<Vec<StoredCell>, String> {
+    let writer = |doc: &str| {
+        serde_json::from_str::<serde_json::Value>(doc)
+            .ok()
+            .and_then(|d| d.get("eventId")?.as_str().map(str::to_owned))
+    };
+    let cell = |kind, doc: String, timestamp| StoredCell {
+        kind,
+        event_id: writer(&doc),
+        doc,
+        timestamp,
+    };
+    let mut out = Vec::new();
+    let rows = signals.into_rows_result().map_err(|e| e.to_string())?;
+    for row in rows
+        .rows::<(
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+        )>()
+        .map_err(|e| e.to_string())?
+    {
+        let (code, value, vt, availability, at) = row.map_err(|e| e.to_string())?;
+        if let (Some(doc), Some(t)) = (value, vt) {
+            out.push(cell(CellKind::Value(code.clone()), doc, t));
+        }
+        if let (Some(doc), Some(t)) = (availability, at) {
+            out.push(cell(CellKind::Availability(code), doc, t));
+        }
+    }
+    let rows = errors.into_rows_result().map_err(|e| e.to_string())?;
+    for row in rows
+        .rows::<(String, Option<String>, Option<i64>)>()
+        .map_err(|e| e.to_string())?
+    {
+        let (key, state, t) = row.map_err(|e| e.to_string())?;
+        if let (Some(doc), Some(t)) = (state, t) {
+            out.push(cell(CellKind::Error(key), doc, t));
+        }
+    }
+    Ok(out)
+}
+
 /// Prepared statements against one keyspace.
 #[derive(Clone)]
 pub struct Store {
@@ -287,11 +339,11 @@ impl Store {
         ))
         .await?;
         let signal_cells = p(format!(
-            "SELECT code, value, WRITETIME(value), availability, WRITETIME(availability) FROM {ks}.signal_state WHERE vehicle_id = ?"
+            "SELECT {SIGNAL_CELL_COLUMNS} FROM {ks}.signal_state WHERE vehicle_id = ?"
         ))
         .await?;
         let error_cells = p(format!(
-            "SELECT error_key, state, WRITETIME(state) FROM {ks}.vehicle_errors WHERE vehicle_id = ?"
+            "SELECT {ERROR_CELL_COLUMNS} FROM {ks}.vehicle_errors WHERE vehicle_id = ?"
         ))
         .await?;
         Ok(Self {
@@ -616,70 +668,17 @@ impl Store {
     /// Every stored state cell of a vehicle, with its write timestamp and the event that wrote it.
     pub async fn cells(&self, vehicle: &str) -> Result<Vec<StoredCell>, StoreError> {
         const OP: &str = "read vehicle cells";
-        let writer = |doc: &str| {
-            serde_json::from_str::<serde_json::Value>(doc)
-                .ok()
-                .and_then(|d| d.get("eventId")?.as_str().map(str::to_owned))
-        };
-        let mut out = Vec::new();
-        let rows = self
+        let signals = self
             .session
             .execute_unpaged(&self.signal_cells, (vehicle,))
             .await
-            .map_err(|e| StoreError::from_exec(OP, e))?
-            .into_rows_result()
             .map_err(|e| StoreError::from_exec(OP, e))?;
-        for row in rows
-            .rows::<(
-                String,
-                Option<String>,
-                Option<i64>,
-                Option<String>,
-                Option<i64>,
-            )>()
-            .map_err(|e| StoreError::from_exec(OP, e))?
-        {
-            let (code, value, vt, availability, at) =
-                row.map_err(|e| StoreError::from_exec(OP, e))?;
-            if let (Some(doc), Some(timestamp)) = (value, vt) {
-                out.push(StoredCell {
-                    kind: CellKind::Value(code.clone()),
-                    event_id: writer(&doc),
-                    doc,
-                    timestamp,
-                });
-            }
-            if let (Some(doc), Some(timestamp)) = (availability, at) {
-                out.push(StoredCell {
-                    kind: CellKind::Availability(code),
-                    event_id: writer(&doc),
-                    doc,
-                    timestamp,
-                });
-            }
-        }
-        let rows = self
+        let errors = self
             .session
             .execute_unpaged(&self.error_cells, (vehicle,))
             .await
-            .map_err(|e| StoreError::from_exec(OP, e))?
-            .into_rows_result()
             .map_err(|e| StoreError::from_exec(OP, e))?;
-        for row in rows
-            .rows::<(String, Option<String>, Option<i64>)>()
-            .map_err(|e| StoreError::from_exec(OP, e))?
-        {
-            let (key, state, t) = row.map_err(|e| StoreError::from_exec(OP, e))?;
-            if let (Some(doc), Some(timestamp)) = (state, t) {
-                out.push(StoredCell {
-                    kind: CellKind::Error(key),
-                    event_id: writer(&doc),
-                    doc,
-                    timestamp,
-                });
-            }
-        }
-        Ok(out)
+        cells_from(signals, errors).map_err(|e| StoreError::from_exec(OP, e))
     }
 
     /// Compares a plan with the stored write times: (cells the plan would change, cells that lose

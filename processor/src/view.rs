@@ -173,6 +173,16 @@ impl View {
         }
     }
 
+    /// Adds a stored cell of any kind.
+    pub fn put(&mut self, cell: &crate::store::StoredCell) {
+        use crate::store::CellKind;
+        match &cell.kind {
+            CellKind::Value(code) => self.put_value(code, &cell.doc, cell.timestamp),
+            CellKind::Availability(code) => self.put_availability(code, &cell.doc, cell.timestamp),
+            CellKind::Error(key) => self.put_error(key, &cell.doc, cell.timestamp),
+        }
+    }
+
     /// Applies a plan's writes as the store does (a higher timestamp wins per cell).
     pub fn apply(&mut self, plan: &Plan) {
         for w in &plan.values {
