@@ -122,7 +122,7 @@ root, dashboard_path, rules_path, tests_paths, scratch_rules = sys.argv[1:6]
 tests_paths = tests_paths.split(":")
 tests_path = tests_paths[0]
 
-# The metric catalogue: every series the receiver and processor expose (README "Metrics"), plus `up`.
+# The metric catalogue: every series the receiver, processor and poller expose (README "Metrics"), plus `up`.
 CATALOGUE = {
     "counter": [
         "carhook_receiver_requests_total",
@@ -138,6 +138,7 @@ CATALOGUE = {
         "carhook_processor_vehicle_errors_total",
         "carhook_processor_transactions_total",
         "carhook_processor_rebalances_total",
+        "carhook_poller_requests_total",
     ],
     "gauge": [
         "carhook_receiver_inflight_requests",
@@ -166,13 +167,14 @@ errors = []
 
 # The catalogue against the code: each metric's registered name (prefix, `_total` for counters and
 # `_seconds` for the histograms' unit are added by prometheus_client) must appear in metrics.rs.
-for service in ("receiver", "processor"):
-    src_path = os.path.join(root, service, "src", "metrics.rs")
+for service, rel in (("receiver", "receiver/src/metrics.rs"), ("processor", "processor/src/metrics.rs"),
+                     ("poller", "processor/src/poll/metrics.rs")):
+    src_path = os.path.join(root, rel)
     if not os.path.exists(src_path):
         continue
     src = open(src_path, encoding="utf-8").read()
     if f'"carhook_{service}"' not in src:
-        errors.append(f"{service}/src/metrics.rs: prefix \"carhook_{service}\" not found")
+        errors.append(f"{rel}: prefix \"carhook_{service}\" not found")
     for kind, names in CATALOGUE.items():
         for n in names:
             if not n.startswith(f"carhook_{service}_"):
@@ -180,7 +182,7 @@ for service in ("receiver", "processor"):
             short = n[len(f"carhook_{service}_"):]
             short = re.sub(r"_(total|seconds)$", "", short)
             if not re.search(r'register(_with_unit)?\(\s*"' + re.escape(short) + '"', src):
-                errors.append(f"{service}/src/metrics.rs: no registration of \"{short}\" ({n})")
+                errors.append(f"{rel}: no registration of \"{short}\" ({n})")
 
 FUNCTIONS = {
     "abs", "absent", "absent_over_time", "avg_over_time", "ceil", "changes", "clamp", "clamp_max",

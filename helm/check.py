@@ -194,7 +194,7 @@ def check_pod(where, pod, keys, component):
         ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
         for probe_name, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
             probe = c.get(probe_name)
-            if component in ("receiver", "processor"):
+            if component in ("receiver", "processor", "poller"):
                 if not probe:
                     problem(f"{cw}: {probe_name} is missing")
                     continue
@@ -207,7 +207,8 @@ def check_pod(where, pod, keys, component):
                 if isinstance(port, int) and port not in ports.values():
                     problem(f"{cw}: {probe_name} port {port} is not a declared container port")
         listen_vars = {"receiver": ["CARHOOK__RECEIVER__LISTEN", "CARHOOK__RECEIVER__ADMIN_LISTEN"],
-                       "processor": ["CARHOOK__PROCESSOR__ADMIN_LISTEN"]}.get(component, [])
+                       "processor": ["CARHOOK__PROCESSOR__ADMIN_LISTEN"],
+                       "poller": ["CARHOOK__POLLER__ADMIN_LISTEN"]}.get(component, [])
         if component == "receiver":
             for probe_name in ("livenessProbe", "readinessProbe", "startupProbe"):
                 if ((c.get(probe_name) or {}).get("httpGet") or {}).get("port") != "admin":
@@ -242,6 +243,18 @@ def check_pod(where, pod, keys, component):
             if spec.get("terminationGracePeriodSeconds", 30) < need:
                 problem(f"{cw}: terminationGracePeriodSeconds {spec.get('terminationGracePeriodSeconds', 30)} "
                         f"< preStop sleep + drain ({need} s)")
+        if component == "poller":
+            sf = env_value(c, "CARHOOK__SMARTCAR__CLIENT_SECRET_FILE")
+            if env.get("CARHOOK__SMARTCAR__CLIENT_SECRET") is not None:
+                problem(f"{cw}: CARHOOK__SMARTCAR__CLIENT_SECRET is set; the secret must come from a mounted Secret file")
+            if not env_value(c, "CARHOOK__SMARTCAR__CLIENT_ID"):
+                problem(f"{cw}: CARHOOK__SMARTCAR__CLIENT_ID is missing")
+            mounts = [m for m in c.get("volumeMounts") or [] if sf and sf.startswith(m["mountPath"].rstrip("/") + "/")]
+            if not mounts:
+                problem(f"{cw}: CARHOOK__SMARTCAR__CLIENT_SECRET_FILE={sf} is not under a volume mount")
+            for m in mounts:
+                if "secret" not in volumes.get(m["name"], {}):
+                    problem(f"{cw}: the client secret comes from volume {m['name']}, which is not a Secret")
         if component == "processor":
             need = ms_to_s(env_value(c, "CARHOOK__PROCESSOR__SHUTDOWN_GRACE_MS"), 20000)
             if spec.get("terminationGracePeriodSeconds", 30) < need:
@@ -411,8 +424,8 @@ def check_render(path, keys):
         return [d for d in deployments if labels_match(selector, d["spec"]["template"]["metadata"].get("labels") or {})]
 
     comps = sorted(component_of(d) for d in deployments)
-    if comps != ["processor", "receiver"]:
-        problem(f"expected one receiver and one processor Deployment, found {comps}")
+    if comps not in (["processor", "receiver"], ["poller", "processor", "receiver"]):
+        problem(f"expected one receiver, one processor and at most one poller Deployment, found {comps}")
 
     for d in deployments:
         where = f"{d['__file']}: Deployment {d['metadata']['name']}"
@@ -539,8 +552,9 @@ def check_render(path, keys):
     for sm in by_kind.get("ServiceMonitor", []):
         where = f"{sm['__file']}: ServiceMonitor {sm['metadata']['name']}"
         selected = [s for s in services.values() if labels_match(sm["spec"]["selector"], s["metadata"].get("labels") or {})]
-        if len(selected) != 2:
-            problem(f"{where}: selects {len(selected)} Services, expected the receiver's and the processor's")
+        want_n = 3 if any(component_of(d) == "poller" for d in deployments) else 2
+        if len(selected) != want_n:
+            problem(f"{where}: selects {len(selected)} Services, expected the receiver's, the processor's (and the poller's when enabled)")
         job_label = sm["spec"].get("jobLabel")
         for s in selected:
             port_names = {p.get("name") for p in s["spec"]["ports"]}
@@ -570,8 +584,13 @@ def check_render(path, keys):
         text = json.dumps(pr["spec"])
         jobs = set(re.findall(r'job=~?\\"([^"\\]+)\\"', text))
         labelled = {(s["metadata"].get("labels") or {}).get("carhook.io/prometheus-job") for s in services.values()}
+        # The poller is optional: its alerts stay in the rules and are silent while none runs; once
+        # one is rendered, its Service must carry the job like the others.
+        poller_rendered = any(component_of(d) == "poller" for d in deployments)
         for j in jobs:
             for alt in j.split("|"):
+                if alt == "carhook-poller" and not poller_rendered:
+                    continue
                 if alt.startswith("carhook-") and alt not in labelled:
                     problem(f"{where}: rules select job {alt!r}, but no Service carries that carhook.io/prometheus-job")
         ns = pr["metadata"].get("namespace") or RENDER_NAMESPACE
@@ -844,7 +863,8 @@ def check_compose(schema_path):
     rules_src = os.path.join(deploy, "prometheus", "rules.yml")
     if os.path.exists(rules_src):
         used = set(re.findall(r'job=~?"([^"]+)"', open(rules_src, encoding="utf-8").read()))
-        for j in {a for u in used for a in u.split("|")}:
+        # The compose stack runs no poller (it has no Smartcar API credentials): its alerts stay silent.
+        for j in {a for u in used for a in u.split("|")} - {"carhook-poller"}:
             if j not in jobs:
                 problem(f"compose/prometheus.yml: rules.yml selects job {j!r}, which is not scraped")
     mounts = [v.split(":")[1] for v in (services.get("prometheus") or {}).get("volumes") or [] if isinstance(v, str)]

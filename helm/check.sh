@@ -391,6 +391,9 @@ must_fail "no smartcar.existingSecret" 'smartcar\.existingSecret is required'
 must_fail "empty smartcar.existingSecret" 'smartcar\.existingSecret is required' --set smartcar.existingSecret=
 must_fail "unknown key config.kafka.broker (typo)" "additional propert(y|ies) 'broker' not allowed" "${SECRET[@]}" --set config.kafka.broker=x
 must_fail "unknown top-level key (typo)" "additional propert(y|ies) 'reciever' not allowed" "${SECRET[@]}" --set reciever.replicaCount=3
+must_fail "poller without its client-secret Secret" 'poller\.existingSecret is required' "${SECRET[@]}" --set poller.enabled=true --set poller.clientId=client_x
+must_fail "poller without a client id" 'poller\.clientId is required' "${SECRET[@]}" --set poller.enabled=true --set poller.existingSecret=s
+must_fail "poller client secret in values" "additional propert(y|ies) 'clientSecret' not allowed" "${SECRET[@]}" --set poller.clientSecret=abc
 must_fail "tokens in values" "additional propert(y|ies) 'managementTokens' not allowed" "${SECRET[@]}" --set smartcar.managementTokens=abc
 must_fail "chart-owned key config.cql.migrate" "additional propert(y|ies) 'migrate' not allowed" "${SECRET[@]}" --set config.cql.migrate=true
 must_fail "maxReplicaCount above the partition count" 'exceeds config\.kafka\.partitions' "${SECRET[@]}" --set processor.autoscaling.maxReplicaCount=7

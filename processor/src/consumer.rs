@@ -773,6 +773,13 @@ impl Worker {
                 }
                 _ => {}
             }
+            if self.emit_actions {
+                owned.extend(crate::poll::triggers::records(
+                    &kafka.poll_topic,
+                    &d.msg,
+                    &d.disposition,
+                ));
+            }
         }
         let mut sends = Vec::new();
         for (topic, key, payload, h) in &owned {
@@ -812,6 +819,11 @@ impl Worker {
             let _in_span = d.span.enter();
             let outcome = d.disposition.label();
             self.metrics.outcome(outcome);
+            if self.emit_actions {
+                for r in crate::poll::triggers::requests(&d.msg, &d.disposition) {
+                    self.metrics.poll_requested(r.reason);
+                }
+            }
             let duration_ms = d.elapsed.as_secs_f64() * 1000.0;
             let (partition, offset) = (d.msg.partition(), d.msg.offset());
             let (actions, state_changes) = match &d.disposition {

@@ -18,7 +18,8 @@
 use serde_json::{json, Value};
 use shared::clock::{EpochMillis, Freshness, FreshnessSource};
 use shared::event::{
-    ErrorState, Event, EventKind, LegacyEvent, LegacyVehicle, SignalStatus, VehicleErrorItem,
+    ErrorState, Event, EventKind, EventSource, LegacyEvent, LegacyVehicle, SignalStatus,
+    VehicleErrorItem,
 };
 use shared::ids::{SignalCode, VehicleId};
 
@@ -73,6 +74,13 @@ pub struct Plan {
     pub availability: Vec<AvailabilityWrite>,
     pub errors: Vec<ErrorWrite>,
     pub vehicle_info: Option<Cell>,
+    /// The vehicle's Smartcar user id (`data.user.id`), ordered by the delivery clock: the
+    /// poller's `sc-user-id`.
+    pub user: Option<Cell>,
+    /// Where the event's readings came from (a webhook or a REST poll).
+    pub source: EventSource,
+    /// A vehicle error was RESOLVED: data may flow again, so one refresh poll is requested.
+    pub refresh_poll: bool,
     /// Candidate actions; the pipeline keeps those whose flag changed.
     pub actions: Vec<Action>,
     /// Bounded error-type labels of the VEHICLE_ERROR items, for counting.
@@ -177,7 +185,11 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
     let event_id = env.event_id.as_str();
     let delivered = ctx.delivered();
     let delivered_ts = delivered.write_timestamp(ctx.logic_version);
-    let mut p = Plan::default();
+    let source = env.source.as_str();
+    let mut p = Plan {
+        source: env.source,
+        ..Plan::default()
+    };
     match &event.kind {
         EventKind::VehicleState { vehicle, signals } => {
             p.vehicle = Some(vehicle.clone());
@@ -199,6 +211,7 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
                                     "freshnessSource": f.source,
                                     "eventId": event_id,
                                     "logicVersion": ctx.logic_version,
+                                    "source": source,
                                 })
                                 .to_string(),
                                 timestamp: f.write_timestamp(ctx.logic_version),
@@ -223,6 +236,7 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
                                     "error": { "type": error_type, "code": code },
                                     "since": delivered.at.as_i64(),
                                     "eventId": event_id,
+                                    "source": source,
                                 })
                                 .to_string(),
                                 timestamp: delivered_ts,
@@ -235,6 +249,7 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
         EventKind::VehicleError { vehicle, errors } => {
             p.vehicle = Some(vehicle.clone());
             for (i, e) in errors.iter().enumerate() {
+                p.refresh_poll |= e.state == ErrorState::Resolved;
                 p.error_types.push(error_type_label(&e.error_type));
                 p.errors.push(ErrorWrite {
                     key: e.key(),
@@ -302,6 +317,10 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
                 "mode": env.mode,
             })
             .to_string(),
+            timestamp: delivered_ts,
+        });
+        p.user = env.user_id.as_ref().map(|u| Cell {
+            doc: u.clone(),
             timestamp: delivered_ts,
         });
     }
@@ -611,10 +630,48 @@ mod tests {
             .contains(r#""backoffUntil":1700000060000"#));
         let resolved = plan(&mk("RESOLVED"), ctx());
         assert_eq!(resolved.actions[0].kind, "RECONNECT_RESOLVED");
+        assert!(
+            resolved.refresh_poll && !err.refresh_poll,
+            "a resolution asks for one refresh poll"
+        );
         assert!(resolved.errors[0]
             .state
             .doc
             .contains(r#""state":"RESOLVED""#));
+    }
+
+    #[test]
+    fn a_polled_value_says_so_and_orders_by_the_car_clock_like_a_webhook() {
+        let mk = |id: &str, source: &str, oem: i64, v: i64| {
+            parse(&format!(
+                r#"{{"eventId":"{id}","eventType":"VEHICLE_STATE","vehicleId":"car","data":{{"user":{{"id":"u-1"}},"signals":[{{"code":"a-b","body":{{"value":{v}}},"meta":{{"oemUpdatedAt":{oem}}}}}]}},"meta":{{"deliveredAt":1700000000000{source}}}}}"#
+            ))
+        };
+        let poll = mk("poll-1", r#","source":"poll""#, 1_699_999_000_000, 1);
+        let hook = mk("e-1", "", 1_699_999_500_000, 2);
+        let (p, w) = (plan(&poll, ctx_of(&poll)), plan(&hook, ctx_of(&hook)));
+        assert_eq!(p.source, EventSource::Poll);
+        assert!(p.values[0].value.doc.contains(r#""source":"poll""#));
+        assert!(w.values[0].value.doc.contains(r#""source":"webhook""#));
+        assert!(
+            w.values[0].value.timestamp > p.values[0].value.timestamp,
+            "the fresher webhook value wins over the older poll"
+        );
+        let newer_poll = mk("poll-2", r#","source":"poll""#, 1_699_999_900_000, 3);
+        assert!(
+            plan(&newer_poll, ctx_of(&newer_poll)).values[0]
+                .value
+                .timestamp
+                > w.values[0].value.timestamp,
+            "and a fresher poll wins over the older webhook value"
+        );
+        assert_eq!(
+            p.user,
+            Some(Cell {
+                doc: "u-1".into(),
+                timestamp: 1_700_000_000_000_001
+            })
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`changelog`]: which events changed a document; the views that decide it without a read.
 //! - [`dead_letter`]: poison records and their provenance.
 //! - [`state`]: the vehicle state view (`processor state`).
+//! - [`poll`]: the REST polling fallback (`processor poll run|now|resync`).
 
 pub mod changelog;
 pub mod consumer;
@@ -18,6 +19,7 @@ pub mod effects;
 pub mod lanes;
 pub mod metrics;
 pub mod pipeline;
+pub mod poll;
 pub mod replay;
 pub mod state;
 pub mod store;

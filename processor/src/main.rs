@@ -75,6 +75,39 @@ enum Command {
         #[command(subcommand)]
         command: carhook_processor::tools::DlqCommand,
     },
+    /// The REST polling fallback: the poller service and its operator commands.
+    Poll {
+        #[command(subcommand)]
+        command: PollCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PollCommand {
+    /// Consume poll requests under the budgets (the poller service).
+    Run,
+    /// Poll one vehicle now and print what was fetched and applied (exit 1 when not polled).
+    Now {
+        /// The vehicle id.
+        vehicle_id: String,
+        /// The Smartcar user id (`sc-user-id`); default: the one kept from the vehicle's webhooks.
+        #[arg(long)]
+        user_id: Option<String>,
+        /// How long to wait for the processor to apply the polled event.
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+    },
+    /// Request a poll for every vehicle with an event delivered since a time.
+    Resync {
+        /// RFC 3339 time, e.g. 2026-11-29T10:00:00Z.
+        #[arg(long, value_parser = parse_time)]
+        since: shared::clock::EpochMillis,
+    },
+}
+
+fn parse_time(s: &str) -> Result<shared::clock::EpochMillis, String> {
+    shared::clock::EpochMillis::parse_str(s)
+        .ok_or_else(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-11-29T10:00:00Z)"))
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -135,6 +168,7 @@ async fn main() -> ExitCode {
             let _t = shared::telemetry::init_for_tool(&s.telemetry, "carhook-processor");
             carhook_processor::tools::dlq(&s, command).await
         }
+        Command::Poll { command } => poll(settings, command).await,
         Command::State {
             vehicle_id,
             last_event,
@@ -161,5 +195,72 @@ async fn serve(settings: Settings) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),
+    }
+}
+
+async fn poll(settings: Settings, command: PollCommand) -> ExitCode {
+    use carhook_processor::poll;
+    match command {
+        PollCommand::Run => {
+            let telemetry = match shared::telemetry::init(&settings.telemetry, "carhook-poller") {
+                Ok(t) => t,
+                Err(e) => return fail(e, 2),
+            };
+            if let Err(e) = shared::config::Settings::client_credentials_check(&settings) {
+                return fail(e, 2);
+            }
+            let admin = match shared::admin::bind(
+                settings.poller.admin_listen,
+                "poller.admin_listen",
+            )
+            .await
+            {
+                Ok(l) => l,
+                Err(e) => return fail(e, 1),
+            };
+            let result = poll::run(settings, admin, shared::shutdown::on_signal()).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e, 1),
+            }
+        }
+        PollCommand::Now {
+            vehicle_id,
+            user_id,
+            wait_secs,
+        } => {
+            let mut s = settings;
+            s.telemetry.log_format = shared::config::LogFormat::Pretty;
+            s.telemetry.log_level = "warn".into();
+            let _t = shared::telemetry::init(&s.telemetry, "carhook-poller");
+            match poll::poll_now(
+                &s,
+                &vehicle_id,
+                user_id,
+                std::time::Duration::from_secs(wait_secs),
+            )
+            .await
+            {
+                Ok(report) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e, 1),
+            }
+        }
+        PollCommand::Resync { since } => match poll::resync(&settings, since).await {
+            Ok(n) => {
+                println!(
+                    "{{\"requested\": {n}, \"since\": \"{}\"}}",
+                    since.to_rfc3339()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, 1),
+        },
     }
 }

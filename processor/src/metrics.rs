@@ -37,6 +37,8 @@ pub struct Metrics {
     pub untrusted_timestamps: Family<Labels, Counter>,
     /// Legacy v2 bodies applied, by form.
     pub legacy_events: Family<Labels, Counter>,
+    /// Poll requests this processor made (dead letters, resolved errors), by reason.
+    pub poll_requests: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -60,6 +62,7 @@ impl Metrics {
             client_rebuilds: Counter::default(),
             untrusted_timestamps: Family::default(),
             legacy_events: Family::default(),
+            poll_requests: Family::default(),
         };
         // Every series with known label values exists from start-up at 0, so `rate()` and
         // `increase()` see the first error instead of a series appearing from nothing.
@@ -98,6 +101,11 @@ impl Metrics {
                 .untrusted_timestamps
                 .get_or_create(&vec![("clock", clock.to_string())]);
         }
+        zero(
+            &m.poll_requests,
+            "reason",
+            &["dead_letter", "error_resolved"],
+        );
         let r = registry.sub_registry_with_prefix("carhook_processor");
         r.register(
             "build",
@@ -191,7 +199,19 @@ impl Metrics {
             "Legacy v2 bodies claimed and applied, by form (eventBased, dynamic, scheduled, other)",
             m.legacy_events.clone(),
         );
+        r.register(
+            "poll_requests",
+            "Poll requests put on the poll-request topic with the batch, by reason (dead_letter, error_resolved)",
+            m.poll_requests.clone(),
+        );
         m
+    }
+
+    /// Counts one committed poll request.
+    pub fn poll_requested(&self, reason: shared::poll_request::PollReason) {
+        self.poll_requests
+            .get_or_create(&vec![("reason", reason.as_str().to_string())])
+            .inc();
     }
 
     /// Records a committed transaction.

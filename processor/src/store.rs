@@ -35,7 +35,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn from_exec(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> Self {
+    pub(crate) fn from_exec(op: &'static str, e: impl std::fmt::Display + std::fmt::Debug) -> Self {
         let message = e.to_string();
         let dbg = format!("{e:?}");
         if dbg.contains("DbError(Invalid") || dbg.contains("DbError(SyntaxError") {
@@ -174,6 +174,7 @@ pub struct Store {
     put_availability: PreparedStatement,
     put_error: PreparedStatement,
     put_vehicle: PreparedStatement,
+    put_user: PreparedStatement,
     signal_times: PreparedStatement,
     error_times: PreparedStatement,
     signal_cells: PreparedStatement,
@@ -336,6 +337,10 @@ impl Store {
             "UPDATE {ks}.vehicles USING TIMESTAMP ? SET info = ? WHERE vehicle_id = ?"
         ))
         .await?;
+        let put_user = p(format!(
+            "UPDATE {ks}.vehicle_users USING TIMESTAMP ? SET user_id = ? WHERE vehicle_id = ?"
+        ))
+        .await?;
         let signal_times = p(format!(
             "SELECT code, WRITETIME(value), WRITETIME(availability) FROM {ks}.signal_state WHERE vehicle_id = ?"
         ))
@@ -368,6 +373,7 @@ impl Store {
             put_availability,
             put_error,
             put_vehicle,
+            put_user,
             signal_times,
             error_times,
             signal_cells,
@@ -816,6 +822,10 @@ impl Store {
         if let Some(info) = &plan.vehicle_info {
             batch.append_statement(self.put_vehicle.clone());
             rows.push(StateRow::Vehicle(info.timestamp, &info.doc, vehicle));
+        }
+        if let Some(user) = &plan.user {
+            batch.append_statement(self.put_user.clone());
+            rows.push(StateRow::Vehicle(user.timestamp, &user.doc, vehicle));
         }
         if rows.is_empty() {
             return Ok(());

@@ -61,12 +61,13 @@ pub enum ViewError {
 }
 
 /// Fields of a value cell the document shows.
-const VALUE_FIELDS: [&str; 5] = [
+const VALUE_FIELDS: [&str; 6] = [
     "body",
     "oemUpdatedAt",
     "fetchedAt",
     "eventId",
     "logicVersion",
+    "source",
 ];
 
 fn parse(doc: &str) -> Value {
@@ -77,6 +78,11 @@ fn value_part(raw: &Value) -> Value {
     let mut m = Map::new();
     for f in VALUE_FIELDS {
         m.insert(f.into(), raw.get(f).cloned().unwrap_or(Value::Null));
+    }
+    // Values stored before polling existed carry no source: they all came from webhooks. Filled in
+    // here so a view read from the store and one restored from the changelog are equal.
+    if m.get("source").is_none_or(Value::is_null) {
+        m.insert("source".into(), Value::from("webhook"));
     }
     Value::Object(m)
 }
@@ -224,6 +230,8 @@ impl View {
                     "fetchedAt": field("fetchedAt"),
                     "eventId": field("eventId"),
                     "logicVersion": field("logicVersion"),
+                    // `webhook` or `poll` (see `value_part`); null without a value.
+                    "source": field("source"),
                     "error": from_avail("error"),
                     "unavailableSince": from_avail("since"),
                 }),

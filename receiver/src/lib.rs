@@ -8,12 +8,14 @@
 //! - [`outcome`]: every way a request ends, mapped once to status, log line and metrics.
 //! - [`server`]: connections, timeouts, graceful drain.
 //! - [`readiness`]: the background broker check that also closes the breaker without traffic.
+//! - [`outage`]: vehicles answered 503, polled through the REST API after a long outage.
 //!
 //! Two listeners: the webhook listener serves only the webhook path; `/health`, `/ready` and
 //! `/metrics` are on the admin listener, never on the public port.
 
 pub mod breaker;
 pub mod metrics;
+pub mod outage;
 pub mod outcome;
 pub mod producer;
 pub mod rate;
@@ -84,6 +86,10 @@ pub async fn run(
         body_reads: Arc::new(Semaphore::new(r.max_body_reads)),
         verify_rate: RateLimit::per_second(r.verify_per_sec),
         event_lines: shared::telemetry::EventLines::new(&settings.telemetry),
+        outages: crate::outage::Outages::new(
+            Duration::from_secs(settings.poller.outage_window_secs),
+            settings.poller.outage_max_vehicles,
+        ),
     });
     let probe_stop = shutdown.child_token();
     let probe = tokio::spawn(crate::readiness::run(

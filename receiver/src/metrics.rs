@@ -27,6 +27,9 @@ pub struct Metrics {
     pub circuit_open: Gauge,
     pub quarantined: Family<Labels, Counter>,
     pub verify_challenges: Family<Labels, Counter>,
+    /// Poll requests after an outage, by result (`requested`, `failed`), and vehicles forgotten
+    /// because the outage memory was full (`forgotten`).
+    pub outage_polls: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -42,7 +45,11 @@ impl Metrics {
             circuit_open: Gauge::default(),
             quarantined: Family::default(),
             verify_challenges: Family::default(),
+            outage_polls: Family::default(),
         };
+        for result in ["requested", "failed", "forgotten"] {
+            let _ = m.outage_polls.get_or_create(&vec![("result", result)]);
+        }
         // Every series with known label values exists from start-up at 0, so `rate()` and
         // `increase()` see the first occurrence instead of a series appearing from nothing.
         for outcome in crate::outcome::Outcome::LABELS {
@@ -114,6 +121,11 @@ impl Metrics {
             "verify_challenges",
             "VERIFY challenges, by result",
             m.verify_challenges.clone(),
+        );
+        r.register(
+            "outage_polls",
+            "Vehicles refused with 503 for longer than Smartcar's retry window, by result: poll requested (reason receiver_outage), request failed, or forgotten (memory full)",
+            m.outage_polls.clone(),
         );
         m
     }

@@ -79,6 +79,26 @@ impl EventProducer {
         })
     }
 
+    /// Produces a poll request (reason `receiver_outage`) for `vehicle` to the poll-request topic
+    /// and waits for the acknowledgement.
+    pub async fn request_poll(&self, vehicle: &str) -> Result<(), String> {
+        let id = shared::ids::VehicleId::parse(vehicle).map_err(|e| format!("vehicle id: {e}"))?;
+        let req = shared::poll_request::PollRequest::new(
+            &id,
+            None,
+            shared::poll_request::PollReason::ReceiverOutage,
+        );
+        let value = req.to_json();
+        let record = FutureRecord::<str, [u8]>::to(&self.settings.poll_topic)
+            .key(vehicle)
+            .payload(&value);
+        self.producer
+            .send(record, self.settings.delivery_timeout())
+            .await
+            .map(drop)
+            .map_err(|(e, _)| format!("producing to {}: {e}", self.settings.poll_topic))
+    }
+
     /// Whether the breaker is open.
     pub fn circuit_open(&self) -> bool {
         self.breaker.is_open()

@@ -48,6 +48,8 @@ pub struct App {
     pub verify_rate: RateLimit,
     /// Which successful deliveries get their log line.
     pub event_lines: shared::telemetry::EventLines,
+    /// Vehicles answered 503, for a poll after recovery.
+    pub outages: crate::outage::Outages,
 }
 
 /// Holds a permit and counts it in a gauge for as long as it lives.
@@ -285,10 +287,20 @@ impl App {
             };
         }
         let Some(_inflight) = Held::try_take(&self.inflight, &self.metrics.inflight) else {
+            self.refused(routing);
             return Outcome::Overloaded;
         };
         let token_index = verified.token_index();
-        match self.producer.persist(verified, routing, deadline).await {
+        let persisted = self.producer.persist(verified, routing, deadline).await;
+        match &persisted {
+            Ok(_) => {
+                if let Some(r) = self.outages.accepted(Instant::now()) {
+                    self.request_polls(r);
+                }
+            }
+            Err(_) => self.refused(routing),
+        }
+        match persisted {
             Ok(acked) => Outcome::Accepted {
                 partition: acked.partition,
                 offset: acked.offset,
@@ -304,6 +316,48 @@ impl App {
                 breaker_open: false,
             },
         }
+    }
+
+    /// Remembers the vehicle of a request answered 503.
+    fn refused(&self, routing: &Routing) {
+        if let Some(v) = routing.vehicle_id.as_deref() {
+            if self.outages.refused(v, Instant::now()) {
+                self.metrics
+                    .outage_polls
+                    .get_or_create(&vec![("result", "forgotten")])
+                    .inc();
+            }
+        }
+    }
+
+    /// After recovery: one poll request per vehicle refused for longer than Smartcar retries,
+    /// produced in the background (the request that noticed recovery is not held up).
+    fn request_polls(&self, r: crate::outage::Recovered) {
+        tracing::info!(
+            to_poll = r.to_poll.len(),
+            covered_by_retries = r.covered,
+            "events are accepted again after 503s"
+        );
+        if r.to_poll.is_empty() {
+            return;
+        }
+        let producer = Arc::clone(&self.producer);
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            for v in r.to_poll {
+                let result = match producer.request_poll(&v).await {
+                    Ok(()) => "requested",
+                    Err(e) => {
+                        tracing::error!(vehicle_id = %v, error = %e, "poll request after an outage not produced: run `processor poll now` for it");
+                        "failed"
+                    }
+                };
+                metrics
+                    .outage_polls
+                    .get_or_create(&vec![("result", result)])
+                    .inc();
+            }
+        });
     }
 
     fn unsigned_verify(&self, routing: &Routing) -> Outcome {

@@ -56,17 +56,49 @@ pub struct Settings {
     pub cql: CqlSettings,
     pub receiver: ReceiverSettings,
     pub processor: ProcessorSettings,
+    pub poller: PollerSettings,
     pub telemetry: TelemetrySettings,
 }
 
-/// Smartcar credentials.
-#[derive(Clone, Deserialize, Default)]
+/// Smartcar credentials: the webhook's management tokens and the REST API's client credentials.
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SmartcarSettings {
     /// Comma-separated Application Management Tokens, current first.
     pub management_tokens: Option<SecretString>,
     /// Alternatively, a file holding the same comma-separated list (e.g. a mounted Secret).
     pub management_tokens_file: Option<PathBuf>,
+    /// V3 API client id (`client_…`), for the application token (client credentials). Required
+    /// by the poller only.
+    pub client_id: Option<String>,
+    /// The client secret from the environment; prefer [`SmartcarSettings::client_secret_file`].
+    pub client_secret: Option<SecretString>,
+    /// A file holding the client secret (a mounted Secret); read at start-up.
+    pub client_secret_file: Option<PathBuf>,
+    /// OAuth2 token endpoint for the client-credentials grant.
+    pub token_url: String,
+    /// Base of the V3 vehicle API (`{vehicle_api_url}/vehicles/{id}/signals`).
+    pub vehicle_api_url: String,
+    /// Longest one API or token request may take (Smartcar documents slow vehicle reads).
+    pub api_timeout_ms: u64,
+    /// The token is minted again this long before it expires.
+    pub token_refresh_margin_secs: u64,
+}
+
+impl Default for SmartcarSettings {
+    fn default() -> Self {
+        Self {
+            management_tokens: None,
+            management_tokens_file: None,
+            client_id: None,
+            client_secret: None,
+            client_secret_file: None,
+            token_url: "https://iam.smartcar.com/oauth2/token".into(),
+            vehicle_api_url: "https://vehicle.api.smartcar.com/v3".into(),
+            api_timeout_ms: 60_000,
+            token_refresh_margin_secs: 300,
+        }
+    }
 }
 
 impl std::fmt::Debug for SmartcarSettings {
@@ -77,6 +109,16 @@ impl std::fmt::Debug for SmartcarSettings {
                 &self.management_tokens.as_ref().map(|_| "[redacted]"),
             )
             .field("management_tokens_file", &self.management_tokens_file)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "[redacted]"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("token_url", &self.token_url)
+            .field("vehicle_api_url", &self.vehicle_api_url)
+            .field("api_timeout_ms", &self.api_timeout_ms)
+            .field("token_refresh_margin_secs", &self.token_refresh_margin_secs)
             .finish()
     }
 }
@@ -97,6 +139,27 @@ impl SmartcarSettings {
         }
         Err(TokensError::None.into())
     }
+
+    /// The REST API's client credentials, required by the poller only: (client id, secret).
+    pub fn client_credentials(&self) -> Result<(String, SecretString), ConfigError> {
+        let id = self
+            .client_id
+            .clone()
+            .filter(|id| !id.trim().is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    "smartcar.client_id",
+                    "is required by the poller (CARHOOK__SMARTCAR__CLIENT_ID)",
+                )
+            })?;
+        let secret = self.client_secret.clone().ok_or_else(|| {
+            invalid(
+                "smartcar.client_secret_file",
+                "is required by the poller (CARHOOK__SMARTCAR__CLIENT_SECRET_FILE, a mounted Secret)",
+            )
+        })?;
+        Ok((id, secret))
+    }
 }
 
 /// Kafka topics and client settings.
@@ -113,6 +176,8 @@ pub struct KafkaSettings {
     pub state_topic: String,
     /// Short-retention topic keeping raw bytes of rejected deliveries for diagnosis.
     pub quarantine_topic: String,
+    /// Durable poll requests for the poller, keyed by vehicle.
+    pub poll_topic: String,
     /// Partitions for topics the project creates.
     pub partitions: i32,
     pub replication_factor: i32,
@@ -273,6 +338,7 @@ impl Default for KafkaSettings {
             actions_topic: "smartcar.actions".into(),
             state_topic: "smartcar.vehicle-state".into(),
             quarantine_topic: "smartcar.events.quarantine".into(),
+            poll_topic: "smartcar.poll-requests".into(),
             partitions: 6,
             replication_factor: 1,
             events_retention_hours: 7 * 24,
@@ -512,6 +578,76 @@ impl Default for ProcessorSettings {
     }
 }
 
+/// The REST poller (`processor poll run`): budgets that are never exceeded, and its triggers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollerSettings {
+    /// Poller `/health`, `/ready`, `/metrics`.
+    pub admin_listen: SocketAddr,
+    /// Consumer group reading the poll-request topic.
+    pub consumer_group: String,
+    /// Global token bucket: requests that may be made at once (Smartcar's default: 120).
+    pub bucket_capacity: u32,
+    /// Global token bucket: one request is added back every this many milliseconds
+    /// (Smartcar's default 2/min is 30000).
+    pub bucket_refill_ms: u64,
+    /// Per vehicle: at least this long between two polls.
+    pub min_interval_secs: u64,
+    /// Per vehicle: at most this many polls per calendar month (UTC).
+    pub monthly_cap: u32,
+    /// A `retry-after` longer than this is capped (a 429 waits at most this long).
+    pub max_retry_after_secs: u64,
+    /// A 429 without `retry-after` waits this long for its scope.
+    pub default_retry_after_secs: u64,
+    /// 5xx and transport failures: first back-off (doubled each try, full jitter).
+    pub backoff_base_ms: u64,
+    /// 5xx and transport failures: longest back-off.
+    pub backoff_max_ms: u64,
+    /// 5xx and transport failures: tries of one request in all.
+    pub max_tries: u32,
+    /// Requests polled at once.
+    pub concurrency: usize,
+    /// Receiver: a vehicle answered 503 for longer than this (Smartcar's retry window, ~3 min)
+    /// gets a poll once the receiver recovers.
+    pub outage_window_secs: u64,
+    /// Receiver: vehicles remembered after a 503 (beyond it, the oldest are forgotten and counted).
+    pub outage_max_vehicles: usize,
+    /// Safety net: these signal codes (comma-separated, e.g.
+    /// `tractionbattery-stateofcharge,odometer-traveleddistance`)…
+    pub safety_net_signals: String,
+    /// …older than this on a vehicle…
+    pub safety_net_max_age_secs: u64,
+    /// …that had an event within this long get a poll (0 turns the safety net off).
+    pub safety_net_active_secs: u64,
+    /// How often the safety net looks.
+    pub safety_net_every_secs: u64,
+}
+
+impl Default for PollerSettings {
+    fn default() -> Self {
+        Self {
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9095)),
+            consumer_group: "carhook-poller".into(),
+            bucket_capacity: 120,
+            bucket_refill_ms: 30_000,
+            min_interval_secs: 1_800,
+            monthly_cap: 500,
+            max_retry_after_secs: 3_600,
+            default_retry_after_secs: 60,
+            backoff_base_ms: 30_000,
+            backoff_max_ms: 3_600_000,
+            max_tries: 3,
+            concurrency: 8,
+            outage_window_secs: 175,
+            outage_max_vehicles: 100_000,
+            safety_net_signals: String::new(),
+            safety_net_max_age_secs: 86_400,
+            safety_net_active_secs: 0,
+            safety_net_every_secs: 600,
+        }
+    }
+}
+
 /// OTLP transport.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -643,6 +779,7 @@ impl Settings {
             ("kafka.actions_topic", &k.actions_topic),
             ("kafka.state_topic", &k.state_topic),
             ("kafka.quarantine_topic", &k.quarantine_topic),
+            ("kafka.poll_topic", &k.poll_topic),
         ] {
             validate_topic(key, topic)?;
         }
@@ -773,6 +910,19 @@ impl Settings {
         if p.instance_id.trim().is_empty() {
             return Err(invalid("processor.instance_id", "is empty"));
         }
+        self.poller.validate()?;
+        let sc = &self.smartcar;
+        for (key, url) in [
+            ("smartcar.token_url", &sc.token_url),
+            ("smartcar.vehicle_api_url", &sc.vehicle_api_url),
+        ] {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid(key, format!("{url:?} is not an http(s) URL")));
+            }
+        }
+        if sc.api_timeout_ms == 0 {
+            return Err(invalid("smartcar.api_timeout_ms", "must be positive"));
+        }
         self.kafka.validate_security()?;
         self.cql.validate_security()?;
         if !(0.0..=1.0).contains(&self.telemetry.sampling_ratio) {
@@ -792,9 +942,63 @@ impl Settings {
 }
 
 impl Settings {
+    /// The poller refuses to start without client credentials (exit 2, naming the key).
+    pub fn client_credentials_check(&self) -> Result<(), ConfigError> {
+        self.smartcar.client_credentials().map(drop)
+    }
+}
+
+impl PollerSettings {
+    /// The safety net's signal codes.
+    pub fn safety_net_codes(&self) -> Vec<String> {
+        self.safety_net_signals
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.bucket_capacity == 0 {
+            return Err(invalid("poller.bucket_capacity", "must be positive"));
+        }
+        if self.bucket_refill_ms == 0 {
+            return Err(invalid("poller.bucket_refill_ms", "must be positive"));
+        }
+        if self.monthly_cap == 0 {
+            return Err(invalid("poller.monthly_cap", "must be positive"));
+        }
+        if self.max_tries == 0 {
+            return Err(invalid("poller.max_tries", "must be positive"));
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return Err(invalid("poller.concurrency", "must be between 1 and 256"));
+        }
+        if self.backoff_base_ms == 0 || self.backoff_base_ms > self.backoff_max_ms {
+            return Err(invalid(
+                "poller.backoff_base_ms",
+                "must be positive and at most poller.backoff_max_ms",
+            ));
+        }
+        if self.outage_max_vehicles == 0 {
+            return Err(invalid("poller.outage_max_vehicles", "must be positive"));
+        }
+        if self.safety_net_every_secs == 0 {
+            return Err(invalid("poller.safety_net_every_secs", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
     /// Reads the secret files into their values and checks that every certificate file can be
     /// read, so a missing mount stops start-up naming its key instead of failing a handshake later.
     fn read_secrets(&mut self) -> Result<(), ConfigError> {
+        let sc = &mut self.smartcar;
+        if let Some(path) = &sc.client_secret_file {
+            sc.client_secret = Some(read_secret("smartcar.client_secret_file", path)?);
+        }
         let k = &mut self.kafka;
         if let Some(path) = &k.sasl_password_file {
             k.sasl_password = Some(read_secret("kafka.sasl_password_file", path)?);

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "claim_delivery_and_reconnect_flags",
         include_str!("../migrations/cql/0005_claim_delivery_and_reconnect_flags.cql"),
     ),
+    (
+        6,
+        "poller",
+        include_str!("../migrations/cql/0006_poller.cql"),
+    ),
 ];
 
 /// CQL failures, naming what an operator needs.

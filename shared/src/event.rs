@@ -90,6 +90,32 @@ pub struct Envelope {
     pub mode: Option<String>,
     /// `meta.version`, or the legacy top-level `version`.
     pub version: Option<String>,
+    /// Where the event came from: a Smartcar webhook, or carhook's own REST poll
+    /// (`meta.source: "poll"`, written only by the poller; Smartcar sends no `meta.source`).
+    pub source: EventSource,
+    /// `data.user.id`: the user whose connection the vehicle belongs to (sent with API
+    /// authentication); the poller needs it as `sc-user-id`.
+    pub user_id: Option<String>,
+}
+
+/// Where an event's readings came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventSource {
+    /// Delivered by Smartcar to the webhook.
+    #[default]
+    Webhook,
+    /// Read by carhook's poller from the REST API.
+    Poll,
+}
+
+impl EventSource {
+    /// `webhook` or `poll`, as stored with each value and shown by `processor state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+            Self::Poll => "poll",
+        }
+    }
 }
 
 /// A parsed event.
@@ -636,6 +662,8 @@ impl Event {
             delivered_at: None,
             mode: root_str("mode").map(|m| m.to_ascii_uppercase()),
             version: root_str("version"),
+            source: EventSource::Webhook,
+            user_id: None,
         };
         let kind = legacy.map_or(EventKind::Verify, EventKind::Legacy);
         Ok(Event { envelope, kind })
@@ -691,6 +719,19 @@ impl Event {
                     .and_then(Value::as_str)
                     .map(str::to_owned)
             }),
+            source: match meta_str("source").as_deref() {
+                Some(crate::smartcar_api::POLL_SOURCE) => EventSource::Poll,
+                _ => EventSource::Webhook,
+            },
+            user_id: data
+                .and_then(|d| d.get("user"))
+                .and_then(Value::as_object)
+                .and_then(|u| u.get("id"))
+                .and_then(Value::as_str)
+                .filter(|u| {
+                    !u.is_empty() && u.len() <= MAX_ID_LEN && !u.chars().any(char::is_control)
+                })
+                .map(str::to_owned),
         };
         let need_vehicle = || {
             vehicle_id

@@ -14,6 +14,12 @@ pub const TOKEN_INDEX: &str = "carhook-token-index";
 pub const TRACEPARENT: &str = "traceparent";
 /// W3C trace state.
 pub const TRACESTATE: &str = "tracestate";
+/// Where an event record came from: `poll` on records the REST poller produced (absent on
+/// webhook records, which the receiver produces).
+pub const SOURCE: &str = "carhook-source";
+/// A polled record: why the poll was made (`receiver_outage`, `operator`, …).
+pub const POLL_REASON: &str = "carhook-poll-reason";
+
 /// Why a quarantined delivery was rejected (signature failure reason).
 pub const REJECT_REASON: &str = "carhook-reject-reason";
 

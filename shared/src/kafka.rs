@@ -204,6 +204,12 @@ pub fn owned_topics(s: &KafkaSettings) -> Vec<TopicSpec> {
             compacted: true,
         },
         TopicSpec {
+            name: s.poll_topic.clone(),
+            partitions: s.partitions,
+            retention_ms: hours(s.events_retention_hours),
+            compacted: false,
+        },
+        TopicSpec {
             name: s.quarantine_topic.clone(),
             partitions: 1,
             retention_ms: hours(s.quarantine_retention_hours),

@@ -8,6 +8,9 @@
 //! - [`config`]: layered settings (defaults < TOML file < `CARHOOK__SECTION__KEY`).
 //! - [`headers`]: the Kafka record header names that connect the two services.
 //! - [`kafka`] and [`cql`]: client construction, topic provisioning and schema migrations.
+//! - [`smartcar_api`]: the Smartcar V3 REST client (application token, signals) and the
+//!   normaliser that turns its answers into the webhook signal model.
+//! - [`poll_request`]: the durable poll request the poller consumes.
 //! - [`telemetry`], [`admin`], [`shutdown`]: logging/tracing, the admin HTTP endpoints, signal handling.
 
 pub mod admin;
@@ -20,6 +23,8 @@ pub mod event;
 pub mod headers;
 pub mod ids;
 pub mod kafka;
+pub mod poll_request;
 pub mod shutdown;
 pub mod signature;
+pub mod smartcar_api;
 pub mod telemetry;

@@ -279,7 +279,7 @@ fn exporter(e: Export) -> Result<opentelemetry_otlp::SpanExporter, TelemetryErro
 }
 
 /// rustls needs one process-wide crypto provider for reqwest: ring (no C toolchain beyond cc).
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

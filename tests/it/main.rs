@@ -6,6 +6,7 @@ mod config;
 mod crash;
 mod history;
 mod logs;
+mod poll;
 mod processor;
 mod promise;
 mod receiver;

@@ -118,6 +118,12 @@ pub fn settings(extra: &[(&str, &str)]) -> Settings {
             "CARHOOK__KAFKA__QUARANTINE_TOPIC",
             format!("{name}.quarantine"),
         ),
+        (
+            "CARHOOK__KAFKA__POLL_TOPIC",
+            format!("{name}.poll-requests"),
+        ),
+        ("CARHOOK__POLLER__CONSUMER_GROUP", format!("{name}-poller")),
+        ("CARHOOK__POLLER__ADMIN_LISTEN", "127.0.0.1:0".into()),
         ("CARHOOK__KAFKA__CONSUMER_GROUP", format!("{name}-group")),
         ("CARHOOK__CQL__KEYSPACE", name.clone()),
         ("CARHOOK__RECEIVER__LISTEN", "127.0.0.1:0".into()),
@@ -287,6 +293,7 @@ pub async fn warm_transactions(settings: &Settings) {
         k.actions_topic = "carhook-test-warmup.actions".into();
         k.state_topic = "carhook-test-warmup.state".into();
         k.quarantine_topic = "carhook-test-warmup.q".into();
+        k.poll_topic = "carhook-test-warmup.poll".into();
         shared::kafka::ensure_topics(&k)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -680,6 +687,7 @@ pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String
             "CARHOOK__KAFKA__QUARANTINE_TOPIC",
             s.kafka.quarantine_topic.clone(),
         ),
+        ("CARHOOK__KAFKA__POLL_TOPIC", s.kafka.poll_topic.clone()),
         (
             "CARHOOK__KAFKA__CONSUMER_GROUP",
             s.kafka.consumer_group.clone(),

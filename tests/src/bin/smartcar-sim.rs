@@ -53,6 +53,26 @@ enum Command {
         #[arg(long)]
         signed: bool,
     },
+    /// Serve a fake Smartcar V3 REST API (token, signals, connections) until Ctrl-C: vehicles
+    /// `car-0…` of user `u1`, each with an odometer and a battery reading.
+    Api {
+        #[arg(long, default_value = "127.0.0.1:8099")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        vehicles: usize,
+        #[arg(long, default_value = "client_carhook-dev")]
+        client_id: String,
+        /// The client secret the token endpoint accepts.
+        #[arg(
+            long,
+            env = "SMARTCAR_SIM_CLIENT_SECRET",
+            default_value = "carhook-dev-secret-NOT-FOR-PRODUCTION"
+        )]
+        client_secret: String,
+        /// Lifetime of minted tokens.
+        #[arg(long, default_value_t = 3600)]
+        token_life_secs: u64,
+    },
     /// Fixed-rate or fixed-concurrency load for a duration.
     Load {
         #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/smartcar")]
@@ -212,6 +232,52 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<ExitCode, String> {
     match args.command {
+        Command::Api {
+            listen,
+            vehicles,
+            client_id,
+            client_secret,
+            token_life_secs,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("--listen {listen}: {e}"))?;
+            let api = sim::api::FakeApi::serve(
+                listener,
+                listen,
+                &client_id,
+                &client_secret,
+                token_life_secs,
+            );
+            let now = shared::clock::EpochMillis::now().as_i64();
+            for i in 0..vehicles {
+                api.set_vehicle(
+                    &format!("car-{i}"),
+                    sim::truth::ApiVehicle::new(
+                        "u1",
+                        &[
+                            (
+                                "odometer-traveleddistance",
+                                serde_json::json!({"unit": "km", "value": 1000 + i}),
+                                now - 60_000,
+                            ),
+                            (
+                                "tractionbattery-stateofcharge",
+                                serde_json::json!({"unit": "percent", "value": 50 + i % 50}),
+                                now - 60_000,
+                            ),
+                        ],
+                    ),
+                );
+            }
+            eprintln!(
+                "fake Smartcar API: token URL {}, vehicle API URL {} ({vehicles} vehicles of user u1)",
+                api.token_url(),
+                api.vehicle_api_url()
+            );
+            let _ = tokio::signal::ctrl_c().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Send(send) => {
             let SendArgs {
                 url,

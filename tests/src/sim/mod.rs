@@ -6,8 +6,10 @@
 //! - [`check`]: the readable diff between truth and the system, read from CQL and Kafka directly.
 //! - [`hmac`]: the simulator's own HMAC-SHA256 (independent of the code under test).
 //! - [`target`]: the webhook URL (`http://` or `https://`, `--ca-file`) and its client.
+//! - [`api`]: a fake Smartcar V3 REST API (token, signals, connections) with injectable faults.
 //! - [`load`]: fixed-rate or fixed-concurrency load with HDR latency percentiles.
 
+pub mod api;
 pub mod check;
 pub mod generate;
 pub mod hmac;

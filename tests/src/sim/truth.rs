@@ -224,3 +224,25 @@ impl Truth {
         t
     }
 }
+
+/// What Smartcar's REST API knows about one vehicle: the user it is connected for and its
+/// current readings (code → body and the car's time, epoch ms). The fake API serves exactly
+/// this, so a test knows what a poll must bring into the store.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ApiVehicle {
+    pub user_id: String,
+    pub signals: BTreeMap<String, (Value, i64)>,
+}
+
+impl ApiVehicle {
+    /// A vehicle of `user` with `signals` (code, body, oemUpdatedAt ms).
+    pub fn new(user: &str, signals: &[(&str, Value, i64)]) -> Self {
+        Self {
+            user_id: user.to_string(),
+            signals: signals
+                .iter()
+                .map(|(c, b, t)| ((*c).to_string(), (b.clone(), *t)))
+                .collect(),
+        }
+    }
+}
