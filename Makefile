@@ -44,9 +44,13 @@ stack-down:
 	@$(STACK) down
 
 ## test: start the stack if needed, then unit + integration tests against real Kafka and CQL, then lint.
+## The outage suite (it stops and restarts the broker and the store) runs first: a broker restarts
+## in time proportional to the partitions it holds, and the other suites add thousands.
 test: stack-up
 	cargo build --workspace --bins
-	cargo test --workspace --no-fail-fast
+	cargo test -p carhook-tests --test outage --no-fail-fast
+	cargo test --workspace --no-fail-fast --exclude carhook-tests
+	cargo test -p carhook-tests --no-fail-fast --lib --bins --test it
 	bash deploy/check-observability.sh
 	bash helm/check.sh
 	@$(MAKE) --no-print-directory lint

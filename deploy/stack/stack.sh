@@ -27,7 +27,9 @@
 #
 # Environment (all optional):
 #   CARHOOK_STACK_DIR                     root directory (default <repo>/.stack)
-#   CARHOOK_KAFKA_READY_TIMEOUT           seconds to wait for Kafka readiness (default 90)
+#   CARHOOK_KAFKA_READY_TIMEOUT           seconds to wait for Kafka readiness (default 180: a broker's
+#                                         start time grows with the partitions it holds, and every
+#                                         test run leaves its topics behind)
 #   CARHOOK_CASSANDRA_READY_TIMEOUT       seconds to wait for Cassandra readiness (default 180)
 #   CARHOOK_STACK_STOP_TIMEOUT            seconds between SIGTERM and SIGKILL on down (default 30)
 #   CARHOOK_KAFKA_HEAP, CARHOOK_CASSANDRA_HEAP   heap flags (default "-Xms512m -Xmx1g", "-Xms1g -Xmx2g")
@@ -50,7 +52,7 @@ STACK_DIR="$(cd "$STACK_DIR" && pwd)"
 RUN="$STACK_DIR/run" LOGS="$STACK_DIR/logs" CONF="$STACK_DIR/conf" DATA="$STACK_DIR/data"
 JAVA="${CARHOOK_JAVA:-java}"
 PYTHON="${CARHOOK_PYTHON:-python3}"
-KAFKA_READY_TIMEOUT="${CARHOOK_KAFKA_READY_TIMEOUT:-${KAFKA_DEADLINE:-90}}"
+KAFKA_READY_TIMEOUT="${CARHOOK_KAFKA_READY_TIMEOUT:-${KAFKA_DEADLINE:-180}}"
 CASSANDRA_READY_TIMEOUT="${CARHOOK_CASSANDRA_READY_TIMEOUT:-${CASSANDRA_DEADLINE:-180}}"
 STOP_TIMEOUT="${CARHOOK_STACK_STOP_TIMEOUT:-30}"
 read -r -a KAFKA_HEAP <<<"${CARHOOK_KAFKA_HEAP:--Xms512m -Xmx1g}"

@@ -18,7 +18,7 @@ const CLIENT_SECRET: &str = "fake-secret-NOT-FOR-PRODUCTION";
 const T0: i64 = 1_731_930_000_000;
 
 /// The environment a poller (or `poll now` / `poll resync`) child needs besides `child_env`.
-fn poller_env(
+pub(crate) fn poller_env(
     s: &Settings,
     api: &FakeApi,
     admin: SocketAddr,
@@ -57,7 +57,11 @@ fn poller_env(
 }
 
 /// Starts `processor poll run` and waits until it is ready.
-async fn start_poller(s: &Settings, api: &FakeApi, extra: &[(&str, &str)]) -> ChildService {
+pub(crate) async fn start_poller(
+    s: &Settings,
+    api: &FakeApi,
+    extra: &[(&str, &str)],
+) -> ChildService {
     let admin = free_port();
     let env = poller_env(s, api, admin, extra);
     let log = std::env::temp_dir().join(format!("{}.poller.log", s.cql.keyspace));
@@ -91,7 +95,7 @@ async fn poll_command(s: &Settings, api: &FakeApi, args: &[&str]) -> (Option<i32
 }
 
 /// Puts a poll request for `vehicle` (of user `u1`) on the poll-request topic.
-async fn request_poll(s: &Settings, vehicle: &str) {
+pub(crate) async fn request_poll(s: &Settings, vehicle: &str) {
     let body =
         json!({"vehicleId": vehicle, "userId": "u1", "reason": "operator", "requestedAt": 1})
             .to_string();
@@ -111,11 +115,11 @@ async fn poll_results(admin: SocketAddr, result: &str) -> f64 {
     .await
 }
 
-async fn fake() -> FakeApi {
+pub(crate) async fn fake() -> FakeApi {
     FakeApi::start(CLIENT_ID, CLIENT_SECRET, 3_600).await
 }
 
-fn soc(v: i64) -> Value {
+pub(crate) fn soc(v: i64) -> Value {
     json!({"unit": "percent", "value": v})
 }
 

@@ -216,7 +216,9 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
     );
     assert_eq!(claim.parent_span_id, consumer.span_id);
     assert_eq!(write.parent_span_id, consumer.span_id);
-    // One CLIENT span per CQL statement execution: the claim's LWT and the state batch.
+    // One CLIENT span per CQL statement execution: the claim's LWT and the state batch; then, as
+    // this is the vehicle's first event and the state changelog has no record of it, the reads that
+    // load its view once (its cells, and the claim of the event that wrote them).
     let cql_spans: Vec<&Span> = spans
         .iter()
         .filter(|(_, sp)| sp.parent_span_id == consumer.span_id)
@@ -229,7 +231,10 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
             .collect::<Vec<_>>(),
         [
             "INSERT processed_events".to_string(),
-            format!("BATCH UPDATE {}", s.cql.keyspace)
+            format!("BATCH UPDATE {}", s.cql.keyspace),
+            "SELECT signal_state".to_string(),
+            "SELECT vehicle_errors".to_string(),
+            "SELECT processed_events".to_string(),
         ],
         "the record's CQL spans, in order"
     );
@@ -370,5 +375,121 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
         );
     }
     server.abort();
+    drop_keyspace(&s).await;
+}
+
+/// Starts a collector; returns it and its OTLP endpoint.
+async fn collector() -> (Collector, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let otlp = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let collector = Collector::default();
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(collector.clone()))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(server);
+    (collector, format!("http://{otlp}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_polled_value_is_one_trace_from_the_smartcar_request_to_the_state_write() {
+    use crate::poll::{fake, request_poll, soc, start_poller};
+    let (collector, endpoint) = collector().await;
+    let s = settings(&[]);
+    let api = fake().await;
+    let car = "traced-poll-car";
+    api.set_vehicle(
+        car,
+        carhook_tests::sim::truth::ApiVehicle::new(
+            "u1",
+            &[("tractionbattery-stateofcharge", soc(42), 1_731_930_000_000)],
+        ),
+    );
+    let extra = [
+        ("CARHOOK__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+        ("CARHOOK__TELEMETRY__SERVICE_NAME", "carhook-poller"),
+    ];
+    let log = std::env::temp_dir().join(format!("{}.trace-poll.log", s.cql.keyspace));
+    let processor = ChildService::processor(
+        &s,
+        "traced",
+        &log,
+        &[("CARHOOK__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())],
+    )
+    .await;
+    let poller = start_poller(&s, &api, &extra).await;
+    request_poll(&s, car).await;
+    state_where(&s, car, |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["source"] == "poll"
+    })
+    .await;
+    // SIGTERM flushes the batch exporters.
+    assert_eq!(poller.terminate(), Some(0));
+    assert_eq!(processor.terminate(), Some(0));
+    eventually(Duration::from_secs(30), || async {
+        collector
+            .0
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("BATCH"))
+                    && s.iter().any(|(svc, _)| svc == "carhook-poller")
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    let spans = collector.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    for (svc, sp) in &spans {
+        println!(
+            "{svc:<18} {:<34} kind={} trace={} span={} parent={}",
+            sp.name,
+            sp.kind,
+            hex(&sp.trace_id),
+            hex(&sp.span_id),
+            hex(&sp.parent_span_id)
+        );
+    }
+    let find = |service: &str, name: &str| -> Span {
+        spans
+            .iter()
+            .find(|(svc, sp)| svc == service && sp.name.starts_with(name))
+            .map(|(_, sp)| sp.clone())
+            .unwrap_or_else(|| panic!("no {service} span {name:?}"))
+    };
+    let poll = find("carhook-poller", "poll vehicle");
+    let request = find("carhook-poller", "GET /vehicles/{id}/signals");
+    let send = find("carhook-poller", &format!("send {}", s.kafka.events_topic));
+    let consumer = find(
+        "carhook-processor",
+        &format!("process {}", s.kafka.events_topic),
+    );
+    let write = find("carhook-processor", "BATCH UPDATE");
+    assert_eq!(request.kind, SpanKind::Client as i32);
+    assert_eq!(
+        attr(&request, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attr(&request, "url.template").as_deref(),
+        Some("/vehicles/{id}/signals")
+    );
+    assert_eq!(send.kind, SpanKind::Producer as i32);
+    assert_eq!(consumer.kind, SpanKind::Consumer as i32);
+    for sp in [&request, &send, &consumer, &write] {
+        assert_eq!(
+            sp.trace_id, poll.trace_id,
+            "{} is in the poll's trace",
+            sp.name
+        );
+    }
+    assert_eq!(request.parent_span_id, poll.span_id);
+    assert_eq!(send.parent_span_id, poll.span_id);
+    assert_eq!(
+        consumer.parent_span_id, send.span_id,
+        "the processor continues the poller's send"
+    );
+    assert_eq!(write.parent_span_id, consumer.span_id);
     drop_keyspace(&s).await;
 }

@@ -18,6 +18,7 @@ use shared::poll_request::PollRequest;
 use shared::smartcar_api::{
     normalise, poll_event, poll_event_id, ApiError, PollMeta, RateScope, SmartcarApi,
 };
+use tracing::Instrument;
 
 use super::budget::GlobalBudget;
 use super::metrics::PollMetrics;
@@ -323,7 +324,21 @@ impl Poller {
                 key: headers::POLL_REASON,
                 value: Some(req.reason.as_str()),
             });
-        for (k, v) in shared::telemetry::inject(&tracing::Span::current()) {
+        // The PRODUCER span the processor's consumer span continues (as the receiver's does).
+        let span = tracing::info_span!(
+            "send",
+            otel.name = format!("send {}", self.events_topic),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            messaging.system = "kafka",
+            messaging.operation.name = "send",
+            messaging.operation.type = "send",
+            messaging.destination.name = self.events_topic.as_str(),
+            messaging.kafka.message.key = vehicle.as_str(),
+        );
+        for (k, v) in shared::telemetry::inject(&span) {
             h = h.insert(Header {
                 key: k.as_str(),
                 value: Some(v.as_str()),
@@ -335,8 +350,12 @@ impl Poller {
             .headers(h);
         self.producer
             .send(record, self.delivery_timeout)
+            .instrument(span.clone())
             .await
             .map(|d| (d.partition, d.offset))
-            .map_err(|(e, _)| format!("producing to {}: {e}", self.events_topic))
+            .map_err(|(e, _)| {
+                shared::telemetry::record_error(&span, "produce", &e.to_string());
+                format!("producing to {}: {e}", self.events_topic)
+            })
     }
 }

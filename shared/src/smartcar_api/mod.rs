@@ -25,6 +25,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::clock::EpochMillis;
 use crate::config::{ConfigError, SmartcarSettings};
@@ -258,6 +259,8 @@ pub struct SmartcarApi {
     token: Mutex<Option<Token>>,
     generation: std::sync::atomic::AtomicU64,
     minted: Counter,
+    /// The vehicle API's host (`server.address` of request spans).
+    host: String,
 }
 
 impl SmartcarApi {
@@ -274,9 +277,14 @@ impl SmartcarApi {
                 url: cfg.token_url.clone(),
                 source,
             })?;
+        let host = reqwest::Url::parse(&cfg.vehicle_api_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
         Ok(Self {
             http,
             cfg,
+            host,
             token: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
             minted,
@@ -395,6 +403,21 @@ impl SmartcarApi {
         loop {
             let (token, generation) = self.token().await?;
             admit().await;
+            // One CLIENT span per request (HTTP semantic conventions), so a polled value's trace
+            // shows the round trip to Smartcar, its status and its duration.
+            let span = tracing::info_span!(
+                "smartcar request",
+                otel.name = "GET /vehicles/{id}/signals",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                http.request.method = "GET",
+                url.template = "/vehicles/{id}/signals",
+                server.address = self.host.as_str(),
+                http.response.status_code = tracing::field::Empty,
+                http.request.resend_count = u8::from(reminted),
+            );
             let answer = self
                 .http
                 .get(&url)
@@ -402,13 +425,21 @@ impl SmartcarApi {
                 .header("sc-user-id", user)
                 .header(reqwest::header::ACCEPT, "application/json")
                 .send()
+                .instrument(span.clone())
                 .await
-                .map_err(|source| ApiError::Transport {
-                    vehicle: vehicle.to_string(),
-                    url: url.clone(),
-                    source: source.without_url(),
+                .map_err(|source| {
+                    crate::telemetry::record_error(&span, "transport", &source.to_string());
+                    ApiError::Transport {
+                        vehicle: vehicle.to_string(),
+                        url: url.clone(),
+                        source: source.without_url(),
+                    }
                 })?;
             let status = answer.status().as_u16();
+            span.record("http.response.status_code", status);
+            if status >= 400 {
+                crate::telemetry::record_error(&span, &status.to_string(), "HTTP error status");
+            }
             let request_id = answer
                 .headers()
                 .get("sc-request-id")
