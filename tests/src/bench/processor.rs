@@ -125,8 +125,10 @@ async fn prefill(s: &Settings, n: u64, body_bytes: usize) -> usize {
     let template = body_template(body_bytes);
     let mut pending = Vec::new();
     for i in 0..n {
-        let body = body_from(&template, i);
+        // Keyed by the vehicle the body names, as the receiver keys it: 1000 vehicles, each with
+        // its events in order on one partition.
         let key = format!("load-veh-{}", i % 1000);
+        let body = body_from(&template.replace("load-veh-@@N@@", &key), i);
         let (producer, topic) = (producer.clone(), s.kafka.events_topic.clone());
         pending.push(async move {
             producer
