@@ -114,6 +114,9 @@ pub fn settings(extra: &[(&str, &str)]) -> Settings {
             "CARHOOK__KAFKA__STATE_TOPIC",
             format!("{name}.vehicle-state"),
         ),
+        // Off by default in production (its cost); every suite runs with it, so each of them
+        // exercises it. Tests that need it off say so.
+        ("CARHOOK__PROCESSOR__CHANGELOG", "true".into()),
         (
             "CARHOOK__KAFKA__QUARANTINE_TOPIC",
             format!("{name}.quarantine"),
