@@ -189,10 +189,6 @@ fn is_fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_fatal())
 }
 
-fn is_retriable(e: &KafkaError) -> bool {
-    matches!(e, KafkaError::Transaction(t) if t.is_retriable() && !t.is_fatal() && !t.txn_requires_abort())
-}
-
 /// A record to produce inside the transaction: topic, key, value, headers.
 type Outgoing = (String, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
 
@@ -579,11 +575,11 @@ impl Worker {
 
     /// The transaction: actions, dead letters, offsets.
     ///
-    /// Follows librdkafka's rules for the transactional API: a call that fails with a retriable
-    /// error (its timeout ran out while the operation goes on inside librdkafka) is called again
-    /// with the time left of the transaction budget; an error that requires an abort aborts (and
-    /// the abort is itself resumed until it completes); anything fatal, or an abort that cannot
-    /// complete, makes the producer unusable and the clients are rebuilt.
+    /// Follows librdkafka's rules for the transactional API, each call made once with the whole
+    /// transaction budget ([`crate::txn`] says why a call is never resumed): an error that requires
+    /// an abort aborts, and the abort's outcome is checked; anything fatal, a call that ran out of
+    /// the budget (its operation is still under way inside librdkafka), or an abort that cannot
+    /// complete makes the producer unusable, and the clients are rebuilt.
     async fn commit(&self, runs: &[PartitionRun]) -> Result<(), TxnFailure> {
         let mut offsets = TopicPartitionList::new();
         for r in runs {
@@ -610,7 +606,9 @@ impl Worker {
                 self.metrics.committed();
                 Ok(())
             }
-            Err(e) if is_fatal(&e) => Err(TxnFailure::Unusable(e)),
+            Err(e) if is_fatal(&e) || crate::txn::ran_out_of_time(&e) => {
+                Err(TxnFailure::Unusable(e))
+            }
             Err(e) => match self.abort().await {
                 Ok(()) => Err(TxnFailure::Aborted(e)),
                 Err(abort) => {
@@ -621,51 +619,8 @@ impl Worker {
         }
     }
 
-    /// Runs one blocking transactional call, resuming it while it fails retriably (its call
-    /// timeout `per_call` ran out) and the transaction budget has time left.
-    async fn resumable<F>(
-        &self,
-        call: &'static str,
-        per_call: Duration,
-        op: F,
-    ) -> Result<(), KafkaError>
-    where
-        F: Fn(&FutureProducer, Duration) -> Result<(), KafkaError> + Send + Sync + 'static,
-    {
-        let deadline = Instant::now() + TRANSACTION_BUDGET;
-        let op = Arc::new(op);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let producer = self.producer.clone();
-            let op = Arc::clone(&op);
-            let timeout = per_call.min(left);
-            let result = tokio::task::spawn_blocking(move || op(&producer, timeout))
-                .await
-                .map_err(|_| KafkaError::Canceled)?;
-            match result {
-                Err(e) if is_retriable(&e) && !left.is_zero() => {
-                    self.metrics
-                        .transaction_retries
-                        .get_or_create(&vec![("call", call.to_string())])
-                        .inc();
-                    tracing::debug!(call, error = %e, "transactional call ran out of time; resuming");
-                    if timeout.is_zero() {
-                        // Polling (a zero call timeout): let the commit progress between polls.
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// How long commit and abort calls may block before they are resumed.
-    fn commit_call_timeout(&self) -> Duration {
-        Duration::from_millis(self.settings.processor.commit_timeout_ms)
-    }
-
     async fn abort(&self) -> Result<(), KafkaError> {
-        self.resumable("abort", self.commit_call_timeout(), |p, t| {
+        crate::txn::call(&self.producer, TRANSACTION_BUDGET, |p, t| {
             p.abort_transaction(t)
         })
         .await
@@ -794,15 +749,13 @@ impl Worker {
         for r in join_all(sends).await {
             r.map_err(|(e, _)| e)?;
         }
-        let group = Arc::new(self.consumer.group_metadata().ok_or(KafkaError::Canceled)?);
-        let offsets = Arc::new(offsets.clone());
-        // Offsets go to the group coordinator within the whole budget: a timeout there leaves the
-        // transaction abortable, not resumable.
-        self.resumable("send_offsets", TRANSACTION_BUDGET, move |p, t| {
+        let group = self.consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+        let offsets = offsets.clone();
+        crate::txn::call(&self.producer, TRANSACTION_BUDGET, move |p, t| {
             p.send_offsets_to_transaction(&offsets, &group, t)
         })
         .await?;
-        self.resumable("commit", self.commit_call_timeout(), |p, t| {
+        crate::txn::call(&self.producer, TRANSACTION_BUDGET, |p, t| {
             p.commit_transaction(t)
         })
         .await

@@ -7,6 +7,7 @@
 //! - [`store`]: the CQL claims and state tables.
 //! - [`view`]: the vehicle state document and the cells it is rendered from.
 //! - [`changelog`]: which events changed a document; the views that decide it without a read.
+//! - [`txn`]: librdkafka's transactional calls, resumed without tripping its commit/abort bug.
 //! - [`dead_letter`]: poison records and their provenance.
 //! - [`state`]: the vehicle state view (`processor state`).
 //! - [`poll`]: the REST polling fallback (`processor poll run|now|resync`).
@@ -24,6 +25,7 @@ pub mod replay;
 pub mod state;
 pub mod store;
 pub mod tools;
+pub mod txn;
 pub mod view;
 
 use std::sync::Arc;

@@ -27,8 +27,6 @@ pub struct Metrics {
     pub consumer_lag: Family<Labels, Gauge>,
     pub transactions: Family<Labels, Counter>,
     pub rebalances: Family<Labels, Counter>,
-    /// Transactional calls that ran out of time and were resumed, by call.
-    pub transaction_retries: Family<Labels, Counter>,
     /// Unix time of the last committed transaction (0 until the first).
     pub last_commit: Gauge<f64, AtomicU64>,
     /// Kafka clients rebuilt after a fatal or unusable producer state.
@@ -57,7 +55,6 @@ impl Metrics {
             consumer_lag: Family::default(),
             transactions: Family::default(),
             rebalances: Family::default(),
-            transaction_retries: Family::default(),
             last_commit: Gauge::default(),
             client_rebuilds: Counter::default(),
             untrusted_timestamps: Family::default(),
@@ -90,11 +87,6 @@ impl Metrics {
             let _ = m
                 .legacy_events
                 .get_or_create(&vec![("form", form.to_string())]);
-        }
-        for call in ["send_offsets", "commit", "abort"] {
-            let _ = m
-                .transaction_retries
-                .get_or_create(&vec![("call", call.to_string())]);
         }
         for clock in ["oem_updated_at", "fetched_at", "delivered_at"] {
             let _ = m
@@ -172,11 +164,6 @@ impl Metrics {
             "rebalances",
             "Consumer group rebalances, by kind (assign, revoke)",
             m.rebalances.clone(),
-        );
-        r.register(
-            "transaction_retries",
-            "Transactional calls that ran out of their call timeout and were resumed, by call",
-            m.transaction_retries.clone(),
         );
         r.register_with_unit(
             "last_commit_timestamp",

@@ -545,11 +545,6 @@ pub struct ProcessorSettings {
     /// Longest pause between retries of a transient failure.
     pub max_backoff_ms: u64,
     pub shutdown_grace_ms: u64,
-    /// Time one `commit_transaction` or `abort_transaction` call may block. A call that runs out
-    /// is resumed with the time left of the transaction budget (`transaction.timeout.ms`), never
-    /// abandoned: librdkafka keeps committing in the background. 0 makes every call return at
-    /// once and be polled until the commit completes (how the tests force the resume path).
-    pub commit_timeout_ms: u64,
     /// How far a car's or Smartcar's clock may run ahead of receive time before the timestamp is
     /// not trusted (the next clock is used instead).
     pub max_clock_skew_ms: u64,
@@ -572,7 +567,6 @@ impl Default for ProcessorSettings {
             rate_limit_backoff_secs: 900,
             max_backoff_ms: 30_000,
             shutdown_grace_ms: 20_000,
-            commit_timeout_ms: 10_000,
             max_clock_skew_ms: 60_000,
             changelog: false,
         }
@@ -895,12 +889,6 @@ impl Settings {
         }
         if p.logic_version > 999 {
             return Err(invalid("processor.logic_version", "must be at most 999"));
-        }
-        if p.commit_timeout_ms > 60_000 {
-            return Err(invalid(
-                "processor.commit_timeout_ms",
-                "must be at most 60000",
-            ));
         }
         if !(1_000..=86_400_000).contains(&p.max_clock_skew_ms) {
             return Err(invalid(
