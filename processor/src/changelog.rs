@@ -25,7 +25,7 @@
 //!
 //! Memory: one view per vehicle of the owned partitions (about the size of its document).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,14 +81,27 @@ pub struct Undo {
     partition: i32,
     offset: i64,
     vehicle: String,
-    prior: Entry,
+    what: Taken,
 }
 
-/// A vehicle's view and the last document the changelog holds for it (null: none yet).
+/// What a record did to a vehicle's entry.
+#[derive(Debug, Clone)]
+enum Taken {
+    /// An event's plan: the cells it replaced, and whether the vehicle had a record before.
+    Cells {
+        applied: view::Applied,
+        recorded: bool,
+    },
+    /// A refresh replaced the whole entry (rare: replays and legacy multi-vehicle bodies).
+    Entry(Box<Entry>),
+}
+
+/// A vehicle's view, and whether the changelog holds a record of it (the last record's document
+/// is then the view's rendering).
 #[derive(Debug, Clone)]
 struct Entry {
     view: View,
-    document: Value,
+    recorded: bool,
 }
 
 /// Each vehicle's last changelog record read at restore: (document, cell times).
@@ -158,28 +171,78 @@ impl Changelog {
         }
     }
 
-    /// Takes back what records that will be processed again did to the views: each vehicle gets
-    /// the view it had before the earliest of them.
+    /// Takes back what records that will be processed again did to the views, latest first: each
+    /// vehicle gets the view it had before the earliest of them. (A vehicle's records are processed
+    /// in offset order, and every record past one processed again is processed again too.)
     pub fn undo(&self, mut undos: Vec<Undo>) {
         undos.sort_by_key(|u| std::cmp::Reverse(u.offset));
         let Ok(parts) = self.partitions.lock() else {
             return;
         };
         for u in undos {
-            if let Some(pv) = parts.get(&u.partition) {
-                if let Ok(mut v) = pv.vehicles.lock() {
-                    v.insert(u.vehicle, u.prior);
+            let Some(pv) = parts.get(&u.partition) else {
+                continue;
+            };
+            let Ok(mut vehicles) = pv.vehicles.lock() else {
+                continue;
+            };
+            match u.what {
+                Taken::Entry(prior) => {
+                    vehicles.insert(u.vehicle, *prior);
+                }
+                Taken::Cells { applied, recorded } => {
+                    if let Some(e) = vehicles.get_mut(&u.vehicle) {
+                        e.view.undo(applied);
+                        e.recorded = recorded;
+                    }
                 }
             }
         }
     }
 
-    /// After `plan` (of the record at `partition`/`offset`, keyed by `key`) is durable in the
-    /// store: applies it to the vehicle's view; returns the change record if the document changed,
-    /// and how to undo it.
+    /// Makes sure the view `plan`'s vehicle needs is in memory (restoring the partition, loading
+    /// the vehicle on first touch), so [`Changelog::observe`] does not wait for it. Runs while the
+    /// plan is written: a load leaves out the cells of the event being processed (`event_id`)
+    /// whether or not it sees them, so it may overlap the write.
+    pub async fn prepare(
+        &self,
+        store: &Store,
+        event_id: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        plan: &Plan,
+    ) -> Result<(), StoreError> {
+        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
+            return Ok(());
+        };
+        if key != Some(vehicle.as_bytes()) {
+            return Ok(());
+        }
+        let pv = self.partition_views(partition, offset).await?;
+        let cached = pv.vehicles.lock().map_err(transient)?.contains_key(vehicle);
+        if !cached {
+            // First touch: loaded outside the lock. A vehicle's records run one at a time, so no
+            // other record of it can load it meanwhile. The record's own cells are left out like
+            // those of every record at or past the partition's start, without reading its claim.
+            let entry = self
+                .load(store, &pv, partition, vehicle, Some(event_id))
+                .await?;
+            pv.vehicles
+                .lock()
+                .map_err(transient)?
+                .insert(vehicle.to_owned(), entry);
+        }
+        Ok(())
+    }
+
+    /// After `plan` (of event `event_id`, the record at `partition`/`offset`, keyed by `key`) is
+    /// durable in the store: applies it to the vehicle's view; returns the change record if the
+    /// document changed, and how to undo it.
     pub async fn observe(
         &self,
         store: &Store,
+        event_id: &str,
         partition: i32,
         offset: i64,
         key: Option<&[u8]>,
@@ -194,35 +257,41 @@ impl Changelog {
             // Their owner is asked to refresh them, in order with their own events.
             return Ok(Observed::RefreshElsewhere(vehicle.to_owned()));
         }
+        self.prepare(store, event_id, partition, offset, key, plan)
+            .await?;
         let pv = self.partition_views(partition, offset).await?;
-        let cached = pv.vehicles.lock().map_err(transient)?.get(vehicle).cloned();
-        let mut entry = match cached {
-            Some(e) => e,
-            None => self.load(store, &pv, partition, vehicle).await?,
-        };
-        let prior = entry.clone();
-        entry.view.apply(plan);
-        let document = entry.view.render(vehicle);
-        let change = (document != entry.document).then(|| Change {
-            vehicle: vehicle.to_owned(),
-            event_id: String::new(),
-            event_type: String::new(),
-            changed: view::changed(&entry.document, &document),
-            document: document.to_string(),
-            cell_times: entry.view.cell_times().to_string(),
+        let mut vehicles = pv.vehicles.lock().map_err(transient)?;
+        let entry = vehicles
+            .get_mut(vehicle)
+            .ok_or_else(|| transient(format!("vehicle {vehicle} has no view")))?;
+        // The cells the plan wrote decide whether the document changed; it is rendered whole
+        // only for a change record.
+        let applied = entry.view.apply_tracked(plan);
+        let recorded = entry.recorded;
+        let change = (!recorded || !applied.changed.is_empty()).then(|| {
+            let document = entry.view.render(vehicle);
+            Change {
+                vehicle: vehicle.to_owned(),
+                event_id: String::new(),
+                event_type: String::new(),
+                // A first record names everything it shows.
+                changed: if recorded {
+                    applied.changed.clone()
+                } else {
+                    view::changed(&Value::Null, &document)
+                },
+                document: document.to_string(),
+                cell_times: entry.view.cell_times().to_string(),
+            }
         });
-        entry.document = document;
-        pv.vehicles
-            .lock()
-            .map_err(transient)?
-            .insert(vehicle.to_owned(), entry);
+        entry.recorded = true;
         Ok(Observed::Viewed {
             change: change.map(Box::new),
             undo: Box::new(Undo {
                 partition,
                 offset,
                 vehicle: vehicle.to_owned(),
-                prior,
+                what: Taken::Cells { applied, recorded },
             }),
         })
     }
@@ -271,46 +340,55 @@ impl Changelog {
         let cached = pv.vehicles.lock().map_err(transient)?.get(vehicle).cloned();
         let prior = match cached {
             Some(e) => e,
-            None => self.load(store, &pv, partition, vehicle).await?,
+            None => self.load(store, &pv, partition, vehicle, None).await?,
         };
         let view = self
-            .committed_cells(store, partition, offset, vehicle)
+            .committed_cells(store, partition, offset, vehicle, None)
             .await?;
-        if view.is_empty() && prior.document.is_null() {
+        if view.is_empty() && !prior.recorded {
             return Ok((None, None));
         }
+        let before = if prior.recorded {
+            prior.view.render(vehicle)
+        } else {
+            Value::Null
+        };
         let document = view.render(vehicle);
-        let change = (document != prior.document).then(|| Change {
+        let change = (document != before).then(|| Change {
             vehicle: vehicle.to_owned(),
             event_id: String::new(),
             event_type: String::new(),
-            changed: view::changed(&prior.document, &document),
+            changed: view::changed(&before, &document),
             document: document.to_string(),
             cell_times: view.cell_times().to_string(),
         });
-        pv.vehicles
-            .lock()
-            .map_err(transient)?
-            .insert(vehicle.to_owned(), Entry { view, document });
+        pv.vehicles.lock().map_err(transient)?.insert(
+            vehicle.to_owned(),
+            Entry {
+                view,
+                recorded: true,
+            },
+        );
         Ok((
             change,
             Some(Undo {
                 partition,
                 offset,
                 vehicle: vehicle.to_owned(),
-                prior,
+                what: Taken::Entry(Box::new(prior)),
             }),
         ))
     }
 
     /// A vehicle's view on first touch: its restored record, else the store without the cells of
-    /// records that will be processed again.
+    /// records that will be processed again (`processing`: the event being processed, one of them).
     async fn load(
         &self,
         store: &Store,
         pv: &PartitionViews,
         partition: i32,
         vehicle: &str,
+        processing: Option<&str>,
     ) -> Result<Entry, StoreError> {
         let record = pv.records.lock().map_err(transient)?.remove(vehicle);
         if let Some((doc, times)) = record {
@@ -318,12 +396,15 @@ impl Changelog {
                 .map_err(|e| e.to_string())
                 .and_then(|d| {
                     let t = serde_json::from_slice::<Value>(&times).map_err(|e| e.to_string())?;
-                    View::restore(vehicle, &d, &t)
-                        .map(|v| (v, d))
-                        .map_err(|e| e.to_string())
+                    View::restore(vehicle, &d, &t).map_err(|e| e.to_string())
                 });
             match parsed {
-                Ok((view, document)) => return Ok(Entry { view, document }),
+                Ok(view) => {
+                    return Ok(Entry {
+                        view,
+                        recorded: true,
+                    })
+                }
                 Err(e) => tracing::warn!(
                     vehicle,
                     partition,
@@ -333,53 +414,66 @@ impl Changelog {
             }
         }
         let view = self
-            .committed_cells(store, partition, pv.start_offset, vehicle)
+            .committed_cells(store, partition, pv.start_offset, vehicle, processing)
             .await?;
         Ok(Entry {
             view,
-            document: Value::Null,
+            recorded: false,
         })
     }
 
     /// The vehicle's stored cells, less those written by records of `partition` at or past
-    /// `start` (they are processed again, and their change records produced then).
+    /// `start` (they are processed again, and their change records produced then). The writer of
+    /// each cell is found through the claim of the event id it names, read concurrently; `ahead`
+    /// names an event known to be such a record (the one being processed), whose claim is not read.
     async fn committed_cells(
         &self,
         store: &Store,
         partition: i32,
         start: i64,
         vehicle: &str,
+        ahead: Option<&str>,
     ) -> Result<View, StoreError> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
         let cells = store.cells(vehicle).await?;
-        let mut ahead: HashMap<String, bool> = HashMap::new();
-        for c in &cells {
-            let Some(id) = c.event_id.as_deref() else {
-                continue;
-            };
-            if ahead.contains_key(id) {
-                continue;
-            }
-            let claim = store.read_decided_claim(id).await?;
-            let is_ahead = claim.is_some_and(|c| {
-                c.owner.topic == self.kafka.events_topic
-                    && c.owner.partition == partition
-                    && c.owner.offset >= start
-            });
-            ahead.insert(id.to_owned(), is_ahead);
-        }
+        let mut writers: Vec<String> = cells
+            .iter()
+            .filter_map(|c| c.event_id.clone())
+            .filter(|id| Some(id.as_str()) != ahead)
+            .collect();
+        writers.sort_unstable();
+        writers.dedup();
+        let events_topic = self.kafka.events_topic.as_str();
+        let later: HashSet<String> = stream::iter(writers)
+            .map(|id| async move {
+                let claim = store.read_decided_claim(&id).await?;
+                let is_later = claim.is_some_and(|c| {
+                    c.owner.topic == events_topic
+                        && c.owner.partition == partition
+                        && c.owner.offset >= start
+                });
+                Ok::<_, StoreError>(is_later.then_some(id))
+            })
+            .buffer_unordered(CLAIM_READS)
+            .try_filter_map(|id| std::future::ready(Ok(id)))
+            .try_collect()
+            .await?;
         let mut view = View::default();
         for c in &cells {
-            if c.event_id
+            let skip = c
+                .event_id
                 .as_deref()
-                .is_some_and(|id| ahead.get(id) == Some(&true))
-            {
-                continue;
+                .is_some_and(|id| Some(id) == ahead || later.contains(id));
+            if !skip {
+                view.put(c);
             }
-            view.put(c);
         }
         Ok(view)
     }
 }
+
+/// Claims read at once when a vehicle's view is loaded from the store.
+const CLAIM_READS: usize = 8;
 
 /// The restore consumer's context: reaching the end of the partition is how a restore finishes,
 /// not an error worth a log line (librdkafka also reports it through the error callback).
@@ -387,7 +481,11 @@ struct RestoreContext;
 
 impl rdkafka::ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        use rdkafka::types::RDKafkaErrorCode;
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
             tracing::warn!(error = %error, "state changelog restore: {reason}");
         }
     }
@@ -405,8 +503,25 @@ fn restore(kafka: &KafkaSettings, partition: i32) -> Result<LastRecords, String>
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
+        // An empty fetch answer comes back at once instead of after the default 500 ms wait.
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(RestoreContext)
         .map_err(|e| format!("{topic}: restore consumer: {e}"))?;
+    // An empty partition (a new topic, or all of it deleted) has nothing to read.
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| format!("{topic}[{partition}]: watermarks: {e}"))?;
+    if high <= low {
+        tracing::info!(
+            topic = topic.as_str(),
+            partition,
+            records = 0,
+            vehicles = 0,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "vehicle views restored from the state changelog (empty)"
+        );
+        return Ok(LastRecords::new());
+    }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)
         .and_then(|()| consumer.assign(&tpl))

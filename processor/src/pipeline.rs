@@ -212,13 +212,36 @@ impl Pipeline {
         // Each statement is its own CQL CLIENT span under the record's span (see `Store`).
         let applied = async {
             for plan in &mut plans {
-                self.store.apply(plan).await?;
+                match &self.changelog {
+                    // The vehicle's view is loaded, if it must be, while the plan is written.
+                    Some(changelog) => {
+                        tokio::try_join!(
+                            self.store.apply(plan),
+                            changelog.prepare(
+                                &self.store,
+                                event_id,
+                                pos.partition,
+                                pos.offset,
+                                msg.key(),
+                                plan,
+                            ),
+                        )?;
+                    }
+                    None => self.store.apply(plan).await?,
+                }
                 self.keep_flag_changes(plan, event_id).await?;
                 if let Some(changelog) = &self.changelog {
-                    match changelog
-                        .observe(&self.store, pos.partition, pos.offset, msg.key(), plan)
-                        .await?
-                    {
+                    let observed = changelog
+                        .observe(
+                            &self.store,
+                            event_id,
+                            pos.partition,
+                            pos.offset,
+                            msg.key(),
+                            plan,
+                        )
+                        .await?;
+                    match observed {
                         Observed::Nothing => {}
                         Observed::Viewed { change, undo: u } => {
                             undo.push(*u);

@@ -694,20 +694,19 @@ impl Store {
     /// Every stored state cell of a vehicle, with its write timestamp and the event that wrote it.
     pub async fn cells(&self, vehicle: &str) -> Result<Vec<StoredCell>, StoreError> {
         const OP: &str = "read vehicle cells";
-        let signals = self
-            .traced(
+        // The two tables are read at once.
+        let (signals, errors) = tokio::try_join!(
+            self.traced(
                 OP,
                 ("SELECT", "signal_state"),
                 self.session.execute_unpaged(&self.signal_cells, (vehicle,)),
-            )
-            .await?;
-        let errors = self
-            .traced(
+            ),
+            self.traced(
                 OP,
                 ("SELECT", "vehicle_errors"),
                 self.session.execute_unpaged(&self.error_cells, (vehicle,)),
-            )
-            .await?;
+            ),
+        )?;
         cells_from(signals, errors).map_err(|e| StoreError::from_exec(OP, e))
     }
 

@@ -17,7 +17,8 @@
 //! Bookkeeping (the last event seen, its delivery time) is not part of the document: it changes on
 //! every event, so a changelog keyed on it would change on every event too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::LazyLock;
 
 use serde_json::{json, Map, Value};
 
@@ -34,6 +35,10 @@ struct Stamped {
     part: Value,
     tie: Option<Vec<String>>,
 }
+
+/// What the document shows for a signal without an availability cell.
+static AVAILABLE: LazyLock<Value> =
+    LazyLock::new(|| json!({"status": "available", "error": null, "since": null}));
 
 /// Sorts after every JSON text: an availability document without an `error` key.
 const NO_ERROR_KEY: &str = "\u{7f}";
@@ -121,17 +126,66 @@ fn availability_part(raw: &Value) -> Value {
 }
 
 /// Keeps the cell the store keeps: the higher write timestamp, at equal timestamps the greater
-/// document; true when `new` won.
-fn newer(slot: &mut Option<Stamped>, new: Stamped) -> bool {
+/// document. When `new` wins, returns the cell it replaced (None: there was none).
+fn newer(slot: &mut Option<Stamped>, new: Stamped) -> Option<Option<Stamped>> {
     let wins = match slot {
         None => true,
         Some(cur) if new.ts != cur.ts => new.ts > cur.ts,
         Some(cur) => matches!((&cur.tie, &new.tie), (Some(a), Some(b)) if b > a),
     };
-    if wins {
-        *slot = Some(new);
-    }
-    wins
+    wins.then(|| slot.replace(new))
+}
+
+/// One cell of a view, as an undo names it.
+#[derive(Debug, Clone)]
+enum CellKey {
+    Value(String),
+    Availability(String),
+    Error(String),
+}
+
+/// What applying one plan did to a view: the cells it replaced, so it can be taken back
+/// ([`View::undo`]), and the parts of the document it changed.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    replaced: Vec<(CellKey, Option<Stamped>)>,
+    /// Signal codes whose entry changed, and `error:<key>` for each active error set, changed or
+    /// cleared, sorted (the same names [`changed`] gives for two whole documents).
+    pub changed: Vec<String>,
+}
+
+/// A signal's entry in the document.
+fn signal_entry(cells: &SignalCells) -> Value {
+    let value = cells.value.as_ref().map(|s| &s.part);
+    let avail = cells.availability.as_ref().map(|s| &s.part);
+    let status = avail
+        .and_then(|a| a.get("status"))
+        .and_then(Value::as_str)
+        .unwrap_or("available");
+    let field = |f: &str| value.and_then(|v| v.get(f)).cloned().unwrap_or(Value::Null);
+    let from_avail = |f: &str| avail.and_then(|a| a.get(f)).cloned().unwrap_or(Value::Null);
+    json!({
+        "body": field("body"),
+        "status": status,
+        "oemUpdatedAt": field("oemUpdatedAt"),
+        "fetchedAt": field("fetchedAt"),
+        "eventId": field("eventId"),
+        "logicVersion": field("logicVersion"),
+        // `webhook` or `poll` (see `value_part`); null without a value.
+        "source": field("source"),
+        "error": from_avail("error"),
+        "unavailableSince": from_avail("since"),
+    })
+}
+
+/// An error's entry among the active errors (without its key), if it is active.
+fn error_entry(cell: &Stamped) -> Option<Value> {
+    (cell.part.is_object() && is_active(&cell.part)).then(|| cell.part.clone())
+}
+
+/// An error cell's part as the document shows it: only while active.
+fn shown_error(part: Option<&Value>) -> Option<&Value> {
+    part.filter(|p| p.is_object() && is_active(p))
 }
 
 /// True for an error document in state `ERROR` (an active error).
@@ -140,16 +194,17 @@ fn is_active(part: &Value) -> bool {
 }
 
 impl View {
-    /// Adds a stored value cell (raw JSON document, write timestamp).
-    pub fn put_value(&mut self, code: &str, doc: &str, ts: i64) {
+    /// Adds a stored value cell (raw JSON document, write timestamp); returns the cell it
+    /// replaced when it won.
+    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Option<Stamped>> {
         let s = self.signals.entry(code.to_owned()).or_default();
         let part = value_part(&parse(doc));
         let tie = value_tie(&part);
-        newer(&mut s.value, Stamped { ts, part, tie });
+        newer(&mut s.value, Stamped { ts, part, tie })
     }
 
     /// Adds a stored availability cell.
-    pub fn put_availability(&mut self, code: &str, doc: &str, ts: i64) {
+    fn put_availability(&mut self, code: &str, doc: &str, ts: i64) -> Option<Option<Stamped>> {
         let s = self.signals.entry(code.to_owned()).or_default();
         let raw = parse(doc);
         newer(
@@ -159,18 +214,19 @@ impl View {
                 part: availability_part(&raw),
                 tie: availability_tie(&raw),
             },
-        );
+        )
     }
 
     /// Adds a stored vehicle-error cell.
-    pub fn put_error(&mut self, key: &str, doc: &str, ts: i64) {
+    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Option<Stamped>> {
         let mut slot = self.errors.remove(key);
         let part = parse(doc);
         let tie = Some(vec![part.to_string()]);
-        newer(&mut slot, Stamped { ts, part, tie });
+        let replaced = newer(&mut slot, Stamped { ts, part, tie });
         if let Some(s) = slot {
             self.errors.insert(key.to_owned(), s);
         }
+        replaced
     }
 
     /// Adds a stored cell of any kind.
@@ -180,23 +236,136 @@ impl View {
             CellKind::Value(code) => self.put_value(code, &cell.doc, cell.timestamp),
             CellKind::Availability(code) => self.put_availability(code, &cell.doc, cell.timestamp),
             CellKind::Error(key) => self.put_error(key, &cell.doc, cell.timestamp),
-        }
+        };
     }
 
     /// Applies a plan's writes as the store does (a higher timestamp wins per cell).
     pub fn apply(&mut self, plan: &Plan) {
+        self.apply_tracked(plan);
+    }
+
+    /// Applies a plan's writes as the store does, and says what that changed, with work
+    /// proportional to the plan, not to the vehicle's whole state, and without rendering: only
+    /// the entries of the signals and errors the plan writes can change, and an entry changed
+    /// exactly when one of its cells shows something else than before the plan. Every other part
+    /// of the document is derived from them (`unsupportedSignals` from statuses, `needsReconnect`
+    /// and `rateLimitedUntil` from active errors).
+    pub fn apply_tracked(&mut self, plan: &Plan) -> Applied {
+        // Whether each signal the plan writes had an entry before it.
+        let mut existed: BTreeMap<&str, bool> = BTreeMap::new();
+        for code in plan
+            .values
+            .iter()
+            .map(|w| w.code.as_str())
+            .chain(plan.availability.iter().map(|w| w.code.as_str()))
+        {
+            existed
+                .entry(code)
+                .or_insert_with(|| self.signals.contains_key(code));
+        }
+        let mut replaced = Vec::new();
         for w in &plan.values {
-            self.put_value(w.code.as_str(), &w.value.doc, w.value.timestamp);
+            let code = w.code.as_str();
+            if let Some(prior) = self.put_value(code, &w.value.doc, w.value.timestamp) {
+                replaced.push((CellKey::Value(code.to_owned()), prior));
+            }
         }
         for w in &plan.availability {
-            self.put_availability(
-                w.code.as_str(),
-                &w.availability.doc,
-                w.availability.timestamp,
-            );
+            let code = w.code.as_str();
+            let ts = w.availability.timestamp;
+            if let Some(prior) = self.put_availability(code, &w.availability.doc, ts) {
+                replaced.push((CellKey::Availability(code.to_owned()), prior));
+            }
         }
         for w in &plan.errors {
-            self.put_error(&w.key, &w.state.doc, w.state.timestamp);
+            if let Some(prior) = self.put_error(&w.key, &w.state.doc, w.state.timestamp) {
+                replaced.push((CellKey::Error(w.key.clone()), prior));
+            }
+        }
+        // Each cell's state before the plan is the prior of its first replacement.
+        let mut signals: BTreeSet<&str> = BTreeSet::new();
+        let mut errors: BTreeSet<&str> = BTreeSet::new();
+        let mut seen: BTreeSet<(u8, &str)> = BTreeSet::new();
+        for (key, before) in &replaced {
+            let (kind, name) = match key {
+                CellKey::Value(c) => (0, c.as_str()),
+                CellKey::Availability(c) => (1, c.as_str()),
+                CellKey::Error(k) => (2, k.as_str()),
+            };
+            if !seen.insert((kind, name)) {
+                continue;
+            }
+            let before = before.as_ref().map(|s| &s.part);
+            match kind {
+                0 => {
+                    let now = self.signals.get(name).and_then(|c| c.value.as_ref());
+                    if before != now.map(|s| &s.part) {
+                        signals.insert(name);
+                    }
+                }
+                1 => {
+                    let now = self.signals.get(name).and_then(|c| c.availability.as_ref());
+                    let differs = match before {
+                        // No availability cell renders as available: a first one changes the
+                        // entry only if it says something else, or if the signal is new.
+                        None => {
+                            !existed.get(name).copied().unwrap_or(false)
+                                || now.is_some_and(|s| s.part != *AVAILABLE)
+                        }
+                        Some(b) => now.map(|s| &s.part) != Some(b),
+                    };
+                    if differs {
+                        signals.insert(name);
+                    }
+                }
+                _ => {
+                    let now = self.errors.get(name).map(|s| &s.part);
+                    if shown_error(before) != shown_error(now) {
+                        errors.insert(name);
+                    }
+                }
+            }
+        }
+        let changed = signals
+            .into_iter()
+            .map(str::to_owned)
+            .chain(errors.into_iter().map(|k| format!("error:{k}")))
+            .collect();
+        Applied { replaced, changed }
+    }
+
+    /// Takes back what [`View::apply_tracked`] did. Undos of several plans are taken back latest
+    /// first.
+    pub fn undo(&mut self, applied: Applied) {
+        for (key, prior) in applied.replaced.into_iter().rev() {
+            match key {
+                CellKey::Value(code) => {
+                    self.signals.entry(code.clone()).or_default().value = prior;
+                    self.drop_if_empty(&code);
+                }
+                CellKey::Availability(code) => {
+                    self.signals.entry(code.clone()).or_default().availability = prior;
+                    self.drop_if_empty(&code);
+                }
+                CellKey::Error(k) => match prior {
+                    Some(p) => {
+                        self.errors.insert(k, p);
+                    }
+                    None => {
+                        self.errors.remove(&k);
+                    }
+                },
+            }
+        }
+    }
+
+    fn drop_if_empty(&mut self, code: &str) {
+        if self
+            .signals
+            .get(code)
+            .is_some_and(|c| c.value.is_none() && c.availability.is_none())
+        {
+            self.signals.remove(code);
         }
     }
 
@@ -210,51 +379,26 @@ impl View {
         let mut signals = Map::new();
         let mut unsupported = Vec::new();
         for (code, cells) in &self.signals {
-            let value = cells.value.as_ref().map(|s| &s.part);
-            let avail = cells.availability.as_ref().map(|s| &s.part);
-            let status = avail
-                .and_then(|a| a.get("status"))
-                .and_then(Value::as_str)
-                .unwrap_or("available");
-            if status == "unsupported" {
+            let entry = signal_entry(cells);
+            if entry["status"] == "unsupported" {
                 unsupported.push(Value::from(code.clone()));
             }
-            let field = |f: &str| value.and_then(|v| v.get(f)).cloned().unwrap_or(Value::Null);
-            let from_avail = |f: &str| avail.and_then(|a| a.get(f)).cloned().unwrap_or(Value::Null);
-            signals.insert(
-                code.clone(),
-                json!({
-                    "body": field("body"),
-                    "status": status,
-                    "oemUpdatedAt": field("oemUpdatedAt"),
-                    "fetchedAt": field("fetchedAt"),
-                    "eventId": field("eventId"),
-                    "logicVersion": field("logicVersion"),
-                    // `webhook` or `poll` (see `value_part`); null without a value.
-                    "source": field("source"),
-                    "error": from_avail("error"),
-                    "unavailableSince": from_avail("since"),
-                }),
-            );
+            signals.insert(code.clone(), entry);
         }
         let mut active = Vec::new();
         let mut needs_reconnect = false;
         let mut backoff_until: Option<i64> = None;
         for (key, cell) in &self.errors {
-            let Value::Object(doc) = &cell.part else {
+            let Some(Value::Object(mut e)) = error_entry(cell) else {
                 continue;
             };
-            if !is_active(&cell.part) {
-                continue;
-            }
-            needs_reconnect |= doc
+            needs_reconnect |= e
                 .get("needsReconnect")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            if let Some(b) = doc.get("backoffUntil").and_then(Value::as_i64) {
+            if let Some(b) = e.get("backoffUntil").and_then(Value::as_i64) {
                 backoff_until = Some(backoff_until.map_or(b, |x| x.max(b)));
             }
-            let mut e = doc.clone();
             e.insert("key".into(), Value::from(key.clone()));
             active.push(Value::Object(e));
         }
@@ -566,6 +710,52 @@ mod tests {
             r.apply(&p);
             assert_eq!(r.render("car"), v.render("car"));
         }
+    }
+
+    /// The changelog decides "changed" from the cells a plan wrote, not from two whole documents:
+    /// both must name the same entries at every step, and undoing the steps latest first must give
+    /// back each earlier document exactly (signals that first appeared included).
+    #[test]
+    fn tracked_changes_equal_the_document_diff_and_undo_restores_each_document() {
+        let plans = [
+            state("e2", 60.0, 2_000_000),
+            state("e1", 50.0, 1_000_000),
+            state("e2", 60.0, 2_000_000),
+            error("x1", "ERROR", 1_500_000),
+            state("e3", 61.0, 3_000_000),
+            state("e3", 61.0, 3_000_000),
+            error("x0", "RESOLVED", 1_000_000),
+            error("x2", "RESOLVED", 2_500_000),
+            state("e4", 61.0, 3_000_000),
+        ];
+        let mut v = View::default();
+        let mut history = vec![v.render("car")];
+        let mut undos = Vec::new();
+        for (i, p) in plans.iter().enumerate() {
+            let before = v.render("car");
+            let applied = v.apply_tracked(p);
+            let after = v.render("car");
+            let mut expected = changed(&before, &after);
+            expected.sort();
+            assert_eq!(applied.changed, expected, "step {i}");
+            undos.push(applied);
+            history.push(after);
+        }
+        assert!(
+            undos.iter().any(|a| a.changed.is_empty()),
+            "some step changed nothing"
+        );
+        while let Some(applied) = undos.pop() {
+            v.undo(applied);
+            history.pop();
+            assert_eq!(
+                Some(&v.render("car")),
+                history.last(),
+                "after undoing step {}",
+                undos.len()
+            );
+        }
+        assert!(v.is_empty(), "every cell undone");
     }
 
     #[test]
