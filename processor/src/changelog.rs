@@ -75,6 +75,35 @@ pub enum Observed {
     RefreshElsewhere(String),
 }
 
+/// The record a plan comes from: its event, where it sits, and its key.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub event_id: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+}
+
+/// Whose view a plan concerns.
+enum Whose<'p> {
+    /// The plan concerns no vehicle.
+    Nobody,
+    /// The record's partition owns the vehicle: the record is keyed by it.
+    Here(&'p str),
+    /// A legacy body listing several vehicles is keyed by one of them: the others belong to other
+    /// partitions (and possibly other owners), whose views must learn of this write. Their owner
+    /// is asked to refresh them, in order with their own events.
+    Elsewhere(&'p str),
+}
+
+fn whose<'p>(source: Source<'_>, plan: &'p Plan) -> Whose<'p> {
+    match plan.vehicle.as_ref().map(|v| v.as_str()) {
+        None => Whose::Nobody,
+        Some(v) if source.key == Some(v.as_bytes()) => Whose::Here(v),
+        Some(v) => Whose::Elsewhere(v),
+    }
+}
+
 /// How to take back what a record did to a view, if the record is processed again.
 #[derive(Debug, Clone)]
 pub struct Undo {
@@ -202,64 +231,37 @@ impl Changelog {
 
     /// Makes sure the view `plan`'s vehicle needs is in memory (restoring the partition, loading
     /// the vehicle on first touch), so [`Changelog::observe`] does not wait for it. Runs while the
-    /// plan is written: a load leaves out the cells of the event being processed (`event_id`)
-    /// whether or not it sees them, so it may overlap the write.
+    /// plan is written: a load leaves out the cells of the event being processed
+    /// (`source.event_id`) whether or not it sees them, so it may overlap the write.
     pub async fn prepare(
         &self,
         store: &Store,
-        event_id: &str,
-        partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
+        source: Source<'_>,
         plan: &Plan,
     ) -> Result<(), StoreError> {
-        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
-            return Ok(());
-        };
-        if key != Some(vehicle.as_bytes()) {
-            return Ok(());
-        }
-        let pv = self.partition_views(partition, offset).await?;
-        let cached = pv.vehicles.lock().map_err(transient)?.contains_key(vehicle);
-        if !cached {
-            // First touch: loaded outside the lock. A vehicle's records run one at a time, so no
-            // other record of it can load it meanwhile. The record's own cells are left out like
-            // those of every record at or past the partition's start, without reading its claim.
-            let entry = self
-                .load(store, &pv, partition, vehicle, Some(event_id))
-                .await?;
-            pv.vehicles
-                .lock()
-                .map_err(transient)?
-                .insert(vehicle.to_owned(), entry);
+        if let Whose::Here(vehicle) = whose(source, plan) {
+            self.views_with(store, source, vehicle).await?;
         }
         Ok(())
     }
 
-    /// After `plan` (of event `event_id`, the record at `partition`/`offset`, keyed by `key`) is
-    /// durable in the store: applies it to the vehicle's view; returns the change record if the
-    /// document changed, and how to undo it.
+    /// After `plan` (of the record `source`) is durable in the store: applies it to the vehicle's
+    /// view; returns the change record if the document changed, and how to undo it.
     pub async fn observe(
         &self,
         store: &Store,
-        event_id: &str,
-        partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
+        source: Source<'_>,
         plan: &Plan,
     ) -> Result<Observed, StoreError> {
-        let Some(vehicle) = plan.vehicle.as_ref().map(|v| v.as_str()) else {
-            return Ok(Observed::Nothing);
+        let vehicle = match whose(source, plan) {
+            Whose::Nobody => return Ok(Observed::Nothing),
+            Whose::Elsewhere(vehicle) => return Ok(Observed::RefreshElsewhere(vehicle.to_owned())),
+            Whose::Here(vehicle) => vehicle,
         };
-        if key != Some(vehicle.as_bytes()) {
-            // A legacy body listing several vehicles is keyed by one of them: the others belong to
-            // other partitions (and possibly other owners), whose views must learn of this write.
-            // Their owner is asked to refresh them, in order with their own events.
-            return Ok(Observed::RefreshElsewhere(vehicle.to_owned()));
-        }
-        self.prepare(store, event_id, partition, offset, key, plan)
-            .await?;
-        let pv = self.partition_views(partition, offset).await?;
+        let Source {
+            partition, offset, ..
+        } = source;
+        let pv = self.views_with(store, source, vehicle).await?;
         let mut vehicles = pv.vehicles.lock().map_err(transient)?;
         let entry = vehicles
             .get_mut(vehicle)
@@ -294,6 +296,32 @@ impl Changelog {
                 what: Taken::Cells { applied, recorded },
             }),
         })
+    }
+
+    /// The views of `source`'s partition, with `vehicle`'s view among them: loaded on first touch,
+    /// outside the lock (a vehicle's records run one at a time, so no other record of it can load it
+    /// meanwhile). The record's own cells are left out like those of every record at or past the
+    /// partition's start, without reading its claim.
+    async fn views_with(
+        &self,
+        store: &Store,
+        source: Source<'_>,
+        vehicle: &str,
+    ) -> Result<Arc<PartitionViews>, StoreError> {
+        let pv = self
+            .partition_views(source.partition, source.offset)
+            .await?;
+        let cached = pv.vehicles.lock().map_err(transient)?.contains_key(vehicle);
+        if !cached {
+            let entry = self
+                .load(store, &pv, source.partition, vehicle, Some(source.event_id))
+                .await?;
+            pv.vehicles
+                .lock()
+                .map_err(transient)?
+                .insert(vehicle.to_owned(), entry);
+        }
+        Ok(pv)
     }
 
     /// The views of `partition`, restored from its changelog partition on first use.
@@ -511,17 +539,30 @@ fn restore(kafka: &KafkaSettings, partition: i32) -> Result<LastRecords, String>
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(|e| format!("{topic}[{partition}]: watermarks: {e}"))?;
-    if high <= low {
-        tracing::info!(
-            topic = topic.as_str(),
-            partition,
-            records = 0,
-            vehicles = 0,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "vehicle views restored from the state changelog (empty)"
-        );
-        return Ok(LastRecords::new());
-    }
+    let (last, read) = if high <= low {
+        (LastRecords::new(), 0)
+    } else {
+        read_to_end(&consumer, topic, partition, started)?
+    };
+    tracing::info!(
+        topic = topic.as_str(),
+        partition,
+        records = read,
+        vehicles = last.len(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "vehicle views restored from the state changelog"
+    );
+    Ok(last)
+}
+
+/// Reads changelog partition `partition` from its beginning to its end: each vehicle's last
+/// record, and how many records were read.
+fn read_to_end(
+    consumer: &BaseConsumer<RestoreContext>,
+    topic: &str,
+    partition: i32,
+    started: Instant,
+) -> Result<(LastRecords, u64), String> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)
         .and_then(|()| consumer.assign(&tpl))
@@ -562,13 +603,5 @@ fn restore(kafka: &KafkaSettings, partition: i32) -> Result<LastRecords, String>
             None => {}
         }
     }
-    tracing::info!(
-        topic = topic.as_str(),
-        partition,
-        records = read,
-        vehicles = last.len(),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "vehicle views restored from the state changelog"
-    );
-    Ok(last)
+    Ok((last, read))
 }

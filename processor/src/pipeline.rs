@@ -211,36 +211,26 @@ impl Pipeline {
         let mut refresh_requests = Vec::new();
         // Each statement is its own CQL CLIENT span under the record's span (see `Store`).
         let applied = async {
+            let source = crate::changelog::Source {
+                event_id,
+                partition: pos.partition,
+                offset: pos.offset,
+                key: msg.key(),
+            };
             for plan in &mut plans {
                 match &self.changelog {
                     // The vehicle's view is loaded, if it must be, while the plan is written.
                     Some(changelog) => {
                         tokio::try_join!(
                             self.store.apply(plan),
-                            changelog.prepare(
-                                &self.store,
-                                event_id,
-                                pos.partition,
-                                pos.offset,
-                                msg.key(),
-                                plan,
-                            ),
+                            changelog.prepare(&self.store, source, plan),
                         )?;
                     }
                     None => self.store.apply(plan).await?,
                 }
                 self.keep_flag_changes(plan, event_id).await?;
                 if let Some(changelog) = &self.changelog {
-                    let observed = changelog
-                        .observe(
-                            &self.store,
-                            event_id,
-                            pos.partition,
-                            pos.offset,
-                            msg.key(),
-                            plan,
-                        )
-                        .await?;
+                    let observed = changelog.observe(&self.store, source, plan).await?;
                     match observed {
                         Observed::Nothing => {}
                         Observed::Viewed { change, undo: u } => {
