@@ -65,8 +65,12 @@ fn attr(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
+/// Starts a collector; returns it, its OTLP endpoint and its server task.
+async fn collector() -> (
+    Collector,
+    String,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -75,10 +79,37 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
     let server = tonic::transport::Server::builder()
         .add_service(TraceServiceServer::new(collector.clone()))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    let server = tokio::spawn(server);
+    (collector, format!("http://{otlp}"), tokio::spawn(server))
+}
 
+impl Collector {
+    /// Waits (30 s at most) until the spans received satisfy `done`, then returns them all and
+    /// prints them, one line each, for the test's output.
+    async fn spans_once(&self, done: impl Fn(&[(String, Span)]) -> bool) -> Vec<(String, Span)> {
+        eventually(Duration::from_secs(30), || async {
+            self.0.lock().map(|s| done(&s)).unwrap_or(false)
+        })
+        .await;
+        let spans = self.0.lock().map(|s| s.clone()).unwrap_or_default();
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        for (svc, sp) in &spans {
+            println!(
+                "{svc:<18} {:<34} kind={} trace={} span={} parent={}",
+                sp.name,
+                sp.kind,
+                hex(&sp.trace_id),
+                hex(&sp.span_id),
+                hex(&sp.parent_span_id)
+            );
+        }
+        spans
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
+    let (collector, endpoint, server) = collector().await;
     let s = settings(&[]);
-    let endpoint = format!("http://{otlp}");
     let extra = [("CARHOOK__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str())];
     let log = std::env::temp_dir().join(format!("{}.trace.log", s.cql.keyspace));
     let processor = ChildService::processor(&s, "traced", &log, &extra).await;
@@ -142,20 +173,14 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
     assert_eq!(receiver.terminate(), Some(0));
     assert_eq!(processor.terminate(), Some(0));
     assert_eq!(unreachable.terminate(), Some(0));
-    eventually(Duration::from_secs(30), || async {
-        collector
-            .0
-            .lock()
-            .map(|s| {
-                s.iter()
-                    .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("BATCH"))
-                    && s.iter()
-                        .any(|(svc, _)| svc == "carhook-receiver-unreachable")
-            })
-            .unwrap_or(false)
-    })
-    .await;
-    let spans = collector.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let spans = collector
+        .spans_once(|s| {
+            s.iter()
+                .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("BATCH"))
+                && s.iter()
+                    .any(|(svc, _)| svc == "carhook-receiver-unreachable")
+        })
+        .await;
     let find = |service: &str, pred: &dyn Fn(&Span) -> bool| -> Span {
         spans
             .iter()
@@ -171,17 +196,6 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
                 )
             })
     };
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    for (svc, sp) in &spans {
-        println!(
-            "{svc:<18} {:<28} kind={} trace={} span={} parent={}",
-            sp.name,
-            sp.kind,
-            hex(&sp.trace_id),
-            hex(&sp.span_id),
-            hex(&sp.parent_span_id)
-        );
-    }
     let server_span = find("carhook-receiver", &|sp| sp.kind == SpanKind::Server as i32);
     let producer = find("carhook-receiver", &|sp| {
         sp.kind == SpanKind::Producer as i32
@@ -381,24 +395,10 @@ async fn one_signed_delivery_yields_one_trace_from_http_to_state() {
     drop_keyspace(&s).await;
 }
 
-/// Starts a collector; returns it and its OTLP endpoint.
-async fn collector() -> (Collector, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let otlp = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-    let collector = Collector::default();
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(collector.clone()))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    tokio::spawn(server);
-    (collector, format!("http://{otlp}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_polled_value_is_one_trace_from_the_smartcar_request_to_the_state_write() {
     use crate::poll::{fake, request_poll, soc, start_poller};
-    let (collector, endpoint) = collector().await;
+    let (collector, endpoint, _server) = collector().await;
     let s = settings(&[]);
     let api = fake().await;
     let car = "traced-poll-car";
@@ -430,30 +430,13 @@ async fn a_polled_value_is_one_trace_from_the_smartcar_request_to_the_state_writ
     // SIGTERM flushes the batch exporters.
     assert_eq!(poller.terminate(), Some(0));
     assert_eq!(processor.terminate(), Some(0));
-    eventually(Duration::from_secs(30), || async {
-        collector
-            .0
-            .lock()
-            .map(|s| {
-                s.iter()
-                    .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("BATCH"))
-                    && s.iter().any(|(svc, _)| svc == "carhook-poller")
-            })
-            .unwrap_or(false)
-    })
-    .await;
-    let spans = collector.0.lock().map(|s| s.clone()).unwrap_or_default();
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    for (svc, sp) in &spans {
-        println!(
-            "{svc:<18} {:<34} kind={} trace={} span={} parent={}",
-            sp.name,
-            sp.kind,
-            hex(&sp.trace_id),
-            hex(&sp.span_id),
-            hex(&sp.parent_span_id)
-        );
-    }
+    let spans = collector
+        .spans_once(|s| {
+            s.iter()
+                .any(|(svc, sp)| svc == "carhook-processor" && sp.name.starts_with("BATCH"))
+                && s.iter().any(|(svc, _)| svc == "carhook-poller")
+        })
+        .await;
     let find = |service: &str, name: &str| -> Span {
         spans
             .iter()
