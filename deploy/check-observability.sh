@@ -146,11 +146,15 @@ CATALOGUE = {
         "carhook_receiver_circuit_open",
         "carhook_processor_consumer_lag",
         "carhook_processor_last_commit_timestamp_seconds",
+        "carhook_processor_consumer_lag_age_seconds",
     ],
     "histogram": [
         "carhook_receiver_request_duration_seconds",
         "carhook_receiver_produce_duration_seconds",
         "carhook_processor_processing_duration_seconds",
+        "carhook_processor_event_freshness_seconds",
+        "carhook_processor_cql_duration_seconds",
+        "carhook_receiver_request_body_bytes",
     ],
 }
 # Standard exporters' metrics the rules may read (documented in rules.yml and the chart README).
@@ -166,7 +170,7 @@ for kind, names in CATALOGUE.items():
 errors = []
 
 # The catalogue against the code: each metric's registered name (prefix, `_total` for counters and
-# `_seconds` for the histograms' unit are added by prometheus_client) must appear in metrics.rs.
+# `_seconds` / `_bytes` for a unit are added by prometheus_client) must appear in metrics.rs.
 for service, rel in (("receiver", "receiver/src/metrics.rs"), ("processor", "processor/src/metrics.rs"),
                      ("poller", "processor/src/poll/metrics.rs")):
     src_path = os.path.join(root, rel)
@@ -180,7 +184,7 @@ for service, rel in (("receiver", "receiver/src/metrics.rs"), ("processor", "pro
             if not n.startswith(f"carhook_{service}_"):
                 continue
             short = n[len(f"carhook_{service}_"):]
-            short = re.sub(r"_(total|seconds)$", "", short)
+            short = re.sub(r"_(total|seconds|bytes)$", "", short)
             if not re.search(r'register(_with_unit)?\(\s*"' + re.escape(short) + '"', src):
                 errors.append(f"{rel}: no registration of \"{short}\" ({n})")
 

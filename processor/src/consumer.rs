@@ -93,6 +93,15 @@ impl ConsumerContext for GroupContext {
             if let Ok(mut r) = self.revoked.lock() {
                 r.extend(&partitions);
             }
+            for p in &partitions {
+                self.metrics.lag_clock.revoked(*p);
+            }
+        }
+        if kind == "assign" {
+            let now = shared::clock::EpochMillis::now().as_i64();
+            for p in &partitions {
+                self.metrics.lag_clock.assigned(*p, now);
+            }
         }
         self.metrics
             .rebalances
@@ -768,6 +777,12 @@ impl Worker {
     /// only as `telemetry.event_log` says.
     fn finish(&self, runs: &[PartitionRun]) {
         let lines = shared::telemetry::EventLines::new(&self.settings.telemetry);
+        let now = shared::clock::EpochMillis::now().as_i64();
+        for run in runs {
+            if let Some(ms) = run.done.last().and_then(|d| d.msg.timestamp().to_millis()) {
+                self.metrics.lag_clock.committed(run.partition, ms);
+            }
+        }
         for d in runs.iter().flat_map(|r| &r.done) {
             let _in_span = d.span.enter();
             let outcome = d.disposition.label();
@@ -791,6 +806,14 @@ impl Worker {
                     continue;
                 }
                 Disposition::Applied(applied) => {
+                    // Receive to commit: the receiver's (or poller's) receive time, when it is there.
+                    if let Some(at) =
+                        header_str(&d.msg, headers::RECEIVED_AT).and_then(|v| v.parse::<i64>().ok())
+                    {
+                        #[allow(clippy::cast_precision_loss)] // milliseconds
+                        let secs = (now - at).max(0) as f64 / 1000.0;
+                        self.metrics.freshness.observe(secs);
+                    }
                     let actions: Vec<_> = applied.plans.iter().flat_map(|p| &p.actions).collect();
                     self.metrics
                         .state_changes
@@ -879,7 +902,8 @@ fn by_partition(batch: Vec<OwnedMessage>) -> BTreeMap<i32, Vec<OwnedMessage>> {
     out
 }
 
-/// Keeps `consumer_lag{partition}` current: high watermark minus position, for assigned partitions.
+/// Keeps `consumer_lag{partition}` (high watermark minus position) and `consumer_lag_age_seconds`
+/// ([`crate::metrics::LagClock`]) current for assigned partitions, every 5 s.
 pub async fn report_lag(
     consumer: Arc<EventConsumer>,
     topic: String,
@@ -894,6 +918,9 @@ pub async fn report_lag(
             let Ok(pos) = c.position() else {
                 return Vec::new();
             };
+            // The group's committed offsets: records handed to the pipeline but not yet committed
+            // count for the lag's age, not for the records behind the position.
+            let committed = c.committed(Duration::from_secs(2)).ok();
             pos.elements()
                 .iter()
                 .filter(|e| e.topic() == t)
@@ -905,24 +932,35 @@ pub async fn report_lag(
                         Offset::Offset(o) => o,
                         _ => return None,
                     };
-                    Some((e.partition(), (high - at).max(0)))
+                    let done = committed
+                        .as_ref()
+                        .and_then(|l| l.find_partition(&t, e.partition()))
+                        .and_then(|c| match c.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        })
+                        .unwrap_or(at);
+                    Some((e.partition(), (high - at).max(0), (high - done).max(0)))
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
-        let now: HashSet<i32> = lags.iter().map(|(p, _)| *p).collect();
+        let now: HashSet<i32> = lags.iter().map(|(p, _, _)| *p).collect();
         // Partitions handed to another instance stop being reported here, instead of freezing.
         for gone in reported.difference(&now) {
-            metrics
-                .consumer_lag
-                .remove(&vec![("partition", gone.to_string())]);
+            let labels = vec![("partition", gone.to_string())];
+            metrics.consumer_lag.remove(&labels);
+            metrics.lag_seconds.remove(&labels);
         }
-        for (p, lag) in lags {
+        let at = shared::clock::EpochMillis::now().as_i64();
+        for (p, lag, uncommitted) in lags {
+            let labels = vec![("partition", p.to_string())];
+            metrics.consumer_lag.get_or_create(&labels).set(lag);
             metrics
-                .consumer_lag
-                .get_or_create(&vec![("partition", p.to_string())])
-                .set(lag);
+                .lag_seconds
+                .get_or_create(&labels)
+                .set(metrics.lag_clock.lag_seconds(p, uncommitted, at));
         }
         reported = now;
         tokio::select! {

@@ -144,21 +144,28 @@ pub fn delivery_time(
     }
 }
 
-/// Error types Smartcar documents; anything else is counted as `other` to keep labels bounded.
+/// Error types Smartcar documents, then `other` for anything else (labels stay bounded).
+pub const ERROR_TYPE_LABELS: &[&str] = &[
+    "CONNECTED_SERVICES_ACCOUNT",
+    "VEHICLE_STATE",
+    "COMPATIBILITY",
+    "PERMISSION",
+    "UPSTREAM",
+    "RATE_LIMIT",
+    "AUTHENTICATION",
+    "BILLING",
+    "SERVER",
+    "VALIDATION",
+    "other",
+];
+
+/// The `type` label of a vehicle error: its type when Smartcar documents it, else `other`.
 pub fn error_type_label(t: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "CONNECTED_SERVICES_ACCOUNT",
-        "VEHICLE_STATE",
-        "COMPATIBILITY",
-        "PERMISSION",
-        "UPSTREAM",
-        "RATE_LIMIT",
-        "AUTHENTICATION",
-        "BILLING",
-        "SERVER",
-        "VALIDATION",
-    ];
-    KNOWN.iter().find(|k| **k == t).copied().unwrap_or("other")
+    ERROR_TYPE_LABELS
+        .iter()
+        .find(|k| **k == t)
+        .copied()
+        .unwrap_or("other")
 }
 
 fn ms(t: Option<EpochMillis>) -> Value {

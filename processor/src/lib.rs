@@ -136,7 +136,8 @@ async fn run_inner(
         &settings.cql.keyspace,
         settings.cql.dedup_ttl_days,
     )
-    .await?;
+    .await?
+    .with_latency(metrics.cql_duration.clone());
     readiness.set("store", true);
     let p = &settings.processor;
     let mut pipeline = Pipeline::new(

@@ -1,6 +1,8 @@
 //! The processor's Prometheus metrics, all `carhook_processor_*`.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,6 +39,68 @@ pub struct Metrics {
     pub legacy_events: Family<Labels, Counter>,
     /// Poll requests this processor made (dead letters, resolved errors), by reason.
     pub poll_requests: Family<Labels, Counter>,
+    /// Receive (the receiver's `carhook-received-at`) to committed, per applied event.
+    pub freshness: Histogram,
+    /// Age of the oldest record not yet committed, per assigned partition (see [`LagClock`]).
+    pub lag_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// What `lag_seconds` is computed from.
+    pub lag_clock: LagClock,
+    /// Each CQL statement execution, by operation, table and result.
+    pub cql_duration: Family<CqlLabels, Histogram>,
+}
+
+/// Labels of `cql_duration`: operation (`INSERT`, `SELECT`, `BATCH UPDATE` …), table (the
+/// keyspace's table, or `batch`) and result (`ok`, or the error class). All bounded.
+pub type CqlLabels = [(&'static str, &'static str); 3];
+
+/// The Kafka timestamp of the last committed record per partition.
+///
+/// The lag in seconds of a partition that is behind is `now − that timestamp`: the record after
+/// it, the oldest one not yet committed, entered the topic at that time or later, so this is an
+/// upper bound of its age that grows while nothing commits and is exact for a partition stuck on
+/// one record. A partition with no record behind has lag 0. Before the first commit since it was
+/// assigned, a partition that is behind counts from its assignment.
+#[derive(Clone, Default)]
+pub struct LagClock(Arc<Mutex<HashMap<i32, i64>>>);
+
+impl LagClock {
+    /// Records that `partition` committed up to a record with Kafka timestamp `ms`.
+    pub fn committed(&self, partition: i32, ms: i64) {
+        if let Ok(mut m) = self.0.lock() {
+            let t = m.entry(partition).or_insert(ms);
+            *t = (*t).max(ms);
+        }
+    }
+
+    /// Starts the clock of a newly assigned partition at `now_ms` (if it has none).
+    pub fn assigned(&self, partition: i32, now_ms: i64) {
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(partition).or_insert(now_ms);
+        }
+    }
+
+    /// Forgets a partition that is no longer assigned here.
+    pub fn revoked(&self, partition: i32) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&partition);
+        }
+    }
+
+    /// Seconds `partition` is behind at `now_ms`, given the records behind its position.
+    pub fn lag_seconds(&self, partition: i32, records_behind: i64, now_ms: i64) -> f64 {
+        if records_behind <= 0 {
+            return 0.0;
+        }
+        let since = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&partition).copied())
+            .unwrap_or(now_ms);
+        #[allow(clippy::cast_precision_loss)] // milliseconds: exact far beyond any real lag
+        let secs = (now_ms - since).max(0) as f64 / 1000.0;
+        secs
+    }
 }
 
 impl Metrics {
@@ -60,6 +124,14 @@ impl Metrics {
             untrusted_timestamps: Family::default(),
             legacy_events: Family::default(),
             poll_requests: Family::default(),
+            // 10 ms .. ~5.5 min: a fast pipeline to a backlog that needs attention.
+            freshness: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            lag_seconds: Family::default(),
+            lag_clock: LagClock::default(),
+            cql_duration: Family::new_with_constructor(|| {
+                // 0.25 ms .. ~8 s.
+                Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+            }),
         };
         // Every series with known label values exists from start-up at 0, so `rate()` and
         // `increase()` see the first error instead of a series appearing from nothing.
@@ -98,6 +170,15 @@ impl Metrics {
             "reason",
             &["dead_letter", "error_resolved"],
         );
+        zero(&m.rebalances, "kind", &["assign", "revoke"]);
+        for t in crate::effects::ERROR_TYPE_LABELS {
+            for state in ["error", "resolved"] {
+                let _ = m.vehicle_errors.get_or_create(&vec![
+                    ("type", (*t).to_string()),
+                    ("state", state.to_string()),
+                ]);
+            }
+        }
         let r = registry.sub_registry_with_prefix("carhook_processor");
         r.register(
             "build",
@@ -191,6 +272,24 @@ impl Metrics {
             "Poll requests put on the poll-request topic with the batch, by reason (dead_letter, error_resolved)",
             m.poll_requests.clone(),
         );
+        r.register_with_unit(
+            "event_freshness",
+            "Time from the receiver's acknowledgement to the processor's commit, per applied event",
+            Unit::Seconds,
+            m.freshness.clone(),
+        );
+        r.register_with_unit(
+            "consumer_lag_age",
+            "Age of the oldest record not yet committed, per assigned partition (0 when caught up; an upper bound: now minus the last committed record's Kafka timestamp)",
+            Unit::Seconds,
+            m.lag_seconds.clone(),
+        );
+        r.register_with_unit(
+            "cql_duration",
+            "Each CQL statement execution, by operation, table and result (ok or the error class)",
+            Unit::Seconds,
+            m.cql_duration.clone(),
+        );
         m
     }
 
@@ -226,4 +325,41 @@ pub fn build_info() -> prometheus_client::metrics::info::Info<Vec<(&'static str,
         "version",
         env!("CARGO_PKG_VERSION").to_string(),
     )])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LagClock;
+
+    #[test]
+    fn lag_age_counts_from_the_last_committed_record_and_is_zero_when_caught_up() {
+        let clock = LagClock::default();
+        clock.assigned(3, 1_000);
+        assert_eq!(clock.lag_seconds(3, 0, 9_000), 0.0, "nothing behind");
+        assert_eq!(
+            clock.lag_seconds(3, 5, 9_000),
+            8.0,
+            "behind since assignment"
+        );
+        clock.committed(3, 7_500);
+        assert_eq!(clock.lag_seconds(3, 5, 9_000), 1.5);
+        clock.committed(3, 2_000);
+        assert_eq!(
+            clock.lag_seconds(3, 5, 9_000),
+            1.5,
+            "a commit never moves it back"
+        );
+        clock.assigned(3, 8_900);
+        assert_eq!(
+            clock.lag_seconds(3, 5, 9_000),
+            1.5,
+            "a repeated assign keeps it"
+        );
+        clock.revoked(3);
+        assert_eq!(
+            clock.lag_seconds(3, 5, 9_000),
+            0.0,
+            "unknown partition: from now"
+        );
+    }
 }

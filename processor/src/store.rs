@@ -7,6 +7,7 @@
 //! plain batch keeps the per-event cost at roughly a single LWT.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use scylla::client::session::Session;
 use scylla::errors::ExecutionError;
@@ -19,10 +20,13 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::SerialConsistency;
 use scylla::value::{CqlValue, Row};
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use shared::clock::EpochMillis;
 use tracing::Instrument;
 
 use crate::effects::Plan;
+use crate::metrics::CqlLabels;
 
 /// A store failure. Everything the driver reports is treated as transient except statements the
 /// server refuses as invalid, which are deterministic and count towards dead-lettering.
@@ -180,6 +184,8 @@ pub struct Store {
     signal_cells: PreparedStatement,
     error_cells: PreparedStatement,
     dedup_ttl_secs: i32,
+    /// Where each execution's duration is observed (none for tools and tests).
+    cql_duration: Option<Family<CqlLabels, Histogram>>,
 }
 
 /// Whether a lightweight transaction applied. Read generically: Cassandra returns only `[applied]`
@@ -379,6 +385,7 @@ impl Store {
             signal_cells,
             error_cells,
             dedup_ttl_secs: i32::try_from(u64::from(dedup_ttl_days) * 86_400).unwrap_or(i32::MAX),
+            cql_duration: None,
         })
     }
 
@@ -390,6 +397,14 @@ impl Store {
     /// The keyspace.
     pub fn keyspace(&self) -> &str {
         &self.keyspace
+    }
+
+    /// Observes every statement execution's duration in `histogram`
+    /// (`carhook_processor_cql_duration_seconds{operation, table, result}`).
+    #[must_use]
+    pub fn with_latency(mut self, histogram: Family<CqlLabels, Histogram>) -> Self {
+        self.cql_duration = Some(histogram);
+        self
     }
 
     /// Claims `event_id` for the record at `pos`, delivered (by Smartcar's clock, or received when
@@ -831,12 +846,19 @@ impl Store {
         }
         // One span for the batch: several tables of one vehicle, no single collection name.
         let span = shared::cql_trace::span(&self.keyspace, "BATCH UPDATE", None);
+        let started = Instant::now();
         let res = self
             .session
             .batch(&batch, rows)
             .instrument(span.clone())
             .await;
-        Self::finish_span(&span, "write vehicle state", &res);
+        self.finish_span(
+            &span,
+            "write vehicle state",
+            ("BATCH UPDATE", "batch"),
+            started,
+            &res,
+        );
         res.map_err(|e| StoreError::from_exec("write vehicle state", e))?;
         Ok(())
     }
@@ -850,17 +872,32 @@ impl Store {
         exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
     ) -> Result<QueryResult, StoreError> {
         let span = shared::cql_trace::span(&self.keyspace, operation, Some(table));
+        let started = Instant::now();
         let res = exec.instrument(span.clone()).await;
-        Self::finish_span(&span, op, &res);
+        self.finish_span(&span, op, (operation, table), started, &res);
         res.map_err(|e| StoreError::from_exec(op, e))
     }
 
+    /// Ends an execution: its span's outcome, and its duration by operation, table and result.
     fn finish_span(
+        &self,
         span: &tracing::Span,
         op: &'static str,
+        (operation, table): (&'static str, &'static str),
+        started: Instant,
         res: &Result<QueryResult, ExecutionError>,
     ) {
-        shared::cql_trace::finish(span, res, |e| StoreError::from_exec(op, e).kind());
+        let kind = |e: &ExecutionError| StoreError::from_exec(op, e).kind();
+        if let Some(h) = &self.cql_duration {
+            let result = res.as_ref().map_or_else(kind, |_| "ok");
+            h.get_or_create(&[
+                ("operation", operation),
+                ("table", table),
+                ("result", result),
+            ])
+            .observe(started.elapsed().as_secs_f64());
+        }
+        shared::cql_trace::finish(span, res, kind);
     }
 }
 

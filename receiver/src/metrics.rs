@@ -15,6 +15,10 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+/// The `result` label values of `verify_challenges`: answered signed, answered unsigned, refused
+/// for the challenge's shape, refused by the rate limit.
+pub const VERIFY_RESULTS: [&str; 4] = ["signed", "unsigned", "refused_shape", "refused_rate"];
+
 /// All receiver metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -27,6 +31,8 @@ pub struct Metrics {
     pub circuit_open: Gauge,
     pub quarantined: Family<Labels, Counter>,
     pub verify_challenges: Family<Labels, Counter>,
+    /// Size of each webhook body read (whatever its outcome).
+    pub body_bytes: Histogram,
     /// Poll requests after an outage, by result (`requested`, `failed`), and vehicles forgotten
     /// because the outage memory was full (`forgotten`).
     pub outage_polls: Family<Labels, Counter>,
@@ -45,6 +51,8 @@ impl Metrics {
             circuit_open: Gauge::default(),
             quarantined: Family::default(),
             verify_challenges: Family::default(),
+            // 256 B .. 2 MiB: a VERIFY, Smartcar's 4–50 KB payloads, and anything near the limit.
+            body_bytes: Histogram::new(exponential_buckets(256.0, 2.0, 14)),
             outage_polls: Family::default(),
         };
         for result in ["requested", "failed", "forgotten"] {
@@ -65,6 +73,9 @@ impl Metrics {
         }
         for result in ["queued", "dropped", "rate_limited"] {
             let _ = m.quarantined.get_or_create(&vec![("result", result)]);
+        }
+        for result in VERIFY_RESULTS {
+            let _ = m.verify_challenges.get_or_create(&vec![("result", result)]);
         }
         let r = registry.sub_registry_with_prefix("carhook_receiver");
         r.register(
@@ -121,6 +132,12 @@ impl Metrics {
             "verify_challenges",
             "VERIFY challenges, by result",
             m.verify_challenges.clone(),
+        );
+        r.register_with_unit(
+            "request_body",
+            "Size of each webhook request body read, whatever the outcome",
+            Unit::Bytes,
+            m.body_bytes.clone(),
         );
         r.register(
             "outage_polls",

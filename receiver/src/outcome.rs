@@ -181,6 +181,10 @@ impl Delivery {
             .request_duration
             .get_or_create(&vec![("outcome", label)])
             .observe(elapsed.as_secs_f64());
+        if self.body_len > 0 {
+            #[allow(clippy::cast_precision_loss)] // bounded by the body limit
+            metrics.body_bytes.observe(self.body_len as f64);
+        }
         let r = &self.routing;
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         macro_rules! log {

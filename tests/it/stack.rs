@@ -100,6 +100,8 @@ async fn fresh_services_export_known_series_at_zero_and_their_build() {
                 "carhook_receiver_requests_total{outcome=\"circuit_open\"} 0".to_string(),
                 "carhook_receiver_signature_failures_total{reason=\"mismatch\"} 0".to_string(),
                 "carhook_receiver_quarantined_total{result=\"dropped\"} 0".to_string(),
+                "carhook_receiver_verify_challenges_total{result=\"refused_rate\"} 0".to_string(),
+                "carhook_receiver_request_body_bytes_count 0".to_string(),
                 format!("carhook_receiver_build_info{{version=\"{version}\"}} 1"),
             ],
         ),
@@ -113,6 +115,12 @@ async fn fresh_services_export_known_series_at_zero_and_their_build() {
                 "carhook_processor_actions_total{type=\"RECONNECT_REQUIRED\"} 0".to_string(),
                 "carhook_processor_transactions_total{result=\"aborted\"} 0".to_string(),
                 "carhook_processor_events_total{outcome=\"dead_lettered\"} 0".to_string(),
+                "carhook_processor_rebalances_total{kind=\"revoke\"} 0".to_string(),
+                "carhook_processor_vehicle_errors_total{type=\"PERMISSION\",state=\"resolved\"} 0"
+                    .to_string(),
+                "carhook_processor_vehicle_errors_total{type=\"other\",state=\"error\"} 0"
+                    .to_string(),
+                "carhook_processor_event_freshness_seconds_count 0".to_string(),
                 format!("carhook_processor_build_info{{version=\"{version}\"}} 1"),
             ],
         ),
@@ -126,6 +134,86 @@ async fn fresh_services_export_known_series_at_zero_and_their_build() {
             );
         }
     }
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+}
+
+/// The value of the first `/metrics` line at `admin` that starts with `prefix` (0 when absent).
+async fn metric(admin: std::net::SocketAddr, prefix: &str) -> f64 {
+    let (_, text) = get(admin, "/metrics").await;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One delivery is measured on its whole way: its body size at the receiver; at the processor, the
+/// time from receipt to commit, each CQL statement by operation and table, and the age of the
+/// partition's oldest uncommitted record, which is 0 once everything is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_is_measured_from_its_body_to_its_commit() {
+    let s = settings(&[]);
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let body = state_event(
+        "evt-measured",
+        "car-measured",
+        &[(
+            "tractionbattery-stateofcharge",
+            serde_json::json!({"unit":"percent","value":61}),
+            1_731_940_328_000,
+        )],
+    );
+    let len = body.len();
+    let answer = post(
+        r.addr,
+        "/webhooks/smartcar",
+        body.clone(),
+        Some(&sign(TOKEN, &body)),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let applied = r#"carhook_processor_events_total{outcome="applied"}"#;
+    eventually(Duration::from_secs(60), || async {
+        metric(p.addr, applied).await == 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(r.admin, "carhook_receiver_request_body_bytes_count").await,
+        1.0
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let bytes = len as f64;
+    assert_eq!(
+        metric(r.admin, "carhook_receiver_request_body_bytes_sum").await,
+        bytes
+    );
+    assert_eq!(
+        metric(p.addr, "carhook_processor_event_freshness_seconds_count").await,
+        1.0
+    );
+    let freshness = metric(p.addr, "carhook_processor_event_freshness_seconds_sum").await;
+    assert!(
+        freshness > 0.0 && freshness < 60.0,
+        "receipt to commit took {freshness} s"
+    );
+    let claim = r#"carhook_processor_cql_duration_seconds_count{operation="INSERT",table="processed_events",result="ok"}"#;
+    assert_eq!(metric(p.addr, claim).await, 1.0, "one claim");
+    let write = r#"carhook_processor_cql_duration_seconds_count{operation="BATCH UPDATE",table="batch",result="ok"}"#;
+    assert!(metric(p.addr, write).await >= 1.0, "the state write");
+    // Reported every 5 s for each assigned partition; all committed, so every age is 0.
+    eventually(Duration::from_secs(30), || async {
+        let (_, text) = get(p.addr, "/metrics").await;
+        let ages: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with("carhook_processor_consumer_lag_age_seconds{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        !ages.is_empty() && ages.iter().all(|a| *a == 0.0)
+    })
+    .await;
     p.stop().await;
     r.stop().await;
     drop_keyspace(&s).await;
