@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
-use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -869,14 +868,15 @@ impl Worker {
         }
     }
 
+    /// Waits before the next attempt after `failures` failed ones in a row: between half and all of
+    /// 100 ms × 2^failures, capped at `processor.max_backoff_ms` (backon's exponential backoff with
+    /// jitter, which adds up to one more delay: hence half the delays and half the cap).
     async fn backoff(&self, failures: u32, shutdown: &CancellationToken) {
-        let cap = self.settings.processor.max_backoff_ms.max(100);
-        let exp = 100u64.saturating_mul(1u64 << failures.min(16)).min(cap);
-        let wait = rand::rng().random_range(exp / 2..=exp);
-        tracing::info!(wait_ms = wait, failures, "backing off");
+        let wait = backoff_delay(self.settings.processor.max_backoff_ms, failures);
+        tracing::info!(wait_ms = wait.as_millis() as u64, failures, "backing off");
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -900,6 +900,20 @@ fn by_partition(batch: Vec<OwnedMessage>) -> BTreeMap<i32, Vec<OwnedMessage>> {
         }
     }
     out
+}
+
+/// The wait after `failures` failed attempts in a row ([`Worker::backoff`]).
+fn backoff_delay(max_backoff_ms: u64, failures: u32) -> Duration {
+    use backon::BackoffBuilder;
+    let cap = Duration::from_millis(max_backoff_ms.max(100));
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(cap / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(failures.min(16) as usize)
+        .unwrap_or(cap)
 }
 
 /// Keeps `consumer_lag{partition}` (high watermark minus position) and `consumer_lag_age_seconds`
@@ -974,6 +988,28 @@ pub async fn report_lag(
 mod tests {
     use super::*;
     use rdkafka::message::Timestamp;
+
+    #[test]
+    fn backoff_doubles_from_100_ms_with_jitter_down_to_half_and_stays_under_the_cap() {
+        for _ in 0..200 {
+            for (failures, full) in [(0u32, 100u64), (1, 200), (3, 800), (5, 3_200)] {
+                let wait = backoff_delay(30_000, failures).as_millis() as u64;
+                assert!(
+                    (full / 2..=full).contains(&wait),
+                    "{failures} failures: {wait} ms, not in [{}, {full}]",
+                    full / 2
+                );
+            }
+            for failures in [9, 16, 40, u32::MAX] {
+                let wait = backoff_delay(30_000, failures).as_millis() as u64;
+                assert!((15_000..=30_000).contains(&wait), "{failures}: {wait} ms");
+            }
+            assert!(
+                backoff_delay(0, 20) <= Duration::from_millis(100),
+                "cap at least 100 ms"
+            );
+        }
+    }
 
     fn rec(partition: i32, offset: i64) -> OwnedMessage {
         OwnedMessage::new(

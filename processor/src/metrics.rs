@@ -179,12 +179,8 @@ impl Metrics {
                 ]);
             }
         }
+        shared::admin::register_build_info(registry, "processor");
         let r = registry.sub_registry_with_prefix("carhook_processor");
-        r.register(
-            "build",
-            "Always 1; the build's version as a label (carhook_processor_build_info)",
-            build_info(),
-        );
         r.register(
             "events",
             "Events handled, by outcome (applied, duplicate, dead_lettered, ignored)",

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -297,7 +298,7 @@ pub async fn replay(
     };
     let concurrency = settings.processor.concurrency.max(1);
     let batch_max = settings.processor.batch_max.max(1);
-    let started = Instant::now();
+    let pacer = req.max_rate.and_then(NonZeroU32::new).map(Pacer::new);
     // The next offset of each partition whose records before it are all replayed.
     let mut done_upto: BTreeMap<i32, i64> = BTreeMap::new();
     let mut touched: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
@@ -332,10 +333,10 @@ pub async fn replay(
             continue;
         }
         let n: usize = by_partition.values().map(Vec::len).sum();
-        if let Some(rate) = req.max_rate {
+        if let Some(pacer) = &pacer {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(pace(summary.read, rate, started.elapsed())) => {}
+                () = pacer.admit(n) => {}
             }
         }
         let mut next = TopicPartitionList::new();
@@ -437,13 +438,32 @@ async fn request_refresh(
     Ok(vehicles.len() as u64)
 }
 
-/// How long to wait before the next batch so that `read` records since the start stay within
-/// `rate` per second (0: no limit).
-fn pace(read: u64, rate: u32, elapsed: Duration) -> Duration {
-    if rate == 0 {
-        return Duration::ZERO;
+/// `--max-rate`: admits records at most `rate` per second (governor's GCRA, bursts of up to one
+/// second's worth), so a replay beside live traffic takes a bounded share of the store.
+struct Pacer {
+    limiter: governor::DefaultDirectRateLimiter,
+    burst: NonZeroU32,
+}
+
+impl Pacer {
+    fn new(rate: NonZeroU32) -> Self {
+        Self {
+            limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
+            burst: rate,
+        }
     }
-    Duration::from_secs_f64(read as f64 / f64::from(rate)).saturating_sub(elapsed)
+
+    /// Waits until `n` more records fit the rate.
+    async fn admit(&self, n: usize) {
+        let mut left = u32::try_from(n).unwrap_or(u32::MAX);
+        while let Some(k) = NonZeroU32::new(left.min(self.burst.get())) {
+            // `k` never exceeds the burst, the only case in which this is refused.
+            if self.limiter.until_n_ready(k).await.is_err() {
+                return;
+            }
+            left -= k.get();
+        }
+    }
 }
 
 /// Up to `want` records or about 4 MB of payload: waits up to 5 s for the first, then takes what
@@ -696,15 +716,22 @@ impl Progress {
 mod tests {
     use super::*;
 
-    #[test]
-    fn max_rate_spaces_batches_by_what_was_read() {
-        // 1000 read at 500/s: due at 2 s; 0.5 s in, wait 1.5 s; 3 s in, no wait.
-        assert_eq!(
-            pace(1000, 500, Duration::from_millis(500)),
-            Duration::from_millis(1500)
+    #[tokio::test]
+    async fn max_rate_admits_a_second_of_records_at_once_and_the_rest_at_the_rate() {
+        // 50/s: the first 50 records at once (the burst), 100 more take about 2 s.
+        let pacer = Pacer::new(NonZeroU32::new(50).expect("non-zero"));
+        let started = Instant::now();
+        pacer.admit(50).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "the burst waits"
         );
-        assert_eq!(pace(1000, 500, Duration::from_secs(3)), Duration::ZERO);
-        assert_eq!(pace(1000, 0, Duration::ZERO), Duration::ZERO);
+        pacer.admit(100).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+            "150 records at 50/s took {took:?}"
+        );
     }
 
     #[test]

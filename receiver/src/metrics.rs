@@ -77,15 +77,8 @@ impl Metrics {
         for result in VERIFY_RESULTS {
             let _ = m.verify_challenges.get_or_create(&vec![("result", result)]);
         }
+        shared::admin::register_build_info(registry, "receiver");
         let r = registry.sub_registry_with_prefix("carhook_receiver");
-        r.register(
-            "build",
-            "Always 1; the build's version as a label (carhook_receiver_build_info)",
-            prometheus_client::metrics::info::Info::new(vec![(
-                "version",
-                env!("CARGO_PKG_VERSION").to_string(),
-            )]),
-        );
         r.register(
             "requests",
             "Webhook requests answered, by outcome",

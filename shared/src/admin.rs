@@ -149,3 +149,16 @@ pub async fn bind(addr: SocketAddr, key: &'static str) -> std::io::Result<TcpLis
         )
     })
 }
+
+/// Registers `carhook_build_info{service, version} 1`: which build of which service runs where (one
+/// name for every service, so a dashboard or alert joins any series onto it by instance).
+pub fn register_build_info(registry: &mut Registry, service: &'static str) {
+    registry.register(
+        "carhook_build",
+        "Always 1; the service and the build's version as labels",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("service", service.to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ]),
+    );
+}

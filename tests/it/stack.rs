@@ -102,7 +102,7 @@ async fn fresh_services_export_known_series_at_zero_and_their_build() {
                 "carhook_receiver_quarantined_total{result=\"dropped\"} 0".to_string(),
                 "carhook_receiver_verify_challenges_total{result=\"refused_rate\"} 0".to_string(),
                 "carhook_receiver_request_body_bytes_count 0".to_string(),
-                format!("carhook_receiver_build_info{{version=\"{version}\"}} 1"),
+                format!("carhook_build_info{{service=\"receiver\",version=\"{version}\"}} 1"),
             ],
         ),
         (
@@ -121,7 +121,7 @@ async fn fresh_services_export_known_series_at_zero_and_their_build() {
                 "carhook_processor_vehicle_errors_total{type=\"other\",state=\"error\"} 0"
                     .to_string(),
                 "carhook_processor_event_freshness_seconds_count 0".to_string(),
-                format!("carhook_processor_build_info{{version=\"{version}\"}} 1"),
+                format!("carhook_build_info{{service=\"processor\",version=\"{version}\"}} 1"),
             ],
         ),
     ] {
