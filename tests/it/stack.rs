@@ -139,16 +139,6 @@ async fn fresh_services_export_known_series_at_zero_and_their_build() {
     drop_keyspace(&s).await;
 }
 
-/// The value of the first `/metrics` line at `admin` that starts with `prefix` (0 when absent).
-async fn metric(admin: std::net::SocketAddr, prefix: &str) -> f64 {
-    let (_, text) = get(admin, "/metrics").await;
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// One delivery is measured on its whole way: its body size at the receiver; at the processor, the
 /// time from receipt to commit, each CQL statement by operation and table, and the age of the
 /// partition's oldest uncommitted record, which is 0 once everything is committed.
@@ -177,32 +167,32 @@ async fn a_delivery_is_measured_from_its_body_to_its_commit() {
     assert_eq!(answer.status, 200);
     let applied = r#"carhook_processor_events_total{outcome="applied"}"#;
     eventually(Duration::from_secs(60), || async {
-        metric(p.addr, applied).await == 1.0
+        metric_value(p.addr, applied).await == 1.0
     })
     .await;
     assert_eq!(
-        metric(r.admin, "carhook_receiver_request_body_bytes_count").await,
+        metric_value(r.admin, "carhook_receiver_request_body_bytes_count").await,
         1.0
     );
     #[allow(clippy::cast_precision_loss)]
     let bytes = len as f64;
     assert_eq!(
-        metric(r.admin, "carhook_receiver_request_body_bytes_sum").await,
+        metric_value(r.admin, "carhook_receiver_request_body_bytes_sum").await,
         bytes
     );
     assert_eq!(
-        metric(p.addr, "carhook_processor_event_freshness_seconds_count").await,
+        metric_value(p.addr, "carhook_processor_event_freshness_seconds_count").await,
         1.0
     );
-    let freshness = metric(p.addr, "carhook_processor_event_freshness_seconds_sum").await;
+    let freshness = metric_value(p.addr, "carhook_processor_event_freshness_seconds_sum").await;
     assert!(
         freshness > 0.0 && freshness < 60.0,
         "receipt to commit took {freshness} s"
     );
     let claim = r#"carhook_processor_cql_duration_seconds_count{operation="INSERT",table="processed_events",result="ok"}"#;
-    assert_eq!(metric(p.addr, claim).await, 1.0, "one claim");
+    assert_eq!(metric_value(p.addr, claim).await, 1.0, "one claim");
     let write = r#"carhook_processor_cql_duration_seconds_count{operation="BATCH UPDATE",table="batch",result="ok"}"#;
-    assert!(metric(p.addr, write).await >= 1.0, "the state write");
+    assert!(metric_value(p.addr, write).await >= 1.0, "the state write");
     // Reported every 5 s for each assigned partition; all committed, so every age is 0.
     eventually(Duration::from_secs(30), || async {
         let (_, text) = get(p.addr, "/metrics").await;

@@ -407,6 +407,44 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
 
 /// Receiver + processor running; load at `rate`; a sample of events is polled in the store until
 /// visible after its 200.
+/// The most events per second the whole pipeline sustains on this machine: receiver, processor,
+/// broker, store and the signing load generator together, as shipped. 32 closed-loop senders post
+/// 4 KB bodies for `duration`; the figure is the smaller of what the receiver accepted and what the
+/// processor applied per second over the same window (a processor falling behind does not count
+/// as sustained).
+pub async fn end_to_end_max(duration: Duration) -> Value {
+    let mut s = settings(&[]);
+    s.processor.changelog = false;
+    let r = spawn_receiver(&s).await;
+    let p = spawn_processor(&s).await;
+    let applied = r#"carhook_processor_events_total{outcome="applied"}"#;
+    let before = metric_value(p.addr, applied).await;
+    let started = Instant::now();
+    let report = load::run(
+        LoadSpec {
+            addr: r.addr,
+            path: s.receiver.path.clone(),
+            token: TOKEN.to_string(),
+            mode: Mode::Concurrency(32),
+            duration,
+            body_bytes: 4096,
+            max_inflight: 4096,
+        },
+        None,
+    )
+    .await;
+    let window = started.elapsed().as_secs_f64();
+    let applied_per_sec = (metric_value(p.addr, applied).await - before) / window;
+    let accepted = report.statuses.get("200").copied().unwrap_or(0);
+    #[allow(clippy::cast_precision_loss)]
+    let accepted_per_sec = accepted as f64 / window;
+    p.stop().await;
+    r.stop().await;
+    drop_keyspace(&s).await;
+    json!({"accepted_per_sec": accepted_per_sec, "applied_per_sec": applied_per_sec,
+        "max_per_sec": accepted_per_sec.min(applied_per_sec)})
+}
+
 pub async fn end_to_end(rate: u32, duration: Duration) -> Value {
     // As shipped: the state changelog off (the test harness turns it on).
     let mut s = settings(&[]);

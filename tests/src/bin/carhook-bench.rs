@@ -5,8 +5,8 @@
 //!   requests from the same load tool, and (b) a plain rdkafka producer loop writing records of the
 //!   same size with acks=all; the ratio is to the smaller of the two;
 //! - processor: events/s drained from a pre-filled topic vs a plain loop doing the same CQL writes;
-//! - end to end: latency from the receiver's 200 to the state being visible, at half the measured
-//!   receiver maximum;
+//! - end to end: latency from the receiver's 200 to the state being visible, at half the maximum
+//!   the whole pipeline sustains on the machine (measured first);
 //! - replay: catch-up rate over the same backlog.
 //!
 //! Results go to `bench/results-<date>.json` and `bench/latest.md`. `--figure` picks one figure;
@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carhook_tests::bench::processor::{end_to_end, processor_figures};
+use carhook_tests::bench::processor::{end_to_end, end_to_end_max, processor_figures};
 use carhook_tests::*;
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
@@ -151,7 +151,7 @@ enum Figure {
     Processor,
     /// Two processor instances sharing the group vs the plain loop at twice the concurrency (4 KB).
     ProcessorTwo,
-    /// End-to-end latency (200 → state visible) at half the processor's measured drain rate.
+    /// End-to-end latency (200 → state visible) at half the whole pipeline's measured sustained maximum
     EndToEnd,
     /// Per-write cost of the claim, a conditional update and a timestamped update.
     Cql,
@@ -180,7 +180,7 @@ struct Args {
     /// Duration of each load phase (receiver, end to end), seconds.
     #[arg(long, default_value_t = 10, env = "BENCH_SECONDS")]
     seconds: u64,
-    /// End-to-end load rate; default half the measured maximum (processor drain and receiver).
+    /// End-to-end load rate; default half the sustained maximum of receiver and processor together, measured first
     #[arg(long)]
     rate: Option<u32>,
 }
@@ -239,13 +239,11 @@ async fn main() {
         all.insert("receiver_4kb".into(), r4);
         all.insert("receiver_50kb".into(), r50);
     }
-    let mut drain = None;
     if wants(Figure::Processor) {
         eprintln!("bench: processor 4 KB ...");
         let p4 = processor_figures(args.events, 4096, 1, runs).await;
         eprintln!("bench: processor 50 KB ...");
         let p50 = processor_figures(args.events / 5, 50_000, 1, runs).await;
-        drain = p4["processor_drain_per_sec"]["median"].as_f64();
         md.push_str(&format!("Processor as shipped (state changelog off), median (min–max) of {runs} runs; the plain loop runs {} workers, the processor's concurrency budget; the changelog rows are a second drain of the same backlog with it on:\n\n", p4["concurrency"]));
         md.push_str("| figure | 4 KB | 50 KB | target |\n|---|---|---|---|\n");
         for (label, key, target) in [
@@ -324,14 +322,18 @@ async fn main() {
         all.insert("cql_write_costs".into(), cql);
     }
     if wants(Figure::EndToEnd) {
-        let receiver_max = all
-            .get("receiver_4kb")
-            .and_then(|r| r["receiver"]["throughput_per_sec"].as_f64())
-            .unwrap_or(f64::MAX);
-        let half = match (args.rate, drain) {
-            (Some(r), _) => r,
-            (None, Some(d)) => (d.min(receiver_max) / 2.0) as u32,
-            (None, None) => 200,
+        // Half the maximum the whole pipeline sustains here (receiver, processor, broker, store and
+        // the load generator share the machine), measured first unless `--rate` gives the rate.
+        let half = match args.rate {
+            Some(r) => r,
+            None => {
+                eprintln!("bench: end to end, the sustained maximum ...");
+                let max = end_to_end_max(dur).await;
+                let half = (max["max_per_sec"].as_f64().unwrap_or(400.0) / 2.0) as u32;
+                md.push_str(&format!("End to end, sustained maximum (32 closed-loop senders, 4 KB, {} s): {} accepted/s, {} applied/s.\n\n", dur.as_secs(), f(&max["accepted_per_sec"]), f(&max["applied_per_sec"])));
+                all.insert("end_to_end_max".into(), max);
+                half
+            }
         };
         eprintln!("bench: end to end at {half}/s ...");
         let e2e = end_to_end(half.max(1), dur).await;
