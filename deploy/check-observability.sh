@@ -154,6 +154,7 @@ CATALOGUE = {
         "carhook_processor_processing_duration_seconds",
         "carhook_processor_event_freshness_seconds",
         "carhook_processor_cql_duration_seconds",
+        "carhook_processor_transaction_duration_seconds",
         "carhook_receiver_request_body_bytes",
     ],
 }

@@ -609,8 +609,12 @@ impl Worker {
         self.producer
             .begin_transaction()
             .map_err(TxnFailure::Unusable)?;
+        let started = Instant::now();
         match self.commit_inner(runs, &offsets).await {
             Ok(()) => {
+                self.metrics
+                    .transaction_duration
+                    .observe(started.elapsed().as_secs_f64());
                 self.metrics.committed();
                 Ok(())
             }

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub vehicle_errors: Family<Labels, Counter>,
     pub consumer_lag: Family<Labels, Gauge>,
     pub transactions: Family<Labels, Counter>,
+    /// Outputs produced, offsets sent and the commit acknowledged, per committed transaction.
+    pub transaction_duration: Histogram,
     pub rebalances: Family<Labels, Counter>,
     /// Unix time of the last committed transaction (0 until the first).
     pub last_commit: Gauge<f64, AtomicU64>,
@@ -118,6 +120,8 @@ impl Metrics {
             vehicle_errors: Family::default(),
             consumer_lag: Family::default(),
             transactions: Family::default(),
+            // 1 ms .. ~33 s: a quick commit to one that runs into the 30 s transaction budget.
+            transaction_duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             rebalances: Family::default(),
             last_commit: Gauge::default(),
             client_rebuilds: Counter::default(),
@@ -236,6 +240,12 @@ impl Metrics {
             "transactions",
             "Kafka transactions (offsets + actions + dead letters), by result",
             m.transactions.clone(),
+        );
+        r.register_with_unit(
+            "transaction_duration",
+            "Per committed transaction: outputs produced, offsets sent and the commit acknowledged",
+            Unit::Seconds,
+            m.transaction_duration.clone(),
         );
         r.register(
             "rebalances",

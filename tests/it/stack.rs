@@ -193,6 +193,15 @@ async fn a_delivery_is_measured_from_its_body_to_its_commit() {
     assert_eq!(metric_value(p.addr, claim).await, 1.0, "one claim");
     let write = r#"carhook_processor_cql_duration_seconds_count{operation="BATCH UPDATE",table="batch",result="ok"}"#;
     assert!(metric_value(p.addr, write).await >= 1.0, "the state write");
+    assert!(
+        metric_value(
+            p.addr,
+            "carhook_processor_transaction_duration_seconds_count"
+        )
+        .await
+            >= 1.0,
+        "the transaction that committed it"
+    );
     // Reported every 5 s for each assigned partition; all committed, so every age is 0.
     eventually(Duration::from_secs(30), || async {
         let (_, text) = get(p.addr, "/metrics").await;
