@@ -217,3 +217,38 @@ async fn a_delivery_is_measured_from_its_body_to_its_commit() {
     r.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// A test's teardown deletes the topics it created (named after its keyspace) and no other: runs
+/// must not pile up partitions in the local broker, which ran out of file handles at ~20,000.
+#[tokio::test]
+async fn teardown_deletes_the_tests_own_topics() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let s = settings(&[]);
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<String> = shared::kafka::owned_topics(&s.kafka)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(names.iter().all(|n| n.starts_with(&s.cql.keyspace)));
+    let client: BaseConsumer = shared::kafka::base_config(&s.kafka)
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let present = |client: &BaseConsumer| -> usize {
+        let md = client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        md.topics()
+            .iter()
+            .filter(|t| names.iter().any(|n| n == t.name()))
+            .count()
+    };
+    assert_eq!(present(&client), names.len(), "created");
+    drop_keyspace(&s).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while present(&client) > 0 {
+        assert!(std::time::Instant::now() < deadline, "topics still listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -655,7 +655,11 @@ pub async fn state_where(
     panic!("state of {vehicle} never matched; last: {last:#}");
 }
 
-/// Drops a test's keyspace so repeated runs do not pile up tables in the store.
+/// Drops a test's keyspace and deletes its topics, so repeated runs do not pile up tables in the
+/// store or partitions in the broker. A broker holds a few open files per partition: about 20,000
+/// partitions of earlier runs exhausted the local broker's file limit ("Too many open files") and
+/// stopped it. Only the test's own topics (named after its keyspace, see [`settings`]) are deleted,
+/// never a shared or default one.
 pub async fn drop_keyspace(settings: &Settings) {
     if let Ok(session) = shared::cql::connect(&settings.cql).await {
         let _ = session
@@ -665,6 +669,30 @@ pub async fn drop_keyspace(settings: &Settings) {
             )
             .await;
     }
+    delete_topics(settings).await;
+}
+
+/// Deletes the topics of `settings` that belong to this test alone (their names start with its
+/// keyspace); a topic that is not there is no error.
+pub async fn delete_topics(settings: &Settings) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let own = format!("{}.", settings.cql.keyspace);
+    let names: Vec<String> = shared::kafka::owned_topics(&settings.kafka)
+        .into_iter()
+        .map(|t| t.name)
+        .filter(|n| n.starts_with(&own))
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    let Ok(admin) = shared::kafka::base_config(&settings.kafka)
+        .create::<AdminClient<rdkafka::client::DefaultClientContext>>()
+    else {
+        return;
+    };
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let _ = admin.delete_topics(&refs, &opts).await;
 }
 
 /// The `CARHOOK__*` environment that reproduces `settings` for a child process.
