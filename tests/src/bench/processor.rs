@@ -517,9 +517,78 @@ pub async fn end_to_end(rate: u32, duration: Duration) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let bg = bg.await.ok();
+    // Where the time goes, from the processor's own histograms over the whole run (every event,
+    // not only the probes): processing (claim + writes) and each transaction's commit.
+    let (_, text) = get(p.addr, "/metrics").await;
+    let q = |name: &str, q: f64| histogram_quantile(&text, name, q).map(|s| s * 1000.0);
+    let inside = json!({
+        "processing_p50_ms": q("carhook_processor_processing_duration_seconds", 0.5),
+        "processing_p99_ms": q("carhook_processor_processing_duration_seconds", 0.99),
+        "transaction_p50_ms": q("carhook_processor_transaction_duration_seconds", 0.5),
+        "transaction_p99_ms": q("carhook_processor_transaction_duration_seconds", 0.99),
+        "received_to_committed_p50_ms": q("carhook_processor_event_freshness_seconds", 0.5),
+        "received_to_committed_p99_ms": q("carhook_processor_event_freshness_seconds", 0.99),
+    });
     p.stop().await;
     r.stop().await;
     drop_keyspace(&s).await;
     json!({"load_rate_per_sec": rate, "achieved_per_sec": bg.map(|b| b.throughput_per_sec), "samples": hist.len(),
-        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": hist.max() as f64 / 1000.0})
+        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": hist.max() as f64 / 1000.0,
+        "processor": inside})
+}
+
+/// The `q` quantile of a Prometheus histogram in exposition `text`, as `histogram_quantile` computes
+/// it: linear within the bucket that holds it (the upper bound of the last finite bucket beyond).
+fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let width = count - below;
+            return Some(if width > 0.0 {
+                lower + (le - lower) * (rank - below) / width
+            } else {
+                le
+            });
+        }
+        (lower, below) = (le, count);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::histogram_quantile;
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket_like_prometheus() {
+        let text = "x_bucket{le=\"0.1\"} 50\nx_bucket{le=\"0.2\"} 90\nx_bucket{le=\"+Inf\"} 100\nx_sum 12\nx_count 100\n";
+        assert_eq!(histogram_quantile(text, "x", 0.5), Some(0.1));
+        let p70 = histogram_quantile(text, "x", 0.7).unwrap_or_default();
+        assert!((p70 - 0.15).abs() < 1e-9, "{p70}");
+        assert_eq!(histogram_quantile(text, "x", 0.99), Some(0.2), "beyond the last bound");
+        assert_eq!(histogram_quantile("x_count 0\n", "x", 0.5), None);
+    }
 }

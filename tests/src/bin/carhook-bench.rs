@@ -338,6 +338,8 @@ async fn main() {
         eprintln!("bench: end to end at {half}/s ...");
         let e2e = end_to_end(half.max(1), dur).await;
         md.push_str(&format!("End to end, 200 → state visible, at {half}/s: p50 {} ms, p99 {} ms, max {} ms ({} samples; target p99 < 100 ms).\n\n", f(&e2e["p50_ms"]), f(&e2e["p99_ms"]), f(&e2e["max_ms"]), e2e["samples"]));
+        let inside = &e2e["processor"];
+        md.push_str(&format!("Inside the processor over the same run, p50 / p99 ms: processing (claim + writes) {} / {}, transaction commit {} / {}, received to committed {} / {}.\n\n", f(&inside["processing_p50_ms"]), f(&inside["processing_p99_ms"]), f(&inside["transaction_p50_ms"]), f(&inside["transaction_p99_ms"]), f(&inside["received_to_committed_p50_ms"]), f(&inside["received_to_committed_p99_ms"])));
         all.insert("end_to_end".into(), e2e);
     }
     let date = time::OffsetDateTime::now_utc();
