@@ -349,3 +349,31 @@ configured is rendered, so a plaintext setup has the environment it always had. 
 {{- include "carhook.fullname" . }}-processor-kafka
 {{- end }}
 {{- end }}
+
+{{/*
+OpenTelemetry resource attributes from the downward API, so every span names the pod, namespace,
+node and workload it came from (Kubernetes semantic conventions), plus telemetryResourceAttributes
+from values (e.g. deployment.environment.name). The services read OTEL_RESOURCE_ATTRIBUTES on top
+of service.name, service.version and service.instance.id.
+Call with (dict "ctx" $ "workload" "<deployment or job name>" "kind" "deployment|job").
+*/}}
+{{- define "carhook.otelResourceEnv" -}}
+- name: CARHOOK_K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: CARHOOK_K8S_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: CARHOOK_K8S_NODE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: spec.nodeName
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.pod.name=$(CARHOOK_K8S_POD_NAME),k8s.namespace.name=$(CARHOOK_K8S_NAMESPACE),k8s.node.name=$(CARHOOK_K8S_NODE_NAME),k8s.%s.name=%s%s" .kind .workload (include "carhook.extraResourceAttributes" .ctx) | quote }}
+{{- end }}
+
+{{- define "carhook.extraResourceAttributes" -}}
+{{- range $k, $v := .Values.telemetryResourceAttributes }},{{ $k }}={{ $v }}{{ end }}
+{{- end }}
