@@ -219,7 +219,7 @@ async fn run_inner(
     Ok(())
 }
 
-/// The safety net: every `poller.safety_net_every_secs`, a vehicle with an event within
+/// The safety net: every `poller.safety_net_every_secs`, a vehicle with a webhook within
 /// `safety_net_active_secs` whose configured `safety_net_signals` are older than
 /// `safety_net_max_age_secs` (or missing) gets a poll request. Off while `safety_net_active_secs`
 /// is 0 or no signal is configured. The requests go through the topic like any other, so the
@@ -491,8 +491,9 @@ pub async fn poll_now(
     }))
 }
 
-/// `processor poll resync --since`: a poll request for every vehicle whose last event was
-/// delivered at or after `since`. Returns how many were requested.
+/// `processor poll resync --since`: a poll request for every vehicle whose last webhook was
+/// delivered at or after `since` (see [`PollStore::active_since`]). Returns how many were
+/// requested.
 pub async fn resync(settings: &Settings, since: EpochMillis) -> Result<usize, PollError> {
     let session = Arc::new(shared::cql::connect(&settings.cql).await?);
     if settings.cql.migrate {
