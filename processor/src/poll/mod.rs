@@ -162,6 +162,12 @@ async fn run_inner(
         poller.metrics.clone(),
         shutdown.clone(),
     ));
+    let queued = tokio::spawn(report_queued(
+        Arc::clone(&consumer),
+        settings.kafka.poll_topic.clone(),
+        poller.metrics.clone(),
+        shutdown.clone(),
+    ));
     let concurrency = settings.poller.concurrency;
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let offsets = Arc::new(Mutex::new(Offsets::default()));
@@ -215,6 +221,7 @@ async fn run_inner(
     let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     safety_net.abort();
+    queued.abort();
     tracing::info!("poller stopped");
     Ok(())
 }
@@ -289,6 +296,62 @@ async fn safety_net(
     }
 }
 
+/// Keeps `requests_queued` current: for the assigned partitions, the high watermark minus the
+/// consumer's position (records not yet taken), every 5 s. With `requests_in_flight` it tells a
+/// poller with work waiting from an idle one (the CarhookPollerStuck alert).
+async fn report_queued(
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    metrics: PollMetrics,
+    stop: CancellationToken,
+) {
+    loop {
+        let c = Arc::clone(&consumer);
+        let t = topic.clone();
+        let queued = tokio::task::spawn_blocking(move || {
+            let Ok(pos) = c.position() else {
+                return None;
+            };
+            let mut sum = 0i64;
+            for e in pos.elements().iter().filter(|e| e.topic() == t) {
+                let Ok((low, high)) = c.fetch_watermarks(&t, e.partition(), Duration::from_secs(2))
+                else {
+                    return None;
+                };
+                // No position yet (nothing fetched since the assignment): the committed offset,
+                // else the start of the partition, is where reading resumes.
+                let at = match e.offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => committed(&c, &t, e.partition()).unwrap_or(low),
+                };
+                sum += (high - at).max(0);
+            }
+            Some(sum)
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(n) = queued {
+            metrics.requests_queued.set(n);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// The group's committed offset of one partition, if any.
+fn committed(c: &StreamConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let got = c.committed_offsets(list, Duration::from_secs(2)).ok()?;
+    got.elements().first().and_then(|e| match e.offset() {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -320,7 +383,7 @@ impl Offsets {
 }
 
 /// Handles one poll-request record. A second request for a vehicle already being polled is
-/// counted as a skip (it would only meet the minimum interval). A store failure is retried with
+/// counted as `skipped_in_flight` (the running poll answers it). A store failure is retried with
 /// back-off until it works or `shutdown` fires: the request is not lost and nothing is polled
 /// twice.
 async fn handle_record(
@@ -342,9 +405,12 @@ async fn handle_record(
         }
     };
     if !lock(in_flight).insert(vehicle.clone()) {
-        poller.metrics.poll(req.reason, "skipped_min_interval");
+        // The running poll answers this request too (and sets the minimum interval).
+        tracing::info!(vehicle_id = %vehicle, reason = req.reason.as_str(), "poll skipped: this vehicle is being polled already");
+        poller.metrics.poll(req.reason, "skipped_in_flight");
         return;
     }
+    let _in_flight = poller.metrics.in_flight();
     let mut wait = Duration::from_millis(200);
     loop {
         match poller.handle(&req, &vehicle, Options::default()).await {

@@ -17,6 +17,7 @@ use crate::store::StoreError;
 /// A vehicle's budget state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VehicleBudget {
+    /// When the last request to the vehicle API was sent (answered or not), epoch ms.
     pub last_polled_at: Option<i64>,
     pub blocked_until: Option<i64>,
     pub blocked_reason: Option<String>,
@@ -177,6 +178,22 @@ impl PollStore {
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<i64>, Option<i64>, Option<String>)>()
             .map_err(|e| StoreError::from_exec(op, e))?;
+        let (last_polled_at, blocked_until, blocked_reason) = row.unwrap_or_default();
+        Ok(VehicleBudget {
+            last_polled_at,
+            blocked_until,
+            blocked_reason,
+            requests_this_month: self.requests_this_month(vehicle, now).await?,
+        })
+    }
+
+    /// Requests made to the vehicle API for `vehicle` in the month of `now`.
+    pub async fn requests_this_month(
+        &self,
+        vehicle: &VehicleId,
+        now: EpochMillis,
+    ) -> Result<i64, StoreError> {
+        let op = "read poll request count";
         let count = self
             .session
             .execute_unpaged(&self.count, (vehicle.as_str(), month_of(now)))
@@ -186,13 +203,7 @@ impl PollStore {
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<scylla::value::Counter>,)>()
             .map_err(|e| StoreError::from_exec(op, e))?;
-        let (last_polled_at, blocked_until, blocked_reason) = row.unwrap_or_default();
-        Ok(VehicleBudget {
-            last_polled_at,
-            blocked_until,
-            blocked_reason,
-            requests_this_month: count.and_then(|(c,)| c).map_or(0, |c| c.0),
-        })
+        Ok(count.and_then(|(c,)| c).map_or(0, |c| c.0))
     }
 
     /// Counts one request to the vehicle API against the vehicle's month.
@@ -208,7 +219,8 @@ impl PollStore {
         Ok(())
     }
 
-    /// Records that the vehicle was polled at `at` (the minimum interval counts from here).
+    /// Records that a request for the vehicle was sent at `at`, whatever its answer (the minimum
+    /// interval counts from here).
     pub async fn polled(&self, vehicle: &VehicleId, at: EpochMillis) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(&self.polled, (at.as_i64(), vehicle.as_str()))
