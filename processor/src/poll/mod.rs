@@ -65,10 +65,20 @@ pub enum PollError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("vehicle id {0:?}: {1}")]
     Vehicle(String, shared::ids::IdError),
+    /// `result` is the [`metrics::RESULTS`] label of the skip.
     #[error("vehicle {vehicle} was not polled: {why}")]
-    NotPolled { vehicle: String, why: String },
+    NotPolled {
+        vehicle: String,
+        result: &'static str,
+        why: String,
+    },
+    /// `result` is the [`metrics::RESULTS`] label of the failure.
     #[error("vehicle {vehicle}: {why}")]
-    PollFailed { vehicle: String, why: String },
+    PollFailed {
+        vehicle: String,
+        result: &'static str,
+        why: String,
+    },
     #[error("{0}")]
     Produce(String),
 }
@@ -466,7 +476,12 @@ fn request_consumer(settings: &Settings) -> Result<StreamConsumer, rdkafka::erro
 }
 
 /// `processor poll now`: one poll of one vehicle, ignoring only the minimum interval; waits up
-/// to `wait` for the processor to claim the polled event and returns a JSON report.
+/// to `wait` for the processor to claim the polled event and returns a JSON report (`applied`
+/// false when no processor claimed it in time: the caller reports that as a failure).
+///
+/// It runs in its own process with its own global bucket, outside the running poller's: the
+/// vehicle's monthly cap, blocks and open errors (in the store) still hold, and Smartcar's own
+/// application bucket answers 429 if the two together overdraw it.
 pub async fn poll_now(
     settings: &Settings,
     vehicle: &str,
@@ -488,15 +503,17 @@ pub async fn poll_now(
     };
     let polled = match poller.handle(&req, &vehicle, opts).await? {
         Outcome::Polled(p) => p,
-        Outcome::Skipped(_, why) => {
+        Outcome::Skipped(result, why) => {
             return Err(PollError::NotPolled {
                 vehicle: vehicle.to_string(),
+                result,
                 why,
             })
         }
-        Outcome::Failed(_, why) => {
+        Outcome::Failed(result, why) => {
             return Err(PollError::PollFailed {
                 vehicle: vehicle.to_string(),
+                result,
                 why,
             })
         }
@@ -551,8 +568,9 @@ pub async fn poll_now(
         "note": if applied {
             "the processor claimed the polled event; each signal shows whether its stored value is now the poll's"
         } else {
-            "produced to the events topic, but no processor claimed it in time: is `processor run` up?"
+            "produced to the events topic, but no processor claimed it in time: is `processor run` up? It is applied once one runs"
         },
+        "waitedSecs": wait.as_secs(),
         "signals": fetched,
     }))
 }
