@@ -146,6 +146,11 @@ CATALOGUE = {
         "carhook_receiver_circuit_open",
         "carhook_processor_consumer_lag",
         "carhook_processor_last_commit_timestamp_seconds",
+        "carhook_poller_last_success_timestamp_seconds",
+        "carhook_poller_paused_seconds",
+        "carhook_poller_requests_queued",
+        "carhook_poller_requests_in_flight",
+        "carhook_poller_retry_after_waits",
     ],
     "histogram": [
         "carhook_receiver_request_duration_seconds",
