@@ -1401,8 +1401,11 @@ async fn the_safety_net_does_not_poll_a_vehicle_whose_only_recent_activity_is_po
 #[tokio::test]
 async fn smartcar_sim_api_injects_faults_from_its_command_line() {
     let listen = free_port();
-    let mut child = std::process::Command::new(workspace_bin("smartcar-sim"))
-        .args([
+    let log = std::env::temp_dir().join(format!("{}.smartcar-sim.log", fresh("sim")));
+    // Killed when dropped, also when an assertion fails.
+    let _sim = ChildService::launch(
+        "smartcar-sim",
+        &[
             "api",
             "--listen",
             &listen.to_string(),
@@ -1412,11 +1415,11 @@ async fn smartcar_sim_api_injects_faults_from_its_command_line() {
             "5xx=502:1",
             "--fault",
             "429-vehicle=7:1",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("smartcar-sim: {e}"));
+        ],
+        Vec::new(),
+        listen,
+        &log,
+    );
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let token_url = format!("http://{listen}/oauth2/token");
@@ -1461,8 +1464,6 @@ async fn smartcar_sim_api_injects_faults_from_its_command_line() {
                 .map(str::to_owned),
         ));
     }
-    let _ = child.kill();
-    let _ = child.wait();
     assert_eq!(
         seen,
         [(502, None), (429, Some("7".to_string())), (200, None)],
