@@ -147,6 +147,11 @@ CATALOGUE = {
         "carhook_processor_consumer_lag",
         "carhook_processor_last_commit_timestamp_seconds",
         "carhook_processor_consumer_lag_age_seconds",
+        "carhook_poller_last_success_timestamp_seconds",
+        "carhook_poller_paused_seconds",
+        "carhook_poller_requests_queued",
+        "carhook_poller_requests_in_flight",
+        "carhook_poller_retry_after_waits",
     ],
     "histogram": [
         "carhook_receiver_request_duration_seconds",

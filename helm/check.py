@@ -228,6 +228,15 @@ def check_pod(where, pod, keys, component):
             if ((iid.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath") != "metadata.name":
                 problem(f"{cw}: CARHOOK__PROCESSOR__INSTANCE_ID must come from fieldRef metadata.name")
         if component == "receiver":
+            # The receiver remembers the vehicles it answered 503 for and requests their polls after
+            # the outage: it reads these poller keys (and no other, so tuning the poller's budgets
+            # does not restart the receivers).
+            for var in RECEIVER_POLLER_KEYS:
+                if env_value(c, var) is None:
+                    problem(f"{cw}: {var} is missing (config.poller.{var.split('__')[-1].lower()} never reaches the receiver)")
+            extra = sorted(n for n in names if n.startswith("CARHOOK__POLLER__") and n not in RECEIVER_POLLER_KEYS)
+            if extra:
+                problem(f"{cw}: poller keys the receiver does not read: {extra}")
             tf = env_value(c, "CARHOOK__SMARTCAR__MANAGEMENT_TOKENS_FILE")
             if tok is None and tf is None:
                 problem(f"{cw}: no token source (CARHOOK__SMARTCAR__MANAGEMENT_TOKENS or _FILE)")
@@ -259,6 +268,10 @@ def check_pod(where, pod, keys, component):
             need = ms_to_s(env_value(c, "CARHOOK__PROCESSOR__SHUTDOWN_GRACE_MS"), 20000)
             if spec.get("terminationGracePeriodSeconds", 30) < need:
                 problem(f"{cw}: terminationGracePeriodSeconds < processor drain ({need} s)")
+
+
+# The poller settings the receiver reads (shared/src/config.rs: PollerSettings, "Receiver: …").
+RECEIVER_POLLER_KEYS = ("CARHOOK__POLLER__OUTAGE_WINDOW_SECS", "CARHOOK__POLLER__OUTAGE_MAX_VEHICLES")
 
 
 def file_source(container, volumes, path):

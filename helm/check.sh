@@ -374,6 +374,24 @@ else
   echo "  note promtool not found ($PROMTOOL): run deploy/check-observability.sh first to install it"
 fi
 
+# config.poller.outage_* reach the receiver (it requests the polls after an outage): a changed
+# value is in its environment.
+if "${HELM[@]}" template carhook "$chart" "${SECRET[@]}" --set config.poller.outage_window_secs=321 \
+  --set config.poller.outage_max_vehicles=4321 --show-only templates/receiver-deployment.yaml >"$scratch/recv.yaml" 2>"$scratch/err" &&
+  "$PYTHON" - "$scratch/recv.yaml" <<'PY' 2>"$scratch/err"; then
+import sys, yaml
+env = {e["name"]: e.get("value") for e in yaml.safe_load(open(sys.argv[1]))["spec"]["template"]["spec"]["containers"][0]["env"]}
+want = {"CARHOOK__POLLER__OUTAGE_WINDOW_SECS": "321", "CARHOOK__POLLER__OUTAGE_MAX_VEHICLES": "4321"}
+got = {k: env.get(k) for k in want}
+if got != want:
+    sys.exit(f"receiver environment has {got}, expected {want}")
+PY
+  ok "config.poller.outage_window_secs and outage_max_vehicles reach the receiver"
+else
+  cat "$scratch/err"
+  fail "config.poller.outage_* do not reach the receiver"
+fi
+
 # Renders that must fail, with the message that must explain why.
 must_fail() { # description, expected-message-regex, helm args...
   local what=$1 pattern=$2

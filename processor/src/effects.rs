@@ -30,6 +30,13 @@ pub struct Cell {
     pub timestamp: i64,
 }
 
+/// One write of a time column: the value (epoch ms) and its write timestamp (µs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimeCell {
+    pub value: i64,
+    pub timestamp: i64,
+}
+
 /// A signal's new last-good value, ordered by the car's clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValueWrite {
@@ -74,6 +81,9 @@ pub struct Plan {
     pub availability: Vec<AvailabilityWrite>,
     pub errors: Vec<ErrorWrite>,
     pub vehicle_info: Option<Cell>,
+    /// The delivery time of a webhook (never of a polled event): `vehicles.last_webhook_at`,
+    /// what "recently active" means to the poller's safety net and resync.
+    pub last_webhook: Option<TimeCell>,
     /// The vehicle's Smartcar user id (`data.user.id`), ordered by the delivery clock: the
     /// poller's `sc-user-id`.
     pub user: Option<Cell>,
@@ -330,6 +340,12 @@ pub fn plan(event: &Event, ctx: Context) -> Plan {
             doc: u.clone(),
             timestamp: delivered_ts,
         });
+        // A poll's own event is not activity: were it, a parked vehicle polled by the safety net
+        // would look active again and be polled again, for ever.
+        p.last_webhook = (env.source == EventSource::Webhook).then_some(TimeCell {
+            value: delivered.at.as_i64(),
+            timestamp: delivered_ts,
+        });
     }
     p
 }
@@ -422,6 +438,10 @@ fn legacy_plan(event: &Event, l: &LegacyEvent, v: &LegacyVehicle, ctx: Context) 
             });
         }
     }
+    p.last_webhook = Some(TimeCell {
+        value: delivered.at.as_i64(),
+        timestamp: delivered_ts,
+    });
     p.vehicle_info = Some(Cell {
         doc: json!({
             "vehicleId": v.vehicle.as_str(),
@@ -678,6 +698,13 @@ mod tests {
                 doc: "u-1".into(),
                 timestamp: 1_700_000_000_000_001
             })
+        );
+        // Only the webhook is activity (the safety net's "recently active").
+        assert_eq!(p.last_webhook, None, "a poll is not activity");
+        assert_eq!(
+            w.last_webhook.map(|t| t.value),
+            Some(1_700_000_000_000),
+            "a webhook is"
         );
     }
 

@@ -92,7 +92,10 @@ enum Command {
 enum PollCommand {
     /// Consume poll requests under the budgets (the poller service).
     Run,
-    /// Poll one vehicle now and print what was fetched and applied (exit 1 when not polled).
+    /// Poll one vehicle now and print what was fetched and applied; exit 1 when it failed or the
+    /// processor did not apply it within --wait-secs, 3 for a vehicle Smartcar or carhook does
+    /// not know. It uses its own budget, outside the running poller's global bucket.
+    #[command(after_help = carhook_processor::tools::EXIT_CODES)]
     Now {
         /// The vehicle id.
         vehicle_id: String,
@@ -102,12 +105,19 @@ enum PollCommand {
         /// How long to wait for the processor to apply the polled event.
         #[arg(long, default_value_t = 30)]
         wait_secs: u64,
+        /// `json` (default) or `table`.
+        #[arg(long, value_enum, default_value = "json")]
+        output: Output,
     },
-    /// Request a poll for every vehicle with an event delivered since a time.
+    /// Request a poll for every vehicle with a webhook delivered since a time.
+    #[command(after_help = carhook_processor::tools::EXIT_CODES)]
     Resync {
         /// RFC 3339 time, e.g. 2026-11-29T10:00:00Z.
         #[arg(long, value_parser = parse_time)]
         since: shared::clock::EpochMillis,
+        /// `json` (default) or `table`.
+        #[arg(long, value_enum, default_value = "json")]
+        output: Output,
     },
 }
 
@@ -235,38 +245,25 @@ async fn poll(settings: Settings, command: PollCommand) -> ExitCode {
             vehicle_id,
             user_id,
             wait_secs,
+            output,
         } => {
             let mut s = settings;
             s.telemetry.log_format = shared::config::LogFormat::Pretty;
-            s.telemetry.log_level = "warn".into();
-            let _t = shared::telemetry::init(&s.telemetry, "carhook-poller");
-            match poll::poll_now(
+            let _t = shared::telemetry::init_for_tool(&s.telemetry, "carhook-poller");
+            carhook_processor::tools::poll_now(
                 &s,
                 &vehicle_id,
                 user_id,
                 std::time::Duration::from_secs(wait_secs),
+                output,
             )
             .await
-            {
-                Ok(report) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&report).unwrap_or_default()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e, 1),
-            }
         }
-        PollCommand::Resync { since } => match poll::resync(&settings, since).await {
-            Ok(n) => {
-                println!(
-                    "{{\"requested\": {n}, \"since\": \"{}\"}}",
-                    since.to_rfc3339()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e, 1),
-        },
+        PollCommand::Resync { since, output } => {
+            let mut s = settings;
+            s.telemetry.log_format = shared::config::LogFormat::Pretty;
+            let _t = shared::telemetry::init_for_tool(&s.telemetry, "carhook-poller");
+            carhook_processor::tools::poll_resync(&s, since, output).await
+        }
     }
 }

@@ -178,6 +178,7 @@ pub struct Store {
     put_availability: PreparedStatement,
     put_error: PreparedStatement,
     put_vehicle: PreparedStatement,
+    put_last_webhook: PreparedStatement,
     put_user: PreparedStatement,
     signal_times: PreparedStatement,
     error_times: PreparedStatement,
@@ -343,6 +344,10 @@ impl Store {
             "UPDATE {ks}.vehicles USING TIMESTAMP ? SET info = ? WHERE vehicle_id = ?"
         ))
         .await?;
+        let put_last_webhook = p(format!(
+            "UPDATE {ks}.vehicles USING TIMESTAMP ? SET last_webhook_at = ? WHERE vehicle_id = ?"
+        ))
+        .await?;
         let put_user = p(format!(
             "UPDATE {ks}.vehicle_users USING TIMESTAMP ? SET user_id = ? WHERE vehicle_id = ?"
         ))
@@ -379,6 +384,7 @@ impl Store {
             put_availability,
             put_error,
             put_vehicle,
+            put_last_webhook,
             put_user,
             signal_times,
             error_times,
@@ -837,6 +843,10 @@ impl Store {
             batch.append_statement(self.put_vehicle.clone());
             rows.push(StateRow::Vehicle(info.timestamp, &info.doc, vehicle));
         }
+        if let Some(w) = &plan.last_webhook {
+            batch.append_statement(self.put_last_webhook.clone());
+            rows.push(StateRow::Time(w.timestamp, w.value, vehicle));
+        }
         if let Some(user) = &plan.user {
             batch.append_statement(self.put_user.clone());
             rows.push(StateRow::Vehicle(user.timestamp, &user.doc, vehicle));
@@ -906,6 +916,7 @@ impl Store {
 enum StateRow<'a> {
     Keyed(i64, &'a str, &'a str, &'a str),
     Vehicle(i64, &'a str, &'a str),
+    Time(i64, i64, &'a str),
 }
 
 impl SerializeRow for StateRow<'_> {
@@ -917,6 +928,7 @@ impl SerializeRow for StateRow<'_> {
         match self {
             Self::Keyed(t, doc, v, k) => (t, doc, v, k).serialize(ctx, writer),
             Self::Vehicle(t, doc, v) => (t, doc, v).serialize(ctx, writer),
+            Self::Time(t, at, v) => (t, at, v).serialize(ctx, writer),
         }
     }
 

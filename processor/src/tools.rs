@@ -1,6 +1,7 @@
-//! The operator commands (`state`, `replay`, `dlq`) as scripts use them: the result — JSON, or a
-//! table with `--output table` — is the only thing on stdout; log lines, progress and errors go to
-//! stderr; the exit code says what went wrong ([`Exit`], listed in `--help` and the README).
+//! The operator commands (`state`, `replay`, `dlq`, `poll now`, `poll resync`) as scripts use
+//! them: the result — JSON, or a table with `--output table` — is the only thing on stdout; log
+//! lines, progress and errors go to stderr; the exit code says what went wrong ([`Exit`], listed
+//! in `--help` and the README).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use serde_json::Value;
 use shared::config::Settings;
 
 use crate::dlq::{self, DlqError, LetterPos, Selection};
+use crate::poll::PollError;
 use crate::replay::{ReplayError, ReplayRequest};
 use crate::state::StateError;
 use crate::store::{Store, StoreError};
@@ -18,9 +20,11 @@ use crate::store::{Store, StoreError};
 pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  failure (the command could not do what was asked, e.g. an incomplete read of the dead-letter topic)
+  1  failure (the command could not do what was asked, e.g. an incomplete read of the dead-letter topic,
+     a poll that failed or was not applied in time)
   2  bad configuration or usage (invalid option, unknown --reason, --all without --yes when not interactive)
-  3  not found (unknown vehicle, no dead letter at that position, no such topic)
+  3  not found (unknown vehicle, no dead letter at that position, no such topic; a vehicle Smartcar
+     answers 404 for or whose user id is unknown)
   4  store or broker unreachable";
 
 /// Why an operator command stopped; the process exit code.
@@ -150,6 +154,110 @@ fn state_table(v: &Value) -> String {
         o.remove("signals");
     }
     format!("{signals}\n{}", fields_table(&rest))
+}
+
+fn poll_exit(e: &PollError) -> Exit {
+    match e {
+        PollError::Config(_) | PollError::Vehicle(..) => Exit::Usage,
+        PollError::Cql(shared::cql::CqlError::Connect { .. })
+        | PollError::Kafka(_)
+        | PollError::Topics(_)
+        | PollError::Produce(_) => Exit::Unreachable,
+        PollError::Store(e) => store_exit(e),
+        PollError::NotPolled {
+            result: "skipped_no_user",
+            ..
+        }
+        | PollError::PollFailed {
+            result: "not_found",
+            ..
+        } => Exit::NotFound,
+        PollError::Cql(_)
+        | PollError::Api(_)
+        | PollError::NotPolled { .. }
+        | PollError::PollFailed { .. } => Exit::Failure,
+    }
+}
+
+/// `processor poll now <vehicle>`: the report on stdout; exit 1 when the polled event was not
+/// applied within `wait` (the report still says where it was produced).
+pub async fn poll_now(
+    settings: &Settings,
+    vehicle: &str,
+    user_id: Option<String>,
+    wait: std::time::Duration,
+    output: Output,
+) -> ExitCode {
+    let report = match crate::poll::poll_now(settings, vehicle, user_id, wait).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e, poll_exit(&e)),
+    };
+    match output {
+        Output::Json => print_json(&report),
+        Output::Table => println!("{}", poll_table(&report)),
+    }
+    if report["applied"] == Value::Bool(true) {
+        ExitCode::SUCCESS
+    } else {
+        fail(
+            format!(
+                "vehicle {vehicle}: the polled event {} was produced to the events topic at {} but no processor applied it within {} s (is `processor run` up? it is applied once one runs)",
+                report["eventId"].as_str().unwrap_or("?"),
+                report["eventsTopicPosition"].as_str().unwrap_or("?"),
+                wait.as_secs()
+            ),
+            Exit::Failure,
+        )
+    }
+}
+
+/// A `poll now` report as a table: one row per signal fetched, then the other fields.
+fn poll_table(v: &Value) -> String {
+    let mut signals = table([
+        "SIGNAL",
+        "STATUS",
+        "VALUE",
+        "OEM UPDATED AT",
+        "STORED SOURCE",
+    ]);
+    for s in v["signals"].as_array().into_iter().flatten() {
+        let text = |x: &Value| match x {
+            Value::String(t) => t.clone(),
+            Value::Null => "-".into(),
+            other => other.to_string(),
+        };
+        signals.add_row(vec![
+            text(&s["code"]),
+            text(&s["status"]),
+            text(&s["body"]),
+            text(&s["oemUpdatedAt"]),
+            text(&s["storedSource"]),
+        ]);
+    }
+    let mut rest = v.clone();
+    if let Some(o) = rest.as_object_mut() {
+        o.remove("signals");
+    }
+    format!("{signals}\n{}", fields_table(&rest))
+}
+
+/// `processor poll resync --since`: how many requests were made, on stdout.
+pub async fn poll_resync(
+    settings: &Settings,
+    since: shared::clock::EpochMillis,
+    output: Output,
+) -> ExitCode {
+    match crate::poll::resync(settings, since).await {
+        Ok(n) => {
+            let v = serde_json::json!({ "requested": n, "since": since.to_rfc3339() });
+            match output {
+                Output::Json => print_json(&v),
+                Output::Table => println!("{}", fields_table(&v)),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e, poll_exit(&e)),
+    }
 }
 
 /// `processor replay`: its summary on stdout.

@@ -612,7 +612,8 @@ pub struct PollerSettings {
     pub safety_net_signals: String,
     /// …older than this on a vehicle…
     pub safety_net_max_age_secs: u64,
-    /// …that had an event within this long get a poll (0 turns the safety net off).
+    /// …that had a webhook within this long (a polled event does not count) get a poll (0 turns
+    /// the safety net off).
     pub safety_net_active_secs: u64,
     /// How often the safety net looks.
     pub safety_net_every_secs: u64,

@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "poller",
         include_str!("../migrations/cql/0006_poller.cql"),
     ),
+    (
+        7,
+        "vehicle_last_webhook",
+        include_str!("../migrations/cql/0007_vehicle_last_webhook.cql"),
+    ),
 ];
 
 /// CQL failures, naming what an operator needs.

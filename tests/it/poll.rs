@@ -75,7 +75,17 @@ pub(crate) async fn start_poller(
 
 /// Runs a `processor poll …` one-shot command; (exit code, stdout, stderr).
 async fn poll_command(s: &Settings, api: &FakeApi, args: &[&str]) -> (Option<i32>, String, String) {
-    let env = poller_env(s, api, free_port(), &[]);
+    poll_command_with(s, api, args, &[]).await
+}
+
+/// As [`poll_command`], with `extra` environment.
+async fn poll_command_with(
+    s: &Settings,
+    api: &FakeApi,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> (Option<i32>, String, String) {
+    let env = poller_env(s, api, free_port(), extra);
     let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(workspace_bin("processor"))
@@ -113,6 +123,34 @@ async fn poll_results(admin: SocketAddr, result: &str) -> f64 {
         &format!("carhook_poller_polls_total{{reason=\"operator\",result=\"{result}\"}}"),
     )
     .await
+}
+
+/// Produces `body` to the events topic as the poller does: keyed by vehicle, marked as polled.
+async fn produce_polled(s: &Settings, vehicle: &str, body: &[u8]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka.brokers)
+        .create()
+        .unwrap_or_else(|e| panic!("producer: {e}"));
+    let h = OwnedHeaders::new()
+        .insert(Header {
+            key: shared::headers::SOURCE,
+            value: Some(shared::smartcar_api::POLL_SOURCE),
+        })
+        .insert(Header {
+            key: shared::headers::POLL_REASON,
+            value: Some("operator"),
+        });
+    p.send(
+        FutureRecord::<str, [u8]>::to(&s.kafka.events_topic)
+            .key(vehicle)
+            .payload(body)
+            .headers(h),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
 }
 
 pub(crate) async fn fake() -> FakeApi {
@@ -222,17 +260,28 @@ async fn poll_now_fails_clearly_for_an_unknown_user_and_a_missing_vehicle() {
     let s = settings(&[]);
     let api = fake().await;
     // No webhook ever named this vehicle's user.
-    let (code, _, err) = poll_command(&s, &api, &["poll", "now", "car-nobody"]).await;
-    assert_eq!(code, Some(1), "{err}");
+    // Not found (exit 3, as `processor state` for an unknown vehicle).
+    let (code, out, err) = poll_command(&s, &api, &["poll", "now", "car-nobody"]).await;
+    assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains("no user id known") && err.contains("--user-id"),
         "{err}"
     );
+    assert!(out.is_empty(), "nothing on stdout for a failure: {out}");
     // With a user, but Smartcar does not know the vehicle: 404, named.
     let (code, _, err) =
         poll_command(&s, &api, &["poll", "now", "car-nobody", "--user-id", "u1"]).await;
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("car-nobody") && err.contains("404"), "{err}");
+    // The store unreachable: exit 4.
+    let (code, _, err) = poll_command_with(
+        &s,
+        &api,
+        &["poll", "now", "car-nobody", "--user-id", "u1"],
+        &[("CARHOOK__CQL__NODES", "127.0.0.1:1")],
+    )
+    .await;
+    assert_eq!(code, Some(4), "{err}");
     drop_keyspace(&s).await;
 }
 
@@ -437,6 +486,22 @@ async fn bad_responses_are_counted_never_crash_the_poller_and_never_write_state(
         Some("operator")
     );
     assert!(header(m, "carhook-event-id").is_some_and(|id| id.starts_with("poll-")));
+    // Each failure was logged, naming its vehicle and what was wrong.
+    let log = std::fs::read_to_string(
+        std::env::temp_dir().join(format!("{}.poller.log", s.cql.keyspace)),
+    )
+    .unwrap_or_default();
+    for (car, what) in [
+        ("car-html", "not JSON"),
+        ("car-shape", "unusable 200 answer"),
+        ("car-gone", "404"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(car) && l.contains(what)),
+            "no WARN line for {car} saying {what:?} in the poller log:\n{log}"
+        );
+    }
     drop_keyspace(&s).await;
 }
 
@@ -561,7 +626,6 @@ async fn a_dead_letter_and_a_resolved_error_each_request_one_poll_in_the_batch_t
         json!([{"type":"PERMISSION","code":null,"state":"RESOLVED"}]),
         1_761_896_351_529,
     );
-    // A polled record that is poison must not ask for another poll (a loop).
     produce_raw(
         &s.kafka.brokers,
         &s.kafka.events_topic,
@@ -570,6 +634,12 @@ async fn a_dead_letter_and_a_resolved_error_each_request_one_poll_in_the_batch_t
             (Some("car-resolved"), resolved.as_slice()),
         ],
     )
+    .await;
+    // A polled record that is poison must not ask for another poll (a loop).
+    produce_polled(&s, "car-polled-poison", b"{not json").await;
+    eventually(Duration::from_secs(60), || async {
+        metric_value(processor.admin, "carhook_processor_dead_letters_total").await >= 2.0
+    })
     .await;
     let brokers = s.kafka.brokers.clone();
     let topic = s.kafka.poll_topic.clone();
@@ -596,7 +666,7 @@ async fn a_dead_letter_and_a_resolved_error_each_request_one_poll_in_the_batch_t
             ("car-poison".to_string(), "dead_letter".to_string()),
             ("car-resolved".to_string(), "error_resolved".to_string())
         ],
-        "exactly one request each"
+        "exactly one request each, none for the polled poison record"
     );
     assert_eq!(
         metric_value(
@@ -849,4 +919,554 @@ async fn a_token_is_minted_again_before_it_expires_without_a_401() {
         api.calls()
     );
     drop_keyspace(&s).await;
+}
+
+/// The poller's log (`start_poller` writes it).
+fn poller_log(s: &Settings) -> String {
+    std::fs::read_to_string(std::env::temp_dir().join(format!("{}.poller.log", s.cql.keyspace)))
+        .unwrap_or_default()
+}
+
+/// A `state_event` delivered now (its fixed `deliveredAt` is in 2025).
+fn delivered_now(body: &[u8]) -> Vec<u8> {
+    let mut v: Value = serde_json::from_slice(body).unwrap_or_default();
+    v["meta"]["deliveredAt"] = json!(shared::clock::EpochMillis::now().as_i64());
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_failed_poll_still_sets_the_minimum_interval() {
+    let s = settings(&[]);
+    let api = fake().await;
+    // car-gone is unknown to Smartcar (404); car-down answers 503 to every try.
+    api.set_vehicle(
+        "car-down",
+        ApiVehicle::new("u1", &[("odometer-traveleddistance", km(1), T0)]),
+    );
+    for _ in 0..3 {
+        api.fault("car-down", Fault::Server(503));
+    }
+    let poller = start_poller(
+        &s,
+        &api,
+        &[
+            ("CARHOOK__POLLER__MIN_INTERVAL_SECS", "3600"),
+            ("CARHOOK__POLLER__MAX_TRIES", "3"),
+        ],
+    )
+    .await;
+    for car in ["car-gone", "car-down"] {
+        request_poll(&s, car).await;
+    }
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "not_found").await + poll_results(poller.admin, "failed").await
+            >= 2.0
+    })
+    .await;
+    // Asked again: the failed attempts count, so neither vehicle is asked again this hour.
+    for car in ["car-gone", "car-down"] {
+        request_poll(&s, car).await;
+    }
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "skipped_min_interval").await >= 2.0
+    })
+    .await;
+    assert_eq!(api.calls_for("car-gone").len(), 1, "{:?}", api.calls());
+    assert_eq!(
+        api.calls_for("car-down")
+            .iter()
+            .map(|c| c.status)
+            .collect::<Vec<_>>(),
+        [503, 503, 503],
+        "three tries of the first poll, none of the second"
+    );
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_monthly_cap() {
+    let s = settings(&[]);
+    let api = fake().await;
+    api.set_vehicle(
+        "car-capped",
+        ApiVehicle::new("u1", &[("odometer-traveleddistance", km(1), T0)]),
+    );
+    for _ in 0..3 {
+        api.fault("car-capped", Fault::Server(500));
+    }
+    let poller = start_poller(
+        &s,
+        &api,
+        &[
+            ("CARHOOK__POLLER__MONTHLY_CAP", "2"),
+            ("CARHOOK__POLLER__MAX_TRIES", "3"),
+        ],
+    )
+    .await;
+    request_poll(&s, "car-capped").await;
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "skipped_monthly_cap").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        api.calls_for("car-capped")
+            .iter()
+            .map(|c| c.status)
+            .collect::<Vec<_>>(),
+        [500, 500],
+        "the third try would have been the month's third request, over the cap of 2"
+    );
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn a_5xx_is_retried_with_backoff_then_succeeds_or_gives_up_counted() {
+    let s = settings(&[]);
+    let api = fake().await;
+    for car in ["car-flaky", "car-broken"] {
+        api.set_vehicle(
+            car,
+            ApiVehicle::new("u1", &[("odometer-traveleddistance", km(7), T0)]),
+        );
+    }
+    api.fault("car-flaky", Fault::Server(502));
+    api.fault("car-flaky", Fault::Server(503));
+    for _ in 0..3 {
+        api.fault("car-broken", Fault::Server(500));
+    }
+    let poller = start_poller(&s, &api, &[("CARHOOK__POLLER__MAX_TRIES", "3")]).await;
+    request_poll(&s, "car-flaky").await;
+    request_poll(&s, "car-broken").await;
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "polled").await >= 1.0
+            && poll_results(poller.admin, "failed").await >= 1.0
+    })
+    .await;
+    let flaky = api.calls_for("car-flaky");
+    assert_eq!(
+        flaky.iter().map(|c| c.status).collect::<Vec<_>>(),
+        [502, 503, 200]
+    );
+    // BACKOFF_BASE_MS is 100 (poller_env): every retry waited at least that.
+    for pair in flaky.windows(2) {
+        assert!(
+            pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(100),
+            "retried without backing off: {flaky:?}"
+        );
+    }
+    assert_eq!(
+        api.calls_for("car-broken")
+            .iter()
+            .map(|c| c.status)
+            .collect::<Vec<_>>(),
+        [500, 500, 500],
+        "gave up after poller.max_tries"
+    );
+    assert_eq!(
+        metric_value(
+            poller.admin,
+            "carhook_poller_requests_total{outcome=\"server_error\"}"
+        )
+        .await,
+        5.0
+    );
+    assert_eq!(
+        record_count(&s.kafka.brokers, &s.kafka.events_topic),
+        1,
+        "only the vehicle that answered in the end was produced"
+    );
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn an_answer_slower_than_the_client_timeout_is_a_counted_failure_that_writes_nothing() {
+    let s = settings(&[]);
+    let api = fake().await;
+    api.set_vehicle(
+        "car-slow",
+        ApiVehicle::new("u1", &[("odometer-traveleddistance", km(3), T0)]),
+    );
+    for _ in 0..2 {
+        api.fault("car-slow", Fault::Slow(Duration::from_secs(4)));
+    }
+    let poller = start_poller(
+        &s,
+        &api,
+        &[
+            ("CARHOOK__SMARTCAR__API_TIMEOUT_MS", "1000"),
+            ("CARHOOK__POLLER__MAX_TRIES", "2"),
+        ],
+    )
+    .await;
+    request_poll(&s, "car-slow").await;
+    eventually(Duration::from_secs(30), || async {
+        poll_results(poller.admin, "failed").await >= 1.0
+    })
+    .await;
+    assert_eq!(api.calls_for("car-slow").len(), 2, "each try timed out");
+    assert_eq!(
+        metric_value(
+            poller.admin,
+            "carhook_poller_requests_total{outcome=\"transport\"}"
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        record_count(&s.kafka.brokers, &s.kafka.events_topic),
+        0,
+        "nothing produced"
+    );
+    assert!(
+        poller_log(&s)
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("car-slow") && l.contains("poll failed")),
+        "{}",
+        poller_log(&s)
+    );
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn a_signal_error_in_a_200_never_overwrites_the_stored_value() {
+    let s = settings(&[]);
+    let api = fake().await;
+    let processor = spawn_processor(&s).await;
+    let car = "car-signal-error";
+    let hook = state_event(
+        "hook-se",
+        car,
+        &[
+            ("tractionbattery-stateofcharge", soc(80), T0),
+            ("odometer-traveleddistance", km(100), T0),
+        ],
+    );
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[(Some(car), &hook)],
+    )
+    .await;
+    state_where(&s, car, |v| {
+        v["signals"]["tractionbattery-stateofcharge"]["body"]["value"] == 80
+    })
+    .await;
+    // Smartcar's battery reading is newer, but answered as an ERROR (with its stale body).
+    api.set_vehicle(
+        car,
+        ApiVehicle::new(
+            "u1",
+            &[
+                ("tractionbattery-stateofcharge", soc(5), T0 + 600_000),
+                ("odometer-traveleddistance", km(130), T0 + 600_000),
+            ],
+        ),
+    );
+    api.fault(
+        car,
+        Fault::SignalError {
+            code: "tractionbattery-stateofcharge".into(),
+            error_type: "VEHICLE_STATE".into(),
+        },
+    );
+    let _poller = start_poller(&s, &api, &[]).await;
+    request_poll(&s, car).await;
+    let state = state_where(&s, car, |v| {
+        v["signals"]["odometer-traveleddistance"]["source"] == "poll"
+    })
+    .await;
+    let battery = &state["signals"]["tractionbattery-stateofcharge"];
+    assert_eq!(battery["body"]["value"], 80, "{state:#}");
+    assert_eq!(battery["source"], "webhook", "{state:#}");
+    assert_eq!(
+        state["signals"]["odometer-traveleddistance"]["body"]["value"],
+        130
+    );
+    processor.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn every_page_of_a_paginated_signals_answer_is_read() {
+    let s = settings(&[]);
+    let api = fake().await;
+    api.set_page_size(2);
+    let processor = spawn_processor(&s).await;
+    let car = "car-paged";
+    let signals = [
+        ("tractionbattery-stateofcharge", soc(61), T0),
+        ("odometer-traveleddistance", km(4000), T0),
+        ("charge-ischarging", json!({"value": false}), T0),
+    ];
+    api.set_vehicle(car, ApiVehicle::new("u1", &signals));
+    let poller = start_poller(&s, &api, &[]).await;
+    request_poll(&s, car).await;
+    let state = state_where(&s, car, |v| {
+        signals
+            .iter()
+            .all(|(code, _, _)| v["signals"][code]["source"] == "poll")
+    })
+    .await;
+    for (code, body, _) in &signals {
+        assert_eq!(&state["signals"][code]["body"], body, "{code}: {state:#}");
+    }
+    assert_eq!(api.calls_for(car).len(), 2, "two pages, two requests");
+    assert_eq!(
+        metric_value(
+            poller.admin,
+            "carhook_poller_requests_total{outcome=\"ok\"}"
+        )
+        .await,
+        2.0
+    );
+    processor.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn poll_now_exits_non_zero_when_the_polled_event_is_not_applied_in_time() {
+    let s = settings(&[]);
+    let api = fake().await;
+    api.set_vehicle(
+        "car-unapplied",
+        ApiVehicle::new("u1", &[("odometer-traveleddistance", km(9), T0)]),
+    );
+    // No processor runs: the polled event waits on the events topic.
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (code, out, err) = poll_command(
+        &s,
+        &api,
+        &[
+            "poll",
+            "now",
+            "car-unapplied",
+            "--user-id",
+            "u1",
+            "--wait-secs",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("car-unapplied") && err.contains("no processor applied it"),
+        "{err}"
+    );
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["applied"], false, "{report:#}");
+    assert_eq!(record_count(&s.kafka.brokers, &s.kafka.events_topic), 1);
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn poll_now_keeps_stdout_for_the_result_and_prints_a_table_on_request() {
+    let s = settings(&[]);
+    let api = fake().await;
+    let _processor = spawn_processor(&s).await;
+    api.set_vehicle(
+        "car-cli",
+        ApiVehicle::new("u1", &[("odometer-traveleddistance", km(11), T0)]),
+    );
+    // A retried 5xx makes the poll log a WARN line: it must land on stderr.
+    api.fault("car-cli", Fault::Server(503));
+    let (code, out, err) =
+        poll_command(&s, &api, &["poll", "now", "car-cli", "--user-id", "u1"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let report: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {out}"));
+    assert_eq!(report["applied"], true, "{report:#}");
+    assert!(
+        err.contains("transient failure"),
+        "the retry is logged on stderr: {err}"
+    );
+    let (code, out, err) = poll_command(
+        &s,
+        &api,
+        &[
+            "poll",
+            "now",
+            "car-cli",
+            "--user-id",
+            "u1",
+            "--output",
+            "table",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("SIGNAL") && out.contains("odometer-traveleddistance"),
+        "{out}"
+    );
+    let (code, out, err) = poll_command(
+        &s,
+        &api,
+        &[
+            "poll",
+            "resync",
+            "--since",
+            "2025-10-01T00:00:00Z",
+            "--output",
+            "table",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("requested"), "{out}");
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn the_safety_net_does_not_poll_a_vehicle_whose_only_recent_activity_is_polls() {
+    let s = settings(&[]);
+    let processor = spawn_processor(&s).await;
+    let api = fake().await;
+    // Both have a stale battery reading. car-driving had a webhook just now; car-parked's last
+    // webhook is from 2025, and a poll (`poll now`) is all that happened to it since.
+    let parked = state_event(
+        "parked-1",
+        "car-parked",
+        &[("tractionbattery-stateofcharge", soc(10), T0)],
+    );
+    let driving = delivered_now(&state_event(
+        "driving-1",
+        "car-driving",
+        &[("tractionbattery-stateofcharge", soc(20), T0)],
+    ));
+    produce_raw(
+        &s.kafka.brokers,
+        &s.kafka.events_topic,
+        &[
+            (Some("car-parked"), &parked),
+            (Some("car-driving"), &driving),
+        ],
+    )
+    .await;
+    for car in ["car-parked", "car-driving"] {
+        state_where(&s, car, |v| {
+            v["signals"]["tractionbattery-stateofcharge"]["source"] == "webhook"
+        })
+        .await;
+        // Smartcar has nothing newer: the readings stay stale after a poll.
+        api.set_vehicle(
+            car,
+            ApiVehicle::new("u1", &[("tractionbattery-stateofcharge", soc(30), T0 + 1)]),
+        );
+    }
+    let (code, _, err) = poll_command(&s, &api, &["poll", "now", "car-parked"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let poller = start_poller(
+        &s,
+        &api,
+        &[
+            (
+                "CARHOOK__POLLER__SAFETY_NET_SIGNALS",
+                "tractionbattery-stateofcharge",
+            ),
+            ("CARHOOK__POLLER__SAFETY_NET_MAX_AGE_SECS", "86400"),
+            ("CARHOOK__POLLER__SAFETY_NET_ACTIVE_SECS", "3600"),
+            ("CARHOOK__POLLER__SAFETY_NET_EVERY_SECS", "1"),
+        ],
+    )
+    .await;
+    // The net runs (car-driving is polled), and several rounds later car-parked has still only
+    // had the operator's poll.
+    eventually(Duration::from_secs(30), || async {
+        !api.calls_for("car-driving").is_empty()
+    })
+    .await;
+    eventually(Duration::from_secs(30), || async {
+        poller_log(&s).matches("safety net round done").count() >= 3
+    })
+    .await;
+    assert_eq!(
+        api.calls_for("car-parked").len(),
+        1,
+        "a vehicle active only through its own polls was polled by the safety net"
+    );
+    assert!(
+        metric_value(
+            poller.admin,
+            "carhook_poller_requested_total{reason=\"safety_net\"}"
+        )
+        .await
+            >= 1.0
+    );
+    processor.stop().await;
+    drop_keyspace(&s).await;
+}
+
+#[tokio::test]
+async fn smartcar_sim_api_injects_faults_from_its_command_line() {
+    let listen = free_port();
+    let log = std::env::temp_dir().join(format!("{}.smartcar-sim.log", fresh("sim")));
+    // Killed when dropped, also when an assertion fails.
+    let _sim = ChildService::launch(
+        "smartcar-sim",
+        &[
+            "api",
+            "--listen",
+            &listen.to_string(),
+            "--vehicles",
+            "1",
+            "--fault",
+            "5xx=502:1",
+            "--fault",
+            "429-vehicle=7:1",
+        ],
+        Vec::new(),
+        listen,
+        &log,
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let token_url = format!("http://{listen}/oauth2/token");
+    // Until it listens: a token by client credentials.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut token = None;
+    while token.is_none() && std::time::Instant::now() < deadline {
+        let answer = http
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "client_carhook-dev"),
+                ("client_secret", "carhook-dev-secret-NOT-FOR-PRODUCTION"),
+            ])
+            .send()
+            .await;
+        match answer {
+            Ok(a) => {
+                let v: Value = serde_json::from_slice(&a.bytes().await.unwrap_or_default())
+                    .unwrap_or_default();
+                token = v["access_token"].as_str().map(str::to_owned);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let token = token.unwrap_or_default();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let answer = http
+            .get(format!("http://{listen}/v3/vehicles/car-0/signals"))
+            .bearer_auth(&token)
+            .header("sc-user-id", "u1")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        seen.push((
+            answer.status().as_u16(),
+            answer
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [(502, None), (429, Some("7".to_string())), (200, None)],
+        "the injected faults in order, then the normal answer"
+    );
 }

@@ -91,12 +91,18 @@ app.kubernetes.io/component: {{ .component }}
 {{/* CARHOOK__* from the given sections of .Values.config, then extraEnv:
 include "carhook.configEnv" (dict "ctx" $ "sections" (list "kafka" "receiver" "telemetry")).
 Each component gets only the sections it reads, so changing a receiver setting does not restart
-(and rebalance) the processors. Sections left out keep the application defaults, which validate. */}}
+(and rebalance) the processors. Sections left out keep the application defaults, which validate.
+"keys" adds single keys of other sections, for a component that reads only those:
+(dict "poller" (list "outage_window_secs" "outage_max_vehicles")) for the receiver. */}}
 {{- define "carhook.configEnv" -}}
 {{- $config := .ctx.Values.config }}
-{{- range $section := .sections }}
-{{- $kv := index $config $section }}
-{{- range $key := keys $kv | sortAlpha }}
+{{- $pick := dict }}
+{{- range $section := .sections }}{{ $_ := set $pick $section (keys (index $config $section)) }}{{ end }}
+{{- $only := .keys | default dict }}
+{{- range $section := keys $only | sortAlpha }}{{ $_ := set $pick $section (get $only $section) }}{{ end }}
+{{- range $section := concat .sections (keys $only | sortAlpha) | uniq }}
+{{- $kv := index $config $section | default dict }}
+{{- range $key := index $pick $section | sortAlpha }}
 {{- $v := index $kv $key }}
 {{- if and (not (kindIs "invalid" $v)) (ne (toString $v) "") }}
 - name: {{ printf "CARHOOK__%s__%s" $section $key | upper }}

@@ -5,9 +5,13 @@
 //! The bucket is `governor`'s GCRA limiter: `Quota::with_period(refill).allow_burst(capacity)` is
 //! exactly "capacity at once, then one per refill period", and `until_ready` waits without
 //! spinning. It is in memory: one poller replica owns the budget (the chart runs one), and a
-//! restarted poller starts with a full bucket — if Smartcar's bucket was in fact spent, its 429
-//! (application scope) pauses the poller for `retry-after`. Per-vehicle budgets (minimum
-//! interval, monthly cap, blocks) are in the CQL store, so they survive restarts.
+//! restarted poller starts with a full bucket. Starting empty instead was rejected: it would hold
+//! back every restart's first polls for up to `capacity × refill` (an hour by default) — a crash
+//! loop would never poll at all — to guard against a case Smartcar answers by itself: if its
+//! bucket was in fact spent, its 429 (application scope) pauses the poller for `retry-after`.
+//! `processor poll now` runs in its own process with its own bucket, outside this one.
+//! Per-vehicle budgets (minimum interval, monthly cap, blocks) are in the CQL store, so they
+//! survive restarts and, but for the minimum interval, hold for `poll now` too.
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;

@@ -4,21 +4,23 @@
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use shared::poll_request::PollReason;
 use shared::smartcar_api::ApiError;
 
 use crate::metrics::Labels;
 
 /// What became of one poll request (bounded label).
-pub const RESULTS: [&str; 9] = [
+pub const RESULTS: [&str; 11] = [
     "polled",
     "skipped_min_interval",
+    "skipped_in_flight",
     "skipped_monthly_cap",
     "skipped_blocked",
     "skipped_reconnect",
     "skipped_no_user",
     "failed",
+    "not_found",
     "bad_response",
     "invalid_request",
 ];
@@ -40,6 +42,21 @@ pub struct PollMetrics {
     pub paused_seconds: Gauge,
     /// Unix time of the last successful poll (0 until the first).
     pub last_success: Gauge,
+    /// Poll-request records on the assigned partitions not yet taken by the poller.
+    pub requests_queued: Gauge,
+    /// Poll requests being handled.
+    pub requests_in_flight: Gauge,
+    /// Requests of those sleeping out a vehicle-scoped `retry-after` (waiting, not stuck).
+    pub retry_after_waits: Gauge,
+}
+
+/// Holds a gauge one higher while alive.
+pub struct Raised(Gauge);
+
+impl Drop for Raised {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl PollMetrics {
@@ -53,6 +70,9 @@ impl PollMetrics {
             tokens_minted: Counter::default(),
             paused_seconds: Gauge::default(),
             last_success: Gauge::default(),
+            requests_queued: Gauge::default(),
+            requests_in_flight: Gauge::default(),
+            retry_after_waits: Gauge::default(),
         };
         m.budget_left.set(i64::from(capacity));
         for outcome in std::iter::once("ok").chain(ApiError::CLASSES) {
@@ -85,7 +105,7 @@ impl PollMetrics {
         );
         r.register(
             "polls",
-            "Poll requests handled, by reason and result (polled, skipped_*, failed, bad_response)",
+            "Poll requests handled, by reason and result (polled, skipped_*, failed, not_found, bad_response, invalid_request)",
             m.polls.clone(),
         );
         r.register(
@@ -103,17 +123,46 @@ impl PollMetrics {
             "Application access tokens minted (client credentials)",
             m.tokens_minted.clone(),
         );
-        r.register(
-            "paused_seconds",
+        r.register_with_unit(
+            "paused",
             "Seconds left of an application-wide pause after a 429 (0 when not paused)",
+            Unit::Seconds,
             m.paused_seconds.clone(),
         );
-        r.register(
-            "last_success_timestamp_seconds",
+        r.register_with_unit(
+            "last_success_timestamp",
             "Unix time of the last successful poll (0 until the first)",
+            Unit::Seconds,
             m.last_success.clone(),
         );
+        r.register(
+            "requests_queued",
+            "Poll-request records on the poller's partitions not yet taken (lag of its consumer group)",
+            m.requests_queued.clone(),
+        );
+        r.register(
+            "requests_in_flight",
+            "Poll requests being handled (bucket waits, retries and retry-after sleeps included)",
+            m.requests_in_flight.clone(),
+        );
+        r.register(
+            "retry_after_waits",
+            "Poll requests sleeping out a vehicle-scoped retry-after (part of requests_in_flight)",
+            m.retry_after_waits.clone(),
+        );
         m
+    }
+
+    /// One more request in flight until the returned guard is dropped.
+    pub fn in_flight(&self) -> Raised {
+        self.requests_in_flight.inc();
+        Raised(self.requests_in_flight.clone())
+    }
+
+    /// One more request sleeping out a retry-after until the returned guard is dropped.
+    pub fn retry_after_wait(&self) -> Raised {
+        self.retry_after_waits.inc();
+        Raised(self.retry_after_waits.clone())
     }
 
     /// Counts one HTTP request's outcome.

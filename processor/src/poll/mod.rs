@@ -65,10 +65,20 @@ pub enum PollError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("vehicle id {0:?}: {1}")]
     Vehicle(String, shared::ids::IdError),
+    /// `result` is the [`metrics::RESULTS`] label of the skip.
     #[error("vehicle {vehicle} was not polled: {why}")]
-    NotPolled { vehicle: String, why: String },
+    NotPolled {
+        vehicle: String,
+        result: &'static str,
+        why: String,
+    },
+    /// `result` is the [`metrics::RESULTS`] label of the failure.
     #[error("vehicle {vehicle}: {why}")]
-    PollFailed { vehicle: String, why: String },
+    PollFailed {
+        vehicle: String,
+        result: &'static str,
+        why: String,
+    },
     #[error("{0}")]
     Produce(String),
 }
@@ -162,6 +172,12 @@ async fn run_inner(
         poller.metrics.clone(),
         shutdown.clone(),
     ));
+    let queued = tokio::spawn(report_queued(
+        Arc::clone(&consumer),
+        settings.kafka.poll_topic.clone(),
+        poller.metrics.clone(),
+        shutdown.clone(),
+    ));
     let concurrency = settings.poller.concurrency;
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let offsets = Arc::new(Mutex::new(Offsets::default()));
@@ -215,11 +231,12 @@ async fn run_inner(
     let _ = tokio::time::timeout(Duration::from_secs(30), slots.acquire_many(all)).await;
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     safety_net.abort();
+    queued.abort();
     tracing::info!("poller stopped");
     Ok(())
 }
 
-/// The safety net: every `poller.safety_net_every_secs`, a vehicle with an event within
+/// The safety net: every `poller.safety_net_every_secs`, a vehicle with a webhook within
 /// `safety_net_active_secs` whose configured `safety_net_signals` are older than
 /// `safety_net_max_age_secs` (or missing) gets a poll request. Off while `safety_net_active_secs`
 /// is 0 or no signal is configured. The requests go through the topic like any other, so the
@@ -289,6 +306,62 @@ async fn safety_net(
     }
 }
 
+/// Keeps `requests_queued` current: for the assigned partitions, the high watermark minus the
+/// consumer's position (records not yet taken), every 5 s. With `requests_in_flight` it tells a
+/// poller with work waiting from an idle one (the CarhookPollerStuck alert).
+async fn report_queued(
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    metrics: PollMetrics,
+    stop: CancellationToken,
+) {
+    loop {
+        let c = Arc::clone(&consumer);
+        let t = topic.clone();
+        let queued = tokio::task::spawn_blocking(move || {
+            let Ok(pos) = c.position() else {
+                return None;
+            };
+            let mut sum = 0i64;
+            for e in pos.elements().iter().filter(|e| e.topic() == t) {
+                let Ok((low, high)) = c.fetch_watermarks(&t, e.partition(), Duration::from_secs(2))
+                else {
+                    return None;
+                };
+                // No position yet (nothing fetched since the assignment): the committed offset,
+                // else the start of the partition, is where reading resumes.
+                let at = match e.offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => committed(&c, &t, e.partition()).unwrap_or(low),
+                };
+                sum += (high - at).max(0);
+            }
+            Some(sum)
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(n) = queued {
+            metrics.requests_queued.set(n);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// The group's committed offset of one partition, if any.
+fn committed(c: &StreamConsumer, topic: &str, partition: i32) -> Option<i64> {
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let got = c.committed_offsets(list, Duration::from_secs(2)).ok()?;
+    got.elements().first().and_then(|e| match e.offset() {
+        rdkafka::Offset::Offset(o) => Some(o),
+        _ => None,
+    })
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -320,7 +393,7 @@ impl Offsets {
 }
 
 /// Handles one poll-request record. A second request for a vehicle already being polled is
-/// counted as a skip (it would only meet the minimum interval). A store failure is retried with
+/// counted as `skipped_in_flight` (the running poll answers it). A store failure is retried with
 /// back-off until it works or `shutdown` fires: the request is not lost and nothing is polled
 /// twice.
 async fn handle_record(
@@ -342,9 +415,12 @@ async fn handle_record(
         }
     };
     if !lock(in_flight).insert(vehicle.clone()) {
-        poller.metrics.poll(req.reason, "skipped_min_interval");
+        // The running poll answers this request too (and sets the minimum interval).
+        tracing::info!(vehicle_id = %vehicle, reason = req.reason.as_str(), "poll skipped: this vehicle is being polled already");
+        poller.metrics.poll(req.reason, "skipped_in_flight");
         return;
     }
+    let _in_flight = poller.metrics.in_flight();
     let mut wait = Duration::from_millis(200);
     loop {
         match poller.handle(&req, &vehicle, Options::default()).await {
@@ -400,7 +476,12 @@ fn request_consumer(settings: &Settings) -> Result<StreamConsumer, rdkafka::erro
 }
 
 /// `processor poll now`: one poll of one vehicle, ignoring only the minimum interval; waits up
-/// to `wait` for the processor to claim the polled event and returns a JSON report.
+/// to `wait` for the processor to claim the polled event and returns a JSON report (`applied`
+/// false when no processor claimed it in time: the caller reports that as a failure).
+///
+/// It runs in its own process with its own global bucket, outside the running poller's: the
+/// vehicle's monthly cap, blocks and open errors (in the store) still hold, and Smartcar's own
+/// application bucket answers 429 if the two together overdraw it.
 pub async fn poll_now(
     settings: &Settings,
     vehicle: &str,
@@ -422,15 +503,17 @@ pub async fn poll_now(
     };
     let polled = match poller.handle(&req, &vehicle, opts).await? {
         Outcome::Polled(p) => p,
-        Outcome::Skipped(_, why) => {
+        Outcome::Skipped(result, why) => {
             return Err(PollError::NotPolled {
                 vehicle: vehicle.to_string(),
+                result,
                 why,
             })
         }
-        Outcome::Failed(_, why) => {
+        Outcome::Failed(result, why) => {
             return Err(PollError::PollFailed {
                 vehicle: vehicle.to_string(),
+                result,
                 why,
             })
         }
@@ -485,14 +568,16 @@ pub async fn poll_now(
         "note": if applied {
             "the processor claimed the polled event; each signal shows whether its stored value is now the poll's"
         } else {
-            "produced to the events topic, but no processor claimed it in time: is `processor run` up?"
+            "produced to the events topic, but no processor claimed it in time: is `processor run` up? It is applied once one runs"
         },
+        "waitedSecs": wait.as_secs(),
         "signals": fetched,
     }))
 }
 
-/// `processor poll resync --since`: a poll request for every vehicle whose last event was
-/// delivered at or after `since`. Returns how many were requested.
+/// `processor poll resync --since`: a poll request for every vehicle whose last webhook was
+/// delivered at or after `since` (see [`PollStore::active_since`]). Returns how many were
+/// requested.
 pub async fn resync(settings: &Settings, since: EpochMillis) -> Result<usize, PollError> {
     let session = Arc::new(shared::cql::connect(&settings.cql).await?);
     if settings.cql.migrate {

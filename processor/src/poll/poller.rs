@@ -16,7 +16,7 @@ use shared::headers;
 use shared::ids::{EventId, VehicleId};
 use shared::poll_request::PollRequest;
 use shared::smartcar_api::{
-    normalise, poll_event, poll_event_id, ApiError, PollMeta, RateScope, SmartcarApi,
+    normalise, poll_event, poll_event_id, ApiError, PollMeta, PolledSignals, RateScope, SmartcarApi,
 };
 use tracing::Instrument;
 
@@ -25,12 +25,16 @@ use super::metrics::PollMetrics;
 use super::store::{next_month_start, PollStore};
 use crate::store::StoreError;
 
+/// Most pages of one signals answer followed (`links.next`); Smartcar has been seen answering
+/// every signal in one page, so more than this is a broken answer, not a big vehicle.
+pub const MAX_PAGES: usize = 10;
+
 /// What became of one request.
 #[derive(Debug)]
 pub enum Outcome {
     /// Read and produced to the events topic.
     Polled(Polled),
-    /// Not polled, by a budget or the vehicle's state: (result label, why).
+    /// Not polled (or a retry not sent), by a budget or the vehicle's state: (result label, why).
     Skipped(&'static str, String),
     /// Polled (the budget is spent) but nothing usable came of it: (result label, why).
     Failed(&'static str, String),
@@ -78,7 +82,8 @@ pub struct Poller {
 }
 
 impl Poller {
-    /// Handles one request. `Err` is a store failure: nothing was polled, try again later.
+    /// Handles one request. `Err` is a store failure: nothing was produced, try again later (a
+    /// request already sent to Smartcar has set the minimum interval).
     #[tracing::instrument(name = "poll vehicle", skip_all, fields(vehicle_id = %vehicle, reason = req.reason.as_str(), event_id))]
     pub async fn handle(
         &self,
@@ -145,34 +150,18 @@ impl Poller {
                 "no user id known: no webhook with data.user.id was applied for this vehicle (processor poll now takes --user-id)".into(),
             ));
         };
-        let fetched = match self.fetch(vehicle, &user).await {
-            Ok(f) => f,
+        let (body, fetched_at, polled) = match self.fetch_pages(vehicle, &user).await? {
+            Ok(x) => x,
             Err(outcome) => return Ok(outcome),
         };
-        self.store.polled(vehicle, fetched.fetched_at).await?;
-        let polled = match normalise(vehicle, &fetched.body) {
-            Ok(p) => p,
-            Err(e) => {
-                let e = ApiError::BadResponse {
-                    vehicle: vehicle.to_string(),
-                    source: e,
-                };
-                self.metrics.request(e.class());
-                let excerpt = String::from_utf8_lossy(&fetched.body[..fetched.body.len().min(200)])
-                    .into_owned();
-                tracing::warn!(error = %e, request_id = fetched.request_id.as_deref().unwrap_or(""), body_excerpt = %excerpt, "unusable signals answer; nothing written");
-                return Ok(Outcome::Failed("bad_response", e.to_string()));
-            }
-        };
-        self.metrics.request("ok");
-        let event_id = poll_event_id(vehicle, &fetched.body);
+        let event_id = poll_event_id(vehicle, &body);
         tracing::Span::current().record("event_id", event_id.as_str());
         let body = poll_event(
             &PollMeta {
                 vehicle,
                 user_id: Some(&user),
                 reason: req.reason.as_str(),
-                fetched_at: fetched.fetched_at,
+                fetched_at,
             },
             &event_id,
             &polled,
@@ -194,7 +183,7 @@ impl Poller {
                 Ok(Outcome::Polled(Polled {
                     event_id,
                     signals: polled.signals,
-                    fetched_at: fetched.fetched_at,
+                    fetched_at,
                     partition,
                     offset,
                 }))
@@ -206,15 +195,78 @@ impl Poller {
         }
     }
 
-    /// Reads the signals: each request waits for the global bucket and counts against the
-    /// vehicle's month; a 429 waits `retry-after` for its scope, 5xx and transport failures back
-    /// off exponentially with jitter, at most `poller.max_tries` requests in all. A 430 blocks the
-    /// vehicle until next month and is never retried.
+    /// Reads every page of the vehicle's signals (`links.next` is followed, up to [`MAX_PAGES`]):
+    /// the answers' bytes joined (what the event id hashes), when the last arrived, and the
+    /// signals of all pages. `Ok(Err(outcome))` when the poll ended without a usable answer.
+    async fn fetch_pages(
+        &self,
+        vehicle: &VehicleId,
+        user: &str,
+    ) -> Result<Result<(Vec<u8>, EpochMillis, PolledSignals), Outcome>, StoreError> {
+        let mut body = Vec::new();
+        let mut all: Option<PolledSignals> = None;
+        let mut next: Option<String> = None;
+        for page in 1..=MAX_PAGES {
+            let fetched = match self.fetch(vehicle, user, next.as_deref()).await? {
+                Ok(f) => f,
+                Err(outcome) => return Ok(Err(outcome)),
+            };
+            let polled = match normalise(vehicle, &fetched.body) {
+                Ok(p) => p,
+                Err(e) => {
+                    let e = ApiError::BadResponse {
+                        vehicle: vehicle.to_string(),
+                        source: e,
+                    };
+                    self.metrics.request(e.class());
+                    let excerpt =
+                        String::from_utf8_lossy(&fetched.body[..fetched.body.len().min(200)])
+                            .into_owned();
+                    tracing::warn!(error = %e, page, request_id = fetched.request_id.as_deref().unwrap_or(""), body_excerpt = %excerpt, "unusable signals answer; nothing written");
+                    return Ok(Err(Outcome::Failed("bad_response", e.to_string())));
+                }
+            };
+            self.metrics.request("ok");
+            // One page hashes exactly as it did before pagination was followed.
+            if page > 1 {
+                body.push(b'\n');
+            }
+            body.extend_from_slice(&fetched.body);
+            next.clone_from(&polled.next_page);
+            match &mut all {
+                None => all = Some(polled),
+                Some(a) => a.signals.extend(polled.signals),
+            }
+            if next.is_none() {
+                let mut all = all.unwrap_or_else(|| PolledSignals {
+                    signals: Vec::new(),
+                    mode: None,
+                    next_page: None,
+                });
+                all.next_page = None;
+                return Ok(Ok((body, fetched.fetched_at, all)));
+            }
+        }
+        let why = format!("the signals answer has more than {MAX_PAGES} pages; nothing written");
+        tracing::warn!(vehicle_id = %vehicle, "{why}");
+        Ok(Err(Outcome::Failed("bad_response", why)))
+    }
+
+    /// Reads one page of the signals: each request waits for the global bucket and counts against
+    /// the vehicle's month; the monthly cap is checked again before every request (retries
+    /// included), so retries never take the vehicle past it. Every request sent sets the
+    /// vehicle's last poll time, whatever its answer, so a failing vehicle is not asked again
+    /// before the minimum interval. A 429 waits `retry-after` for its scope, 5xx and transport
+    /// failures back off exponentially with jitter, at most `poller.max_tries` requests in all. A
+    /// 430 blocks the vehicle until next month and is never retried. `Err` is a store failure
+    /// reading the month's count: that request is not sent (an earlier try may have been; its
+    /// time is recorded, so the request repeated later meets the minimum interval).
     async fn fetch(
         &self,
         vehicle: &VehicleId,
         user: &str,
-    ) -> Result<shared::smartcar_api::Fetched, Outcome> {
+        next: Option<&str>,
+    ) -> Result<Result<shared::smartcar_api::Fetched, Outcome>, StoreError> {
         let s = &self.settings;
         let mut backoff = backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(s.backoff_base_ms))
@@ -223,17 +275,64 @@ impl Poller {
             .without_max_times()
             .build();
         let mut tries = 0u32;
+        // Why `admit` refused to send a request: the cap was reached, or the count is unreadable.
+        let refused: std::sync::Mutex<Option<Result<String, StoreError>>> =
+            std::sync::Mutex::new(None);
+        let refuse = |why: Result<String, StoreError>| {
+            if let Ok(mut r) = refused.lock() {
+                *r = Some(why);
+            }
+            false
+        };
         loop {
             tries += 1;
             let admit = || async {
+                // Before taking a token from the bucket: a refused request should not spend one.
+                match self
+                    .store
+                    .requests_this_month(vehicle, EpochMillis::now())
+                    .await
+                {
+                    Ok(n) if n >= i64::from(s.monthly_cap) => {
+                        return refuse(Ok(format!(
+                            "{n} requests this month, poller.monthly_cap is {}",
+                            s.monthly_cap
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return refuse(Err(e)),
+                }
                 let left = self.budget.admit().await;
                 self.metrics.budget_left.set(i64::from(left));
-                if let Err(e) = self.store.count_request(vehicle, EpochMillis::now()).await {
+                let at = EpochMillis::now();
+                let (polled, counted) = tokio::join!(
+                    self.store.polled(vehicle, at),
+                    self.store.count_request(vehicle, at)
+                );
+                if let Err(e) = polled {
+                    tracing::warn!(error = %e, "could not record the request time for the minimum interval");
+                }
+                if let Err(e) = counted {
                     tracing::warn!(error = %e, "could not count the request against the monthly cap");
                 }
+                true
             };
-            let err = match self.api.signals(vehicle, user, admit).await {
-                Ok(f) => return Ok(f),
+            let err = match self.api.signals(vehicle, user, next, admit).await {
+                Ok(Some(f)) => return Ok(Ok(f)),
+                Ok(None) => {
+                    let why = refused.lock().ok().and_then(|mut r| r.take());
+                    return match why {
+                        Some(Err(e)) => Err(e),
+                        Some(Ok(why)) => {
+                            tracing::warn!(tries, why = %why, "monthly cap reached: no further request");
+                            Ok(Err(Outcome::Skipped("skipped_monthly_cap", why)))
+                        }
+                        None => Ok(Err(Outcome::Skipped(
+                            "skipped_monthly_cap",
+                            "request not admitted".into(),
+                        ))),
+                    };
+                }
                 Err(e) => e,
             };
             self.metrics.request(err.class());
@@ -261,9 +360,10 @@ impl Poller {
                         }
                     }
                     if last {
-                        return Err(Outcome::Failed("failed", err.to_string()));
+                        return Ok(Err(Outcome::Failed("failed", err.to_string())));
                     }
                     if *scope == RateScope::Vehicle {
+                        let _waiting = self.metrics.retry_after_wait();
                         tokio::time::sleep(wait).await;
                     }
                 }
@@ -273,7 +373,7 @@ impl Poller {
                         tracing::warn!(error = %e, "could not record the billing block");
                     }
                     tracing::error!(error = %err, "billing limit: this vehicle is not polled again this month");
-                    return Err(Outcome::Failed("failed", err.to_string()));
+                    return Ok(Err(Outcome::Failed("failed", err.to_string())));
                 }
                 e if e.is_transient() && !last => {
                     let wait = backoff
@@ -284,11 +384,15 @@ impl Poller {
                 }
                 ApiError::BadResponse { .. } => {
                     tracing::warn!(error = %err, "unusable answer; nothing written");
-                    return Err(Outcome::Failed("bad_response", err.to_string()));
+                    return Ok(Err(Outcome::Failed("bad_response", err.to_string())));
+                }
+                ApiError::NotFound { .. } => {
+                    tracing::warn!(error = %err, tries, "vehicle not found; nothing written");
+                    return Ok(Err(Outcome::Failed("not_found", err.to_string())));
                 }
                 _ => {
                     tracing::warn!(error = %err, tries, "poll failed; nothing written");
-                    return Err(Outcome::Failed("failed", err.to_string()));
+                    return Ok(Err(Outcome::Failed("failed", err.to_string())));
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! What the poller reads and writes in the CQL store: the vehicle's user id (kept by the
 //! processor from webhooks), its open errors (a vehicle waiting for its user to reconnect is not
 //! polled), its budget state (last poll, a block after a vehicle-scoped 429 or a 430) and the
-//! monthly request count, plus the vehicles active since a time (resync, safety net).
+//! monthly request count, plus the vehicles with a webhook since a time (resync, safety net).
 
 use std::sync::Arc;
 
@@ -17,6 +17,7 @@ use crate::store::StoreError;
 /// A vehicle's budget state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VehicleBudget {
+    /// When the last request to the vehicle API was sent (answered or not), epoch ms.
     pub last_polled_at: Option<i64>,
     pub blocked_until: Option<i64>,
     pub blocked_reason: Option<String>,
@@ -177,6 +178,22 @@ impl PollStore {
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<i64>, Option<i64>, Option<String>)>()
             .map_err(|e| StoreError::from_exec(op, e))?;
+        let (last_polled_at, blocked_until, blocked_reason) = row.unwrap_or_default();
+        Ok(VehicleBudget {
+            last_polled_at,
+            blocked_until,
+            blocked_reason,
+            requests_this_month: self.requests_this_month(vehicle, now).await?,
+        })
+    }
+
+    /// Requests made to the vehicle API for `vehicle` in the month of `now`.
+    pub async fn requests_this_month(
+        &self,
+        vehicle: &VehicleId,
+        now: EpochMillis,
+    ) -> Result<i64, StoreError> {
+        let op = "read poll request count";
         let count = self
             .session
             .execute_unpaged(&self.count, (vehicle.as_str(), month_of(now)))
@@ -186,13 +203,7 @@ impl PollStore {
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<scylla::value::Counter>,)>()
             .map_err(|e| StoreError::from_exec(op, e))?;
-        let (last_polled_at, blocked_until, blocked_reason) = row.unwrap_or_default();
-        Ok(VehicleBudget {
-            last_polled_at,
-            blocked_until,
-            blocked_reason,
-            requests_this_month: count.and_then(|(c,)| c).map_or(0, |c| c.0),
-        })
+        Ok(count.and_then(|(c,)| c).map_or(0, |c| c.0))
     }
 
     /// Counts one request to the vehicle API against the vehicle's month.
@@ -208,7 +219,8 @@ impl PollStore {
         Ok(())
     }
 
-    /// Records that the vehicle was polled at `at` (the minimum interval counts from here).
+    /// Records that a request for the vehicle was sent at `at`, whatever its answer (the minimum
+    /// interval counts from here).
     pub async fn polled(&self, vehicle: &VehicleId, at: EpochMillis) -> Result<(), StoreError> {
         self.session
             .execute_unpaged(&self.polled, (at.as_i64(), vehicle.as_str()))
@@ -231,30 +243,43 @@ impl PollStore {
         Ok(())
     }
 
-    /// Vehicles whose last event was delivered at or after `since` (a full scan of the vehicles
+    /// Vehicles whose last webhook was delivered at or after `since` (a full scan of the vehicles
     /// table, paged: for operator resyncs and the periodic safety net, not the record path).
+    /// Polled events do not count: the safety net would otherwise keep polling a parked vehicle
+    /// because of its own polls. A row last written before `last_webhook_at` existed falls back
+    /// to `info.lastDeliveredAt`, unless its last event was a poll.
     pub async fn active_since(&self, since: EpochMillis) -> Result<Vec<VehicleId>, StoreError> {
         let op = "scan vehicles";
         let pager = self
             .session
             .query_iter(
-                format!("SELECT vehicle_id, info FROM {}.vehicles", self.keyspace),
+                format!(
+                    "SELECT vehicle_id, last_webhook_at, info FROM {}.vehicles",
+                    self.keyspace
+                ),
                 (),
             )
             .await
             .map_err(|e| StoreError::from_exec(op, e))?;
         let mut rows = pager
-            .rows_stream::<(String, Option<String>)>()
+            .rows_stream::<(String, Option<i64>, Option<String>)>()
             .map_err(|e| StoreError::from_exec(op, e))?;
         let mut out = Vec::new();
-        while let Some((vehicle, info)) = rows
+        while let Some((vehicle, webhook_at, info)) = rows
             .try_next()
             .await
             .map_err(|e| StoreError::from_exec(op, e))?
         {
-            let last = info
-                .and_then(|i| serde_json::from_str::<Value>(&i).ok())
-                .and_then(|i| i.get("lastDeliveredAt").and_then(Value::as_i64));
+            let last = webhook_at.or_else(|| {
+                let info = serde_json::from_str::<Value>(info.as_deref()?).ok()?;
+                let polled = info
+                    .get("lastEventId")
+                    .and_then(Value::as_str)
+                    .is_some_and(|id| id.starts_with(shared::smartcar_api::POLL_EVENT_ID_PREFIX));
+                (!polled)
+                    .then(|| info.get("lastDeliveredAt").and_then(Value::as_i64))
+                    .flatten()
+            });
             if last.is_some_and(|t| t >= since.as_i64()) {
                 if let Ok(v) = VehicleId::parse(vehicle) {
                     out.push(v);

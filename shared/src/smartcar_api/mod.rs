@@ -384,25 +384,36 @@ impl SmartcarApi {
         })
     }
 
-    /// `GET /vehicles/{id}/signals` for `user`. A 401 invalidates the token and retries once with a
-    /// fresh one; every other non-200 is an [`ApiError`] saying what to do. `admit` is awaited
-    /// before every request to the vehicle API (the retry after a 401 too), so a caller's budget
-    /// counts each one.
+    /// `GET /vehicles/{id}/signals` for `user`, or the page `next` (an answer's `links.next`) of
+    /// it. A 401 invalidates the token and retries once with a fresh one; every other non-200 is
+    /// an [`ApiError`] saying what to do. `admit` is awaited before every request to the vehicle
+    /// API (the retry after a 401 too), so a caller's budget counts each one; when it answers
+    /// `false` nothing is sent and the result is `Ok(None)`.
+    ///
+    /// A `next` link is resolved against the signals URL and followed only when it stays under
+    /// `vehicle_api_url`: the bearer token is never sent to another host.
     pub async fn signals<F, Fut>(
         &self,
         vehicle: &VehicleId,
         user: &str,
+        next: Option<&str>,
         mut admit: F,
-    ) -> Result<Fetched, ApiError>
+    ) -> Result<Option<Fetched>, ApiError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = ()>,
+        Fut: std::future::Future<Output = bool>,
     {
-        let url = format!("{}/vehicles/{}/signals", self.cfg.vehicle_api_url, vehicle);
+        let first = format!("{}/vehicles/{}/signals", self.cfg.vehicle_api_url, vehicle);
+        let url = match next {
+            None => first,
+            Some(link) => self.page_url(vehicle, &first, link)?,
+        };
         let mut reminted = false;
         loop {
             let (token, generation) = self.token().await?;
-            admit().await;
+            if !admit().await {
+                return Ok(None);
+            }
             // One CLIENT span per request (HTTP semantic conventions), so a polled value's trace
             // shows the round trip to Smartcar, its status and its duration.
             let span = tracing::info_span!(
@@ -457,11 +468,11 @@ impl SmartcarApi {
                 source: source.without_url(),
             })?;
             if status == 200 {
-                return Ok(Fetched {
+                return Ok(Some(Fetched {
                     body,
                     fetched_at: EpochMillis::now(),
                     request_id,
-                });
+                }));
             }
             let err = ErrorBody::parse(&body);
             if status == 401 && !reminted {
@@ -471,6 +482,29 @@ impl SmartcarApi {
                 continue;
             }
             return Err(classify(vehicle, status, retry_after, &err));
+        }
+    }
+}
+
+impl SmartcarApi {
+    /// The absolute URL of a `links.next` value, refused unless it lies under `vehicle_api_url`.
+    fn page_url(&self, vehicle: &VehicleId, first: &str, link: &str) -> Result<String, ApiError> {
+        let refused = || ApiError::BadResponse {
+            vehicle: vehicle.to_string(),
+            source: ResponseError::Shape {
+                field: "links.next".into(),
+                expected: "a link under the vehicle API URL",
+            },
+        };
+        let url = reqwest::Url::parse(first)
+            .and_then(|base| base.join(link))
+            .map_err(|_| refused())?;
+        let base = reqwest::Url::parse(&format!("{}/", self.cfg.vehicle_api_url))
+            .map_err(|_| refused())?;
+        if url.as_str().starts_with(base.as_str()) {
+            Ok(url.into())
+        } else {
+            Err(refused())
         }
     }
 }
@@ -572,6 +606,42 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_next_page_link_is_followed_only_under_the_vehicle_api_url() {
+        let api = SmartcarApi::new(
+            ApiConfig {
+                client_id: "client_x".into(),
+                client_secret: SecretString::from("s"),
+                token_url: "http://127.0.0.1:1/oauth2/token".into(),
+                vehicle_api_url: "http://127.0.0.1:1/v3".into(),
+                timeout: Duration::from_secs(1),
+                refresh_margin: Duration::from_secs(1),
+            },
+            Counter::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let first = "http://127.0.0.1:1/v3/vehicles/car-1/signals";
+        let page = |link: &str| api.page_url(&car(), first, link).map_err(|e| e.class());
+        assert_eq!(
+            page("/v3/vehicles/car-1/signals?page=2").as_deref(),
+            Ok("http://127.0.0.1:1/v3/vehicles/car-1/signals?page=2")
+        );
+        assert_eq!(
+            page("http://127.0.0.1:1/v3/vehicles/car-1/signals?page%5Bnumber%5D=3").as_deref(),
+            Ok("http://127.0.0.1:1/v3/vehicles/car-1/signals?page%5Bnumber%5D=3")
+        );
+        assert_eq!(
+            page("?page=2").as_deref(),
+            Ok("http://127.0.0.1:1/v3/vehicles/car-1/signals?page=2")
+        );
+        // The bearer token never leaves for another host or another API root.
+        assert_eq!(
+            page("https://evil.example/v3/vehicles/car-1/signals"),
+            Err("bad_response")
+        );
+        assert_eq!(page("/v2.0/vehicles/car-1"), Err("bad_response"));
     }
 
     #[test]

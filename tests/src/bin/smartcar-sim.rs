@@ -54,8 +54,19 @@ enum Command {
         signed: bool,
     },
     /// Serve a fake Smartcar V3 REST API (token, signals, connections) until Ctrl-C: vehicles
-    /// `car-0…` of user `u1`, each with an odometer and a battery reading.
+    /// `car-0…` of user `u1`, each with an odometer and a battery reading. `--fault` makes it
+    /// misbehave so the poller can be exercised by hand.
     Api {
+        /// Inject a fault into signals requests (repeatable): KIND[=ARG][:COUNT|@RATE], KIND one
+        /// of 401, 429-vehicle[=RETRY_AFTER_SECS], 429-app[=RETRY_AFTER_SECS], 430,
+        /// 5xx[=STATUS], slow[=DURATION], signal-error[=CODE], not-json, wrong-shape, 404;
+        /// `:COUNT` the next COUNT requests (default 1), `@RATE` that share of all requests.
+        /// E.g. `--fault 5xx:2 --fault 429-vehicle=60@0.1 --fault slow=40s:1`.
+        #[arg(long = "fault", value_name = "SPEC")]
+        faults: Vec<sim::api::FaultSpec>,
+        /// Signals per page (the rest via `links.next`); default: all in one page.
+        #[arg(long)]
+        page_size: Option<usize>,
         #[arg(long, default_value = "127.0.0.1:8099")]
         listen: SocketAddr,
         #[arg(long, default_value_t = 10)]
@@ -233,6 +244,8 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<ExitCode, String> {
     match args.command {
         Command::Api {
+            faults,
+            page_size,
             listen,
             vehicles,
             client_id,
@@ -270,11 +283,20 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                     ),
                 );
             }
+            if let Some(n) = page_size {
+                api.set_page_size(n);
+            }
+            for f in &faults {
+                api.inject(f);
+            }
             eprintln!(
                 "fake Smartcar API: token URL {}, vehicle API URL {} ({vehicles} vehicles of user u1)",
                 api.token_url(),
                 api.vehicle_api_url()
             );
+            for f in &faults {
+                eprintln!("  fault: {:?}, {:?}", f.fault, f.amount);
+            }
             let _ = tokio::signal::ctrl_c().await;
             Ok(ExitCode::SUCCESS)
         }

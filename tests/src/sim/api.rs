@@ -1,9 +1,11 @@
 //! A fake Smartcar V3 API over real HTTP, serving its own ground truth
 //! ([`super::truth::ApiVehicle`]): the client-credentials token endpoint, `GET
-//! /v3/vehicles/{id}/signals` (JSON:API, ISO-8601 timestamps, `sc-user-id` checked) and `GET
-//! /v3/connections`. Faults are injected per vehicle (or for every vehicle with `*`) as one-shot
-//! answers: 401, 429 with `retry-after` in either scope, 430, 5xx, a slow answer, a per-signal
-//! error, a body that is not JSON, one of the wrong shape, and 404. Every signals request is
+//! /v3/vehicles/{id}/signals` (JSON:API, ISO-8601 timestamps, `sc-user-id` checked, paged with
+//! `links.next` when a page size is set) and `GET /v3/connections`. Faults are injected per
+//! vehicle (or for every vehicle with `*`) as one-shot answers, or for a share of all requests
+//! ([`FakeApi::fault_rate`]): 401, 429 with `retry-after` in either scope, 430, 5xx, a slow
+//! answer, a per-signal error, a body that is not JSON, one of the wrong shape, and 404.
+//! [`FaultSpec`] reads them from text (`smartcar-sim api --fault`). Every signals request is
 //! logged with its time and status, so tests assert what Smartcar would have seen.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::truth::ApiVehicle;
 
 /// One injected answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
     /// 401 whatever the token.
     Unauthorized,
@@ -47,6 +49,98 @@ pub enum Fault {
     NotFound,
 }
 
+/// How often an injected fault answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    /// The next this many signals requests (of any vehicle).
+    Count(u32),
+    /// Each signals request with this probability (0..=1).
+    Rate(f64),
+}
+
+/// A fault as `smartcar-sim api --fault` takes it: `KIND[=ARG][:COUNT|@RATE]`.
+///
+/// Kinds: `401`, `429-vehicle[=RETRY_AFTER_SECS]`, `429-app[=RETRY_AFTER_SECS]`, `430`,
+/// `5xx[=STATUS]` (503 unless given), `slow[=DURATION]` (the normal answer that much later,
+/// default 30s), `signal-error[=CODE]` (that signal answers ERROR with its stale body, default
+/// `tractionbattery-stateofcharge`), `not-json`, `wrong-shape`, `404`. `:COUNT` answers the next
+/// COUNT requests so (default 1); `@RATE` answers that share of all requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultSpec {
+    pub fault: Fault,
+    pub amount: Amount,
+}
+
+impl std::str::FromStr for FaultSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = |why: String| format!("--fault {text:?}: {why}");
+        let (head, amount) = if let Some((h, n)) = text.rsplit_once(':') {
+            let n = n
+                .parse::<u32>()
+                .map_err(|_| bad(format!("{n:?} is not a count")))?;
+            (h, Amount::Count(n))
+        } else if let Some((h, r)) = text.rsplit_once('@') {
+            let r = r
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| bad(format!("{r:?} is not a rate between 0 and 1")))?;
+            (h, Amount::Rate(r))
+        } else {
+            (text, Amount::Count(1))
+        };
+        let (kind, arg) = match head.split_once('=') {
+            Some((k, a)) => (k, Some(a)),
+            None => (head, None),
+        };
+        let secs = |a: Option<&str>| -> Result<Option<u64>, String> {
+            a.map(|a| {
+                a.parse::<u64>()
+                    .map_err(|_| bad(format!("{a:?} is not seconds")))
+            })
+            .transpose()
+        };
+        let fault = match kind {
+            "401" => Fault::Unauthorized,
+            "429-vehicle" | "429-app" => Fault::RateLimited {
+                vehicle_scope: kind == "429-vehicle",
+                retry_after_secs: secs(arg)?,
+            },
+            "430" => Fault::Billing,
+            "5xx" => {
+                let status = arg.map_or(Ok(503), |a| {
+                    a.parse::<u16>()
+                        .ok()
+                        .filter(|s| (500..600).contains(s))
+                        .ok_or_else(|| bad(format!("{a:?} is not a 5xx status")))
+                })?;
+                Fault::Server(status)
+            }
+            "slow" => Fault::Slow(match arg {
+                None => Duration::from_secs(30),
+                Some(a) => humantime::parse_duration(a)
+                    .or_else(|_| a.parse::<u64>().map(Duration::from_secs))
+                    .map_err(|_| bad(format!("{a:?} is not a duration (e.g. 20s)")))?,
+            }),
+            "signal-error" => Fault::SignalError {
+                code: arg.unwrap_or("tractionbattery-stateofcharge").to_string(),
+                error_type: "VEHICLE_STATE".into(),
+            },
+            "not-json" => Fault::NotJson,
+            "wrong-shape" => Fault::WrongShape,
+            "404" => Fault::NotFound,
+            other => {
+                return Err(bad(format!(
+                    "unknown kind {other:?} (401, 429-vehicle, 429-app, 430, 5xx, slow, signal-error, not-json, wrong-shape, 404)"
+                )))
+            }
+        };
+        Ok(Self { fault, amount })
+    }
+}
+
 /// One signals request as the fake saw it.
 #[derive(Debug, Clone)]
 pub struct ApiCall {
@@ -64,6 +158,10 @@ struct State {
     minted: u64,
     vehicles: BTreeMap<String, ApiVehicle>,
     faults: HashMap<String, VecDeque<Fault>>,
+    /// Faults answering a share of every request: (fault, probability).
+    rates: Vec<(Fault, f64)>,
+    /// Signals per page (`links.next` to the rest); `None`: one page.
+    page_size: Option<usize>,
     calls: Vec<ApiCall>,
 }
 
@@ -226,6 +324,24 @@ impl FakeApi {
         });
     }
 
+    /// Answers each signals request with `f` with probability `rate` (after one-shot faults).
+    pub fn fault_rate(&self, f: Fault, rate: f64) {
+        self.with(|s| s.rates.push((f, rate)));
+    }
+
+    /// Injects a fault as [`FaultSpec`] describes it, for every vehicle.
+    pub fn inject(&self, spec: &FaultSpec) {
+        match spec.amount {
+            Amount::Count(n) => (0..n).for_each(|_| self.fault("*", spec.fault.clone())),
+            Amount::Rate(r) => self.fault_rate(spec.fault.clone(), r),
+        }
+    }
+
+    /// Serves at most `n` signals per page, linking the next page in `links.next`.
+    pub fn set_page_size(&self, n: usize) {
+        self.with(|s| s.page_size = Some(n.max(1)));
+    }
+
     /// Every token minted so far stops working (as if it expired).
     pub fn expire_tokens(&self) {
         self.with(|s| s.valid_tokens.clear());
@@ -253,6 +369,12 @@ impl FakeApi {
 async fn handle(st: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Answer {
     let lock = || st.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let path = req.uri().path().to_string();
+    let page = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("page=")))
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(1);
     let method = req.method().clone();
     let bearer = req
         .headers()
@@ -327,7 +449,13 @@ async fn handle(st: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Answe
             .faults
             .get_mut(&vehicle)
             .and_then(VecDeque::pop_front)
-            .or_else(|| s.faults.get_mut("*").and_then(VecDeque::pop_front));
+            .or_else(|| s.faults.get_mut("*").and_then(VecDeque::pop_front))
+            .or_else(|| {
+                s.rates
+                    .iter()
+                    .find(|(_, rate)| rand::random::<f64>() < *rate)
+                    .map(|(f, _)| f.clone())
+            });
         let authorised = bearer
             .as_ref()
             .is_some_and(|t| s.valid_tokens.contains_key(t));
@@ -338,7 +466,7 @@ async fn handle(st: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Answe
                 None,
             )
         } else {
-            respond(&s, &vehicle, user.as_deref(), fault)
+            respond(&s, &vehicle, user.as_deref(), fault, page)
         };
         s.calls.push(ApiCall {
             vehicle: vehicle.clone(),
@@ -358,6 +486,7 @@ fn respond(
     vehicle: &str,
     user: Option<&str>,
     fault: Option<Fault>,
+    page: usize,
 ) -> (u16, Answer, Option<Duration>) {
     let plain = |status: u16, body: String| (status, answer(status, body, &[]), None);
     let mut slow = None;
@@ -434,9 +563,59 @@ fn respond(
                 "links": {"self": format!("/v3/vehicles/{vehicle}/signals/{code}")}})
         })
         .collect();
-    let n = data.len();
-    let body = json!({"data": data, "meta": {"totalCount": n, "pageSize": n, "pageNumber": 1},
-        "links": {"self": format!("/v3/vehicles/{vehicle}/signals")},
+    let total = data.len();
+    let size = s.page_size.unwrap_or(total.max(1));
+    let data: Vec<Value> = data
+        .into_iter()
+        .skip(size * (page.max(1) - 1))
+        .take(size)
+        .collect();
+    let next =
+        (page * size < total).then(|| format!("/v3/vehicles/{vehicle}/signals?page={}", page + 1));
+    let body = json!({"data": data, "meta": {"totalCount": total, "pageSize": size, "pageNumber": page},
+        "links": {"self": format!("/v3/vehicles/{vehicle}/signals?page={page}"), "next": next},
         "included": {"vehicle": {"id": vehicle, "type": "vehicle", "attributes": {"make": "TESLA", "model": "Model 3", "year": 2021, "mode": "live"}}}});
     (200, answer(200, body.to_string(), &[]), slow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_specs_read_kind_argument_and_amount() {
+        let f = |t: &str| t.parse::<FaultSpec>();
+        assert_eq!(
+            f("5xx"),
+            Ok(FaultSpec {
+                fault: Fault::Server(503),
+                amount: Amount::Count(1)
+            })
+        );
+        assert_eq!(
+            f("5xx=502:3").map(|s| (s.fault, s.amount)),
+            Ok((Fault::Server(502), Amount::Count(3)))
+        );
+        assert_eq!(
+            f("429-vehicle=120@0.25").map(|s| (s.fault, s.amount)),
+            Ok((
+                Fault::RateLimited {
+                    vehicle_scope: true,
+                    retry_after_secs: Some(120)
+                },
+                Amount::Rate(0.25)
+            ))
+        );
+        assert_eq!(
+            f("slow=2s").map(|s| s.fault),
+            Ok(Fault::Slow(Duration::from_secs(2)))
+        );
+        assert!(matches!(
+            f("signal-error=odometer-traveleddistance").map(|s| s.fault),
+            Ok(Fault::SignalError { code, .. }) if code == "odometer-traveleddistance"
+        ));
+        for bad in ["teapot", "5xx=418", "430@2", "401:x", "slow=soon"] {
+            assert!(f(bad).is_err_and(|e| e.contains(bad)), "{bad}");
+        }
+    }
 }
