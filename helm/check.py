@@ -162,6 +162,12 @@ def check_pod(where, pod, keys, component):
         cw = f"{where} container {c['name']}"
         if c.get("terminationMessagePolicy") != "FallbackToLogsOnError":
             problem(f"{cw}: terminationMessagePolicy is not FallbackToLogsOnError (a crash would leave no reason in kubectl describe)")
+        attrs = env_value(c, "OTEL_RESOURCE_ATTRIBUTES") or ""
+        for want in ("k8s.pod.name=$(CARHOOK_K8S_POD_NAME)", "k8s.namespace.name=$(CARHOOK_K8S_NAMESPACE)"):
+            if want not in attrs:
+                problem(f"{cw}: OTEL_RESOURCE_ATTRIBUTES lacks {want} (spans would not say which pod and namespace they came from)")
+        if env_map(c).get("CARHOOK_K8S_POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+            problem(f"{cw}: CARHOOK_K8S_POD_NAME is not the pod name from the downward API")
         sc = c.get("securityContext") or {}
         if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
             problem(f"{cw}: runAsNonRoot is not set")

@@ -416,6 +416,7 @@ must_fail "tokens in values" "additional propert(y|ies) 'managementTokens' not a
 must_fail "chart-owned key config.cql.migrate" "additional propert(y|ies) 'migrate' not allowed" "${SECRET[@]}" --set config.cql.migrate=true
 must_fail "maxReplicaCount above the partition count" 'exceeds config\.kafka\.partitions' "${SECRET[@]}" --set processor.autoscaling.maxReplicaCount=7
 must_fail "CARHOOK__ variable in extraEnv" 'is application configuration' "${SECRET[@]}" --set 'extraEnv[0].name=CARHOOK__KAFKA__BROKERS' --set 'extraEnv[0].value=x'
+must_fail "OTEL_RESOURCE_ATTRIBUTES in extraEnv" 'is set by the chart' "${SECRET[@]}" --set 'extraEnv[0].name=OTEL_RESOURCE_ATTRIBUTES' --set 'extraEnv[0].value=a=b'
 must_fail "terminationGracePeriodSeconds shorter than the drain" 'shorter than' "${SECRET[@]}" --set receiver.terminationGracePeriodSeconds=3
 # Connections (issue #15). SECURED is the secured values set; each case breaks one thing in it.
 SECURED=(-f "$chart/ci/values-secured.yaml")

@@ -325,14 +325,6 @@ impl Metrics {
     }
 }
 
-/// `…_build_info{version} 1`: which build runs where (joins onto any other series by instance).
-pub fn build_info() -> prometheus_client::metrics::info::Info<Vec<(&'static str, String)>> {
-    prometheus_client::metrics::info::Info::new(vec![(
-        "version",
-        env!("CARGO_PKG_VERSION").to_string(),
-    )])
-}
-
 #[cfg(test)]
 mod tests {
     use super::LagClock;

@@ -7,7 +7,7 @@
 //! plain batch keeps the per-event cost at roughly a single LWT.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use scylla::client::session::Session;
 use scylla::errors::ExecutionError;
@@ -23,7 +23,6 @@ use scylla::value::{CqlValue, Row};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use shared::clock::EpochMillis;
-use tracing::Instrument;
 
 use crate::effects::Plan;
 use crate::metrics::CqlLabels;
@@ -855,20 +854,15 @@ impl Store {
             return Ok(());
         }
         // One span for the batch: several tables of one vehicle, no single collection name.
-        let span = shared::cql_trace::span(&self.keyspace, "BATCH UPDATE", None);
-        let started = Instant::now();
-        let res = self
-            .session
-            .batch(&batch, rows)
-            .instrument(span.clone())
-            .await;
-        self.finish_span(
-            &span,
-            "write vehicle state",
-            ("BATCH UPDATE", "batch"),
-            started,
-            &res,
-        );
+        let op = "write vehicle state";
+        let res = shared::cql_trace::run(
+            &self.keyspace,
+            ("BATCH UPDATE", None),
+            self.session.batch(&batch, rows),
+            |e| StoreError::from_exec(op, e).kind(),
+            |result, took| self.observe(("BATCH UPDATE", "batch"), result, took),
+        )
+        .await;
         res.map_err(|e| StoreError::from_exec("write vehicle state", e))?;
         Ok(())
     }
@@ -881,33 +875,32 @@ impl Store {
         (operation, table): (&'static str, &'static str),
         exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
     ) -> Result<QueryResult, StoreError> {
-        let span = shared::cql_trace::span(&self.keyspace, operation, Some(table));
-        let started = Instant::now();
-        let res = exec.instrument(span.clone()).await;
-        self.finish_span(&span, op, (operation, table), started, &res);
-        res.map_err(|e| StoreError::from_exec(op, e))
+        shared::cql_trace::run(
+            &self.keyspace,
+            (operation, Some(table)),
+            exec,
+            |e| StoreError::from_exec(op, e).kind(),
+            |result, took| self.observe((operation, table), result, took),
+        )
+        .await
+        .map_err(|e| StoreError::from_exec(op, e))
     }
 
-    /// Ends an execution: its span's outcome, and its duration by operation, table and result.
-    fn finish_span(
+    /// One execution's duration by operation, table and result, when a histogram is attached.
+    fn observe(
         &self,
-        span: &tracing::Span,
-        op: &'static str,
         (operation, table): (&'static str, &'static str),
-        started: Instant,
-        res: &Result<QueryResult, ExecutionError>,
+        result: &'static str,
+        took: Duration,
     ) {
-        let kind = |e: &ExecutionError| StoreError::from_exec(op, e).kind();
         if let Some(h) = &self.cql_duration {
-            let result = res.as_ref().map_or_else(kind, |_| "ok");
             h.get_or_create(&[
                 ("operation", operation),
                 ("table", table),
                 ("result", result),
             ])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
         }
-        shared::cql_trace::finish(span, res, kind);
     }
 }
 

@@ -4,7 +4,12 @@
 //! coordinator that answered), so a trace shows each round trip to the store and which node served
 //! it. A failed execution marks its span as an error with an `error.type`.
 
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use scylla::errors::ExecutionError;
 use scylla::response::query_result::QueryResult;
+use tracing::Instrument;
 
 /// The span for one execution of `operation` (`INSERT`, `SELECT`, `UPDATE`, `BATCH UPDATE` …) on
 /// `table` of `keyspace` (None for a batch over several tables). Enter it around the execution;
@@ -46,4 +51,25 @@ pub fn finish<E: std::fmt::Display>(
         }
         Err(e) => crate::telemetry::record_error(span, error_type(e), &e.to_string()),
     }
+}
+
+/// Runs one statement execution inside its span and finishes it: `error_type` classifies a failure
+/// for the span, and `observe` gets the result (`ok` or that class) and how long the execution took
+/// (a latency metric, or nothing).
+pub async fn run(
+    keyspace: &str,
+    (operation, table): (&'static str, Option<&'static str>),
+    exec: impl Future<Output = Result<QueryResult, ExecutionError>>,
+    error_type: impl Fn(&ExecutionError) -> &'static str,
+    observe: impl FnOnce(&'static str, Duration),
+) -> Result<QueryResult, ExecutionError> {
+    let span = span(keyspace, operation, table);
+    let started = Instant::now();
+    let res = exec.instrument(span.clone()).await;
+    observe(
+        res.as_ref().map_or_else(&error_type, |_| "ok"),
+        started.elapsed(),
+    );
+    finish(&span, &res, error_type);
+    res
 }

@@ -477,5 +477,18 @@ async fn a_polled_value_is_one_trace_from_the_smartcar_request_to_the_state_writ
         "the processor continues the poller's send"
     );
     assert_eq!(write.parent_span_id, consumer.span_id);
+    // The poller's own store round trips (its budget) are CQL CLIENT spans of the poll, too.
+    let budget = find("carhook-poller", "SELECT poll_vehicles");
+    assert_eq!(budget.kind, SpanKind::Client as i32);
+    assert_eq!(budget.parent_span_id, poll.span_id);
+    assert_eq!(attr(&budget, "db.system").as_deref(), Some("cassandra"));
+    assert_eq!(
+        attr(&budget, "db.namespace").as_deref(),
+        Some(s.cql.keyspace.as_str())
+    );
+    assert_eq!(
+        attr(&budget, "db.collection.name").as_deref(),
+        Some("poll_vehicles")
+    );
     drop_keyspace(&s).await;
 }

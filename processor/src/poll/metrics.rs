@@ -92,12 +92,8 @@ impl PollMetrics {
             "reason",
             PollReason::SafetyNet.as_str().to_string(),
         )]);
+        shared::admin::register_build_info(registry, "poller");
         let r = registry.sub_registry_with_prefix("carhook_poller");
-        r.register(
-            "build",
-            "Always 1; the build's version as a label (carhook_poller_build_info)",
-            crate::metrics::build_info(),
-        );
         r.register(
             "requests",
             "HTTP requests to Smartcar's vehicle API, by outcome (ok, rate_limited, billing, not_found, server_error, bad_response, not_json, …)",

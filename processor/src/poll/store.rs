@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use futures::TryStreamExt;
 use scylla::client::session::Session;
+use scylla::errors::ExecutionError;
+use scylla::response::query_result::QueryResult;
 use scylla::statement::prepared::PreparedStatement;
 use serde_json::Value;
 use shared::clock::EpochMillis;
@@ -116,14 +118,36 @@ impl PollStore {
         })
     }
 
+    /// Runs one statement execution inside its CQL CLIENT span ([`shared::cql_trace`]), as the
+    /// processor's store does: a polled value's trace shows each round trip to the store.
+    async fn traced(
+        &self,
+        op: &'static str,
+        (operation, table): (&'static str, &'static str),
+        exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
+    ) -> Result<QueryResult, StoreError> {
+        shared::cql_trace::run(
+            &self.keyspace,
+            (operation, Some(table)),
+            exec,
+            |e| StoreError::from_exec(op, e).kind(),
+            |_, _| {},
+        )
+        .await
+        .map_err(|e| StoreError::from_exec(op, e))
+    }
+
     /// The vehicle's Smartcar user id, as the last event that carried one said.
     pub async fn user_of(&self, vehicle: &VehicleId) -> Result<Option<String>, StoreError> {
         let op = "read vehicle user";
         let row = self
-            .session
-            .execute_unpaged(&self.user, (vehicle.as_str(),))
-            .await
-            .map_err(|e| StoreError::from_exec(op, e))?
+            .traced(
+                op,
+                ("SELECT", "vehicle_users"),
+                self.session
+                    .execute_unpaged(&self.user, (vehicle.as_str(),)),
+            )
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<String>,)>()
@@ -136,10 +160,13 @@ impl PollStore {
     pub async fn reconnect_errors(&self, vehicle: &VehicleId) -> Result<Vec<String>, StoreError> {
         let op = "read vehicle errors";
         let rows = self
-            .session
-            .execute_unpaged(&self.errors, (vehicle.as_str(),))
-            .await
-            .map_err(|e| StoreError::from_exec(op, e))?
+            .traced(
+                op,
+                ("SELECT", "vehicle_errors"),
+                self.session
+                    .execute_unpaged(&self.errors, (vehicle.as_str(),)),
+            )
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec(op, e))?;
         let mut open = Vec::new();
@@ -170,10 +197,13 @@ impl PollStore {
     ) -> Result<VehicleBudget, StoreError> {
         let op = "read poll budget";
         let row = self
-            .session
-            .execute_unpaged(&self.budget, (vehicle.as_str(),))
-            .await
-            .map_err(|e| StoreError::from_exec(op, e))?
+            .traced(
+                op,
+                ("SELECT", "poll_vehicles"),
+                self.session
+                    .execute_unpaged(&self.budget, (vehicle.as_str(),)),
+            )
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<i64>, Option<i64>, Option<String>)>()
@@ -195,10 +225,13 @@ impl PollStore {
     ) -> Result<i64, StoreError> {
         let op = "read poll request count";
         let count = self
-            .session
-            .execute_unpaged(&self.count, (vehicle.as_str(), month_of(now)))
-            .await
-            .map_err(|e| StoreError::from_exec(op, e))?
+            .traced(
+                op,
+                ("SELECT", "poll_counts"),
+                self.session
+                    .execute_unpaged(&self.count, (vehicle.as_str(), month_of(now))),
+            )
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec(op, e))?
             .maybe_first_row::<(Option<scylla::value::Counter>,)>()
@@ -212,20 +245,26 @@ impl PollStore {
         vehicle: &VehicleId,
         now: EpochMillis,
     ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.count_request, (vehicle.as_str(), month_of(now)))
-            .await
-            .map_err(|e| StoreError::from_exec("count poll request", e))?;
+        self.traced(
+            "count poll request",
+            ("UPDATE", "poll_counts"),
+            self.session
+                .execute_unpaged(&self.count_request, (vehicle.as_str(), month_of(now))),
+        )
+        .await?;
         Ok(())
     }
 
     /// Records that a request for the vehicle was sent at `at`, whatever its answer (the minimum
     /// interval counts from here).
     pub async fn polled(&self, vehicle: &VehicleId, at: EpochMillis) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.polled, (at.as_i64(), vehicle.as_str()))
-            .await
-            .map_err(|e| StoreError::from_exec("record poll", e))?;
+        self.traced(
+            "record poll",
+            ("UPDATE", "poll_vehicles"),
+            self.session
+                .execute_unpaged(&self.polled, (at.as_i64(), vehicle.as_str())),
+        )
+        .await?;
         Ok(())
     }
 
@@ -236,10 +275,13 @@ impl PollStore {
         until: i64,
         reason: &str,
     ) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.block, (until, reason, vehicle.as_str()))
-            .await
-            .map_err(|e| StoreError::from_exec("block vehicle polling", e))?;
+        self.traced(
+            "block vehicle polling",
+            ("UPDATE", "poll_vehicles"),
+            self.session
+                .execute_unpaged(&self.block, (until, reason, vehicle.as_str())),
+        )
+        .await?;
         Ok(())
     }
 
@@ -299,16 +341,18 @@ impl PollStore {
     ) -> Result<Vec<String>, StoreError> {
         let op = "read signal freshness";
         let rows = self
-            .session
-            .query_unpaged(
-                format!(
-                    "SELECT code, value FROM {}.signal_state WHERE vehicle_id = ?",
-                    self.keyspace
+            .traced(
+                op,
+                ("SELECT", "signal_state"),
+                self.session.query_unpaged(
+                    format!(
+                        "SELECT code, value FROM {}.signal_state WHERE vehicle_id = ?",
+                        self.keyspace
+                    ),
+                    (vehicle.as_str(),),
                 ),
-                (vehicle.as_str(),),
             )
-            .await
-            .map_err(|e| StoreError::from_exec(op, e))?
+            .await?
             .into_rows_result()
             .map_err(|e| StoreError::from_exec(op, e))?;
         let mut fresh = std::collections::HashSet::new();

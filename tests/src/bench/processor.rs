@@ -588,7 +588,11 @@ mod tests {
         assert_eq!(histogram_quantile(text, "x", 0.5), Some(0.1));
         let p70 = histogram_quantile(text, "x", 0.7).unwrap_or_default();
         assert!((p70 - 0.15).abs() < 1e-9, "{p70}");
-        assert_eq!(histogram_quantile(text, "x", 0.99), Some(0.2), "beyond the last bound");
+        assert_eq!(
+            histogram_quantile(text, "x", 0.99),
+            Some(0.2),
+            "beyond the last bound"
+        );
         assert_eq!(histogram_quantile("x_count 0\n", "x", 0.5), None);
     }
 }
