@@ -255,8 +255,13 @@ impl Worker {
         self.readiness.set("consumer", true);
         self.readiness.set("transactions", true);
         let mut failures: u32 = 0;
-        // Processed, not yet committed: committed while the next batch is processed.
+        // Processed, not yet committed, in processing order (several batches' runs of a partition
+        // can wait for one transaction): committed while later batches are processed, once the
+        // oldest has waited `commit_interval_ms` or they hold `batch_max` records, or at once when
+        // no record arrives. Fewer transactions hold fewer batches back behind a commit.
         let mut pending: Vec<PartitionRun> = Vec::new();
+        let mut pending_since: Option<Instant> = None;
+        let interval = Duration::from_millis(self.settings.processor.commit_interval_ms);
         while !shutdown.is_cancelled() {
             let (batch, revoked) = self.collect(&shutdown, !pending.is_empty()).await;
             // Revoked while collecting: the new owner (or this instance, from the committed offset)
@@ -268,10 +273,11 @@ impl Worker {
             if batch.is_empty() {
                 if !pending.is_empty() {
                     let runs = std::mem::take(&mut pending);
+                    pending_since = None;
                     match self.commit(&runs).await {
                         Ok(()) => self.committed(&runs),
                         Err(f) => {
-                            self.rewind(runs.iter().map(|r| (r.partition, r.first_offset)));
+                            self.rewind(earliest(&runs).into_iter());
                             self.undo(runs.into_iter().flat_map(|r| r.done));
                             self.failed_commit(f, &mut failures, &shutdown).await?;
                         }
@@ -279,20 +285,25 @@ impl Worker {
                 }
                 continue;
             }
-            let committing = std::mem::take(&mut pending);
+            let waiting: usize = pending.iter().map(|r| r.done.len()).sum();
+            let due = pending_since.is_some_and(|t| {
+                t.elapsed() >= interval || waiting >= self.settings.processor.batch_max
+            });
+            let committing = if due {
+                pending_since = None;
+                std::mem::take(&mut pending)
+            } else {
+                Vec::new()
+            };
             let (commit, runs) = tokio::join!(self.commit(&committing), self.process(batch));
             match commit {
                 Ok(()) => self.committed(&committing),
                 Err(f) => {
-                    // Neither the batch that was committing nor the one processed meanwhile is
-                    // committed: both are processed again from their first offsets.
-                    let mut from: BTreeMap<i32, i64> = BTreeMap::new();
-                    for r in committing.iter().chain(&runs) {
-                        let o = from.entry(r.partition).or_insert(r.first_offset);
-                        *o = (*o).min(r.first_offset);
-                    }
-                    self.rewind(from.into_iter());
-                    self.undo(committing.into_iter().chain(runs).flat_map(|r| r.done));
+                    // Neither the runs that were committing nor those processed meanwhile are
+                    // committed: all are processed again from their earliest offsets.
+                    let all: Vec<PartitionRun> = committing.into_iter().chain(runs).collect();
+                    self.rewind(earliest(&all).into_iter());
+                    self.undo(all.into_iter().flat_map(|r| r.done));
                     self.failed_commit(f, &mut failures, &shutdown).await?;
                     continue;
                 }
@@ -306,7 +317,10 @@ impl Worker {
                         .filter_map(|r| r.failed.as_ref().map(|(o, _)| (r.partition, *o))),
                 );
             }
-            pending = runs;
+            if !runs.is_empty() && pending_since.is_none() {
+                pending_since = Some(Instant::now());
+            }
+            pending.extend(runs);
             if any_failed {
                 failures += 1;
                 self.readiness.set("store", false);
@@ -590,16 +604,14 @@ impl Worker {
     /// complete makes the producer unusable, and the clients are rebuilt.
     async fn commit(&self, runs: &[PartitionRun]) -> Result<(), TxnFailure> {
         let mut offsets = TopicPartitionList::new();
-        for r in runs {
-            if let Some(last) = r.done.last() {
-                offsets
-                    .add_partition_offset(
-                        &self.settings.kafka.events_topic,
-                        r.partition,
-                        Offset::Offset(last.msg.offset() + 1),
-                    )
-                    .map_err(TxnFailure::Unusable)?;
-            }
+        for (partition, next) in commit_offsets(runs) {
+            offsets
+                .add_partition_offset(
+                    &self.settings.kafka.events_topic,
+                    partition,
+                    Offset::Offset(next),
+                )
+                .map_err(TxnFailure::Unusable)?;
         }
         if offsets.count() == 0 {
             return Ok(());
@@ -906,6 +918,30 @@ fn by_partition(batch: Vec<OwnedMessage>) -> BTreeMap<i32, Vec<OwnedMessage>> {
     out
 }
 
+/// The offset each partition commits to: one past the last record processed in `runs` (a
+/// partition can have several runs waiting for one transaction).
+fn commit_offsets(runs: &[PartitionRun]) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for r in runs {
+        if let Some(last) = r.done.last() {
+            let next = out.entry(r.partition).or_insert(last.msg.offset() + 1);
+            *next = (*next).max(last.msg.offset() + 1);
+        }
+    }
+    out
+}
+
+/// Where each partition of `runs` is processed again when they are not committed: its earliest
+/// first offset.
+fn earliest(runs: &[PartitionRun]) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for r in runs {
+        let first = out.entry(r.partition).or_insert(r.first_offset);
+        *first = (*first).min(r.first_offset);
+    }
+    out
+}
+
 /// The wait after `failures` failed attempts in a row ([`Worker::backoff`]).
 fn backoff_delay(max_backoff_ms: u64, failures: u32) -> Duration {
     use backon::BackoffBuilder;
@@ -992,6 +1028,41 @@ pub async fn report_lag(
 mod tests {
     use super::*;
     use rdkafka::message::Timestamp;
+
+    fn run(partition: i32, offsets: std::ops::Range<i64>) -> PartitionRun {
+        PartitionRun {
+            partition,
+            first_offset: offsets.start,
+            done: offsets
+                .map(|o| Done {
+                    msg: rec(partition, o),
+                    disposition: Disposition::Duplicate,
+                    elapsed: Duration::ZERO,
+                    span: tracing::Span::none(),
+                })
+                .collect(),
+            failed: None,
+        }
+    }
+
+    #[test]
+    fn runs_waiting_together_commit_past_each_partitions_last_and_rewind_to_its_first() {
+        // Two batches wait for one transaction: partition 0 has two runs, partition 1 one, and
+        // partition 2 a run that processed nothing (it failed on its first record).
+        let mut empty = run(2, 40..40);
+        empty.failed = Some((40, "store down".into()));
+        let runs = vec![run(0, 10..15), run(1, 7..9), empty, run(0, 15..18)];
+        assert_eq!(
+            commit_offsets(&runs).into_iter().collect::<Vec<_>>(),
+            vec![(0, 18), (1, 9)],
+            "one offset per partition, one past its last record"
+        );
+        assert_eq!(
+            earliest(&runs).into_iter().collect::<Vec<_>>(),
+            vec![(0, 10), (1, 7), (2, 40)],
+            "processed again from each partition's first record"
+        );
+    }
 
     #[test]
     fn backoff_doubles_from_100_ms_with_jitter_down_to_half_and_stays_under_the_cap() {

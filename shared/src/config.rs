@@ -529,10 +529,14 @@ pub struct ProcessorSettings {
     /// Stable instance id (pod name in Kubernetes); also the Kafka transactional id suffix, so a
     /// restarted instance fences its predecessor's open transaction.
     pub instance_id: String,
-    /// Records handled per transaction at most.
+    /// Records collected per batch at most; a transaction commits once its records reach it.
     pub batch_max: usize,
     /// How long to wait to fill a batch.
     pub batch_wait_ms: u64,
+    /// How long processed records wait for their transaction (offsets, actions, dead letters) while
+    /// more batches are processed: longer means fewer transactions, and fewer batches held back
+    /// behind a commit. A record's state is written when it is processed, not when it commits.
+    pub commit_interval_ms: u64,
     /// Records processed at once (lanes: each holds one partition's events of some vehicles, in
     /// order). Also replay's concurrency.
     pub concurrency: usize,
@@ -561,6 +565,7 @@ impl Default for ProcessorSettings {
             instance_id: "processor-0".into(),
             batch_max: 500,
             batch_wait_ms: 10,
+            commit_interval_ms: 100,
             concurrency: 32,
             max_attempts: 3,
             logic_version: 1,
@@ -878,6 +883,12 @@ impl Settings {
         let p = &self.processor;
         if p.batch_max == 0 {
             return Err(invalid("processor.batch_max", "must be positive"));
+        }
+        if p.commit_interval_ms > 10_000 {
+            return Err(invalid(
+                "processor.commit_interval_ms",
+                "must be at most 10000 (records wait that long for their offsets, actions and dead letters)",
+            ));
         }
         if !(1..=1024).contains(&p.concurrency) {
             return Err(invalid(
@@ -1307,6 +1318,8 @@ mod tests {
             err(&[("CARHOOK__KAFKA__EVENTS_TOPIC", "bad topic!")]).contains("kafka.events_topic")
         );
         assert!(err(&[("CARHOOK__CQL__KEYSPACE", "1x")]).contains("cql.keyspace"));
+        assert!(err(&[("CARHOOK__PROCESSOR__COMMIT_INTERVAL_MS", "60000")])
+            .contains("processor.commit_interval_ms"));
         assert!(err(&[("CARHOOK__KAFKA__BROKER", "x")]).contains("broker"));
         // Security combinations that cannot work, each naming its key.
         assert!(err(&[("CARHOOK__KAFKA__SECURITY_PROTOCOL", "sasl_ssl")])
