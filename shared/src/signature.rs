@@ -1,12 +1,17 @@
 //! `SC-Signature`: hex HMAC-SHA256 of the raw body under the Application Management Token.
 //!
 //! The only way to obtain a [`Verified`] body is [`ManagementTokens::verify`], so a body that did
-//! not pass the check cannot reach the producer: the type says so. Tokens are tried in order and the
-//! first that matches ends the check: which token matched is no secret (it is logged and put in the
-//! record headers), so only the comparison itself must be constant-time (`Mac::verify_slice`), and a
-//! delivery signed with the current token costs one HMAC whatever the number of tokens. Each token's
-//! key schedule is computed once, when the list is built. The VERIFY challenge answer is the same HMAC, which is why [`ManagementTokens::answer_challenge`]
-//! is guarded by the receiver (see `SMARTCAR.md` §3).
+//! not pass the check cannot reach the producer: the type says so. The token that matched last is
+//! tried first, then the others in order, and the first that matches ends the check: which token
+//! matched is no secret (it is logged and put in the record headers), so only the comparison itself
+//! must be constant-time (`Mac::verify_slice`), and a delivery signed with the token Smartcar is
+//! using costs one HMAC whatever the number of tokens, during a rotation too. Each token's key
+//! schedule is computed once, when the list is built. The VERIFY challenge answer is the same HMAC,
+//! which is why [`ManagementTokens::answer_challenge`] is guarded by the receiver (see
+//! `SMARTCAR.md` §3).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -110,6 +115,10 @@ pub struct ManagementTokens {
     tokens: Vec<SecretString>,
     /// Each token's HMAC state after its key block, in the same order: a check clones one.
     keyed: Vec<HmacSha256>,
+    /// The index of the token that matched last, tried first: while Smartcar signs with the second
+    /// of two configured tokens (a rotation), a delivery costs one full-body HMAC instead of two.
+    /// Which token matched is no secret (it is a record header); each comparison stays constant-time.
+    last_match: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ManagementTokens {
@@ -144,7 +153,11 @@ impl ManagementTokens {
             return Err(TokensError::EmptyToken(i));
         }
         let keyed = tokens.iter().map(Self::mac).collect();
-        Ok(Self { tokens, keyed })
+        Ok(Self {
+            tokens,
+            keyed,
+            last_match: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     /// Parses the comma-separated form used by `CARHOOK__SMARTCAR__MANAGEMENT_TOKENS`.
@@ -177,8 +190,9 @@ impl ManagementTokens {
         }
     }
 
-    /// Checks `header` (the raw `SC-Signature` value, if any) against `body`, token by token in
-    /// order, stopping at the first that matches; each comparison is constant-time.
+    /// Checks `header` (the raw `SC-Signature` value, if any) against `body`: the token that
+    /// matched last first, then the others in order, stopping at the first that matches; each
+    /// comparison is constant-time.
     pub fn verify(&self, header: Option<&[u8]>, body: Bytes) -> Result<Verified, SignatureError> {
         let sig = Signature::parse(header.ok_or(SignatureError::Missing)?)?;
         self.first_match(&sig, &body, || {})
@@ -186,19 +200,31 @@ impl ManagementTokens {
             .ok_or(SignatureError::Mismatch)
     }
 
-    /// Index of the first token whose HMAC of `body` is `sig`; `computed` is called once per HMAC.
+    /// Index of the token whose HMAC of `body` is `sig`, trying the last matched one first;
+    /// `computed` is called once per HMAC.
     fn first_match(
         &self,
         sig: &Signature,
         body: &[u8],
         mut computed: impl FnMut(),
     ) -> Option<usize> {
-        self.keyed.iter().position(|keyed| {
+        let last = self
+            .last_match
+            .load(Ordering::Relaxed)
+            .min(self.keyed.len() - 1);
+        let order = std::iter::once(last).chain((0..self.keyed.len()).filter(|i| *i != last));
+        for i in order {
             computed();
-            let mut mac = keyed.clone();
+            let mut mac = self.keyed[i].clone();
             mac.update(body);
-            mac.verify_slice(&sig.0).is_ok()
-        })
+            if mac.verify_slice(&sig.0).is_ok() {
+                if i != last {
+                    self.last_match.store(i, Ordering::Relaxed);
+                }
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// Lower-case hex HMAC of `message` under the current token: the VERIFY challenge answer.
@@ -277,9 +303,11 @@ mod tests {
     }
 
     /// Regression (issue 17): every token was hashed even after the first matched, so a delivery
-    /// signed with the current token cost one full-body HMAC per configured token.
+    /// signed with the current token cost one full-body HMAC per configured token. And during a
+    /// rotation, when Smartcar signs with a token later in the list, each delivery cost one HMAC per
+    /// token before it: the last matched token is tried first.
     #[test]
-    fn verification_stops_at_the_first_matching_token() {
+    fn verification_stops_at_the_first_matching_token_trying_the_last_match_first() {
         let three = tokens(&["new", "old", "older"]);
         let body = b"{\"eventId\":\"e\"}";
         let count = |by: &str| {
@@ -290,9 +318,16 @@ mod tests {
             (matched, n)
         };
         assert_eq!(count("new"), (Some(0), 1));
-        assert_eq!(count("old"), (Some(1), 2));
-        assert_eq!(count("older"), (Some(2), 3));
-        assert_eq!(count("other"), (None, 3));
+        assert_eq!(count("old"), (Some(1), 2), "found after the current one");
+        assert_eq!(count("old"), (Some(1), 1), "then tried first");
+        assert_eq!(
+            count("other"),
+            (None, 3),
+            "a mismatch tries every token once"
+        );
+        assert_eq!(count("older"), (Some(2), 3), "old, new, then older");
+        assert_eq!(count("new"), (Some(0), 2), "older first, then new");
+        assert_eq!(count("new"), (Some(0), 1));
     }
 
     #[test]
