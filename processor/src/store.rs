@@ -875,15 +875,16 @@ impl Store {
         (operation, table): (&'static str, &'static str),
         exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
     ) -> Result<QueryResult, StoreError> {
-        shared::cql_trace::run(
+        traced(
             &self.keyspace,
-            (operation, Some(table)),
+            op,
+            (operation, table),
             exec,
-            |e| StoreError::from_exec(op, e).kind(),
-            |result, took| self.observe((operation, table), result, took),
+            |result, took| {
+                self.observe((operation, table), result, took);
+            },
         )
         .await
-        .map_err(|e| StoreError::from_exec(op, e))
     }
 
     /// One execution's duration by operation, table and result, when a histogram is attached.
@@ -902,6 +903,27 @@ impl Store {
             .observe(took.as_secs_f64());
         }
     }
+}
+
+/// Runs one statement execution on `table` of `keyspace` inside its CQL CLIENT span
+/// ([`shared::cql_trace`]), for the processor's and the poller's stores: `op` names it in errors,
+/// `(operation, table)` in the trace, and `observe` gets its result class and duration.
+pub(crate) async fn traced(
+    keyspace: &str,
+    op: &'static str,
+    (operation, table): (&'static str, &'static str),
+    exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
+    observe: impl FnOnce(&'static str, Duration),
+) -> Result<QueryResult, StoreError> {
+    shared::cql_trace::run(
+        keyspace,
+        (operation, Some(table)),
+        exec,
+        |e| StoreError::from_exec(op, e).kind(),
+        observe,
+    )
+    .await
+    .map_err(|e| StoreError::from_exec(op, e))
 }
 
 /// The bound values of one state write: (write timestamp, document, vehicle, code or error key),

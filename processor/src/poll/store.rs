@@ -118,23 +118,15 @@ impl PollStore {
         })
     }
 
-    /// Runs one statement execution inside its CQL CLIENT span ([`shared::cql_trace`]), as the
-    /// processor's store does: a polled value's trace shows each round trip to the store.
+    /// Runs one statement execution inside its CQL CLIENT span, as the processor's store does: a
+    /// polled value's trace shows each round trip to the store.
     async fn traced(
         &self,
         op: &'static str,
         (operation, table): (&'static str, &'static str),
         exec: impl std::future::Future<Output = Result<QueryResult, ExecutionError>>,
     ) -> Result<QueryResult, StoreError> {
-        shared::cql_trace::run(
-            &self.keyspace,
-            (operation, Some(table)),
-            exec,
-            |e| StoreError::from_exec(op, e).kind(),
-            |_, _| {},
-        )
-        .await
-        .map_err(|e| StoreError::from_exec(op, e))
+        crate::store::traced(&self.keyspace, op, (operation, table), exec, |_, _| {}).await
     }
 
     /// The vehicle's Smartcar user id, as the last event that carried one said.
