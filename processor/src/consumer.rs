@@ -257,8 +257,9 @@ impl Worker {
         let mut failures: u32 = 0;
         // Processed, not yet committed, in processing order (several batches' runs of a partition
         // can wait for one transaction): committed while later batches are processed, once the
-        // oldest has waited `commit_interval_ms` or they hold `batch_max` records, or at once when
-        // no record arrives. Fewer transactions hold fewer batches back behind a commit.
+        // oldest has waited `commit_interval_ms` or they hold `batch_max` records or a batch's worth
+        // of payload bytes (so memory stays that of about three batches, as before), or at once
+        // when no record arrives. Fewer transactions hold fewer batches back behind a commit.
         let mut pending: Vec<PartitionRun> = Vec::new();
         let mut pending_since: Option<Instant> = None;
         let interval = Duration::from_millis(self.settings.processor.commit_interval_ms);
@@ -285,9 +286,11 @@ impl Worker {
                 }
                 continue;
             }
-            let waiting: usize = pending.iter().map(|r| r.done.len()).sum();
+            let (waiting, bytes) = pending_size(&pending);
             let due = pending_since.is_some_and(|t| {
-                t.elapsed() >= interval || waiting >= self.settings.processor.batch_max
+                t.elapsed() >= interval
+                    || waiting >= self.settings.processor.batch_max
+                    || bytes >= PREFETCH_BYTES
             });
             let committing = if due {
                 pending_since = None;
@@ -918,6 +921,15 @@ fn by_partition(batch: Vec<OwnedMessage>) -> BTreeMap<i32, Vec<OwnedMessage>> {
     out
 }
 
+/// Records waiting in `runs`, and their payload bytes.
+fn pending_size(runs: &[PartitionRun]) -> (usize, usize) {
+    runs.iter()
+        .flat_map(|r| &r.done)
+        .fold((0, 0), |(n, bytes), d| {
+            (n + 1, bytes + d.msg.payload().map_or(0, <[u8]>::len))
+        })
+}
+
 /// The offset each partition commits to: one past the last record processed in `runs` (a
 /// partition can have several runs waiting for one transaction).
 fn commit_offsets(runs: &[PartitionRun]) -> BTreeMap<i32, i64> {
@@ -1062,6 +1074,7 @@ mod tests {
             vec![(0, 10), (1, 7), (2, 40)],
             "processed again from each partition's first record"
         );
+        assert_eq!(pending_size(&runs), (10, 20), "ten records of two bytes");
     }
 
     #[test]
