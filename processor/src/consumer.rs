@@ -176,8 +176,9 @@ pub fn transactional_producer(
     c.create()
 }
 
-/// Bytes of records librdkafka may prefetch, and bytes of payload one batch may hold: with one
-/// batch processing and one committing, the processor holds at most about three times this.
+/// Bytes of records librdkafka may prefetch, bytes of payload one batch may hold, and the payload
+/// at which waiting runs commit: with one batch processing and the runs committing (just under
+/// this, plus the last batch added), the processor holds at most about four times this.
 const PREFETCH_BYTES: usize = 4 << 20;
 
 /// How long one transaction may take from its first call to its end: librdkafka's
@@ -258,8 +259,8 @@ impl Worker {
         // Processed, not yet committed, in processing order (several batches' runs of a partition
         // can wait for one transaction): committed while later batches are processed, once the
         // oldest has waited `commit_interval_ms` or they hold `batch_max` records or a batch's worth
-        // of payload bytes (so memory stays that of about three batches, as before), or at once
-        // when no record arrives. Fewer transactions hold fewer batches back behind a commit.
+        // of payload bytes (so memory stays bounded, see PREFETCH_BYTES), or at once when no
+        // record arrives. Fewer transactions hold fewer batches back behind a commit.
         let mut pending: Vec<PartitionRun> = Vec::new();
         let mut pending_since: Option<Instant> = None;
         let interval = Duration::from_millis(self.settings.processor.commit_interval_ms);
