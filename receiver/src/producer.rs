@@ -35,6 +35,35 @@ pub enum PersistError {
     Kafka { topic: String, source: KafkaError },
 }
 
+/// How long each request of the readiness check may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the readiness check found the events topic unable to take produces.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("metadata request failed: {0}")]
+    Metadata(KafkaError),
+    #[error("the events topic is unknown to the broker or has no partitions")]
+    NoPartitions,
+    #[error("the broker reports the events topic as {0}")]
+    Topic(RDKafkaErrorCode),
+    #[error("the broker reports partition {partition} as {code}")]
+    Partition {
+        partition: i32,
+        code: RDKafkaErrorCode,
+    },
+    #[error("partition {partition} has no leader")]
+    NoLeader { partition: i32 },
+    #[error("leader broker {broker} (partition {partition}) did not answer over its connection: {source}")]
+    Leader {
+        broker: i32,
+        partition: i32,
+        source: KafkaError,
+    },
+    #[error("the check was cancelled")]
+    Cancelled,
+}
+
 /// Where a record landed.
 #[derive(Debug, Clone, Copy)]
 pub struct Acked {
@@ -274,22 +303,63 @@ impl EventProducer {
             .inc();
     }
 
-    /// A real metadata request for the events topic: the readiness check.
-    pub async fn probe(self: &Arc<Self>) -> bool {
+    /// The readiness check: could a produce to the events topic be delivered now?
+    ///
+    /// A metadata answer alone does not say so. librdkafka sends a metadata request over any
+    /// connection — right after a broker restart, over the bootstrap connection it opens at once for
+    /// that request — while produces go over the connection to each partition's leader, which first
+    /// waits out librdkafka's reconnect backoff. Readiness that trusted metadata said 200 while every
+    /// produce still failed with its delivery timeout. So, after the metadata, the check asks each
+    /// leader for the watermarks of one of its partitions: that ListOffsets request travels over the
+    /// leader's own connection, and it is answered only once produces could be.
+    pub async fn probe(self: &Arc<Self>) -> Result<(), NotReady> {
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            me.producer
-                .client()
-                .fetch_metadata(Some(&me.settings.events_topic), Duration::from_secs(2))
-                .map(|md| {
-                    md.topics()
-                        .iter()
-                        .any(|t| t.error().is_none() && !t.partitions().is_empty())
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false)
+        tokio::task::spawn_blocking(move || me.probe_blocking())
+            .await
+            .unwrap_or(Err(NotReady::Cancelled))
+    }
+
+    fn probe_blocking(&self) -> Result<(), NotReady> {
+        let topic = &self.settings.events_topic;
+        let client = self.producer.client();
+        let md = client
+            .fetch_metadata(Some(topic), PROBE_TIMEOUT)
+            .map_err(NotReady::Metadata)?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or(NotReady::NoPartitions)?;
+        if let Some(e) = t.error() {
+            return Err(NotReady::Topic(RDKafkaErrorCode::from(e)));
+        }
+        if t.partitions().is_empty() {
+            return Err(NotReady::NoPartitions);
+        }
+        // One partition per leader: each leader's connection is asked once.
+        let mut leaders = std::collections::BTreeMap::new();
+        for p in t.partitions() {
+            if let Some(e) = p.error() {
+                return Err(NotReady::Partition {
+                    partition: p.id(),
+                    code: RDKafkaErrorCode::from(e),
+                });
+            }
+            if p.leader() < 0 {
+                return Err(NotReady::NoLeader { partition: p.id() });
+            }
+            leaders.entry(p.leader()).or_insert(p.id());
+        }
+        for (broker, partition) in leaders {
+            client
+                .fetch_watermarks(topic, partition, PROBE_TIMEOUT)
+                .map_err(|source| NotReady::Leader {
+                    broker,
+                    partition,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Waits for everything queued (quarantine included) to be delivered, up to `timeout`.

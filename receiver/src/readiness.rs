@@ -1,7 +1,8 @@
 //! The background broker check behind `/ready`.
 //!
-//! Every second while the breaker is not closed (every few seconds otherwise) a real metadata
-//! request for the events topic goes to the broker, in `spawn_blocking` (librdkafka's call blocks).
+//! Every second while the breaker is not closed (every few seconds otherwise) the events topic's
+//! metadata is fetched and each partition leader is asked for watermarks over the producer's own
+//! connection to it ([`EventProducer::probe`]), in `spawn_blocking` (librdkafka's calls block).
 //! Its result is the `kafka` readiness condition, and a success closes a half-open breaker or an
 //! open one whose open period is over ([`crate::breaker::Breaker::broker_healthy`]). So readiness
 //! comes back by itself once Kafka is healthy: behind a load balancer an unready pod gets no
@@ -28,8 +29,16 @@ pub async fn run(
     metrics: Metrics,
     stop: CancellationToken,
 ) {
+    let mut was_ok = true;
     loop {
-        let ok = producer.probe().await;
+        let probe = producer.probe().await;
+        let ok = probe.is_ok();
+        match &probe {
+            Err(e) if was_ok => tracing::warn!(error = %e, "kafka not ready"),
+            Ok(()) if !was_ok => tracing::info!("kafka ready again"),
+            _ => {}
+        }
+        was_ok = ok;
         if ok && producer.breaker().broker_healthy() {
             tracing::info!("kafka healthy again: circuit closed by the background check");
         }

@@ -113,6 +113,12 @@ pub fn base_config(s: &KafkaSettings) -> ClientConfig {
     c.set("bootstrap.servers", &s.brokers)
         .set("client.id", "carhook")
         .set("socket.keepalive.enable", "true")
+        // librdkafka doubles the wait between reconnects to a broker up to this (default 10 s, and
+        // up to 50 % more with jitter). After a broker restart the leader connection, which
+        // produces and fetches need, stayed down that long after the broker was back: longer than
+        // the receiver's delivery timeout. One second keeps recovery within about a second, and a
+        // connection attempt per second to a dead broker costs it nothing.
+        .set("reconnect.backoff.max.ms", "1000")
         .set("log_level", "4");
     for (k, v) in &s.properties {
         c.set(k, v);

@@ -163,6 +163,44 @@ async fn readiness_returns_without_webhook_traffic_after_the_broker_comes_back()
     r.stop().await;
 }
 
+/// Readiness must mean "a produce would be acknowledged now". After a broker restart librdkafka
+/// answers a metadata request over a fresh bootstrap connection at once, while the connection to
+/// the partitions' leader, which produces use, still waits out its reconnect backoff. Here that
+/// backoff is 30 s (22–45 s with jitter) from the leader connection's first failure, and the
+/// broker is back about 16 s after it went down: a readiness check that trusted metadata says 200
+/// at least 6 s before a produce can succeed. The check must wait for the leader's own connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_waits_for_the_leader_connection_not_just_metadata() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let s = settings(&[
+        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "2000"),
+        ("CARHOOK__RECEIVER__BREAKER_FAILURES", "2"),
+        ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "1000"),
+        ("CARHOOK__KAFKA__PROPERTIES__RECONNECT_BACKOFF_MS", "30000"),
+        ("CARHOOK__KAFKA__PROPERTIES__RECONNECT_BACKOFF_MAX_MS", "30000"),
+    ]);
+    let r = spawn_receiver(&s).await;
+    assert_eq!(send(r.addr, 0).await.status, 200);
+    let next = {
+        let _restore = Restore("kafka");
+        stack(&["down", "kafka"]);
+        open_the_breaker(&r, 1).await
+    };
+    let back = Instant::now();
+    eventually(Duration::from_secs(60), || async {
+        get(r.admin, "/ready").await.0 == 200
+    })
+    .await;
+    println!("ready again {:?} after the broker", back.elapsed());
+    let reply = send(r.addr, next).await;
+    assert_eq!(
+        reply.status, 200,
+        "/ready said 200 but the next delivery was refused: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelled_probe_is_recorded_so_the_breaker_probes_again() {
     let _serial = ONE_AT_A_TIME.lock().await;

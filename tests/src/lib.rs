@@ -50,7 +50,8 @@ pub fn telemetry() {
     static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let t = shared::config::TelemetrySettings {
-            log_level: "warn".into(),
+            // `RUST_LOG` widens the test log (e.g. `warn,rdkafka=debug`) when a failure needs it.
+            log_level: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             ..Default::default()
         };
         if let Ok(handle) = shared::telemetry::init(&t, "carhook-tests") {
