@@ -118,6 +118,10 @@ pub async fn connect(s: &CqlSettings) -> Result<Session, CqlError> {
         .collect();
     let mut builder = SessionBuilder::new()
         .known_nodes(nodes)
+        // Schema metadata of carhook's own keyspace only (token-aware routing needs its
+        // replication). By default the driver reads and keeps every keyspace's tables and types:
+        // on a shared cluster that is memory and start-up time spent on other applications.
+        .keyspaces_to_fetch([s.keyspace.clone()])
         .connection_timeout(Duration::from_secs(5))
         .default_execution_profile_handle(profile.build().into_handle());
     if let (Some(user), Some(password)) = (&s.username, &s.password) {
