@@ -8,7 +8,6 @@
 //! done (the same warm-up) to the moment the last one is, and the rate is over the records in
 //! between. Each figure is measured `runs` times; the report gives the median and the spread.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,6 +111,66 @@ async fn start_processor(s: &Settings, instance: &str, log: &std::path::Path) ->
     })
     .await;
     c
+}
+
+/// Replay catch-up over the whole backlog, as an operator runs it: the shipped `processor replay`
+/// binary, its own consumer group. Timed like the drain, from the first tenth of the backlog
+/// replayed to the last, as the group's committed offsets show it (the replay commits after each
+/// batch), so start-up (clients, offsets lookup, first fetch) is outside the timed part.
+async fn replay_rate(s: &Settings, n: u64) -> f64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let group = format!("{}-replay", s.kafka.consumer_group);
+    let log = std::env::temp_dir().join(format!("carhook-bench-{}-replay.log", s.cql.keyspace));
+    let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = std::process::Command::new(processor_bin())
+        .args(["replay", "--from", "0:0", "--group", &group])
+        .env_clear()
+        .envs(child_env(s, free_port(), "bench-replay"))
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", processor_bin().display()));
+    let watcher: Arc<BaseConsumer> = Arc::new(
+        shared::kafka::base_config(&s.kafka)
+            .set("group.id", &group)
+            .create()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let topic = s.kafka.events_topic.clone();
+    let partitions = s.kafka.partitions;
+    let committed = || {
+        let (watcher, topic) = (Arc::clone(&watcher), topic.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for p in 0..partitions {
+                    tpl.add_partition(&topic, p);
+                }
+                watcher
+                    .committed_offsets(tpl, Duration::from_secs(5))
+                    .map_or(0, |c| {
+                        c.elements()
+                            .iter()
+                            .filter_map(|e| e.offset().to_raw())
+                            .filter(|o| *o > 0)
+                            .map(|o| o as u64)
+                            .sum()
+                    })
+            })
+            .await
+            .unwrap_or(0)
+        }
+    };
+    let (rate, _) = timed(n, n / 10, Duration::from_secs(900), committed).await;
+    let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        status.success(),
+        "processor replay exited with {status}; its log: {}",
+        log.display()
+    );
+    let _ = std::fs::remove_file(&log);
+    rate
 }
 
 /// Fills `s`'s events topic with `n` events of about `body_bytes`, keyed over 1000 vehicles.
@@ -308,38 +367,8 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     };
     let changes = crate::record_count(&s.kafka.brokers, &s.kafka.state_topic);
     let plain = plain_loop(&s, n, body_bytes, concurrency).await;
-    let st = carhook_processor::store::Store::prepare(
-        Arc::new(
-            shared::cql::connect(&s.cql)
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        ),
-        &s.cql.keyspace,
-        7,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
     let replay_rate = if instances == 1 {
-        let req = carhook_processor::replay::ReplayRequest {
-            from: carhook_processor::replay::Bound::Offsets(BTreeMap::new()),
-            to: None,
-            vehicle: None,
-            dry_run: false,
-            group: None,
-            max_records: None,
-            max_rate: None,
-            emit_changes: false,
-        };
-        let started = Instant::now();
-        let sum = carhook_processor::replay::replay(
-            &s,
-            &st,
-            &req,
-            tokio_util::sync::CancellationToken::new(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-        sum.read as f64 / started.elapsed().as_secs_f64()
+        replay_rate(&s, n).await
     } else {
         f64::NAN
     };
