@@ -173,16 +173,27 @@ async fn replay_rate(s: &Settings, n: u64) -> f64 {
     rate
 }
 
-/// Fills `s`'s events topic with `n` events of about `body_bytes`, keyed over 1000 vehicles.
+/// Fills `s`'s events topic with `n` events of about `body_bytes`, keyed over 1000 vehicles, in one
+/// Kafka transaction: the processors read committed records only, so the whole backlog appears at
+/// once, on every partition, to processors that are already running and settled in their group.
 async fn prefill(s: &Settings, n: u64, body_bytes: usize) -> usize {
-    shared::kafka::ensure_topics(&s.kafka)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    use rdkafka::producer::Producer;
     let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
+        .set(
+            "transactional.id",
+            format!("{}-bench-prefill", s.kafka.consumer_group),
+        )
         .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    producer
+        .init_transactions(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    producer
+        .begin_transaction()
         .unwrap_or_else(|e| panic!("{e}"));
     let template = body_template(body_bytes);
     let mut pending = Vec::new();
+    let mut sent = 0;
     for i in 0..n {
         // Keyed by the vehicle the body names, as the receiver keys it: 1000 vehicles, each with
         // its events in order on one partition.
@@ -199,11 +210,81 @@ async fn prefill(s: &Settings, n: u64, body_bytes: usize) -> usize {
                 .is_ok()
         });
         if pending.len() >= 512 {
-            futures::future::join_all(pending.drain(..)).await;
+            sent += futures::future::join_all(pending.drain(..))
+                .await
+                .into_iter()
+                .filter(|ok| *ok)
+                .count();
         }
     }
-    futures::future::join_all(pending).await;
+    sent += futures::future::join_all(pending)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(sent as u64, n, "the backlog was not fully produced");
+    producer
+        .commit_transaction(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
     body_from(&template, 0).len()
+}
+
+/// Waits until the processors' group has settled: `instances` members, the group stable, and every
+/// member holding partitions (the group is cooperative: a member that just joined is stable with
+/// nothing assigned until the next round). A rebalance inside the timed part would measure one
+/// instance and a pause, not the instances sharing the work.
+async fn settled(s: &Settings, instances: usize) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: Arc<BaseConsumer> = Arc::new(
+        shared::kafka::base_config(&s.kafka)
+            .create()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let group = s.kafka.consumer_group.clone();
+    eventually(Duration::from_secs(120), || {
+        let (client, group) = (Arc::clone(&client), group.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let Ok(list) = client.client().fetch_group_list(Some(&group), Duration::from_secs(5))
+                else {
+                    return false;
+                };
+                list.groups().iter().any(|g| {
+                    g.state() == "Stable"
+                        && g.members().len() == instances
+                        && g
+                            .members()
+                            .iter()
+                            .all(|m| m.assignment().is_some_and(|a| assigned_partitions(a) > 0))
+                })
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// Partitions in a consumer-protocol assignment (version i16, then topics: i32 count, each a
+/// string — i16 length and bytes — and an i32 array of partitions); 0 if it does not parse.
+fn assigned_partitions(a: &[u8]) -> usize {
+    let be16 = |b: &[u8], at: usize| b.get(at..at + 2).map(|x| i16::from_be_bytes([x[0], x[1]]));
+    let be32 = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .map(|x| i32::from_be_bytes([x[0], x[1], x[2], x[3]]))
+    };
+    let mut at = 2;
+    let Some(topics) = be32(a, at) else { return 0 };
+    at += 4;
+    let mut n = 0;
+    for _ in 0..topics.max(0) {
+        let Some(len) = be16(a, at) else { return 0 };
+        at += 2 + usize::try_from(len.max(0)).unwrap_or(0);
+        let Some(count) = be32(a, at) else { return 0 };
+        at += 4 + 4 * usize::try_from(count.max(0)).unwrap_or(0);
+        n += usize::try_from(count.max(0)).unwrap_or(0);
+    }
+    n
 }
 
 /// Times the span between `warm_up` and `n` records done, as `done()` reports them; polls every
@@ -324,7 +405,9 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     // harness turns it on for every suite). Its cost is measured by a second drain with it on.
     let mut s = settings(&[]);
     s.processor.changelog = false;
-    let bytes = prefill(&s, n, body_bytes).await;
+    shared::kafka::ensure_topics(&s.kafka)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let concurrency = plain_concurrency(&s) * instances;
     let mut procs = Vec::new();
     let logs: Vec<std::path::PathBuf> = (0..instances)
@@ -334,6 +417,9 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
         procs.push(start_processor(&s, &format!("bench-{i}"), log).await);
     }
     let admins: Vec<SocketAddr> = procs.iter().map(|p| p.admin).collect();
+    // The processors run and share the partitions before the backlog appears (all at once).
+    settled(&s, instances).await;
+    let bytes = prefill(&s, n, body_bytes).await;
     let (drain, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
     let rss = procs.iter().map(Child::peak_rss_mb).fold(0.0_f64, f64::max);
     let events = handled(&admins).await.max(1);
@@ -609,6 +695,20 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
+    use super::assigned_partitions;
+
+    #[test]
+    fn assignment_bytes_count_their_partitions() {
+        // version 3, two topics: "ev" with partitions 0 and 4, "x" with none; user data after.
+        let mut a = vec![0, 3, 0, 0, 0, 2];
+        a.extend([0, 2, b'e', b'v', 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 4]);
+        a.extend([0, 1, b'x', 0, 0, 0, 0]);
+        a.extend([0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(assigned_partitions(&a), 2);
+        assert_eq!(assigned_partitions(&[0, 3, 0, 0, 0, 0]), 0);
+        assert_eq!(assigned_partitions(&[0, 3]), 0);
+    }
+
     use super::histogram_quantile;
 
     #[test]
