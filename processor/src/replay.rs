@@ -314,6 +314,21 @@ pub async fn replay(
             _ = shutdown.cancelled() => break,
             b = collect(&consumer, want) => b,
         };
+        // A partition's range can end in offsets the application never receives: transaction
+        // markers (the processor writes refresh requests to this topic inside its transactions)
+        // and aborted records. Waiting for a record at `end - 1` would never finish; the
+        // consumer's position, which librdkafka moves past them, says when the range is read.
+        let mut ended = Vec::new();
+        if let Ok(pos) = consumer.position() {
+            for e in pos.elements_for_topic(&topic) {
+                let p = e.partition();
+                if let (Offset::Offset(at), Some(&end_p)) = (e.offset(), remaining.get(&p)) {
+                    if at >= end_p {
+                        ended.push((p, end_p));
+                    }
+                }
+            }
+        }
         let mut by_partition: BTreeMap<i32, Vec<OwnedMessage>> = BTreeMap::new();
         for msg in batch {
             let p = msg.partition();
@@ -329,7 +344,11 @@ pub async fn replay(
                 lane.push(msg);
             }
         }
+        for (p, _) in &ended {
+            remaining.remove(p);
+        }
         if by_partition.is_empty() {
+            done_upto.extend(ended);
             continue;
         }
         let n: usize = by_partition.values().map(Vec::len).sum();
@@ -371,6 +390,7 @@ pub async fn replay(
             break;
         }
         done_upto.extend(batch_upto);
+        done_upto.extend(ended);
         consumer.commit(&next, CommitMode::Async)?;
         progress.tick(&summary);
     }

@@ -382,3 +382,62 @@ async fn redrive_brings_back_fixed_letters_once_and_loop_guards_still_broken_one
     p.stop().await;
     drop_keyspace(&s).await;
 }
+
+/// The events topic carries transaction markers (the processor writes refresh requests to it in its
+/// transactions) and can carry aborted records; a read_committed consumer never receives either, so
+/// a replay that waited for a record at the range's last offset never finished. Here the partition
+/// ends in an aborted record, its abort marker, two committed events and their commit marker.
+#[tokio::test]
+async fn replay_finishes_a_range_that_ends_in_transaction_markers() {
+    use rdkafka::producer::Producer;
+    let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "1")]);
+    let p = spawn_processor(&s).await;
+    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
+        .set("transactional.id", fresh("txn-writer"))
+        .create()
+        .unwrap_or_else(|e| panic!("{e}"));
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let send = |event: &str, value: i64| {
+        let body = odo(event, "car-m", value, 1_731_940_000_000 + value);
+        let producer = producer.clone();
+        let topic = s.kafka.events_topic.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("car-m").payload(&body),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("{e}"));
+        }
+    };
+    producer
+        .begin_transaction()
+        .unwrap_or_else(|e| panic!("{e}"));
+    send("aborted", 99).await;
+    producer
+        .abort_transaction(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    producer
+        .begin_transaction()
+        .unwrap_or_else(|e| panic!("{e}"));
+    send("m1", 1).await;
+    send("m2", 2).await;
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    value_where(&s, "car-m", |v| v["body"]["value"] == 2).await;
+    p.stop().await;
+    let st = store(&s).await;
+    let done = tokio::time::timeout(
+        WAIT,
+        replay::replay(&s, &st, &everything(), CancellationToken::new()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the replay never finished a range ending in transaction markers"))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((done.read, done.complete), (2, true), "{done:?}");
+    drop_keyspace(&s).await;
+}
