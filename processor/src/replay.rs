@@ -35,7 +35,7 @@ use shared::event::{Event, EventKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::effects::{self, Context};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredClaim};
 
 /// Where a replay starts or stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -511,6 +511,11 @@ async fn collect(consumer: &StreamConsumer, want: usize) -> Vec<OwnedMessage> {
 
 /// One lane (one partition's records for a set of vehicles), record after record in offset order;
 /// a transient store error is retried with back-off until it succeeds or `shutdown` fires.
+///
+/// The lane's records are parsed first, and each record's claim is read while the records before
+/// it are written, up to [`CLAIM_LOOKAHEAD`] ahead: claims were decided by live processing long
+/// before and a replay never writes them, so reading them early changes no result, and a lane no
+/// longer waits for a read before each write. The writes stay in offset order.
 async fn replay_lane(
     store: &Store,
     lane: crate::lanes::Lane,
@@ -518,15 +523,36 @@ async fn replay_lane(
     ctx: Context,
     shutdown: &CancellationToken,
 ) -> Result<Vec<One>, ReplayError> {
+    let parsed: Vec<Parsed> = lane.records.iter().map(|m| parse(m, req)).collect();
+    let mut claims = stream::iter(&parsed)
+        .map(|p| async move {
+            match p {
+                // A failed read is simply read again, with retries, when the record is applied.
+                Parsed::Event(e) => store
+                    .read_decided_claim(e.envelope.event_id.as_str())
+                    .await
+                    .ok(),
+                Parsed::Done(_) => None,
+            }
+        })
+        .buffered(CLAIM_LOOKAHEAD);
     let mut out = Vec::with_capacity(lane.records.len());
-    for msg in &lane.records {
+    for (msg, parsed) in lane.records.iter().zip(&parsed) {
+        let mut claim = claims.next().await.flatten();
+        let event = match parsed {
+            Parsed::Done(o) => {
+                out.push(o.clone());
+                continue;
+            }
+            Parsed::Event(e) => e,
+        };
         let ctx = Context {
             received_at: received_at(msg).unwrap_or(ctx.received_at),
             ..ctx
         };
         let mut wait = Duration::from_millis(200);
         loop {
-            match replay_one(store, msg, req, ctx).await {
+            match replay_one(store, msg, event, claim.take(), req, ctx).await {
                 Ok(o) => {
                     out.push(o);
                     break;
@@ -546,6 +572,9 @@ async fn replay_lane(
     Ok(out)
 }
 
+/// How many claims a replay lane reads ahead of its writes.
+const CLAIM_LOOKAHEAD: usize = 4;
+
 /// When the receiver accepted the record: its header, else the record's own timestamp (never the
 /// replay's clock, which would reorder every fallback write).
 fn received_at(msg: &OwnedMessage) -> Option<EpochMillis> {
@@ -555,6 +584,7 @@ fn received_at(msg: &OwnedMessage) -> Option<EpochMillis> {
         .or_else(|| msg.timestamp().to_millis().and_then(EpochMillis::new))
 }
 
+#[derive(Clone)]
 enum One {
     /// Written (or, in a dry run, would change), for these vehicles.
     Applied {
@@ -585,24 +615,25 @@ impl One {
     }
 }
 
-async fn replay_one(
-    store: &Store,
-    msg: &OwnedMessage,
-    req: &ReplayRequest,
-    ctx: Context,
-) -> Result<One, StoreError> {
+/// A record read for replay: an event to apply, or already an outcome.
+enum Parsed {
+    Event(Box<Event>),
+    Done(One),
+}
+
+fn parse(msg: &OwnedMessage, req: &ReplayRequest) -> Parsed {
     if crate::dead_letter::header_str(msg, shared::headers::CONTROL).is_some() {
         // A carhook control record (e.g. a state refresh a previous replay requested): no event.
-        return Ok(One::Skipped);
+        return Parsed::Done(One::Skipped);
     }
     let Ok(event) = Event::parse(msg.payload().unwrap_or_default()) else {
-        return Ok(One::Poison);
+        return Parsed::Done(One::Poison);
     };
     if !matches!(
         event.kind,
         EventKind::VehicleState { .. } | EventKind::VehicleError { .. } | EventKind::Legacy(_)
     ) {
-        return Ok(One::Skipped);
+        return Parsed::Done(One::Skipped);
     }
     if let Some(v) = &req.vehicle {
         let concerns = match &event.kind {
@@ -610,18 +641,35 @@ async fn replay_one(
             _ => event.envelope.vehicle_id.as_ref().map(|x| x.as_str()) == Some(v.as_str()),
         };
         if !concerns {
-            return Ok(One::Skipped);
+            return Parsed::Done(One::Skipped);
         }
     }
+    Parsed::Event(Box::new(event))
+}
+
+/// Applies one parsed event; `claim` is its claim if already read.
+async fn replay_one(
+    store: &Store,
+    msg: &OwnedMessage,
+    event: &Event,
+    claim: Option<Option<StoredClaim>>,
+    req: &ReplayRequest,
+    ctx: Context,
+) -> Result<One, StoreError> {
     let (own_delivery, _) = effects::delivery_time(
         event.envelope.delivered_at,
         ctx.received_at,
         ctx.max_skew_ms,
     );
-    let delivered_at = match store
-        .read_decided_claim(event.envelope.event_id.as_str())
-        .await?
-    {
+    let claim = match claim {
+        Some(c) => c,
+        None => {
+            store
+                .read_decided_claim(event.envelope.event_id.as_str())
+                .await?
+        }
+    };
+    let delivered_at = match claim {
         Some(c)
             if c.owner.topic == msg.topic()
                 && c.owner.partition == msg.partition()
@@ -640,7 +688,7 @@ async fn replay_one(
     let mut newer = 0;
     let mut stale = 0;
     let mut vehicles = Vec::new();
-    for plan in effects::plans(&event, ctx) {
+    for plan in effects::plans(event, ctx) {
         if let Some(v) = &req.vehicle {
             if plan.vehicle.as_ref().map(|x| x.as_str()) != Some(v.as_str()) {
                 continue;
