@@ -136,29 +136,34 @@ async fn open_the_breaker(r: &Running, mut next: usize) -> usize {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn readiness_returns_without_webhook_traffic_after_the_broker_comes_back() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let s = settings(&[
+/// Starts a receiver (2 s delivery timeout, breaker open after 2 failures for 1 s, plus `extra`),
+/// takes the broker down until the breaker opens, brings it back (`stack.sh` waits for it), and waits
+/// up to `within` for `/ready` with no webhook traffic at all: behind a Service an unready pod gets no
+/// requests. Returns the receiver and the next event number.
+async fn restart_broker_until_ready(extra: &[(&str, &str)], within: Duration) -> (Running, usize) {
+    let mut pairs = vec![
         ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "2000"),
         ("CARHOOK__RECEIVER__BREAKER_FAILURES", "2"),
         ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "1000"),
-    ]);
-    let r = spawn_receiver(&s).await;
+    ];
+    pairs.extend_from_slice(extra);
+    let r = spawn_receiver(&settings(&pairs)).await;
     assert_eq!(send(r.addr, 0).await.status, 200);
     let next = {
         let _restore = Restore("kafka");
         stack(&["down", "kafka"]);
         open_the_breaker(&r, 1).await
     };
-    // The broker is back (stack.sh waited for it). Behind a Service an unready pod gets no
-    // requests: readiness must come back with no webhook traffic at all.
     let back = Instant::now();
-    eventually(Duration::from_secs(15), || async {
-        get(r.admin, "/ready").await.0 == 200
-    })
-    .await;
+    eventually(within, || async { get(r.admin, "/ready").await.0 == 200 }).await;
     println!("ready again {:?} after the broker", back.elapsed());
+    (r, next)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_returns_without_webhook_traffic_after_the_broker_comes_back() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let (r, next) = restart_broker_until_ready(&[], Duration::from_secs(15)).await;
     assert_eq!(send(r.addr, next).await.status, 200);
     r.stop().await;
 }
@@ -172,29 +177,18 @@ async fn readiness_returns_without_webhook_traffic_after_the_broker_comes_back()
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_waits_for_the_leader_connection_not_just_metadata() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let s = settings(&[
-        ("CARHOOK__KAFKA__DELIVERY_TIMEOUT_MS", "2000"),
-        ("CARHOOK__RECEIVER__BREAKER_FAILURES", "2"),
-        ("CARHOOK__RECEIVER__BREAKER_OPEN_MS", "1000"),
+    let backoff = [
         ("CARHOOK__KAFKA__PROPERTIES__RECONNECT_BACKOFF_MS", "30000"),
-        ("CARHOOK__KAFKA__PROPERTIES__RECONNECT_BACKOFF_MAX_MS", "30000"),
-    ]);
-    let r = spawn_receiver(&s).await;
-    assert_eq!(send(r.addr, 0).await.status, 200);
-    let next = {
-        let _restore = Restore("kafka");
-        stack(&["down", "kafka"]);
-        open_the_breaker(&r, 1).await
-    };
-    let back = Instant::now();
-    eventually(Duration::from_secs(60), || async {
-        get(r.admin, "/ready").await.0 == 200
-    })
-    .await;
-    println!("ready again {:?} after the broker", back.elapsed());
+        (
+            "CARHOOK__KAFKA__PROPERTIES__RECONNECT_BACKOFF_MAX_MS",
+            "30000",
+        ),
+    ];
+    let (r, next) = restart_broker_until_ready(&backoff, Duration::from_secs(60)).await;
     let reply = send(r.addr, next).await;
     assert_eq!(
-        reply.status, 200,
+        reply.status,
+        200,
         "/ready said 200 but the next delivery was refused: {}",
         String::from_utf8_lossy(&reply.body)
     );

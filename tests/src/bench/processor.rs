@@ -245,15 +245,16 @@ async fn settled(s: &Settings, instances: usize) {
         let (client, group) = (Arc::clone(&client), group.clone());
         async move {
             tokio::task::spawn_blocking(move || {
-                let Ok(list) = client.client().fetch_group_list(Some(&group), Duration::from_secs(5))
+                let Ok(list) = client
+                    .client()
+                    .fetch_group_list(Some(&group), Duration::from_secs(5))
                 else {
                     return false;
                 };
                 list.groups().iter().any(|g| {
                     g.state() == "Stable"
                         && g.members().len() == instances
-                        && g
-                            .members()
+                        && g.members()
                             .iter()
                             .all(|m| m.assignment().is_some_and(|a| assigned_partitions(a) > 0))
                 })
