@@ -392,9 +392,7 @@ async fn replay_finishes_a_range_that_ends_in_transaction_markers() {
     use rdkafka::producer::Producer;
     let s = settings(&[("CARHOOK__KAFKA__PARTITIONS", "1")]);
     let p = spawn_processor(&s).await;
-    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
-        .set("transactional.id", fresh("txn-writer"))
-        .create()
+    let producer = carhook_processor::consumer::transactional_producer(&s, &fresh("txn-writer"))
         .unwrap_or_else(|e| panic!("{e}"));
     producer
         .init_transactions(Duration::from_secs(30))

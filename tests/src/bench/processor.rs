@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
 use shared::config::Settings;
 
@@ -178,13 +178,11 @@ async fn replay_rate(s: &Settings, n: u64) -> f64 {
 /// once, on every partition, to processors that are already running and settled in their group.
 async fn prefill(s: &Settings, n: u64, body_bytes: usize) -> usize {
     use rdkafka::producer::Producer;
-    let producer: FutureProducer = shared::kafka::producer_config(&s.kafka)
-        .set(
-            "transactional.id",
-            format!("{}-bench-prefill", s.kafka.consumer_group),
-        )
-        .create()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let producer = carhook_processor::consumer::transactional_producer(
+        s,
+        &format!("{}-bench-prefill", s.kafka.consumer_group),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     producer
         .init_transactions(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}"));
