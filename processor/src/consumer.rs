@@ -1,5 +1,5 @@
 //! The consumer loop: batches of records, processed in lanes, committed in Kafka transactions
-//! that overlap the processing of the next batch.
+//! that run while the next batches are collected and processed.
 //!
 //! Each batch is split by partition and, inside a partition, into lanes by vehicle
 //! ([`crate::lanes`]); up to `processor.concurrency` lanes run at once, records within a lane run in
@@ -7,8 +7,10 @@
 //! record are durable before it is handed to a transaction. A transaction carries, atomically: the
 //! action records and dead letters of exactly the records whose offsets it commits (each
 //! partition's contiguous finished prefix), and those offsets (`send_offsets_to_transaction`).
-//! While one batch's transaction commits, the next batch is processed; the loop only polls Kafka
-//! (and so only sees rebalances) between the two.
+//! One transaction is in flight at a time; while it commits, the loop goes on collecting and
+//! processing, so a record that arrives during a commit is not held back until it ends (a commit's
+//! tail is tens of milliseconds on a busy broker). A transaction is started only between batches,
+//! and the records waiting for the next one are bounded like a batch (memory).
 //!
 //! Why exactly-once still holds:
 //! - an offset is committed only with the actions and dead letters of the records below it, and
@@ -21,8 +23,16 @@
 //! - records processed but not committed (past a failed one, in the batch behind an aborted
 //!   transaction, or of a partition revoked while they waited) are processed again from the
 //!   committed offset, by this instance or the new owner, with the same effects; they are dropped
-//!   here, never committed late: a partition revoked while its results waited is left out of the
-//!   transaction, since its new owner starts from the old committed offset;
+//!   here, never committed late;
+//! - a partition revoked while its records wait for a transaction is left out of it (its new owner
+//!   starts from the old committed offset); one revoked
+//!   while a transaction carrying its offsets is in flight stays in it, which is safe: the
+//!   transaction was started between batches with the group generation of that moment, when this
+//!   instance still owned the partition and no other member could (a revocation is acknowledged
+//!   only when the loop polls the consumer). If the group has moved to a later generation when the
+//!   broker gets the offsets, it refuses them and the transaction aborts; if it gets them first,
+//!   the next owner's offset fetch waits for the transaction's outcome (librdkafka asks for stable
+//!   offsets under read_committed) and starts after its records only if it committed;
 //! - two copies of one event id carry the same key (the vehicle, else the event id) and so run in
 //!   the same lane, one after the other; across partitions the claim's LWT decides the owner;
 //! - a crash after a commit loses nothing: everything it covers was durable before it began.
@@ -41,7 +51,9 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -177,8 +189,9 @@ pub fn transactional_producer(
 }
 
 /// Bytes of records librdkafka may prefetch, bytes of payload one batch may hold, and the payload
-/// at which waiting runs commit: with one batch processing and the runs committing (just under
-/// this, plus the last batch added), the processor holds at most about four times this.
+/// at which waiting runs are handed to a transaction (or, with one in flight, at which the loop
+/// waits for it): with librdkafka's queue, one batch processing, the runs committing and the runs
+/// waiting (each just under this plus one batch), the processor holds at most about six times this.
 const PREFETCH_BYTES: usize = 4 << 20;
 
 /// How long one transaction may take from its first call to its end: librdkafka's
@@ -193,6 +206,11 @@ enum TxnFailure {
     /// The producer cannot go on (fenced, fatal, or an abort that never completed).
     Unusable(KafkaError),
 }
+
+/// A transaction in flight: it yields the runs it commits and its outcome.
+type InFlight<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Vec<PartitionRun>, Result<(), TxnFailure>)> + Send + 'a>,
+>;
 
 fn is_fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_fatal())
@@ -257,65 +275,102 @@ impl Worker {
         self.readiness.set("transactions", true);
         let mut failures: u32 = 0;
         // Processed, not yet committed, in processing order (several batches' runs of a partition
-        // can wait for one transaction): committed while later batches are processed, once the
-        // oldest has waited `commit_interval_ms` or they hold `batch_max` records or a batch's worth
-        // of payload bytes (so memory stays bounded, see PREFETCH_BYTES), or at once when no
-        // record arrives. Fewer transactions hold fewer batches back behind a commit.
+        // can wait for one transaction). They are handed to a transaction once the oldest has
+        // waited `commit_interval_ms`, or they hold `batch_max` records or a batch's worth of
+        // payload bytes, or at once when no record arrives.
         let mut pending: Vec<PartitionRun> = Vec::new();
         let mut pending_since: Option<Instant> = None;
+        // The transaction in flight, if any: it commits while the loop collects and processes the
+        // next batches (so a record that arrives during a commit is not held back by it). At most
+        // one at a time; it is started only between batches (see `start_commit`).
+        let mut inflight: Option<InFlight<'_>> = None;
         let interval = Duration::from_millis(self.settings.processor.commit_interval_ms);
+        let batch_max = self.settings.processor.batch_max;
         while !shutdown.is_cancelled() {
-            let (batch, revoked) = self.collect(&shutdown, !pending.is_empty()).await;
+            let (waiting, bytes) = pending_size(&pending);
+            let full = waiting >= batch_max || bytes >= PREFETCH_BYTES;
+            if full {
+                // Memory stays bounded: no more records until the transaction in flight is done.
+                if let Some(c) = inflight.take() {
+                    let (runs, result) = c.await;
+                    self.settle(
+                        runs,
+                        result,
+                        &mut pending,
+                        Vec::new(),
+                        &mut failures,
+                        &shutdown,
+                    )
+                    .await?;
+                    pending_since = pending_since.filter(|_| !pending.is_empty());
+                    continue;
+                }
+            }
+            let due = full || pending_since.is_some_and(|t| t.elapsed() >= interval);
+            if due && inflight.is_none() {
+                pending_since = None;
+                inflight = self.start_commit(std::mem::take(&mut pending));
+            }
+            // One batch collected and processed while the transaction in flight (if any) goes on;
+            // when it ends first, its outcome waits here until the batch is done.
+            let short = !pending.is_empty() || inflight.is_some();
+            let work = async {
+                let (batch, revoked) = self.collect(&shutdown, short).await;
+                let idle = batch.is_empty();
+                (revoked, idle, self.process(batch).await)
+            };
+            tokio::pin!(work);
+            let mut ended = None;
+            let (revoked, idle, runs) = loop {
+                let Some(c) = inflight.as_mut().filter(|_| ended.is_none()) else {
+                    break (&mut work).await;
+                };
+                tokio::select! {
+                    biased;
+                    outcome = c => ended = Some(outcome),
+                    out = &mut work => break out,
+                }
+            };
+            if ended.is_some() {
+                inflight = None;
+            }
             // Revoked while collecting: the new owner (or this instance, from the committed offset)
-            // processes these records again, so they must not be committed here.
+            // processes these records again, so they must not be committed here. (A transaction
+            // already in flight keeps them: see "Why exactly-once still holds".)
             pending.retain(|r| !revoked.contains(&r.partition));
             if let Some(c) = &self.pipeline.changelog {
                 c.drop_partitions(&revoked);
             }
-            if batch.is_empty() {
-                if !pending.is_empty() {
-                    let runs = std::mem::take(&mut pending);
+            if let Some((committing, result)) = ended {
+                if result.is_err() {
+                    // Neither those runs nor any processed since are committed: all are processed
+                    // again from their earliest offsets.
+                    self.settle(
+                        committing,
+                        result,
+                        &mut pending,
+                        runs,
+                        &mut failures,
+                        &shutdown,
+                    )
+                    .await?;
                     pending_since = None;
-                    match self.commit(&runs).await {
-                        Ok(()) => self.committed(&runs),
-                        Err(f) => {
-                            self.rewind(earliest(&runs).into_iter());
-                            self.undo(runs.into_iter().flat_map(|r| r.done));
-                            self.failed_commit(f, &mut failures, &shutdown).await?;
-                        }
-                    }
-                }
-                continue;
-            }
-            let (waiting, bytes) = pending_size(&pending);
-            let due = pending_since.is_some_and(|t| {
-                t.elapsed() >= interval
-                    || waiting >= self.settings.processor.batch_max
-                    || bytes >= PREFETCH_BYTES
-            });
-            let committing = if due {
-                pending_since = None;
-                std::mem::take(&mut pending)
-            } else {
-                Vec::new()
-            };
-            let (commit, runs) = tokio::join!(self.commit(&committing), self.process(batch));
-            match commit {
-                Ok(()) => self.committed(&committing),
-                Err(f) => {
-                    // Neither the runs that were committing nor those processed meanwhile are
-                    // committed: all are processed again from their earliest offsets.
-                    let all: Vec<PartitionRun> = committing.into_iter().chain(runs).collect();
-                    self.rewind(earliest(&all).into_iter());
-                    self.undo(all.into_iter().flat_map(|r| r.done));
-                    self.failed_commit(f, &mut failures, &shutdown).await?;
                     continue;
                 }
+                self.committed(&committing);
+            }
+            if idle {
+                if !pending.is_empty() && inflight.is_none() {
+                    // Nothing arrived: what waits is committed at once.
+                    pending_since = None;
+                    inflight = self.start_commit(std::mem::take(&mut pending));
+                }
+                continue;
             }
             let any_failed = runs.iter().any(|r| r.failed.is_some());
             if any_failed {
                 // Before the next collect: the partition resumes at the failed record, and only
-                // the prefix before it is committed (with the next batch).
+                // the prefix before it is committed (with the next transaction).
                 self.rewind(
                     runs.iter()
                         .filter_map(|r| r.failed.as_ref().map(|(o, _)| (r.partition, *o))),
@@ -334,8 +389,25 @@ impl Worker {
                 self.readiness.set("store", true);
             }
         }
+        if let Some(c) = inflight.take() {
+            let (runs, result) = c.await;
+            match result {
+                Ok(()) => self.committed(&runs),
+                Err(f) => {
+                    // What waited behind it is not committed either.
+                    pending.clear();
+                    match f {
+                        TxnFailure::Aborted(e) => {
+                            tracing::warn!(error = %e, "last transaction aborted at shutdown; the next owner processes it again");
+                        }
+                        TxnFailure::Unusable(e) => return Err(LoopError::Fatal(e)),
+                    }
+                }
+            }
+        }
         if !pending.is_empty() {
-            match self.commit(&pending).await {
+            let group = self.consumer.group_metadata();
+            match self.commit(&pending, group).await {
                 Ok(()) => self.committed(&pending),
                 Err(TxnFailure::Aborted(e)) => {
                     tracing::warn!(error = %e, "last transaction aborted at shutdown; the next owner processes it again");
@@ -345,6 +417,53 @@ impl Worker {
         }
         self.readiness.set("consumer", false);
         Ok(())
+    }
+
+    /// Starts the transaction for `runs` (none when they commit nothing). Called only between
+    /// batches, right after the partitions revoked so far were taken out of `runs`: the group
+    /// metadata taken here is the generation in which this instance owns every partition of them.
+    /// Until the next collect polls the consumer, no revocation can be acknowledged, so no other
+    /// member can own any of them yet.
+    fn start_commit(&self, runs: Vec<PartitionRun>) -> Option<InFlight<'_>> {
+        if runs.is_empty() {
+            return None;
+        }
+        let group = self.consumer.group_metadata();
+        Some(Box::pin(async move {
+            let result = self.commit(&runs, group).await;
+            (runs, result)
+        }))
+    }
+
+    /// After a transaction ended: on success its records are finished; otherwise they, the runs
+    /// waiting behind them and `later` (processed meanwhile) are all processed again from their
+    /// earliest offsets, and the loop backs off or gives the producer up.
+    async fn settle(
+        &self,
+        committed: Vec<PartitionRun>,
+        result: Result<(), TxnFailure>,
+        pending: &mut Vec<PartitionRun>,
+        later: Vec<PartitionRun>,
+        failures: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LoopError> {
+        match result {
+            Ok(()) => {
+                self.committed(&committed);
+                pending.extend(later);
+                Ok(())
+            }
+            Err(f) => {
+                let all: Vec<PartitionRun> = committed
+                    .into_iter()
+                    .chain(std::mem::take(pending))
+                    .chain(later)
+                    .collect();
+                self.rewind(earliest(&all).into_iter());
+                self.undo(all.into_iter().flat_map(|r| r.done));
+                self.failed_commit(f, failures, shutdown).await
+            }
+        }
     }
 
     /// Records that will be processed again: their changes are taken back out of the changelog's
@@ -606,7 +725,11 @@ impl Worker {
     /// an abort aborts, and the abort's outcome is checked; anything fatal, a call that ran out of
     /// the budget (its operation is still under way inside librdkafka), or an abort that cannot
     /// complete makes the producer unusable, and the clients are rebuilt.
-    async fn commit(&self, runs: &[PartitionRun]) -> Result<(), TxnFailure> {
+    async fn commit(
+        &self,
+        runs: &[PartitionRun],
+        group: Option<ConsumerGroupMetadata>,
+    ) -> Result<(), TxnFailure> {
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in commit_offsets(runs) {
             offsets
@@ -626,7 +749,7 @@ impl Worker {
             .begin_transaction()
             .map_err(TxnFailure::Unusable)?;
         let started = Instant::now();
-        match self.commit_inner(runs, &offsets).await {
+        match self.commit_inner(runs, &offsets, group).await {
             Ok(()) => {
                 self.metrics
                     .transaction_duration
@@ -658,6 +781,7 @@ impl Worker {
         &self,
         runs: &[PartitionRun],
         offsets: &TopicPartitionList,
+        group: Option<ConsumerGroupMetadata>,
     ) -> Result<(), KafkaError> {
         let kafka = &self.settings.kafka;
         let mut owned: Vec<Outgoing> = Vec::new();
@@ -777,7 +901,7 @@ impl Worker {
         for r in join_all(sends).await {
             r.map_err(|(e, _)| e)?;
         }
-        let group = self.consumer.group_metadata().ok_or(KafkaError::Canceled)?;
+        let group = group.ok_or(KafkaError::Canceled)?;
         let offsets = offsets.clone();
         crate::txn::call(&self.producer, TRANSACTION_BUDGET, move |p, t| {
             p.send_offsets_to_transaction(&offsets, &group, t)

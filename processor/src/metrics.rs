@@ -66,11 +66,14 @@ pub type CqlLabels = [(&'static str, &'static str); 3];
 pub struct LagClock(Arc<Mutex<HashMap<i32, i64>>>);
 
 impl LagClock {
-    /// Records that `partition` committed up to a record with Kafka timestamp `ms`.
+    /// Records that `partition` committed up to a record with Kafka timestamp `ms`. A partition
+    /// not assigned here (revoked while its transaction was in flight) is left out: if it comes
+    /// back, its clock starts at that assignment, not at this old commit.
     pub fn committed(&self, partition: i32, ms: i64) {
         if let Ok(mut m) = self.0.lock() {
-            let t = m.entry(partition).or_insert(ms);
-            *t = (*t).max(ms);
+            if let Some(t) = m.get_mut(&partition) {
+                *t = (*t).max(ms);
+            }
         }
     }
 
@@ -358,6 +361,13 @@ mod tests {
             clock.lag_seconds(3, 5, 9_000),
             0.0,
             "unknown partition: from now"
+        );
+        clock.committed(3, 8_000);
+        clock.assigned(3, 8_800);
+        assert_eq!(
+            clock.lag_seconds(3, 5, 9_000),
+            0.2,
+            "a commit that ends after the revoke does not outlive it"
         );
     }
 }

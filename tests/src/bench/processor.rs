@@ -17,10 +17,9 @@ use rdkafka::producer::FutureRecord;
 use serde_json::{json, Value};
 use shared::config::Settings;
 
-use crate::sim::load::{self, body_from, body_template, LoadSpec, Mode};
+use crate::sim::load::{body_from, body_template};
 use crate::{
-    child_env, drop_keyspace, eventually, free_port, get, metric_value, post, settings, sign,
-    spawn_processor, spawn_receiver, state_event, warm_transactions, TOKEN,
+    child_env, drop_keyspace, eventually, free_port, get, metric_value, settings, warm_transactions,
 };
 
 /// Median and spread of repeated measurements.
@@ -40,7 +39,7 @@ pub fn summary(xs: &[f64]) -> Value {
 
 /// The release `processor` binary next to this bench binary (`BENCH_PROCESSOR_BIN` overrides it,
 /// e.g. to measure an older build side by side).
-fn processor_bin() -> std::path::PathBuf {
+pub(crate) fn processor_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("BENCH_PROCESSOR_BIN") {
         return p.into();
     }
@@ -51,9 +50,9 @@ fn processor_bin() -> std::path::PathBuf {
 }
 
 /// A processor running as its own process (killed on drop).
-struct Child {
-    child: std::process::Child,
-    admin: SocketAddr,
+pub(crate) struct Child {
+    pub(crate) child: std::process::Child,
+    pub(crate) admin: SocketAddr,
 }
 
 impl Drop for Child {
@@ -76,7 +75,7 @@ impl Drop for Child {
 
 impl Child {
     /// Peak resident set size so far, in MB (VmHWM).
-    fn peak_rss_mb(&self) -> f64 {
+    pub(crate) fn peak_rss_mb(&self) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
             .and_then(|s| {
@@ -91,7 +90,7 @@ impl Child {
 
 /// Starts a processor with production logging (`info`, JSON, as `child_env` sets), its stdout and
 /// stderr going to `log`, so the drain also measures what logging costs and how much it writes.
-async fn start_processor(s: &Settings, instance: &str, log: &std::path::Path) -> Child {
+pub(crate) async fn start_processor(s: &Settings, instance: &str, log: &std::path::Path) -> Child {
     warm_transactions(s).await;
     let admin = free_port();
     let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
@@ -519,179 +518,6 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
     Value::Object(out)
 }
 
-/// Receiver + processor running; load at `rate`; a sample of events is polled in the store until
-/// visible after its 200.
-/// The most events per second the whole pipeline sustains on this machine: receiver, processor,
-/// broker, store and the signing load generator together, as shipped. 32 closed-loop senders post
-/// 4 KB bodies for `duration`; the figure is the smaller of what the receiver accepted and what the
-/// processor applied per second over the same window (a processor falling behind does not count
-/// as sustained).
-pub async fn end_to_end_max(duration: Duration) -> Value {
-    let mut s = settings(&[]);
-    s.processor.changelog = false;
-    let r = spawn_receiver(&s).await;
-    let p = spawn_processor(&s).await;
-    let applied = r#"carhook_processor_events_total{outcome="applied"}"#;
-    let before = metric_value(p.addr, applied).await;
-    let started = Instant::now();
-    let report = load::run(
-        LoadSpec {
-            addr: r.addr,
-            path: s.receiver.path.clone(),
-            token: TOKEN.to_string(),
-            mode: Mode::Concurrency(32),
-            duration,
-            body_bytes: 4096,
-            max_inflight: 4096,
-        },
-        None,
-    )
-    .await;
-    let window = started.elapsed().as_secs_f64();
-    let applied_per_sec = (metric_value(p.addr, applied).await - before) / window;
-    let accepted = report.statuses.get("200").copied().unwrap_or(0);
-    #[allow(clippy::cast_precision_loss)]
-    let accepted_per_sec = accepted as f64 / window;
-    p.stop().await;
-    r.stop().await;
-    drop_keyspace(&s).await;
-    json!({"accepted_per_sec": accepted_per_sec, "applied_per_sec": applied_per_sec,
-        "max_per_sec": accepted_per_sec.min(applied_per_sec)})
-}
-
-pub async fn end_to_end(rate: u32, duration: Duration) -> Value {
-    // As shipped: the state changelog off (the test harness turns it on).
-    let mut s = settings(&[]);
-    s.processor.changelog = false;
-    let r = spawn_receiver(&s).await;
-    let p = spawn_processor(&s).await;
-    let bg = tokio::spawn(load::run(
-        LoadSpec {
-            addr: r.addr,
-            path: s.receiver.path.clone(),
-            token: TOKEN.to_string(),
-            mode: Mode::Rate(rate),
-            duration,
-            body_bytes: 4096,
-            max_inflight: 4096,
-        },
-        None,
-    ));
-    let session = Arc::new(
-        shared::cql::connect(&s.cql)
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
-    );
-    let q = format!(
-        "SELECT code FROM {}.signal_state WHERE vehicle_id = ? LIMIT 1",
-        s.cql.keyspace
-    );
-    let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
-    let deadline = Instant::now() + duration;
-    let mut i = 0;
-    while Instant::now() < deadline {
-        let vehicle = format!("e2e-probe-{i}");
-        let body = state_event(
-            &format!("e2e-{i}"),
-            &vehicle,
-            &[(
-                "charge-ischarging",
-                json!({"value": true}),
-                1_764_000_000_000,
-            )],
-        );
-        let reply = post(
-            r.addr,
-            &s.receiver.path,
-            body.clone(),
-            Some(&sign(TOKEN, &body)),
-        )
-        .await;
-        let acked = Instant::now();
-        if reply.status == 200 {
-            loop {
-                let seen = session
-                    .query_unpaged(q.as_str(), (vehicle.as_str(),))
-                    .await
-                    .ok()
-                    .and_then(|r| r.into_rows_result().ok())
-                    .is_some_and(|r| r.rows_num() > 0);
-                if seen || acked.elapsed() > Duration::from_secs(30) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            let _ = hist.record(
-                u64::try_from(acked.elapsed().as_micros())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-            );
-        }
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let bg = bg.await.ok();
-    // Where the time goes, from the processor's own histograms over the whole run (every event,
-    // not only the probes): processing (claim + writes) and each transaction's commit.
-    let (_, text) = get(p.addr, "/metrics").await;
-    let q = |name: &str, q: f64| histogram_quantile(&text, name, q).map(|s| s * 1000.0);
-    let inside = json!({
-        "processing_p50_ms": q("carhook_processor_processing_duration_seconds", 0.5),
-        "processing_p99_ms": q("carhook_processor_processing_duration_seconds", 0.99),
-        "transaction_p50_ms": q("carhook_processor_transaction_duration_seconds", 0.5),
-        "transaction_p99_ms": q("carhook_processor_transaction_duration_seconds", 0.99),
-        "received_to_committed_p50_ms": q("carhook_processor_event_freshness_seconds", 0.5),
-        "received_to_committed_p99_ms": q("carhook_processor_event_freshness_seconds", 0.99),
-    });
-    p.stop().await;
-    r.stop().await;
-    drop_keyspace(&s).await;
-    json!({"load_rate_per_sec": rate, "achieved_per_sec": bg.map(|b| b.throughput_per_sec), "samples": hist.len(),
-        "p50_ms": hist.value_at_quantile(0.5) as f64 / 1000.0, "p99_ms": hist.value_at_quantile(0.99) as f64 / 1000.0, "max_ms": hist.max() as f64 / 1000.0,
-        "processor": inside})
-}
-
-/// The `q` quantile of a Prometheus histogram in exposition `text`, as `histogram_quantile` computes
-/// it: linear within the bucket that holds it (the upper bound of the last finite bucket beyond).
-fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    let mut buckets: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let (mut lower, mut below) = (0.0, 0.0);
-    for (le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return Some(lower);
-            }
-            let width = count - below;
-            return Some(if width > 0.0 {
-                lower + (le - lower) * (rank - below) / width
-            } else {
-                le
-            });
-        }
-        (lower, below) = (le, count);
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::assigned_partitions;
@@ -706,21 +532,5 @@ mod tests {
         assert_eq!(assigned_partitions(&a), 2);
         assert_eq!(assigned_partitions(&[0, 3, 0, 0, 0, 0]), 0);
         assert_eq!(assigned_partitions(&[0, 3]), 0);
-    }
-
-    use super::histogram_quantile;
-
-    #[test]
-    fn quantiles_interpolate_within_the_bucket_like_prometheus() {
-        let text = "x_bucket{le=\"0.1\"} 50\nx_bucket{le=\"0.2\"} 90\nx_bucket{le=\"+Inf\"} 100\nx_sum 12\nx_count 100\n";
-        assert_eq!(histogram_quantile(text, "x", 0.5), Some(0.1));
-        let p70 = histogram_quantile(text, "x", 0.7).unwrap_or_default();
-        assert!((p70 - 0.15).abs() < 1e-9, "{p70}");
-        assert_eq!(
-            histogram_quantile(text, "x", 0.99),
-            Some(0.2),
-            "beyond the last bound"
-        );
-        assert_eq!(histogram_quantile("x_count 0\n", "x", 0.5), None);
     }
 }

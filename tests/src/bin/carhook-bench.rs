@@ -10,13 +10,14 @@
 //! - replay: catch-up rate over the same backlog.
 //!
 //! Results go to `bench/results-<date>.json` and `bench/latest.md`. `--figure` picks one figure;
-//! `--help` lists the options. The processor, replay and end-to-end figures live in
-//! `carhook_tests::bench::processor`.
+//! `--help` lists the options. The processor and replay figures live in
+//! `carhook_tests::bench::processor`, the end-to-end figure in `carhook_tests::bench::end_to_end`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carhook_tests::bench::processor::{end_to_end, end_to_end_max, processor_figures};
+use carhook_tests::bench::end_to_end::{end_to_end, end_to_end_max};
+use carhook_tests::bench::processor::processor_figures;
 use carhook_tests::*;
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
@@ -328,16 +329,16 @@ async fn main() {
             Some(r) => r,
             None => {
                 eprintln!("bench: end to end, the sustained maximum ...");
-                let max = end_to_end_max(dur).await;
+                let max = end_to_end_max().await;
                 let half = (max["max_per_sec"].as_f64().unwrap_or(400.0) / 2.0) as u32;
-                md.push_str(&format!("End to end, sustained maximum (32 closed-loop senders, 4 KB, {} s): {} accepted/s, {} applied/s.\n\n", dur.as_secs(), f(&max["accepted_per_sec"]), f(&max["applied_per_sec"])));
+                md.push_str(&format!("End to end, sustained maximum (32 closed-loop senders, 4 KB, {} s): {} accepted/s, {} applied/s.\n\n", max["window_secs"], f(&max["accepted_per_sec"]), f(&max["applied_per_sec"])));
                 all.insert("end_to_end_max".into(), max);
                 half
             }
         };
         eprintln!("bench: end to end at {half}/s ...");
         let e2e = end_to_end(half.max(1), dur).await;
-        md.push_str(&format!("End to end, 200 → state visible, at {half}/s: p50 {} ms, p99 {} ms, max {} ms ({} samples; target p99 < 100 ms).\n\n", f(&e2e["p50_ms"]), f(&e2e["p99_ms"]), f(&e2e["max_ms"]), e2e["samples"]));
+        md.push_str(&format!("End to end, 200 → state visible, at {half}/s ({} s, probes at {}/s of it): p50 {} ms, p99 {} ms, max {} ms ({} samples, {} lost, {} refused; target p99 < 100 ms).\n\n", dur.as_secs(), e2e["probes_per_sec"], f(&e2e["p50_ms"]), f(&e2e["p99_ms"]), f(&e2e["max_ms"]), e2e["samples"], e2e["lost"], e2e["refused"]));
         let inside = &e2e["processor"];
         md.push_str(&format!("Inside the processor over the same run, p50 / p99 ms: processing (claim + writes) {} / {}, transaction commit {} / {}, received to committed {} / {}.\n\n", f(&inside["processing_p50_ms"]), f(&inside["processing_p99_ms"]), f(&inside["transaction_p50_ms"]), f(&inside["transaction_p99_ms"]), f(&inside["received_to_committed_p50_ms"]), f(&inside["received_to_committed_p99_ms"])));
         all.insert("end_to_end".into(), e2e);
