@@ -58,7 +58,7 @@ test: stack-up
 ## bench: measure each figure next to its limit (release build, real broker and store); writes bench/.
 ## BENCH_ARGS picks figures and runs, e.g. BENCH_ARGS='--figure processor --runs 3' (see --help).
 bench: stack-up
-	cargo build --release --bin carhook-bench --bin processor
+	cargo build --release --bin carhook-bench --bin processor --bin receiver
 	BENCH_GIT=$$(git rev-parse --short HEAD) target/release/carhook-bench $(BENCH_ARGS)
 
 ## chaos: the fault campaign at a larger size (kill -9 of every part, SIGSTOP), against ground truth.
