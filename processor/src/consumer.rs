@@ -157,6 +157,10 @@ pub fn consumer(
             "queued.max.messages.kbytes",
             (PREFETCH_BYTES / 1024).to_string(),
         )
+        // When that queue is full, librdkafka postpones the partition's next fetch by this much
+        // (default 1 s), however soon the loop empties it: with 50 KB events one batch takes the
+        // whole queue, and the next one would wait out the second.
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .set(
             "client.id",
             format!("carhook-processor-{}", settings.processor.instance_id),
@@ -193,6 +197,10 @@ pub fn transactional_producer(
 /// waits for it): with librdkafka's queue, one batch processing, the runs committing and the runs
 /// waiting (each just under this plus one batch), the processor holds at most about six times this.
 const PREFETCH_BYTES: usize = 4 << 20;
+
+/// How long librdkafka waits before fetching again for a partition whose prefetch queue was full
+/// (see `consumer`); replay's consumer uses it too.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 
 /// How long one transaction may take from its first call to its end: librdkafka's
 /// `transaction.timeout.ms` (set below), after which the broker aborts it anyway.
@@ -383,6 +391,27 @@ impl Worker {
             if any_failed {
                 failures += 1;
                 self.readiness.set("store", false);
+                // The transaction in flight ends first: left unpolled through the backoff (up to
+                // `max_backoff_ms`), it would stay open that long, holding its outputs back from
+                // read_committed consumers, or outlive the transaction timeout.
+                if let Some(c) = inflight.take() {
+                    let (committing, result) = c.await;
+                    let aborted = result.is_err();
+                    self.settle(
+                        committing,
+                        result,
+                        &mut pending,
+                        Vec::new(),
+                        &mut failures,
+                        &shutdown,
+                    )
+                    .await?;
+                    if aborted {
+                        // Everything was rewound, and `settle` backed off.
+                        pending_since = None;
+                        continue;
+                    }
+                }
                 self.backoff(failures, &shutdown).await;
             } else {
                 failures = 0;

@@ -222,6 +222,10 @@ pub async fn replay(
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("queued.max.messages.kbytes", "4096")
+        .set(
+            "fetch.queue.backoff.ms",
+            crate::consumer::FETCH_QUEUE_BACKOFF_MS,
+        )
         .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
