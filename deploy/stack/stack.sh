@@ -472,6 +472,7 @@ kafka_start() {
   kafka_format
   launch kafka "$JAVA" -Dcarhook.stack.component=kafka -Dcarhook.stack.dir="$STACK_DIR" \
     "${KAFKA_HEAP[@]}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 \
+    "-Xlog:gc:file=$LOGS/kafka-gc.log:time,uptime:filecount=2,filesize=10m" \
     -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$CONF/kafka-log4j2.xml" -Dkafka.logs.dir="$LOGS" \
     -cp "$(libs_of kafka)/*" kafka.Kafka "$CONF/kafka.properties"
@@ -605,6 +606,7 @@ cassandra_start() {
     "${CASSANDRA_HEAP[@]}" -Xss256k -ea -da:net.openhft... -XX:+ExitOnOutOfMemoryError \
     -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 -XX:G1HeapRegionSize=16m \
     -XX:G1RSetUpdatingPauseTimePercent=5 -XX:MaxGCPauseMillis=300 -XX:InitiatingHeapOccupancyPercent=70 \
+    "-Xlog:gc:file=$LOGS/cassandra-gc.log:time,uptime:filecount=2,filesize=10m" \
     -XX:+UseTLAB -XX:+ResizeTLAB -Djava.net.preferIPv4Stack=true \
     -Djdk.attach.allowAttachSelf=true \
     --add-exports java.base/jdk.internal.misc=ALL-UNNAMED \

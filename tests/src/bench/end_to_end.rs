@@ -161,7 +161,7 @@ pub async fn end_to_end(rate: u32, duration: Duration) -> Value {
         sending.clone(),
         refused.clone(),
     ));
-    let (hist, lost) = poll_probes(&store, &outstanding, &sending).await;
+    let (hist, lost, slowest) = poll_probes(&store, &outstanding, &sending).await;
     let _ = sender.await;
     let bg = bg.await.ok();
     // Where the time goes, from the processor's own histograms over the whole run (every event,
@@ -183,7 +183,7 @@ pub async fn end_to_end(rate: u32, duration: Duration) -> Value {
         "achieved_per_sec": bg.map(|b| b.throughput_per_sec), "samples": hist.len(),
         "refused": refused.load(Ordering::Relaxed), "lost": lost,
         "p50_ms": ms(hist.value_at_quantile(0.5)), "p99_ms": ms(hist.value_at_quantile(0.99)),
-        "max_ms": ms(hist.max()), "processor": inside})
+        "max_ms": ms(hist.max()), "slowest": slowest, "processor": inside})
 }
 
 /// Sends one probe every `1 / PROBES_PER_SEC` s for `duration`, each on its own task (open loop:
@@ -257,13 +257,17 @@ async fn visibility(s: &Settings) -> Visibility {
 }
 
 /// Polls the store every 2 ms for the outstanding probes until the sender is done and none is
-/// left; returns the latency histogram (µs) and how many probes were given up on.
+/// left; returns the latency histogram (µs), how many probes were given up on, and the slowest
+/// probes (as many as lie beyond the p99) with the wall-clock time of their 200, to line them up
+/// with the services' and the stack's logs (`.stack/logs/*-gc.log`).
 async fn poll_probes(
     (session, query): &Visibility,
     outstanding: &Outstanding,
     sending: &AtomicBool,
-) -> (hdrhistogram::Histogram<u64>, u64) {
+) -> (hdrhistogram::Histogram<u64>, u64, Vec<Value>) {
     let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+    // (latency, when acknowledged) of every probe.
+    let mut seen_all: Vec<(Duration, Instant)> = Vec::new();
     let mut lost = 0;
     let lock = || {
         outstanding
@@ -301,6 +305,7 @@ async fn poll_probes(
             for v in seen {
                 if let Some(acked) = map.remove(&v) {
                     record(&mut hist, now - acked);
+                    seen_all.push((now - acked, acked));
                 }
             }
             map.retain(|_, acked| {
@@ -314,7 +319,18 @@ async fn poll_probes(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    (hist, lost)
+    seen_all.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let (wall, mono) = (std::time::SystemTime::now(), Instant::now());
+    let slowest = seen_all
+        .iter()
+        .take(seen_all.len() / 100)
+        .map(|(took, acked)| {
+            let at = time::OffsetDateTime::from(wall - (mono - *acked));
+            json!({"acked_at": format!("{:02}:{:02}:{:02}.{:03}", at.hour(), at.minute(), at.second(), at.millisecond()),
+                "ms": took.as_secs_f64() * 1000.0})
+        })
+        .collect();
+    (hist, lost, slowest)
 }
 
 /// The `q` quantile of a Prometheus histogram in exposition `text`, as `histogram_quantile` computes
