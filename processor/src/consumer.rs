@@ -297,22 +297,15 @@ impl Worker {
         while !shutdown.is_cancelled() {
             let (waiting, bytes) = pending_size(&pending);
             let full = waiting >= batch_max || bytes >= PREFETCH_BYTES;
-            if full {
+            if full && inflight.is_some() {
                 // Memory stays bounded: no more records until the transaction in flight is done.
-                if let Some(c) = inflight.take() {
-                    let (runs, result) = c.await;
-                    self.settle(
-                        runs,
-                        result,
-                        &mut pending,
-                        Vec::new(),
-                        &mut failures,
-                        &shutdown,
-                    )
-                    .await?;
-                    pending_since = pending_since.filter(|_| !pending.is_empty());
-                    continue;
+                if self
+                    .end_in_flight(&mut inflight, &mut pending, &mut failures, &shutdown)
+                    .await?
+                {
+                    pending_since = None;
                 }
+                continue;
             }
             let due = full || pending_since.is_some_and(|t| t.elapsed() >= interval);
             if due && inflight.is_none() {
@@ -394,23 +387,13 @@ impl Worker {
                 // The transaction in flight ends first: left unpolled through the backoff (up to
                 // `max_backoff_ms`), it would stay open that long, holding its outputs back from
                 // read_committed consumers, or outlive the transaction timeout.
-                if let Some(c) = inflight.take() {
-                    let (committing, result) = c.await;
-                    let aborted = result.is_err();
-                    self.settle(
-                        committing,
-                        result,
-                        &mut pending,
-                        Vec::new(),
-                        &mut failures,
-                        &shutdown,
-                    )
-                    .await?;
-                    if aborted {
-                        // Everything was rewound, and `settle` backed off.
-                        pending_since = None;
-                        continue;
-                    }
+                if self
+                    .end_in_flight(&mut inflight, &mut pending, &mut failures, &shutdown)
+                    .await?
+                {
+                    // Everything was rewound, and `settle` backed off.
+                    pending_since = None;
+                    continue;
                 }
                 self.backoff(failures, &shutdown).await;
             } else {
@@ -462,6 +445,25 @@ impl Worker {
             let result = self.commit(&runs, group).await;
             (runs, result)
         }))
+    }
+
+    /// Waits for the transaction in flight, if any, and settles it (nothing processed meanwhile).
+    /// Returns whether it failed: then every waiting run was rewound and the loop backed off.
+    async fn end_in_flight<'a>(
+        &'a self,
+        inflight: &mut Option<InFlight<'a>>,
+        pending: &mut Vec<PartitionRun>,
+        failures: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, LoopError> {
+        let Some(c) = inflight.take() else {
+            return Ok(false);
+        };
+        let (runs, result) = c.await;
+        let failed = result.is_err();
+        self.settle(runs, result, pending, Vec::new(), failures, shutdown)
+            .await?;
+        Ok(failed)
     }
 
     /// After a transaction ended: on success its records are finished; otherwise they, the runs

@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use shared::config::Settings;
 
-use super::processor::{start_processor, Child};
+use super::processor::{release_bin, start_processor, Child};
 use crate::sim::load::{self, LoadSpec, Mode};
 use crate::{
-    child_env, drop_keyspace, eventually, free_port, get, metric_value, post, settings, sign,
-    state_event, TOKEN,
+    child_env, drop_keyspace, free_port, get, metric_value, post, settings, sign, state_event,
+    TOKEN,
 };
 
 /// The window over which the sustained maximum is measured.
@@ -40,39 +40,16 @@ const PROBE_GIVE_UP: Duration = Duration::from_secs(30);
 /// At most this many probes per store query.
 const PROBES_PER_QUERY: usize = 100;
 
-/// The release `receiver` binary next to this bench binary (`BENCH_RECEIVER_BIN` overrides it).
-fn receiver_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("BENCH_RECEIVER_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
-    exe.parent()
-        .map(|d| d.join("receiver"))
-        .unwrap_or_else(|| panic!("no target dir"))
-}
-
-/// Starts the receiver as its own process with the same settings as the processor; returns it
-/// with its webhook address once `/ready` says 200.
+/// Starts the release receiver (`BENCH_RECEIVER_BIN` overrides it) as its own process with the
+/// same settings as the processor; returns it with its webhook address once `/ready` says 200.
 async fn start_receiver(s: &Settings, log: &std::path::Path) -> (Child, SocketAddr) {
     let listen = free_port();
     let admin = free_port();
-    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
-    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-    let child = std::process::Command::new(receiver_bin())
-        .env_clear()
-        .envs(child_env(s, free_port(), "bench-receiver"))
-        .env("CARHOOK__RECEIVER__LISTEN", listen.to_string())
-        .env("CARHOOK__RECEIVER__ADMIN_LISTEN", admin.to_string())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", receiver_bin().display()));
-    let c = Child { child, admin };
-    eventually(Duration::from_secs(60), || async {
-        get(admin, "/ready").await.0 == 200
-    })
-    .await;
-    (c, listen)
+    let mut env = child_env(s, free_port(), "bench-receiver");
+    env.push(("CARHOOK__RECEIVER__LISTEN".into(), listen.to_string()));
+    env.push(("CARHOOK__RECEIVER__ADMIN_LISTEN".into(), admin.to_string()));
+    let bin = release_bin("receiver", "BENCH_RECEIVER_BIN");
+    (Child::start(&bin, &[], env, admin, log).await, listen)
 }
 
 /// Both services, as shipped (the state changelog off; the test harness turns it on).

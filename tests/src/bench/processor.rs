@@ -37,16 +37,21 @@ pub fn summary(xs: &[f64]) -> Value {
     json!({"median": median, "min": v[0], "max": v[v.len() - 1], "runs": xs})
 }
 
-/// The release `processor` binary next to this bench binary (`BENCH_PROCESSOR_BIN` overrides it,
-/// e.g. to measure an older build side by side).
-pub(crate) fn processor_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("BENCH_PROCESSOR_BIN") {
+/// The release binary `name` next to this bench binary, unless the environment variable
+/// `override_var` names another build (e.g. an older one, measured side by side).
+pub(crate) fn release_bin(name: &str, override_var: &str) -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os(override_var) {
         return p.into();
     }
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
     exe.parent()
-        .map(|d| d.join("processor"))
+        .map(|d| d.join(name))
         .unwrap_or_else(|| panic!("no target dir"))
+}
+
+/// The release `processor` binary (`BENCH_PROCESSOR_BIN` overrides it).
+fn processor_bin() -> std::path::PathBuf {
+    release_bin("processor", "BENCH_PROCESSOR_BIN")
 }
 
 /// A processor running as its own process (killed on drop).
@@ -74,6 +79,33 @@ impl Drop for Child {
 }
 
 impl Child {
+    /// Spawns `bin` with exactly `env` (stdout and stderr to `log`) and waits until its admin
+    /// address `admin` answers `/ready` with 200.
+    pub(crate) async fn start(
+        bin: &std::path::Path,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        admin: SocketAddr,
+        log: &std::path::Path,
+    ) -> Self {
+        let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let child = std::process::Command::new(bin)
+            .args(args)
+            .env_clear()
+            .envs(env)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let c = Self { child, admin };
+        eventually(Duration::from_secs(60), || async {
+            get(admin, "/ready").await.0 == 200
+        })
+        .await;
+        c
+    }
+
     /// Peak resident set size so far, in MB (VmHWM).
     pub(crate) fn peak_rss_mb(&self) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -93,23 +125,8 @@ impl Child {
 pub(crate) async fn start_processor(s: &Settings, instance: &str, log: &std::path::Path) -> Child {
     warm_transactions(s).await;
     let admin = free_port();
-    let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
-    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
     let env = child_env(s, admin, instance);
-    let child = std::process::Command::new(processor_bin())
-        .arg("run")
-        .env_clear()
-        .envs(env)
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", processor_bin().display()));
-    let c = Child { child, admin };
-    eventually(Duration::from_secs(60), || async {
-        get(admin, "/ready").await.0 == 200
-    })
-    .await;
-    c
+    Child::start(&processor_bin(), &["run"], env, admin, log).await
 }
 
 /// Replay catch-up over the whole backlog, as an operator runs it: the shipped `processor replay`
