@@ -2,9 +2,9 @@
 //! changed a vehicle's state document, and produces the record that says so.
 //!
 //! A vehicle's events all go to one partition and run in one lane, one after the other, so the
-//! owner of a partition can keep a [`View`] of each of its vehicles in memory. An event's plan is
-//! applied to the view after the store write; when the rendered document differs from the last one
-//! the changelog holds, a [`Change`] goes into the same Kafka transaction as the event's offset.
+//! owner of a partition can keep a [`View`] of each of its vehicles. An event's plan is applied to
+//! the view after the store write; when the rendered document differs from the last one the
+//! changelog holds, a [`Change`] goes into the same Kafka transaction as the event's offset.
 //!
 //! Where a view comes from matters for exactly-once. The store can be *ahead* of the changelog: a
 //! previous owner (killed, or losing the partition in a rebalance) may have written the effects of
@@ -12,10 +12,12 @@
 //! must be produced then. So a view is the state *as of the committed changelog*, never simply the
 //! stored cells:
 //! - on the first touch of a partition after assignment, its changelog partition is read to its
-//!   end (read_committed: only committed records), keeping each vehicle's last record — the
-//!   document and the cell times it was rendered from (the pattern Kafka Streams uses to restore a
-//!   state store from its changelog). Changelog partition p holds the vehicles of events partition
-//!   p (same count, same key, same partitioner);
+//!   end (read_committed: only committed records): the offset of each vehicle's last record, and
+//!   the record itself for the most recent ones, as many as the cache holds (the pattern Kafka
+//!   Streams uses to restore a state store from its changelog). Changelog partition p holds the
+//!   vehicles of events partition p (same count, same key, same partitioner);
+//! - a vehicle whose last record was not kept is read back from the changelog at that record's
+//!   offset (a compacted topic keeps every key's last record);
 //! - a vehicle with no record yet is read from the store, without the cells written by records of
 //!   this partition at or past the offset the partition started from at assignment (the writer is
 //!   found through the claim of the event id each cell names): those records are processed again;
@@ -23,10 +25,17 @@
 //!   transaction) are undone in memory ([`Changelog::undo`]) before they are processed again;
 //! - a revoked partition's views are dropped; the next owner restores them.
 //!
-//! Memory: one view per vehicle of the owned partitions (about the size of its document).
+//! Memory is bounded by `processor.changelog_cache_bytes`, counted in document bytes. Past it, the
+//! least recently used views are dropped, but only views that equal their vehicle's last
+//! *committed* record: every record that touched the view is committed, and so is the change record
+//! it produced, whose offset is then known. Such a view is rebuilt from that record. A view's cell
+//! times can be ahead of its last record's (a write that won without changing the document, such as
+//! an error resolved again): those times are kept with the offset, so a rebuilt view settles later
+//! out-of-order writes exactly as the dropped one would have. What is always kept per vehicle of
+//! an owned partition: its key and its last record's offset.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -36,13 +45,18 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use shared::config::KafkaSettings;
 use shared::headers;
+use tokio::sync::OnceCell;
 
 use crate::effects::Plan;
-use crate::store::{Store, StoreError};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, StoredCell};
 use crate::view::{self, View};
 
 /// How long restoring one changelog partition may take before the record is retried.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long reading one record back from the changelog may take before the record is retried.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One changelog record to produce: the vehicle's whole document after the event.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +71,17 @@ pub struct Change {
     pub changed: Vec<String>,
     /// Cell times the document was rendered from (JSON, see [`View::cell_times`]).
     pub cell_times: String,
+}
+
+/// A change record the broker acknowledged in a transaction: where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// The events partition of the record that made the change (whose views hold the vehicle).
+    pub events_partition: i32,
+    pub vehicle: String,
+    /// The changelog partition and offset the record was written to.
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// What applying a plan meant for the changelog.
@@ -116,41 +141,198 @@ pub struct Undo {
 /// What a record did to a vehicle's entry.
 #[derive(Debug, Clone)]
 enum Taken {
-    /// An event's plan: the cells it replaced, and whether the vehicle had a record before.
+    /// An event's plan: the cells it replaced, and the entry's flags before it.
     Cells {
         applied: view::Applied,
         recorded: bool,
+        ahead: bool,
     },
     /// A refresh replaced the whole entry (rare: replays and legacy multi-vehicle bodies).
     Entry(Box<Entry>),
 }
 
-/// A vehicle's view, and whether the changelog holds a record of it (the last record's document
-/// is then the view's rendering).
+/// A vehicle's view in memory.
 #[derive(Debug, Clone)]
 struct Entry {
     view: View,
+    /// The changelog holds a record of it (committed, or in a transaction of this instance): the
+    /// last record's document is the view's rendering.
     recorded: bool,
+    /// Some cell time is ahead of the last record's: a write won without changing the document.
+    ahead: bool,
+    /// Highest offset of a record of the partition that changed this entry (`i64::MIN`: none since
+    /// it was loaded). The entry can be dropped once it is committed.
+    touched: i64,
+    /// What it counts against the cache: its document's and cell times' bytes.
+    weight: usize,
+    /// Its place in the least-recently-used order.
+    tick: u64,
 }
 
-/// Each vehicle's last changelog record read at restore: (document, cell times).
-type LastRecords = HashMap<String, (Vec<u8>, Vec<u8>)>;
+impl Entry {
+    fn new(view: View, recorded: bool, ahead: bool, weight: usize) -> Self {
+        Self {
+            view,
+            recorded,
+            ahead,
+            touched: i64::MIN,
+            weight,
+            tick: 0,
+        }
+    }
+}
+
+/// Where a vehicle's last committed changelog record is.
+#[derive(Debug, Clone)]
+struct LastRecord {
+    partition: i32,
+    offset: i64,
+    /// The dropped view's cell times, when they were ahead of the record's.
+    times: Option<Arc<str>>,
+    /// The times above are known to be the view's: the record was written here, or its view
+    /// dropped here. A record found at restore may be behind the store (see [`View::adopt`]).
+    exact: bool,
+}
+
+/// A record read at restore and kept: (document, cell times).
+type Kept = (Vec<u8>, Vec<u8>);
 
 /// The views of one owned partition.
 struct PartitionViews {
     /// First offset processed since assignment: records at or past it may have been written to
     /// the store by a previous owner without their change records being committed.
     start_offset: i64,
-    restored: tokio::sync::OnceCell<()>,
-    /// Last record per vehicle read at restore, turned into a view on first touch.
-    records: Mutex<LastRecords>,
-    vehicles: Mutex<HashMap<String, Entry>>,
+    restored: Arc<OnceCell<()>>,
+    /// Records below this offset are committed (before assignment, or by this instance since).
+    committed: i64,
+    /// Each recorded vehicle's last committed record.
+    last: HashMap<String, LastRecord>,
+    /// Records read at restore and kept, turned into a view on first touch.
+    kept: HashMap<String, Kept>,
+    vehicles: HashMap<String, Entry>,
+}
+
+/// Every owned partition's views, and the cache's accounting across them.
+#[derive(Default)]
+struct Views {
+    partitions: HashMap<i32, PartitionViews>,
+    /// Views by last use, least recent first.
+    order: BTreeMap<u64, (i32, String)>,
+    tick: u64,
+    /// Weights of the views and kept records in memory.
+    bytes: usize,
+}
+
+fn kept_weight(k: &Kept) -> usize {
+    k.0.len() + k.1.len()
+}
+
+impl Views {
+    /// Puts `entry` as the most recently used view of `vehicle` (nothing if the partition is no
+    /// longer owned).
+    fn put(&mut self, partition: i32, vehicle: &str, mut entry: Entry) {
+        let Some(pv) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        self.tick += 1;
+        entry.tick = self.tick;
+        self.bytes += entry.weight;
+        self.order
+            .insert(entry.tick, (partition, vehicle.to_owned()));
+        if let Some(old) = pv.vehicles.insert(vehicle.to_owned(), entry) {
+            self.bytes -= old.weight;
+            self.order.remove(&old.tick);
+        }
+    }
+
+    fn take(&mut self, partition: i32, vehicle: &str) -> Option<Entry> {
+        let e = self
+            .partitions
+            .get_mut(&partition)?
+            .vehicles
+            .remove(vehicle)?;
+        self.bytes -= e.weight;
+        self.order.remove(&e.tick);
+        Some(e)
+    }
+
+    fn take_kept(&mut self, partition: i32, vehicle: &str) -> Option<Kept> {
+        let k = self.partitions.get_mut(&partition)?.kept.remove(vehicle)?;
+        self.bytes -= kept_weight(&k);
+        Some(k)
+    }
+
+    fn drop_partition(&mut self, partition: i32) {
+        if let Some(pv) = self.partitions.remove(&partition) {
+            for e in pv.vehicles.values() {
+                self.bytes -= e.weight;
+                self.order.remove(&e.tick);
+            }
+            self.bytes -= pv.kept.values().map(kept_weight).sum::<usize>();
+        }
+    }
+
+    /// While over `budget`: drops the least recently used views that equal their vehicle's last
+    /// committed record (see the module comment), then records kept from restores.
+    fn evict(&mut self, budget: usize) {
+        if self.bytes <= budget {
+            return;
+        }
+        let mut over = self.bytes - budget;
+        let mut victims = Vec::new();
+        for (p, v) in self.order.values() {
+            let Some(pv) = self.partitions.get(p) else {
+                continue;
+            };
+            let Some(e) = pv.vehicles.get(v) else {
+                continue;
+            };
+            if e.recorded && e.touched < pv.committed && pv.last.contains_key(v) {
+                victims.push((*p, v.clone()));
+                over = over.saturating_sub(e.weight.max(1));
+                if over == 0 {
+                    break;
+                }
+            }
+        }
+        for (p, v) in victims {
+            if let Some(e) = self.take(p, &v) {
+                let times = e.ahead.then(|| Arc::from(e.view.cell_times().to_string()));
+                if let Some(last) = self
+                    .partitions
+                    .get_mut(&p)
+                    .and_then(|pv| pv.last.get_mut(&v))
+                {
+                    last.times = times;
+                    last.exact = true;
+                }
+            }
+        }
+        if self.bytes > budget {
+            for pv in self.partitions.values_mut() {
+                let drop: Vec<String> = pv.kept.keys().cloned().collect();
+                for v in drop {
+                    if self.bytes <= budget {
+                        return;
+                    }
+                    if let Some(k) = pv.kept.remove(&v) {
+                        self.bytes -= kept_weight(&k);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The owner's views of its vehicles.
 pub struct Changelog {
     kafka: KafkaSettings,
-    partitions: Mutex<HashMap<i32, Arc<PartitionViews>>>,
+    /// `processor.changelog_cache_bytes`.
+    budget: usize,
+    views: Mutex<Views>,
+    /// Reads single records back from the changelog (one at a time).
+    fetcher: Arc<Mutex<Option<BaseConsumer<RestoreContext>>>>,
+    metrics: Metrics,
 }
 
 fn transient(message: impl std::fmt::Display) -> StoreError {
@@ -160,69 +342,137 @@ fn transient(message: impl std::fmt::Display) -> StoreError {
     }
 }
 
+/// Where a vehicle's view comes from when it is not in memory.
+enum Origin {
+    /// Its last record, read at restore.
+    Kept(Kept),
+    /// Its last record, to read back from the changelog.
+    Record(LastRecord),
+    /// No record: the store.
+    Store,
+}
+
 impl Changelog {
-    /// Views for the events topic and state topic of `kafka`.
-    pub fn new(kafka: KafkaSettings) -> Self {
+    /// Views for the events topic and state topic of `kafka`, holding at most about
+    /// `cache_bytes` of documents.
+    pub fn new(kafka: KafkaSettings, cache_bytes: u64, metrics: Metrics) -> Self {
         Self {
             kafka,
-            partitions: Mutex::new(HashMap::new()),
+            budget: usize::try_from(cache_bytes).unwrap_or(usize::MAX),
+            views: Mutex::new(Views::default()),
+            fetcher: Arc::new(Mutex::new(None)),
+            metrics,
         }
+    }
+
+    /// Puts `entry` back as `vehicle`'s most recently used view, then keeps the cache within its
+    /// budget.
+    fn put(&self, partition: i32, vehicle: &str, entry: Entry) -> Result<(), StoreError> {
+        let mut views = self.lock()?;
+        views.put(partition, vehicle, entry);
+        views.evict(self.budget);
+        self.metrics
+            .changelog_cache_bytes
+            .set(i64::try_from(views.bytes).unwrap_or(i64::MAX));
+        Ok(())
+    }
+
+    fn loaded(&self, from: &str) {
+        self.metrics
+            .changelog_view_loads
+            .get_or_create(&vec![("from", from.to_string())])
+            .inc();
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Views>, StoreError> {
+        self.views.lock().map_err(transient)
     }
 
     /// Called before a partition's records are processed: a partition seen for the first time
     /// since assignment starts at `first_offset`.
     pub fn begin(&self, partition: i32, first_offset: i64) {
-        if let Ok(mut p) = self.partitions.lock() {
-            p.entry(partition).or_insert_with(|| {
-                Arc::new(PartitionViews {
+        if let Ok(mut v) = self.views.lock() {
+            v.partitions
+                .entry(partition)
+                .or_insert_with(|| PartitionViews {
                     start_offset: first_offset,
-                    restored: tokio::sync::OnceCell::new(),
-                    records: Mutex::new(HashMap::new()),
-                    vehicles: Mutex::new(HashMap::new()),
-                })
-            });
+                    restored: Arc::new(OnceCell::new()),
+                    committed: first_offset,
+                    last: HashMap::new(),
+                    kept: HashMap::new(),
+                    vehicles: HashMap::new(),
+                });
         }
     }
 
     /// Forgets every view (a new consumer joins the group: it starts from committed offsets).
     pub fn reset(&self) {
-        if let Ok(mut p) = self.partitions.lock() {
-            p.clear();
+        if let Ok(mut v) = self.views.lock() {
+            *v = Views::default();
         }
     }
 
     /// Forgets revoked partitions: their next owner restores their views.
     pub fn drop_partitions(&self, partitions: &[i32]) {
-        if let Ok(mut p) = self.partitions.lock() {
+        if let Ok(mut v) = self.views.lock() {
             for partition in partitions {
-                p.remove(partition);
+                v.drop_partition(*partition);
             }
         }
     }
 
+    /// After a transaction committed: the next offset of each partition it committed, and where
+    /// its change records were written. Views those records made are now droppable.
+    pub fn committed(&self, offsets: &BTreeMap<i32, i64>, written: Vec<Written>) {
+        let Ok(mut v) = self.views.lock() else {
+            return;
+        };
+        for w in written {
+            if let Some(pv) = v.partitions.get_mut(&w.events_partition) {
+                pv.last.insert(
+                    w.vehicle,
+                    LastRecord {
+                        partition: w.partition,
+                        offset: w.offset,
+                        times: None,
+                        exact: true,
+                    },
+                );
+            }
+        }
+        for (p, next) in offsets {
+            if let Some(pv) = v.partitions.get_mut(p) {
+                pv.committed = pv.committed.max(*next);
+            }
+        }
+        v.evict(self.budget);
+        self.metrics
+            .changelog_cache_bytes
+            .set(i64::try_from(v.bytes).unwrap_or(i64::MAX));
+    }
+
     /// Takes back what records that will be processed again did to the views, latest first: each
     /// vehicle gets the view it had before the earliest of them. (A vehicle's records are processed
-    /// in offset order, and every record past one processed again is processed again too.)
+    /// in offset order, and every record past one processed again is processed again too.) Their
+    /// views stay in memory until those records are committed.
     pub fn undo(&self, mut undos: Vec<Undo>) {
         undos.sort_by_key(|u| std::cmp::Reverse(u.offset));
-        let Ok(parts) = self.partitions.lock() else {
+        let Ok(mut views) = self.views.lock() else {
             return;
         };
         for u in undos {
-            let Some(pv) = parts.get(&u.partition) else {
-                continue;
-            };
-            let Ok(mut vehicles) = pv.vehicles.lock() else {
-                continue;
-            };
             match u.what {
-                Taken::Entry(prior) => {
-                    vehicles.insert(u.vehicle, *prior);
-                }
-                Taken::Cells { applied, recorded } => {
-                    if let Some(e) = vehicles.get_mut(&u.vehicle) {
+                Taken::Entry(prior) => views.put(u.partition, &u.vehicle, *prior),
+                Taken::Cells {
+                    applied,
+                    recorded,
+                    ahead,
+                } => {
+                    if let Some(mut e) = views.take(u.partition, &u.vehicle) {
                         e.view.undo(applied);
                         e.recorded = recorded;
+                        e.ahead = ahead;
+                        views.put(u.partition, &u.vehicle, e);
                     }
                 }
             }
@@ -230,7 +480,7 @@ impl Changelog {
     }
 
     /// Makes sure the view `plan`'s vehicle needs is in memory (restoring the partition, loading
-    /// the vehicle on first touch), so [`Changelog::observe`] does not wait for it. Runs while the
+    /// the vehicle), so [`Changelog::observe`] most likely does not wait for it. Runs while the
     /// plan is written: a load leaves out the cells of the event being processed
     /// (`source.event_id`) whether or not it sees them, so it may overlap the write.
     pub async fn prepare(
@@ -240,7 +490,8 @@ impl Changelog {
         plan: &Plan,
     ) -> Result<(), StoreError> {
         if let Whose::Here(vehicle) = whose(source, plan) {
-            self.views_with(store, source, vehicle).await?;
+            let entry = self.entry(store, source, vehicle).await?;
+            self.put(source.partition, vehicle, entry)?;
         }
         Ok(())
     }
@@ -261,15 +512,11 @@ impl Changelog {
         let Source {
             partition, offset, ..
         } = source;
-        let pv = self.views_with(store, source, vehicle).await?;
-        let mut vehicles = pv.vehicles.lock().map_err(transient)?;
-        let entry = vehicles
-            .get_mut(vehicle)
-            .ok_or_else(|| transient(format!("vehicle {vehicle} has no view")))?;
+        let mut entry = self.entry(store, source, vehicle).await?;
         // The cells the plan wrote decide whether the document changed; it is rendered whole
         // only for a change record.
         let applied = entry.view.apply_tracked(plan);
-        let recorded = entry.recorded;
+        let (recorded, ahead) = (entry.recorded, entry.ahead);
         let change = (!recorded || !applied.changed.is_empty()).then(|| {
             let document = entry.view.render(vehicle);
             Change {
@@ -286,70 +533,94 @@ impl Changelog {
                 cell_times: entry.view.cell_times().to_string(),
             }
         });
+        match &change {
+            Some(c) => {
+                entry.ahead = false;
+                entry.weight = c.document.len() + c.cell_times.len();
+            }
+            None => entry.ahead |= applied.replaced_any(),
+        }
         entry.recorded = true;
+        entry.touched = entry.touched.max(offset);
+        self.put(partition, vehicle, entry)?;
         Ok(Observed::Viewed {
             change: change.map(Box::new),
             undo: Box::new(Undo {
                 partition,
                 offset,
                 vehicle: vehicle.to_owned(),
-                what: Taken::Cells { applied, recorded },
+                what: Taken::Cells {
+                    applied,
+                    recorded,
+                    ahead,
+                },
             }),
         })
     }
 
-    /// The views of `source`'s partition, with `vehicle`'s view among them: loaded on first touch,
-    /// outside the lock (a vehicle's records run one at a time, so no other record of it can load it
-    /// meanwhile). The record's own cells are left out like those of every record at or past the
-    /// partition's start, without reading its claim.
-    async fn views_with(
+    /// `vehicle`'s entry, taken out of the cache (to be put back), or loaded: the partition is
+    /// restored first if it must be. The record's own cells are left out of a load from the store
+    /// like those of every record at or past the partition's start, without reading its claim. A
+    /// vehicle's records run one at a time, so no other record of it can load it meanwhile.
+    async fn entry(
         &self,
         store: &Store,
         source: Source<'_>,
         vehicle: &str,
-    ) -> Result<Arc<PartitionViews>, StoreError> {
-        let pv = self
-            .partition_views(source.partition, source.offset)
+    ) -> Result<Entry, StoreError> {
+        self.restore_partition(source.partition, source.offset)
             .await?;
-        let cached = pv.vehicles.lock().map_err(transient)?.contains_key(vehicle);
-        if !cached {
-            let entry = self
-                .load(store, &pv, source.partition, vehicle, Some(source.event_id))
-                .await?;
-            pv.vehicles
-                .lock()
-                .map_err(transient)?
-                .insert(vehicle.to_owned(), entry);
+        if let Some(e) = self.lock()?.take(source.partition, vehicle) {
+            return Ok(e);
         }
-        Ok(pv)
+        self.load(store, source.partition, vehicle, Some(source.event_id))
+            .await
     }
 
-    /// The views of `partition`, restored from its changelog partition on first use.
-    async fn partition_views(
-        &self,
-        partition: i32,
-        offset: i64,
-    ) -> Result<Arc<PartitionViews>, StoreError> {
+    /// Restores `partition`'s record offsets (and the most recent records) from its changelog
+    /// partition, once per assignment.
+    async fn restore_partition(&self, partition: i32, offset: i64) -> Result<(), StoreError> {
         self.begin(partition, offset);
-        let pv = {
-            let parts = self.partitions.lock().map_err(transient)?;
-            parts
-                .get(&partition)
-                .cloned()
-                .ok_or_else(|| transient(format!("partition {partition} has no views")))?
-        };
-        pv.restored
-            .get_or_try_init(|| async {
-                let kafka = self.kafka.clone();
-                let records = tokio::task::spawn_blocking(move || restore(&kafka, partition))
-                    .await
-                    .map_err(transient)?
-                    .map_err(transient)?;
-                *pv.records.lock().map_err(transient)? = records;
-                Ok::<(), StoreError>(())
-            })
-            .await?;
-        Ok(pv)
+        let cell = self
+            .lock()?
+            .partitions
+            .get(&partition)
+            .map(|pv| Arc::clone(&pv.restored))
+            .ok_or_else(|| transient(format!("partition {partition} has no views")))?;
+        cell.get_or_try_init(|| async {
+            let kafka = self.kafka.clone();
+            let budget = self.budget;
+            let restored = tokio::task::spawn_blocking(move || restore(&kafka, partition, budget))
+                .await
+                .map_err(transient)?
+                .map_err(transient)?;
+            let mut views = self.lock()?;
+            let mut added = 0;
+            if let Some(pv) = views
+                .partitions
+                .get_mut(&partition)
+                .filter(|pv| Arc::ptr_eq(&pv.restored, &cell))
+            {
+                for (vehicle, offset) in restored.last {
+                    pv.last.insert(
+                        vehicle,
+                        LastRecord {
+                            partition,
+                            offset,
+                            times: None,
+                            exact: false,
+                        },
+                    );
+                }
+                added = restored.kept.values().map(kept_weight).sum();
+                pv.kept = restored.kept;
+            }
+            views.bytes += added;
+            views.evict(self.budget);
+            Ok::<(), StoreError>(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// A refresh request (control record at `partition`/`offset`, keyed by `vehicle`): the
@@ -364,13 +635,18 @@ impl Changelog {
         offset: i64,
         vehicle: &str,
     ) -> Result<(Option<Change>, Option<Undo>), StoreError> {
-        let pv = self.partition_views(partition, offset).await?;
-        let cached = pv.vehicles.lock().map_err(transient)?.get(vehicle).cloned();
+        self.restore_partition(partition, offset).await?;
+        let cached = self
+            .lock()?
+            .partitions
+            .get(&partition)
+            .and_then(|pv| pv.vehicles.get(vehicle))
+            .cloned();
         let prior = match cached {
             Some(e) => e,
-            None => self.load(store, &pv, partition, vehicle, None).await?,
+            None => self.load(store, partition, vehicle, None).await?,
         };
-        let view = self
+        let (view, _) = self
             .committed_cells(store, partition, offset, vehicle, None)
             .await?;
         if view.is_empty() && !prior.recorded {
@@ -382,21 +658,21 @@ impl Changelog {
             Value::Null
         };
         let document = view.render(vehicle);
+        let text = document.to_string();
+        let times = view.cell_times().to_string();
+        let weight = text.len() + times.len();
         let change = (document != before).then(|| Change {
             vehicle: vehicle.to_owned(),
             event_id: String::new(),
             event_type: String::new(),
             changed: view::changed(&before, &document),
-            document: document.to_string(),
-            cell_times: view.cell_times().to_string(),
+            document: text,
+            cell_times: times,
         });
-        pv.vehicles.lock().map_err(transient)?.insert(
-            vehicle.to_owned(),
-            Entry {
-                view,
-                recorded: true,
-            },
-        );
+        // Without a change the store's cell times may still be ahead of the last record's.
+        let mut entry = Entry::new(view, true, change.is_none(), weight);
+        entry.touched = offset;
+        self.put(partition, vehicle, entry)?;
         Ok((
             change,
             Some(Undo {
@@ -408,30 +684,59 @@ impl Changelog {
         ))
     }
 
-    /// A vehicle's view on first touch: its restored record, else the store without the cells of
+    /// A vehicle's view when it is not in memory: its record kept at restore, else its last
+    /// record read back from the changelog, else (no record) the store without the cells of
     /// records that will be processed again (`processing`: the event being processed, one of them).
     async fn load(
         &self,
         store: &Store,
-        pv: &PartitionViews,
         partition: i32,
         vehicle: &str,
         processing: Option<&str>,
     ) -> Result<Entry, StoreError> {
-        let record = pv.records.lock().map_err(transient)?.remove(vehicle);
-        if let Some((doc, times)) = record {
-            let parsed = serde_json::from_slice::<Value>(&doc)
-                .map_err(|e| e.to_string())
-                .and_then(|d| {
-                    let t = serde_json::from_slice::<Value>(&times).map_err(|e| e.to_string())?;
-                    View::restore(vehicle, &d, &t).map_err(|e| e.to_string())
-                });
-            match parsed {
-                Ok(view) => {
-                    return Ok(Entry {
-                        view,
-                        recorded: true,
-                    })
+        let (origin, start) = {
+            let mut views = self.lock()?;
+            let kept = views.take_kept(partition, vehicle);
+            let pv = views
+                .partitions
+                .get(&partition)
+                .ok_or_else(|| transient(format!("partition {partition} has no views")))?;
+            let origin = match (kept, pv.last.get(vehicle)) {
+                (Some(k), _) => Origin::Kept(k),
+                (None, Some(last)) => Origin::Record(last.clone()),
+                (None, None) => Origin::Store,
+            };
+            (origin, pv.start_offset)
+        };
+        let from = match origin {
+            Origin::Kept(_) => "restore",
+            Origin::Record(_) => "changelog",
+            Origin::Store => "store",
+        };
+        // (document, cell times, whether those are ahead of the record's, whether they are exact)
+        let record = match origin {
+            Origin::Store => None,
+            Origin::Kept((doc, times)) => Some((doc, times, false, false)),
+            Origin::Record(last) => {
+                let (ahead, exact) = (last.times.is_some(), last.exact);
+                self.fetch(last.partition, last.offset, vehicle).await?.map(
+                    |(doc, record_times)| {
+                        let times = last.times.map_or(record_times, |t| t.as_bytes().to_vec());
+                        (doc, times, ahead, exact)
+                    },
+                )
+            }
+        };
+        if let Some((doc, times, ahead, exact)) = record {
+            match rebuild(vehicle, &doc, &times) {
+                Ok(mut view) => {
+                    let ahead = ahead
+                        || (!exact
+                            && self
+                                .catch_up(store, partition, start, vehicle, processing, &mut view)
+                                .await?);
+                    self.loaded(from);
+                    return Ok(Entry::new(view, true, ahead, doc.len() + times.len()));
                 }
                 Err(e) => tracing::warn!(
                     vehicle,
@@ -441,19 +746,42 @@ impl Changelog {
                 ),
             }
         }
-        let view = self
-            .committed_cells(store, partition, pv.start_offset, vehicle, processing)
+        let (view, weight) = self
+            .committed_cells(store, partition, start, vehicle, processing)
             .await?;
-        Ok(Entry {
-            view,
-            recorded: false,
+        self.loaded("store");
+        Ok(Entry::new(view, false, false, weight))
+    }
+
+    /// The record at `offset` of changelog partition `partition`, `vehicle`'s last: (document,
+    /// cell times), or None when it is not there (it is then treated as unreadable).
+    async fn fetch(
+        &self,
+        partition: i32,
+        offset: i64,
+        vehicle: &str,
+    ) -> Result<Option<Kept>, StoreError> {
+        let kafka = self.kafka.clone();
+        let fetcher = Arc::clone(&self.fetcher);
+        let vehicle = vehicle.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut slot = fetcher.lock().map_err(|e| e.to_string())?;
+            if slot.is_none() {
+                *slot = Some(changelog_consumer(&kafka, false)?);
+            }
+            let consumer = slot.as_ref().ok_or("no fetch consumer")?;
+            fetch_record(consumer, &kafka.state_topic, partition, offset, &vehicle)
         })
+        .await
+        .map_err(transient)?
+        .map_err(transient)
     }
 
     /// The vehicle's stored cells, less those written by records of `partition` at or past
-    /// `start` (they are processed again, and their change records produced then). The writer of
-    /// each cell is found through the claim of the event id it names, read concurrently; `ahead`
-    /// names an event known to be such a record (the one being processed), whose claim is not read.
+    /// `start` (they are processed again, and their change records produced then), and their
+    /// weight. The writer of each cell is found through the claim of the event id it names, read
+    /// concurrently; `ahead` names an event known to be such a record (the one being processed),
+    /// whose claim is not read.
     async fn committed_cells(
         &self,
         store: &Store,
@@ -461,9 +789,76 @@ impl Changelog {
         start: i64,
         vehicle: &str,
         ahead: Option<&str>,
-    ) -> Result<View, StoreError> {
-        use futures::stream::{self, StreamExt, TryStreamExt};
+    ) -> Result<(View, usize), StoreError> {
         let cells = store.cells(vehicle).await?;
+        let later = self
+            .later_writers(store, partition, start, &cells, ahead)
+            .await?;
+        let mut view = View::default();
+        let mut weight = 0;
+        for c in &cells {
+            let skip = c
+                .event_id
+                .as_deref()
+                .is_some_and(|id| Some(id) == ahead || later.contains(id));
+            if !skip {
+                view.put(c);
+                weight += c.doc.len();
+            }
+        }
+        Ok((view, weight))
+    }
+
+    /// A view rebuilt from a record found at restore can be behind the store without being
+    /// wrong: a write that won without changing the document (an error resolved again) wrote no
+    /// record. Such committed writes are taken from the store ([`View::adopt`]), so the view
+    /// settles later out-of-order writes as the store does. Cells written by records at or past
+    /// `start` are left out as in [`Changelog::committed_cells`]. Returns whether any was taken.
+    async fn catch_up(
+        &self,
+        store: &Store,
+        partition: i32,
+        start: i64,
+        vehicle: &str,
+        processing: Option<&str>,
+        view: &mut View,
+    ) -> Result<bool, StoreError> {
+        let cells: Vec<StoredCell> = store
+            .cells(vehicle)
+            .await?
+            .into_iter()
+            .filter(|c| view.is_behind(c))
+            .collect();
+        if cells.is_empty() {
+            return Ok(false);
+        }
+        let later = self
+            .later_writers(store, partition, start, &cells, processing)
+            .await?;
+        let mut took = false;
+        for c in &cells {
+            let skip = c
+                .event_id
+                .as_deref()
+                .is_some_and(|id| Some(id) == processing || later.contains(id));
+            if !skip {
+                took |= view.adopt(c);
+            }
+        }
+        Ok(took)
+    }
+
+    /// The event ids among `cells`' writers whose claim names a record of `partition` at or past
+    /// `start` (read concurrently); `ahead`'s claim is not read.
+    async fn later_writers(
+        &self,
+        store: &Store,
+        partition: i32,
+        start: i64,
+        cells: &[StoredCell],
+        ahead: Option<&str>,
+    ) -> Result<HashSet<String>, StoreError> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
         let mut writers: Vec<String> = cells
             .iter()
             .filter_map(|c| c.event_id.clone())
@@ -472,7 +867,7 @@ impl Changelog {
         writers.sort_unstable();
         writers.dedup();
         let events_topic = self.kafka.events_topic.as_str();
-        let later: HashSet<String> = stream::iter(writers)
+        stream::iter(writers)
             .map(|id| async move {
                 let claim = store.read_decided_claim(&id).await?;
                 let is_later = claim.is_some_and(|c| {
@@ -485,19 +880,15 @@ impl Changelog {
             .buffer_unordered(CLAIM_READS)
             .try_filter_map(|id| std::future::ready(Ok(id)))
             .try_collect()
-            .await?;
-        let mut view = View::default();
-        for c in &cells {
-            let skip = c
-                .event_id
-                .as_deref()
-                .is_some_and(|id| Some(id) == ahead || later.contains(id));
-            if !skip {
-                view.put(c);
-            }
-        }
-        Ok(view)
+            .await
     }
+}
+
+/// A view from a changelog record's document and cell times.
+fn rebuild(vehicle: &str, doc: &[u8], times: &[u8]) -> Result<View, String> {
+    let d = serde_json::from_slice::<Value>(doc).map_err(|e| e.to_string())?;
+    let t = serde_json::from_slice::<Value>(times).map_err(|e| e.to_string())?;
+    View::restore(vehicle, &d, &t).map_err(|e| e.to_string())
 }
 
 /// Claims read at once when a vehicle's view is loaded from the store.
@@ -521,53 +912,143 @@ impl rdkafka::ClientContext for RestoreContext {
 
 impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 
-/// Reads changelog partition `partition` to its end (committed records only): each vehicle's last
-/// record, as (document, cell times).
-fn restore(kafka: &KafkaSettings, partition: i32) -> Result<LastRecords, String> {
-    let topic = &kafka.state_topic;
-    let started = Instant::now();
-    let consumer: BaseConsumer<RestoreContext> = shared::kafka::base_config(kafka)
+/// What a restore found in a changelog partition.
+#[derive(Debug, Default)]
+struct Restored {
+    /// Each vehicle's last record's offset.
+    last: HashMap<String, i64>,
+    /// The most recent of those records, as many as fit in the cache.
+    kept: HashMap<String, Kept>,
+}
+
+/// A read_committed consumer outside any group, reading the changelog by position: to its end
+/// (`restore`, which stops at the end of the partition), or one record at a time (`fetch`, which
+/// prefetches little past the record it wants).
+fn changelog_consumer(
+    kafka: &KafkaSettings,
+    restore: bool,
+) -> Result<BaseConsumer<RestoreContext>, String> {
+    let mut config = shared::kafka::base_config(kafka);
+    config
         .set("group.id", "carhook-state-restore")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
         // An empty fetch answer comes back at once instead of after the default 500 ms wait.
-        .set("fetch.wait.max.ms", "10")
+        .set("fetch.wait.max.ms", "10");
+    if restore {
+        config.set("enable.partition.eof", "true");
+    } else {
+        config
+            .set("fetch.message.max.bytes", "65536")
+            .set("queued.max.messages.kbytes", "256");
+    }
+    config
         .create_with_context(RestoreContext)
-        .map_err(|e| format!("{topic}: restore consumer: {e}"))?;
+        .map_err(|e| format!("{}: changelog consumer: {e}", kafka.state_topic))
+}
+
+/// Reads the record at `offset` of `topic`'s `partition`. A record that commits only just now
+/// becomes readable when its transaction marker is written, so a read waits for it (up to
+/// [`FETCH_TIMEOUT`]). None when the partition holds another record there, or none past it.
+fn fetch_record(
+    consumer: &BaseConsumer<RestoreContext>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    vehicle: &str,
+) -> Result<Option<Kept>, String> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .and_then(|()| consumer.assign(&tpl))
+        .map_err(|e| format!("{topic}[{partition}]: assign: {e}"))?;
+    let started = Instant::now();
+    let found = loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) if m.partition() != partition || m.offset() < offset => {}
+            Some(Ok(m)) if m.offset() == offset && m.key() == Some(vehicle.as_bytes()) => {
+                let times = cell_times(&m);
+                break m.payload().map(|doc| (doc.to_vec(), times.to_vec()));
+            }
+            Some(Ok(m)) => {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    offset,
+                    vehicle,
+                    found_offset = m.offset(),
+                    "state changelog: the vehicle's last record is not where it was written"
+                );
+                break None;
+            }
+            Some(Err(e)) => return Err(format!("{topic}[{partition}]@{offset}: {e}")),
+            None if started.elapsed() > FETCH_TIMEOUT => {
+                return Err(format!(
+                    "{topic}[{partition}]@{offset}: not readable within {FETCH_TIMEOUT:?}"
+                ))
+            }
+            None => {}
+        }
+    };
+    consumer
+        .unassign()
+        .map_err(|e| format!("{topic}[{partition}]: unassign: {e}"))?;
+    Ok(found)
+}
+
+fn cell_times<'m>(m: &'m rdkafka::message::BorrowedMessage<'_>) -> &'m [u8] {
+    m.headers()
+        .and_then(|h| {
+            h.iter()
+                .find(|h| h.key == headers::CELL_TIMES)
+                .and_then(|h| h.value)
+        })
+        .unwrap_or_default()
+}
+
+/// Reads changelog partition `partition` to its end (committed records only): each vehicle's last
+/// record's offset, and the most recent records up to `budget` bytes.
+fn restore(kafka: &KafkaSettings, partition: i32, budget: usize) -> Result<Restored, String> {
+    let topic = &kafka.state_topic;
+    let started = Instant::now();
+    let consumer = changelog_consumer(kafka, true)?;
     // An empty partition (a new topic, or all of it deleted) has nothing to read.
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(|e| format!("{topic}[{partition}]: watermarks: {e}"))?;
-    let (last, read) = if high <= low {
-        (LastRecords::new(), 0)
+    let (restored, read) = if high <= low {
+        (Restored::default(), 0)
     } else {
-        read_to_end(&consumer, topic, partition, started)?
+        read_to_end(&consumer, topic, partition, budget, started)?
     };
     tracing::info!(
         topic = topic.as_str(),
         partition,
         records = read,
-        vehicles = last.len(),
+        vehicles = restored.last.len(),
+        kept = restored.kept.len(),
         duration_ms = started.elapsed().as_millis() as u64,
         "vehicle views restored from the state changelog"
     );
-    Ok(last)
+    Ok(restored)
 }
 
 /// Reads changelog partition `partition` from its beginning to its end: each vehicle's last
-/// record, and how many records were read.
+/// record's offset, the most recent records up to `budget` bytes, and how many records were read.
 fn read_to_end(
     consumer: &BaseConsumer<RestoreContext>,
     topic: &str,
     partition: i32,
+    budget: usize,
     started: Instant,
-) -> Result<(LastRecords, u64), String> {
+) -> Result<(Restored, u64), String> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)
         .and_then(|()| consumer.assign(&tpl))
         .map_err(|e| format!("{topic}[{partition}]: assign: {e}"))?;
-    let mut last = LastRecords::new();
+    let mut out = Restored::default();
+    // Kept records by offset, oldest first, and their bytes: the oldest go past the budget.
+    let mut kept_order: BTreeMap<i64, String> = BTreeMap::new();
+    let mut kept_bytes = 0usize;
     let mut read = 0u64;
     loop {
         match consumer.poll(Duration::from_millis(200)) {
@@ -576,20 +1057,27 @@ fn read_to_end(
                 let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
                     continue;
                 };
-                match m.payload() {
-                    None => {
-                        last.remove(key);
+                if let Some(prev) = out.last.remove(key) {
+                    kept_order.remove(&prev);
+                    if let Some(k) = out.kept.remove(key) {
+                        kept_bytes -= kept_weight(&k);
                     }
-                    Some(doc) => {
-                        let times = m
-                            .headers()
-                            .and_then(|h| {
-                                h.iter()
-                                    .find(|h| h.key == headers::CELL_TIMES)
-                                    .and_then(|h| h.value)
-                            })
-                            .unwrap_or_default();
-                        last.insert(key.to_owned(), (doc.to_vec(), times.to_vec()));
+                }
+                // A tombstone: the vehicle has no record.
+                let Some(doc) = m.payload() else {
+                    continue;
+                };
+                out.last.insert(key.to_owned(), m.offset());
+                let k = (doc.to_vec(), cell_times(&m).to_vec());
+                kept_bytes += kept_weight(&k);
+                out.kept.insert(key.to_owned(), k);
+                kept_order.insert(m.offset(), key.to_owned());
+                while kept_bytes > budget {
+                    let Some((_, oldest)) = kept_order.pop_first() else {
+                        break;
+                    };
+                    if let Some(k) = out.kept.remove(&oldest) {
+                        kept_bytes -= kept_weight(&k);
                     }
                 }
             }
@@ -603,5 +1091,85 @@ fn read_to_end(
             None => {}
         }
     }
-    Ok((last, read))
+    Ok((out, read))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(committed: i64) -> PartitionViews {
+        PartitionViews {
+            start_offset: 0,
+            restored: Arc::new(OnceCell::new()),
+            committed,
+            last: HashMap::new(),
+            kept: HashMap::new(),
+            vehicles: HashMap::new(),
+        }
+    }
+
+    fn entry(recorded: bool, ahead: bool, touched: i64) -> Entry {
+        let mut e = Entry::new(View::default(), recorded, ahead, 100);
+        e.touched = touched;
+        e
+    }
+
+    fn last(offset: i64) -> LastRecord {
+        LastRecord {
+            partition: 0,
+            offset,
+            times: None,
+            exact: true,
+        }
+    }
+
+    /// Only a view equal to its vehicle's last committed record may go: recorded, every record
+    /// that touched it committed, and that record's offset known. Least recently used first;
+    /// a view whose cell times are ahead of its record leaves them with the offset.
+    #[test]
+    fn eviction_drops_only_committed_views_least_recently_used_first_and_keeps_times_ahead() {
+        let mut v = Views::default();
+        let mut p = partition(10);
+        for (car, offset) in [("old", 1), ("ahead", 2), ("fresh", 3), ("pending", 4)] {
+            p.last.insert(car.into(), last(offset));
+        }
+        v.partitions.insert(0, p);
+        v.put(0, "old", entry(true, false, 5));
+        v.put(0, "pending", entry(true, false, 12)); // touched by a record not yet committed
+        v.put(0, "unrecorded", entry(false, false, i64::MIN)); // no record to rebuild it from
+        v.put(0, "ahead", entry(true, true, 9));
+        v.put(0, "fresh", entry(true, false, 3));
+        assert_eq!(v.bytes, 500);
+        // Room for four: the least recently used droppable view goes.
+        v.evict(400);
+        let held = |v: &Views, car: &str| v.partitions[&0].vehicles.contains_key(car);
+        assert!(!held(&v, "old") && held(&v, "ahead") && held(&v, "fresh"));
+        assert_eq!(v.bytes, 400);
+        // Room for none: every droppable view goes, the others stay whatever the budget.
+        v.evict(0);
+        assert!(held(&v, "pending") && held(&v, "unrecorded"));
+        assert!(!held(&v, "ahead") && !held(&v, "fresh"));
+        assert_eq!(v.bytes, 200);
+        assert_eq!(
+            v.order.len(),
+            2,
+            "the order holds exactly the views in memory"
+        );
+        let times = |car: &str| v.partitions[&0].last[car].times.clone();
+        assert_eq!(
+            times("ahead").as_deref(),
+            Some(View::default().cell_times().to_string().as_str())
+        );
+        assert_eq!(times("fresh"), None);
+        // Once its record commits, the pending view can go too.
+        if let Some(p) = v.partitions.get_mut(&0) {
+            p.committed = 13;
+        }
+        v.evict(0);
+        assert!(!held(&v, "pending") && held(&v, "unrecorded"));
+        assert_eq!(v.bytes, 100);
+        v.drop_partition(0);
+        assert_eq!((v.bytes, v.order.len()), (0, 0));
+    }
 }

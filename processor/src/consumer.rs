@@ -64,6 +64,7 @@ use shared::headers;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::changelog::Written;
 use crate::dead_letter::{dead_letter_headers, header_str};
 use crate::lanes::{self, LaneResult};
 use crate::metrics::Metrics;
@@ -215,9 +216,12 @@ enum TxnFailure {
     Unusable(KafkaError),
 }
 
+/// A transaction's outcome: on success, where its state changelog records were written.
+type Committed = Result<Vec<Written>, TxnFailure>;
+
 /// A transaction in flight: it yields the runs it commits and its outcome.
 type InFlight<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (Vec<PartitionRun>, Result<(), TxnFailure>)> + Send + 'a>,
+    Box<dyn std::future::Future<Output = (Vec<PartitionRun>, Committed)> + Send + 'a>,
 >;
 
 fn is_fatal(e: &KafkaError) -> bool {
@@ -343,22 +347,24 @@ impl Worker {
                 c.drop_partitions(&revoked);
             }
             if let Some((committing, result)) = ended {
-                if result.is_err() {
-                    // Neither those runs nor any processed since are committed: all are processed
-                    // again from their earliest offsets.
-                    self.settle(
-                        committing,
-                        result,
-                        &mut pending,
-                        runs,
-                        &mut failures,
-                        &shutdown,
-                    )
-                    .await?;
-                    pending_since = None;
-                    continue;
+                match result {
+                    Ok(written) => self.committed(&committing, written),
+                    Err(f) => {
+                        // Neither those runs nor any processed since are committed: all are
+                        // processed again from their earliest offsets.
+                        self.settle(
+                            committing,
+                            Err(f),
+                            &mut pending,
+                            runs,
+                            &mut failures,
+                            &shutdown,
+                        )
+                        .await?;
+                        pending_since = None;
+                        continue;
+                    }
                 }
-                self.committed(&committing);
             }
             if idle {
                 if !pending.is_empty() && inflight.is_none() {
@@ -404,7 +410,7 @@ impl Worker {
         if let Some(c) = inflight.take() {
             let (runs, result) = c.await;
             match result {
-                Ok(()) => self.committed(&runs),
+                Ok(written) => self.committed(&runs, written),
                 Err(f) => {
                     // What waited behind it is not committed either.
                     pending.clear();
@@ -420,7 +426,7 @@ impl Worker {
         if !pending.is_empty() {
             let group = self.consumer.group_metadata();
             match self.commit(&pending, group).await {
-                Ok(()) => self.committed(&pending),
+                Ok(written) => self.committed(&pending, written),
                 Err(TxnFailure::Aborted(e)) => {
                     tracing::warn!(error = %e, "last transaction aborted at shutdown; the next owner processes it again");
                 }
@@ -472,15 +478,15 @@ impl Worker {
     async fn settle(
         &self,
         committed: Vec<PartitionRun>,
-        result: Result<(), TxnFailure>,
+        result: Committed,
         pending: &mut Vec<PartitionRun>,
         later: Vec<PartitionRun>,
         failures: &mut u32,
         shutdown: &CancellationToken,
     ) -> Result<(), LoopError> {
         match result {
-            Ok(()) => {
-                self.committed(&committed);
+            Ok(written) => {
+                self.committed(&committed, written);
                 pending.extend(later);
                 Ok(())
             }
@@ -514,9 +520,12 @@ impl Worker {
     }
 
     /// After a successful commit.
-    fn committed(&self, runs: &[PartitionRun]) {
+    fn committed(&self, runs: &[PartitionRun], written: Vec<Written>) {
         if runs.iter().any(|r| !r.done.is_empty()) {
             self.readiness.set("transactions", true);
+        }
+        if let Some(c) = &self.pipeline.changelog {
+            c.committed(&commit_offsets(runs), written);
         }
         self.finish(runs);
     }
@@ -760,7 +769,7 @@ impl Worker {
         &self,
         runs: &[PartitionRun],
         group: Option<ConsumerGroupMetadata>,
-    ) -> Result<(), TxnFailure> {
+    ) -> Committed {
         let mut offsets = TopicPartitionList::new();
         for (partition, next) in commit_offsets(runs) {
             offsets
@@ -772,7 +781,7 @@ impl Worker {
                 .map_err(TxnFailure::Unusable)?;
         }
         if offsets.count() == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Refused only when the previous transaction is still open (a commit or abort that never
         // completed): nothing more can be done with this producer.
@@ -781,12 +790,12 @@ impl Worker {
             .map_err(TxnFailure::Unusable)?;
         let started = Instant::now();
         match self.commit_inner(runs, &offsets, group).await {
-            Ok(()) => {
+            Ok(written) => {
                 self.metrics
                     .transaction_duration
                     .observe(started.elapsed().as_secs_f64());
                 self.metrics.committed();
-                Ok(())
+                Ok(written)
             }
             Err(e) if is_fatal(&e) || crate::txn::ran_out_of_time(&e) => {
                 Err(TxnFailure::Unusable(e))
@@ -813,9 +822,11 @@ impl Worker {
         runs: &[PartitionRun],
         offsets: &TopicPartitionList,
         group: Option<ConsumerGroupMetadata>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<Vec<Written>, KafkaError> {
         let kafka = &self.settings.kafka;
         let mut owned: Vec<Outgoing> = Vec::new();
+        // Per element of `owned`: for a change record, its events partition and vehicle.
+        let mut changes: Vec<Option<(i32, &str)>> = Vec::new();
         for d in runs.iter().flat_map(|r| &r.done) {
             if let Disposition::Applied(applied) = &d.disposition {
                 for v in &applied.refresh_requests {
@@ -859,6 +870,8 @@ impl Worker {
                             value: Some(tp),
                         });
                     }
+                    changes.resize(owned.len(), None);
+                    changes.push(Some((d.msg.partition(), c.vehicle.as_str())));
                     owned.push((
                         kafka.state_topic.clone(),
                         Some(c.vehicle.as_bytes().to_vec()),
@@ -929,8 +942,18 @@ impl Worker {
             }
             sends.push(self.producer.send(rec, Duration::from_secs(20)));
         }
-        for r in join_all(sends).await {
-            r.map_err(|(e, _)| e)?;
+        changes.resize(owned.len(), None);
+        let mut written = Vec::new();
+        for (r, change) in join_all(sends).await.into_iter().zip(changes) {
+            let delivery = r.map_err(|(e, _)| e)?;
+            if let Some((events_partition, vehicle)) = change {
+                written.push(Written {
+                    events_partition,
+                    vehicle: vehicle.to_owned(),
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                });
+            }
         }
         let group = group.ok_or(KafkaError::Canceled)?;
         let offsets = offsets.clone();
@@ -941,7 +964,8 @@ impl Worker {
         crate::txn::call(&self.producer, TRANSACTION_BUDGET, |p, t| {
             p.commit_transaction(t)
         })
-        .await
+        .await?;
+        Ok(written)
     }
 
     /// After a commit: the per-record log line (processing end) and outcome metrics.

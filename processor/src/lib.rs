@@ -152,7 +152,11 @@ async fn run_inner(
         metrics.clone(),
     );
     if p.changelog {
-        pipeline.changelog = Some(Changelog::new(settings.kafka.clone()));
+        pipeline.changelog = Some(Changelog::new(
+            settings.kafka.clone(),
+            p.changelog_cache_bytes,
+            metrics.clone(),
+        ));
     }
     let pipeline = Arc::new(pipeline);
     tracing::info!(

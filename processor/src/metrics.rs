@@ -21,6 +21,10 @@ pub struct Metrics {
     pub signals_written: Counter,
     /// Records written to the state changelog (events that changed a vehicle's document).
     pub state_changes: Counter,
+    /// State changelog views loaded into memory, by where from (restore, changelog, store).
+    pub changelog_view_loads: Family<Labels, Counter>,
+    /// Bytes of documents the state changelog's views hold in memory.
+    pub changelog_cache_bytes: Gauge,
     pub processing_duration: Histogram,
     pub store_errors: Family<Labels, Counter>,
     pub dead_letters: Family<Labels, Counter>,
@@ -116,6 +120,8 @@ impl Metrics {
             stale_signals: Counter::default(),
             signals_written: Counter::default(),
             state_changes: Counter::default(),
+            changelog_view_loads: Family::default(),
+            changelog_cache_bytes: Gauge::default(),
             processing_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             store_errors: Family::default(),
             dead_letters: Family::default(),
@@ -207,6 +213,17 @@ impl Metrics {
             "state_changes",
             "Records written to the state changelog: events that changed what processor state shows",
             m.state_changes.clone(),
+        );
+        r.register(
+            "changelog_view_loads",
+            "State changelog views loaded into memory, by origin: restore (kept from the partition's restore), changelog (the vehicle's last record read back after its view was dropped), store (no record yet)",
+            m.changelog_view_loads.clone(),
+        );
+        r.register_with_unit(
+            "changelog_cache",
+            "Document bytes the state changelog's views hold in memory (bounded by processor.changelog_cache_bytes, past which committed views are dropped)",
+            Unit::Bytes,
+            m.changelog_cache_bytes.clone(),
         );
         r.register_with_unit(
             "processing_duration",

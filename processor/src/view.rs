@@ -154,6 +154,13 @@ pub struct Applied {
     pub changed: Vec<String>,
 }
 
+impl Applied {
+    /// True when some cell took the write (whether or not the document shows the difference).
+    pub fn replaced_any(&self) -> bool {
+        !self.replaced.is_empty()
+    }
+}
+
 /// A signal's entry in the document.
 fn signal_entry(cells: &SignalCells) -> Value {
     let value = cells.value.as_ref().map(|s| &s.part);
@@ -237,6 +244,82 @@ impl View {
             CellKind::Availability(code) => self.put_availability(code, &cell.doc, cell.timestamp),
             CellKind::Error(key) => self.put_error(key, &cell.doc, cell.timestamp),
         };
+    }
+
+    /// True when `cell` would replace what the view holds for it (a later write time, or a cell
+    /// the view does not have).
+    pub fn is_behind(&self, cell: &crate::store::StoredCell) -> bool {
+        use crate::store::CellKind;
+        let held = match &cell.kind {
+            CellKind::Value(code) => self.signals.get(code).and_then(|c| c.value.as_ref()),
+            CellKind::Availability(code) => {
+                self.signals.get(code).and_then(|c| c.availability.as_ref())
+            }
+            CellKind::Error(key) => self.errors.get(key),
+        };
+        held.is_none_or(|s| cell.timestamp > s.ts)
+    }
+
+    /// Takes a stored cell that wins over the view's only if the document does not show the
+    /// difference: a write the changelog holds no record of because it changed nothing a reader
+    /// sees (an error resolved again, a signal reported available again). Its write time then
+    /// settles later writes as the store does. Returns whether it took it.
+    pub fn adopt(&mut self, cell: &crate::store::StoredCell) -> bool {
+        use crate::store::CellKind;
+        let (doc, ts) = (cell.doc.as_str(), cell.timestamp);
+        match &cell.kind {
+            CellKind::Value(code) => {
+                let Some(prior) = self.put_value(code, doc, ts) else {
+                    return false;
+                };
+                let now = self.signals.get(code).and_then(|c| c.value.as_ref());
+                let same = prior.as_ref().map(|p| &p.part) == now.map(|n| &n.part);
+                if !same {
+                    self.signals.entry(code.clone()).or_default().value = prior;
+                    self.drop_if_empty(code);
+                }
+                same
+            }
+            CellKind::Availability(code) => {
+                let existed = self.signals.contains_key(code);
+                let Some(prior) = self.put_availability(code, doc, ts) else {
+                    return false;
+                };
+                let now = self
+                    .signals
+                    .get(code)
+                    .and_then(|c| c.availability.as_ref())
+                    .map(|n| &n.part);
+                let same = match &prior {
+                    // No availability cell renders as available.
+                    None => existed && now == Some(&*AVAILABLE),
+                    Some(p) => now == Some(&p.part),
+                };
+                if !same {
+                    self.signals.entry(code.clone()).or_default().availability = prior;
+                    self.drop_if_empty(code);
+                }
+                same
+            }
+            CellKind::Error(key) => {
+                let Some(prior) = self.put_error(key, doc, ts) else {
+                    return false;
+                };
+                let now = self.errors.get(key).map(|n| &n.part);
+                let same = shown_error(prior.as_ref().map(|p| &p.part)) == shown_error(now);
+                if !same {
+                    match prior {
+                        Some(p) => {
+                            self.errors.insert(key.clone(), p);
+                        }
+                        None => {
+                            self.errors.remove(key);
+                        }
+                    }
+                }
+                same
+            }
+        }
     }
 
     /// Applies a plan's writes as the store does (a higher timestamp wins per cell).

@@ -250,6 +250,76 @@ async fn a_restarted_processor_restores_its_views_from_the_changelog_not_from_th
     assert_eq!(Some(doc(&mine[1])), state_document(&s, car).await);
 }
 
+/// An error resolved twice: the second resolution wins in the store without changing the
+/// document, so no record carries its write time. A late ERROR dated between the two resolutions
+/// then loses in the store and must not be recorded, whether the view that settles it stayed in
+/// memory, was dropped from the cache and read back (`cache_bytes` "1": every view is dropped once
+/// its records commit), or was restored by a new processor (`restart`).
+async fn a_late_error_between_two_resolutions_is_not_recorded(cache_bytes: &str, restart: bool) {
+    let s = settings(&[
+        ("CARHOOK__KAFKA__PARTITIONS", "2"),
+        ("CARHOOK__PROCESSOR__CHANGELOG_CACHE_BYTES", cache_bytes),
+    ]);
+    let mut p = spawn_processor(&s).await;
+    let car = "cl-late";
+    let events = [
+        account_error("ev-1", car, "ERROR", T0 + 1_000),
+        account_error("ev-2", car, "RESOLVED", T0 + 2_000),
+        account_error("ev-3", car, "RESOLVED", T0 + 4_000),
+        account_error("ev-late", car, "ERROR", T0 + 3_000),
+        state("ev-5", car, json!([soc(40, T0 + 5_000)]), T0 + 5_000),
+    ];
+    let mut committed = 0.0;
+    for (i, e) in events.iter().enumerate() {
+        if restart && i == 3 {
+            p.stop().await;
+            p = spawn_processor(&s).await;
+            committed = 0.0;
+        }
+        produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &[(Some(car), e)]).await;
+        // Committed (counted after the commit) before the next is sent.
+        committed += 1.0;
+        eventually(Duration::from_secs(30), || async {
+            metric_value(p.addr, "carhook_processor_events_total").await >= committed
+        })
+        .await;
+    }
+    let by = records_until(&s, car, "ev-5").await;
+    let mine = by.get(car).cloned().unwrap_or_default();
+    let ids: Vec<String> = mine
+        .iter()
+        .filter_map(|m| header(m, headers::EVENT_ID))
+        .collect();
+    assert_eq!(ids, ["ev-1", "ev-2", "ev-5"]);
+    assert_eq!(mine.last().map(doc), state_document(&s, car).await);
+    if cache_bytes == "1" && !restart {
+        assert!(
+            metric_value(
+                p.addr,
+                "carhook_processor_changelog_view_loads_total{from=\"changelog\"}"
+            )
+            .await
+                >= 3.0,
+            "the views were read back from the changelog"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_view_dropped_from_the_cache_and_read_back_settles_a_late_event_as_the_store_does() {
+    a_late_error_between_two_resolutions_is_not_recorded("1", false).await;
+}
+
+#[tokio::test]
+async fn a_view_restored_after_a_restart_settles_a_late_event_as_the_store_does() {
+    a_late_error_between_two_resolutions_is_not_recorded("33554432", true).await;
+}
+
+#[tokio::test]
+async fn a_view_restored_then_read_back_by_offset_settles_a_late_event_as_the_store_does() {
+    a_late_error_between_two_resolutions_is_not_recorded("1", true).await;
+}
+
 #[tokio::test]
 async fn with_the_changelog_off_nothing_is_written_to_it() {
     let s = settings(&[("CARHOOK__PROCESSOR__CHANGELOG", "false")]);

@@ -716,6 +716,10 @@ pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String
             s.processor.changelog.to_string(),
         ),
         (
+            "CARHOOK__PROCESSOR__CHANGELOG_CACHE_BYTES",
+            s.processor.changelog_cache_bytes.to_string(),
+        ),
+        (
             "CARHOOK__KAFKA__QUARANTINE_TOPIC",
             s.kafka.quarantine_topic.clone(),
         ),
