@@ -518,7 +518,6 @@ impl Changelog {
         let applied = entry.view.apply_tracked(plan);
         let (recorded, ahead) = (entry.recorded, entry.ahead);
         let change = (!recorded || !applied.changed.is_empty()).then(|| {
-            let document = entry.view.render(vehicle);
             Change {
                 vehicle: vehicle.to_owned(),
                 event_id: String::new(),
@@ -527,9 +526,9 @@ impl Changelog {
                 changed: if recorded {
                     applied.changed.clone()
                 } else {
-                    view::changed(&Value::Null, &document)
+                    entry.view.names()
                 },
-                document: document.to_string(),
+                document: entry.view.render_text(vehicle),
                 cell_times: entry.view.cell_times().to_string(),
             }
         });

@@ -10,9 +10,13 @@
 //!
 //! At *equal* timestamps Cassandra and ScyllaDB keep the cell with the greater value (byte order).
 //! Equal timestamps are common: a webhook and a poll, or two deliveries, carrying the same reading
-//! under different event ids. Each part keeps a tie key that orders like the stored bytes (the
+//! under different event ids. Each part has a tie key that orders like the stored bytes (the
 //! documents are serde_json objects, keys in sorted order: a value document starts with its body,
 //! then its event id), so a view settles ties as the store does.
+//!
+//! Memory: a view is held for many vehicles at once, so a value's body is kept as its JSON text
+//! (serde_json's compact form, the same bytes the store and the changelog hold), not as a tree of
+//! `Value`s, and the document is written from the parts without building one.
 //!
 //! Bookkeeping (the last event seen, its delivery time) is not part of the document: it changes on
 //! every event, so a changelog keyed on it would change on every event too.
@@ -20,86 +24,181 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::LazyLock;
 
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 use crate::effects::Plan;
 
 /// The document schema's version (the `version` field); bumped on any incompatible change.
 pub const DOCUMENT_VERSION: u32 = 1;
 
-/// The part of one cell the document shows, the cell's write timestamp (µs), and a key that
-/// orders like the stored document at equal timestamps (None: not known, the cell is kept).
+/// A cell's part, its write timestamp (µs), and for availability and error cells a key that
+/// orders like the stored document at equal timestamps (None: not known, the cell is kept). A value
+/// cell's key is its body and event id ([`value_tie`]).
 #[derive(Debug, Clone, PartialEq)]
-struct Stamped {
+struct Stamped<P> {
     ts: i64,
-    part: Value,
+    part: P,
     tie: Option<Vec<String>>,
 }
 
+/// What the document shows of a value cell.
+#[derive(Debug, Clone)]
+struct ValuePart {
+    /// The body's JSON text (`null` without one).
+    body: Box<RawValue>,
+    oem_updated_at: Value,
+    fetched_at: Value,
+    event_id: Value,
+    logic_version: Value,
+    /// `webhook` or `poll`.
+    source: Value,
+}
+
+impl PartialEq for ValuePart {
+    fn eq(&self, other: &Self) -> bool {
+        self.body.get() == other.body.get()
+            && self.oem_updated_at == other.oem_updated_at
+            && self.fetched_at == other.fetched_at
+            && self.event_id == other.event_id
+            && self.logic_version == other.logic_version
+            && self.source == other.source
+    }
+}
+
+/// A stored value document's fields the document shows (others are ignored).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredValue<'a> {
+    #[serde(borrow, default)]
+    body: Option<&'a RawValue>,
+    #[serde(default)]
+    oem_updated_at: Value,
+    #[serde(default)]
+    fetched_at: Value,
+    #[serde(default)]
+    event_id: Value,
+    #[serde(default)]
+    logic_version: Value,
+    #[serde(default)]
+    source: Value,
+}
+
+impl ValuePart {
+    fn new(body: Box<RawValue>, fields: [Value; 5]) -> Self {
+        let [oem_updated_at, fetched_at, event_id, logic_version, source] = fields;
+        // Values stored before polling existed carry no source: they all came from webhooks.
+        // Filled in here so a view read from the store and one restored from the changelog are
+        // equal.
+        let source = if source.is_null() {
+            Value::from("webhook")
+        } else {
+            source
+        };
+        Self {
+            body,
+            oem_updated_at,
+            fetched_at,
+            event_id,
+            logic_version,
+            source,
+        }
+    }
+
+    /// From a stored value document (JSON text); an unreadable one shows nothing.
+    fn from_doc(doc: &str) -> Self {
+        match serde_json::from_str::<StoredValue<'_>>(doc) {
+            Ok(v) => Self::new(
+                v.body.unwrap_or(RawValue::NULL).to_owned(),
+                [
+                    v.oem_updated_at,
+                    v.fetched_at,
+                    v.event_id,
+                    v.logic_version,
+                    v.source,
+                ],
+            ),
+            Err(_) => Self::new(RawValue::NULL.to_owned(), Default::default()),
+        }
+    }
+
+    /// From a signal's entry in a document.
+    fn from_entry(entry: &Value) -> Self {
+        let field = |f: &str| entry.get(f).cloned().unwrap_or(Value::Null);
+        let body = entry
+            .get("body")
+            .and_then(|b| RawValue::from_string(b.to_string()).ok())
+            .unwrap_or_else(|| RawValue::NULL.to_owned());
+        Self::new(
+            body,
+            [
+                field("oemUpdatedAt"),
+                field("fetchedAt"),
+                field("eventId"),
+                field("logicVersion"),
+                field("source"),
+            ],
+        )
+    }
+}
+
+/// A value document's bytes are `{"body":…,"eventId":…,…`: body, then event id, decide a tie.
+fn value_tie(s: &Stamped<ValuePart>) -> Option<Vec<String>> {
+    Some(vec![
+        s.part.body.get().to_owned(),
+        s.part.event_id.to_string(),
+    ])
+}
+
+fn stored_tie<P>(s: &Stamped<P>) -> Option<Vec<String>> {
+    s.tie.clone()
+}
+
+/// What the document shows of an availability cell: the status, and while the signal is not
+/// available, the error and since when. "Available since" is not shown: every good value moves it.
+#[derive(Debug, Clone, PartialEq)]
+struct AvailabilityPart {
+    status: Box<str>,
+    error: Value,
+    since: Value,
+}
+
+impl AvailabilityPart {
+    fn from_raw(raw: &Value) -> Self {
+        let status = raw
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("available");
+        let away = status != "available";
+        Self {
+            status: status.into(),
+            error: raw
+                .get("error")
+                .filter(|e| away && !e.is_null())
+                .cloned()
+                .unwrap_or(Value::Null),
+            since: raw
+                .get("since")
+                .filter(|_| away)
+                .cloned()
+                .unwrap_or(Value::Null),
+        }
+    }
+}
+
 /// What the document shows for a signal without an availability cell.
-static AVAILABLE: LazyLock<Value> =
-    LazyLock::new(|| json!({"status": "available", "error": null, "since": null}));
+static AVAILABLE: LazyLock<AvailabilityPart> = LazyLock::new(|| AvailabilityPart {
+    status: "available".into(),
+    error: Value::Null,
+    since: Value::Null,
+});
 
 /// Sorts after every JSON text: an availability document without an `error` key.
 const NO_ERROR_KEY: &str = "\u{7f}";
 
-/// A signal's two cells.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct SignalCells {
-    value: Option<Stamped>,
-    availability: Option<Stamped>,
-}
-
-/// A vehicle's cells, as far as the document is concerned.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct View {
-    signals: BTreeMap<String, SignalCells>,
-    /// Error key → its state cell (the stored error document; shown while in `ERROR`).
-    errors: BTreeMap<String, Stamped>,
-}
-
-/// Why a changelog record could not be turned back into a view.
-#[derive(Debug, thiserror::Error)]
-pub enum ViewError {
-    #[error("state changelog record of vehicle {vehicle}: {message}")]
-    Record { vehicle: String, message: String },
-}
-
-/// Fields of a value cell the document shows.
-const VALUE_FIELDS: [&str; 6] = [
-    "body",
-    "oemUpdatedAt",
-    "fetchedAt",
-    "eventId",
-    "logicVersion",
-    "source",
-];
-
 fn parse(doc: &str) -> Value {
     serde_json::from_str(doc).unwrap_or(Value::Null)
-}
-
-fn value_part(raw: &Value) -> Value {
-    let mut m = Map::new();
-    for f in VALUE_FIELDS {
-        m.insert(f.into(), raw.get(f).cloned().unwrap_or(Value::Null));
-    }
-    // Values stored before polling existed carry no source: they all came from webhooks. Filled in
-    // here so a view read from the store and one restored from the changelog are equal.
-    if m.get("source").is_none_or(Value::is_null) {
-        m.insert("source".into(), Value::from("webhook"));
-    }
-    Value::Object(m)
-}
-
-/// A value document's bytes are `{"body":…,"eventId":…,…`: body, then event id, decide a tie.
-fn value_tie(part: &Value) -> Option<Vec<String>> {
-    let text = |f: &str| {
-        part.get(f)
-            .map(Value::to_string)
-            .unwrap_or_else(|| "null".into())
-    };
-    Some(vec![text("body"), text("eventId")])
 }
 
 /// An availability document's bytes start with `{"error":…` when it has that key, else with
@@ -110,45 +209,56 @@ fn availability_tie(raw: &Value) -> Option<Vec<String>> {
         .map_or_else(|| NO_ERROR_KEY.to_owned(), Value::to_string)])
 }
 
-/// What the document shows of an availability cell: the status, and while the signal is not
-/// available, the error and since when. "Available since" is not shown: every good value moves it.
-fn availability_part(raw: &Value) -> Value {
-    let status = raw
-        .get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("available");
-    let away = status != "available";
-    json!({
-        "status": status,
-        "error": raw.get("error").filter(|e| away && !e.is_null()).cloned(),
-        "since": raw.get("since").filter(|_| away).cloned(),
-    })
-}
-
 /// Keeps the cell the store keeps: the higher write timestamp, at equal timestamps the greater
-/// document. When `new` wins, returns the cell it replaced (None: there was none).
-fn newer(slot: &mut Option<Stamped>, new: Stamped) -> Option<Option<Stamped>> {
+/// document (`tie`). When `new` wins, returns the cell it replaced (None: there was none).
+fn newer<P>(
+    slot: &mut Option<Stamped<P>>,
+    new: Stamped<P>,
+    tie: fn(&Stamped<P>) -> Option<Vec<String>>,
+) -> Option<Option<Stamped<P>>> {
     let wins = match slot {
         None => true,
         Some(cur) if new.ts != cur.ts => new.ts > cur.ts,
-        Some(cur) => matches!((&cur.tie, &new.tie), (Some(a), Some(b)) if b > a),
+        Some(cur) => matches!((tie(cur), tie(&new)), (Some(a), Some(b)) if b > a),
     };
     wins.then(|| slot.replace(new))
 }
 
-/// One cell of a view, as an undo names it.
+/// A signal's two cells.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct SignalCells {
+    value: Option<Stamped<ValuePart>>,
+    availability: Option<Stamped<AvailabilityPart>>,
+}
+
+/// A vehicle's cells, as far as the document is concerned.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct View {
+    signals: BTreeMap<String, SignalCells>,
+    /// Error key → its state cell (the stored error document; shown while in `ERROR`).
+    errors: BTreeMap<String, Stamped<Value>>,
+}
+
+/// Why a changelog record could not be turned back into a view.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    #[error("state changelog record of vehicle {vehicle}: {message}")]
+    Record { vehicle: String, message: String },
+}
+
+/// A cell a plan replaced, and what it held before (None: nothing).
 #[derive(Debug, Clone)]
-enum CellKey {
-    Value(String),
-    Availability(String),
-    Error(String),
+enum Replaced {
+    Value(String, Option<Stamped<ValuePart>>),
+    Availability(String, Option<Stamped<AvailabilityPart>>),
+    Error(String, Option<Stamped<Value>>),
 }
 
 /// What applying one plan did to a view: the cells it replaced, so it can be taken back
 /// ([`View::undo`]), and the parts of the document it changed.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
-    replaced: Vec<(CellKey, Option<Stamped>)>,
+    replaced: Vec<Replaced>,
     /// Signal codes whose entry changed, and `error:<key>` for each active error set, changed or
     /// cleared, sorted (the same names [`changed`] gives for two whole documents).
     pub changed: Vec<String>,
@@ -161,33 +271,51 @@ impl Applied {
     }
 }
 
-/// A signal's entry in the document.
-fn signal_entry(cells: &SignalCells) -> Value {
-    let value = cells.value.as_ref().map(|s| &s.part);
-    let avail = cells.availability.as_ref().map(|s| &s.part);
-    let status = avail
-        .and_then(|a| a.get("status"))
-        .and_then(Value::as_str)
-        .unwrap_or("available");
-    let field = |f: &str| value.and_then(|v| v.get(f)).cloned().unwrap_or(Value::Null);
-    let from_avail = |f: &str| avail.and_then(|a| a.get(f)).cloned().unwrap_or(Value::Null);
-    json!({
-        "body": field("body"),
-        "status": status,
-        "oemUpdatedAt": field("oemUpdatedAt"),
-        "fetchedAt": field("fetchedAt"),
-        "eventId": field("eventId"),
-        "logicVersion": field("logicVersion"),
-        // `webhook` or `poll` (see `value_part`); null without a value.
-        "source": field("source"),
-        "error": from_avail("error"),
-        "unavailableSince": from_avail("since"),
-    })
+/// A signal's entry in the document (fields in the order serde_json writes a `Value` object).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SignalEntry<'a> {
+    body: &'a RawValue,
+    error: &'a Value,
+    event_id: &'a Value,
+    fetched_at: &'a Value,
+    logic_version: &'a Value,
+    oem_updated_at: &'a Value,
+    /// `webhook` or `poll`; null without a value.
+    source: &'a Value,
+    status: &'a str,
+    unavailable_since: &'a Value,
 }
 
-/// An error's entry among the active errors (without its key), if it is active.
-fn error_entry(cell: &Stamped) -> Option<Value> {
-    (cell.part.is_object() && is_active(&cell.part)).then(|| cell.part.clone())
+/// The state document (fields in the order serde_json writes a `Value` object).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Document<'a> {
+    active_errors: Vec<Value>,
+    needs_reconnect: bool,
+    rate_limited_until: Option<i64>,
+    signals: BTreeMap<&'a str, SignalEntry<'a>>,
+    unsupported_signals: Vec<&'a str>,
+    vehicle_id: &'a str,
+    version: u32,
+}
+
+static NULL: Value = Value::Null;
+
+fn signal_entry(cells: &SignalCells) -> SignalEntry<'_> {
+    let value = cells.value.as_ref().map(|s| &s.part);
+    let avail = cells.availability.as_ref().map(|s| &s.part);
+    SignalEntry {
+        body: value.map_or(RawValue::NULL, |v| &v.body),
+        error: avail.map_or(&NULL, |a| &a.error),
+        event_id: value.map_or(&NULL, |v| &v.event_id),
+        fetched_at: value.map_or(&NULL, |v| &v.fetched_at),
+        logic_version: value.map_or(&NULL, |v| &v.logic_version),
+        oem_updated_at: value.map_or(&NULL, |v| &v.oem_updated_at),
+        source: value.map_or(&NULL, |v| &v.source),
+        status: avail.map_or("available", |a| &a.status),
+        unavailable_since: avail.map_or(&NULL, |a| &a.since),
+    }
 }
 
 /// An error cell's part as the document shows it: only while active.
@@ -203,33 +331,39 @@ fn is_active(part: &Value) -> bool {
 impl View {
     /// Adds a stored value cell (raw JSON document, write timestamp); returns the cell it
     /// replaced when it won.
-    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Option<Stamped>> {
+    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Option<Stamped<ValuePart>>> {
         let s = self.signals.entry(code.to_owned()).or_default();
-        let part = value_part(&parse(doc));
-        let tie = value_tie(&part);
-        newer(&mut s.value, Stamped { ts, part, tie })
+        let new = Stamped {
+            ts,
+            part: ValuePart::from_doc(doc),
+            tie: None,
+        };
+        newer(&mut s.value, new, value_tie)
     }
 
     /// Adds a stored availability cell.
-    fn put_availability(&mut self, code: &str, doc: &str, ts: i64) -> Option<Option<Stamped>> {
+    fn put_availability(
+        &mut self,
+        code: &str,
+        doc: &str,
+        ts: i64,
+    ) -> Option<Option<Stamped<AvailabilityPart>>> {
         let s = self.signals.entry(code.to_owned()).or_default();
         let raw = parse(doc);
-        newer(
-            &mut s.availability,
-            Stamped {
-                ts,
-                part: availability_part(&raw),
-                tie: availability_tie(&raw),
-            },
-        )
+        let new = Stamped {
+            ts,
+            part: AvailabilityPart::from_raw(&raw),
+            tie: availability_tie(&raw),
+        };
+        newer(&mut s.availability, new, stored_tie)
     }
 
     /// Adds a stored vehicle-error cell.
-    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Option<Stamped>> {
+    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Option<Stamped<Value>>> {
         let mut slot = self.errors.remove(key);
         let part = parse(doc);
         let tie = Some(vec![part.to_string()]);
-        let replaced = newer(&mut slot, Stamped { ts, part, tie });
+        let replaced = newer(&mut slot, Stamped { ts, part, tie }, stored_tie);
         if let Some(s) = slot {
             self.errors.insert(key.to_owned(), s);
         }
@@ -240,10 +374,16 @@ impl View {
     pub fn put(&mut self, cell: &crate::store::StoredCell) {
         use crate::store::CellKind;
         match &cell.kind {
-            CellKind::Value(code) => self.put_value(code, &cell.doc, cell.timestamp),
-            CellKind::Availability(code) => self.put_availability(code, &cell.doc, cell.timestamp),
-            CellKind::Error(key) => self.put_error(key, &cell.doc, cell.timestamp),
-        };
+            CellKind::Value(code) => {
+                self.put_value(code, &cell.doc, cell.timestamp);
+            }
+            CellKind::Availability(code) => {
+                self.put_availability(code, &cell.doc, cell.timestamp);
+            }
+            CellKind::Error(key) => {
+                self.put_error(key, &cell.doc, cell.timestamp);
+            }
+        }
     }
 
     /// True when `cell` would replace what the view holds for it (a later write time, or a cell
@@ -251,13 +391,19 @@ impl View {
     pub fn is_behind(&self, cell: &crate::store::StoredCell) -> bool {
         use crate::store::CellKind;
         let held = match &cell.kind {
-            CellKind::Value(code) => self.signals.get(code).and_then(|c| c.value.as_ref()),
-            CellKind::Availability(code) => {
-                self.signals.get(code).and_then(|c| c.availability.as_ref())
-            }
-            CellKind::Error(key) => self.errors.get(key),
+            CellKind::Value(code) => self
+                .signals
+                .get(code)
+                .and_then(|c| c.value.as_ref())
+                .map(|s| s.ts),
+            CellKind::Availability(code) => self
+                .signals
+                .get(code)
+                .and_then(|c| c.availability.as_ref())
+                .map(|s| s.ts),
+            CellKind::Error(key) => self.errors.get(key).map(|s| s.ts),
         };
-        held.is_none_or(|s| cell.timestamp > s.ts)
+        held.is_none_or(|ts| cell.timestamp > ts)
     }
 
     /// Takes a stored cell that wins over the view's only if the document does not show the
@@ -267,58 +413,78 @@ impl View {
     pub fn adopt(&mut self, cell: &crate::store::StoredCell) -> bool {
         use crate::store::CellKind;
         let (doc, ts) = (cell.doc.as_str(), cell.timestamp);
-        match &cell.kind {
-            CellKind::Value(code) => {
-                let Some(prior) = self.put_value(code, doc, ts) else {
-                    return false;
-                };
+        let existed = match &cell.kind {
+            CellKind::Value(code) | CellKind::Availability(code) => self.signals.contains_key(code),
+            CellKind::Error(_) => true,
+        };
+        let replaced = match &cell.kind {
+            CellKind::Value(code) => self
+                .put_value(code, doc, ts)
+                .map(|prior| Replaced::Value(code.clone(), prior)),
+            CellKind::Availability(code) => self
+                .put_availability(code, doc, ts)
+                .map(|prior| Replaced::Availability(code.clone(), prior)),
+            CellKind::Error(key) => self
+                .put_error(key, doc, ts)
+                .map(|prior| Replaced::Error(key.clone(), prior)),
+        };
+        let Some(replaced) = replaced else {
+            return false;
+        };
+        let same = !self.shows_differently(&replaced, existed);
+        if !same {
+            self.take_back(replaced);
+        }
+        same
+    }
+
+    /// Whether the document shows the cell `replaced` names differently now than with what it
+    /// held before (`existed`: the signal had an entry before).
+    fn shows_differently(&self, replaced: &Replaced, existed: bool) -> bool {
+        match replaced {
+            Replaced::Value(code, before) => {
                 let now = self.signals.get(code).and_then(|c| c.value.as_ref());
-                let same = prior.as_ref().map(|p| &p.part) == now.map(|n| &n.part);
-                if !same {
-                    self.signals.entry(code.clone()).or_default().value = prior;
-                    self.drop_if_empty(code);
-                }
-                same
+                before.as_ref().map(|s| &s.part) != now.map(|s| &s.part)
             }
-            CellKind::Availability(code) => {
-                let existed = self.signals.contains_key(code);
-                let Some(prior) = self.put_availability(code, doc, ts) else {
-                    return false;
-                };
+            Replaced::Availability(code, before) => {
                 let now = self
                     .signals
                     .get(code)
                     .and_then(|c| c.availability.as_ref())
-                    .map(|n| &n.part);
-                let same = match &prior {
-                    // No availability cell renders as available.
-                    None => existed && now == Some(&*AVAILABLE),
-                    Some(p) => now == Some(&p.part),
-                };
-                if !same {
-                    self.signals.entry(code.clone()).or_default().availability = prior;
-                    self.drop_if_empty(code);
+                    .map(|s| &s.part);
+                match before {
+                    // No availability cell renders as available: a first one changes the entry
+                    // only if it says something else, or if the signal is new.
+                    None => !existed || now.is_some_and(|p| *p != *AVAILABLE),
+                    Some(b) => now != Some(&b.part),
                 }
-                same
             }
-            CellKind::Error(key) => {
-                let Some(prior) = self.put_error(key, doc, ts) else {
-                    return false;
-                };
-                let now = self.errors.get(key).map(|n| &n.part);
-                let same = shown_error(prior.as_ref().map(|p| &p.part)) == shown_error(now);
-                if !same {
-                    match prior {
-                        Some(p) => {
-                            self.errors.insert(key.clone(), p);
-                        }
-                        None => {
-                            self.errors.remove(key);
-                        }
-                    }
+            Replaced::Error(key, before) => {
+                let now = self.errors.get(key).map(|s| &s.part);
+                shown_error(before.as_ref().map(|s| &s.part)) != shown_error(now)
+            }
+        }
+    }
+
+    /// Puts back what a cell held before it was replaced.
+    fn take_back(&mut self, replaced: Replaced) {
+        match replaced {
+            Replaced::Value(code, prior) => {
+                self.signals.entry(code.clone()).or_default().value = prior;
+                self.drop_if_empty(&code);
+            }
+            Replaced::Availability(code, prior) => {
+                self.signals.entry(code.clone()).or_default().availability = prior;
+                self.drop_if_empty(&code);
+            }
+            Replaced::Error(key, prior) => match prior {
+                Some(p) => {
+                    self.errors.insert(key, p);
                 }
-                same
-            }
+                None => {
+                    self.errors.remove(&key);
+                }
+            },
         }
     }
 
@@ -350,62 +516,40 @@ impl View {
         for w in &plan.values {
             let code = w.code.as_str();
             if let Some(prior) = self.put_value(code, &w.value.doc, w.value.timestamp) {
-                replaced.push((CellKey::Value(code.to_owned()), prior));
+                replaced.push(Replaced::Value(code.to_owned(), prior));
             }
         }
         for w in &plan.availability {
             let code = w.code.as_str();
             let ts = w.availability.timestamp;
             if let Some(prior) = self.put_availability(code, &w.availability.doc, ts) {
-                replaced.push((CellKey::Availability(code.to_owned()), prior));
+                replaced.push(Replaced::Availability(code.to_owned(), prior));
             }
         }
         for w in &plan.errors {
             if let Some(prior) = self.put_error(&w.key, &w.state.doc, w.state.timestamp) {
-                replaced.push((CellKey::Error(w.key.clone()), prior));
+                replaced.push(Replaced::Error(w.key.clone(), prior));
             }
         }
         // Each cell's state before the plan is the prior of its first replacement.
         let mut signals: BTreeSet<&str> = BTreeSet::new();
         let mut errors: BTreeSet<&str> = BTreeSet::new();
         let mut seen: BTreeSet<(u8, &str)> = BTreeSet::new();
-        for (key, before) in &replaced {
-            let (kind, name) = match key {
-                CellKey::Value(c) => (0, c.as_str()),
-                CellKey::Availability(c) => (1, c.as_str()),
-                CellKey::Error(k) => (2, k.as_str()),
+        for r in &replaced {
+            let (kind, name) = match r {
+                Replaced::Value(c, _) => (0, c.as_str()),
+                Replaced::Availability(c, _) => (1, c.as_str()),
+                Replaced::Error(k, _) => (2, k.as_str()),
             };
             if !seen.insert((kind, name)) {
                 continue;
             }
-            let before = before.as_ref().map(|s| &s.part);
-            match kind {
-                0 => {
-                    let now = self.signals.get(name).and_then(|c| c.value.as_ref());
-                    if before != now.map(|s| &s.part) {
-                        signals.insert(name);
-                    }
-                }
-                1 => {
-                    let now = self.signals.get(name).and_then(|c| c.availability.as_ref());
-                    let differs = match before {
-                        // No availability cell renders as available: a first one changes the
-                        // entry only if it says something else, or if the signal is new.
-                        None => {
-                            !existed.get(name).copied().unwrap_or(false)
-                                || now.is_some_and(|s| s.part != *AVAILABLE)
-                        }
-                        Some(b) => now.map(|s| &s.part) != Some(b),
-                    };
-                    if differs {
-                        signals.insert(name);
-                    }
-                }
-                _ => {
-                    let now = self.errors.get(name).map(|s| &s.part);
-                    if shown_error(before) != shown_error(now) {
-                        errors.insert(name);
-                    }
+            let existed = existed.get(name).copied().unwrap_or(false);
+            if self.shows_differently(r, existed) {
+                if kind == 2 {
+                    errors.insert(name);
+                } else {
+                    signals.insert(name);
                 }
             }
         }
@@ -420,25 +564,8 @@ impl View {
     /// Takes back what [`View::apply_tracked`] did. Undos of several plans are taken back latest
     /// first.
     pub fn undo(&mut self, applied: Applied) {
-        for (key, prior) in applied.replaced.into_iter().rev() {
-            match key {
-                CellKey::Value(code) => {
-                    self.signals.entry(code.clone()).or_default().value = prior;
-                    self.drop_if_empty(&code);
-                }
-                CellKey::Availability(code) => {
-                    self.signals.entry(code.clone()).or_default().availability = prior;
-                    self.drop_if_empty(&code);
-                }
-                CellKey::Error(k) => match prior {
-                    Some(p) => {
-                        self.errors.insert(k, p);
-                    }
-                    None => {
-                        self.errors.remove(&k);
-                    }
-                },
-            }
+        for r in applied.replaced.into_iter().rev() {
+            self.take_back(r);
         }
     }
 
@@ -457,22 +584,22 @@ impl View {
         self.signals.is_empty() && self.errors.is_empty()
     }
 
-    /// The state document (schema in the README, "Vehicle state document").
-    pub fn render(&self, vehicle: &str) -> Value {
-        let mut signals = Map::new();
+    /// The document, borrowing the view's parts.
+    fn document<'a>(&'a self, vehicle: &'a str) -> Document<'a> {
+        let mut signals = BTreeMap::new();
         let mut unsupported = Vec::new();
         for (code, cells) in &self.signals {
             let entry = signal_entry(cells);
-            if entry["status"] == "unsupported" {
-                unsupported.push(Value::from(code.clone()));
+            if entry.status == "unsupported" {
+                unsupported.push(code.as_str());
             }
-            signals.insert(code.clone(), entry);
+            signals.insert(code.as_str(), entry);
         }
         let mut active = Vec::new();
         let mut needs_reconnect = false;
         let mut backoff_until: Option<i64> = None;
         for (key, cell) in &self.errors {
-            let Some(Value::Object(mut e)) = error_entry(cell) else {
+            let Some(Value::Object(e)) = shown_error(Some(&cell.part)) else {
                 continue;
             };
             needs_reconnect |= e
@@ -482,18 +609,40 @@ impl View {
             if let Some(b) = e.get("backoffUntil").and_then(Value::as_i64) {
                 backoff_until = Some(backoff_until.map_or(b, |x| x.max(b)));
             }
+            let mut e = e.clone();
             e.insert("key".into(), Value::from(key.clone()));
             active.push(Value::Object(e));
         }
-        json!({
-            "version": DOCUMENT_VERSION,
-            "vehicleId": vehicle,
-            "signals": signals,
-            "needsReconnect": needs_reconnect,
-            "unsupportedSignals": unsupported,
-            "activeErrors": active,
-            "rateLimitedUntil": backoff_until,
-        })
+        Document {
+            active_errors: active,
+            needs_reconnect,
+            rate_limited_until: backoff_until,
+            signals,
+            unsupported_signals: unsupported,
+            vehicle_id: vehicle,
+            version: DOCUMENT_VERSION,
+        }
+    }
+
+    /// The state document's JSON text (schema in the README, "Vehicle state document"): the
+    /// same bytes as [`View::render`]'s value written by serde_json.
+    pub fn render_text(&self, vehicle: &str) -> String {
+        serde_json::to_string(&self.document(vehicle)).unwrap_or_default()
+    }
+
+    /// The state document as a JSON value.
+    pub fn render(&self, vehicle: &str) -> Value {
+        serde_json::to_value(self.document(vehicle)).unwrap_or(Value::Null)
+    }
+
+    /// What a first record names: every signal, and every active error.
+    pub fn names(&self) -> Vec<String> {
+        let errors = self
+            .errors
+            .iter()
+            .filter(|(_, c)| shown_error(Some(&c.part)).is_some())
+            .map(|(k, _)| format!("error:{k}"));
+        self.signals.keys().cloned().chain(errors).collect()
     }
 
     /// Every cell's write timestamp: `{"v":{code:ts},"a":{code:ts},"e":{key:ts}}`. With the
@@ -514,7 +663,7 @@ impl View {
             .iter()
             .map(|(k, s)| (k.clone(), Value::from(s.ts)))
             .collect();
-        json!({ "v": v, "a": a, "e": e })
+        serde_json::json!({ "v": v, "a": a, "e": e })
     }
 
     /// Rebuilds a view from a changelog record: its document and its cell times header.
@@ -547,11 +696,10 @@ impl View {
         for (code, entry) in signals {
             let mut cells = SignalCells::default();
             if let Some(t) = ts("v", code)? {
-                let part = value_part(entry);
                 cells.value = Some(Stamped {
                     ts: t,
-                    tie: value_tie(&part),
-                    part,
+                    part: ValuePart::from_entry(entry),
+                    tie: None,
                 });
             }
             if let Some(t) = ts("a", code)? {
@@ -562,10 +710,11 @@ impl View {
                 }
                 // An available cell's stored document may carry `"error":null` (a resolved
                 // incompatibility) or no error key; the document does not say which.
-                let part = availability_part(&raw);
-                let tie = match part.get("error") {
-                    Some(e) if !e.is_null() => Some(vec![e.to_string()]),
-                    _ => Some(vec![NO_ERROR_KEY.to_owned()]),
+                let part = AvailabilityPart::from_raw(&raw);
+                let tie = if part.error.is_null() {
+                    Some(vec![NO_ERROR_KEY.to_owned()])
+                } else {
+                    Some(vec![part.error.to_string()])
                 };
                 cells.availability = Some(Stamped { ts: t, part, tie });
             }
@@ -648,6 +797,7 @@ pub fn changed(before: &Value, after: &Value) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::effects::{self, Context};
+    use serde_json::json;
     use shared::clock::EpochMillis;
     use shared::event::Event;
 
@@ -818,6 +968,11 @@ mod tests {
             let before = v.render("car");
             let applied = v.apply_tracked(p);
             let after = v.render("car");
+            assert_eq!(
+                v.render_text("car"),
+                after.to_string(),
+                "step {i}: the text is the value's serde_json text"
+            );
             let mut expected = changed(&before, &after);
             expected.sort();
             assert_eq!(applied.changed, expected, "step {i}");
@@ -839,6 +994,59 @@ mod tests {
             );
         }
         assert!(v.is_empty(), "every cell undone");
+    }
+
+    /// The stored cell a plan's write of `kind` makes.
+    fn written(plan: &Plan, name: &str) -> crate::store::StoredCell {
+        use crate::store::CellKind;
+        let (kind, w) = if let Some(w) = plan.errors.iter().find(|w| w.key == name) {
+            (CellKind::Error(w.key.clone()), &w.state)
+        } else if let Some(w) = plan.availability.iter().find(|w| w.code.as_str() == name) {
+            (
+                CellKind::Availability(w.code.as_str().to_owned()),
+                &w.availability,
+            )
+        } else {
+            panic!("the plan writes no cell {name}")
+        };
+        crate::store::StoredCell {
+            kind,
+            doc: w.doc.clone(),
+            timestamp: w.timestamp,
+            event_id: None,
+        }
+    }
+
+    /// A store cell newer than the view is taken only when the document shows no difference.
+    #[test]
+    fn adopt_takes_a_later_write_only_when_the_document_does_not_show_it() {
+        let mut v = View::default();
+        v.apply(&error("x1", "ERROR", 1_000_000));
+        v.apply(&error("x2", "RESOLVED", 2_000_000));
+        let doc = v.render("car");
+        let key = v.errors.keys().next().cloned().unwrap_or_default();
+        let later = written(&error("x4", "RESOLVED", 4_000_000), &key);
+        assert!(v.is_behind(&later));
+        assert!(v.adopt(&later), "resolved again: not shown, taken");
+        assert_eq!(v.render("car"), doc);
+        assert!(!v.is_behind(&later));
+        // A late ERROR between the resolutions now loses, as in the store.
+        v.apply(&error("x3", "ERROR", 3_000_000));
+        assert_eq!(v.render("car"), doc);
+        // A later write the document shows is not taken.
+        let shown = written(&error("x5", "ERROR", 5_000_000), &key);
+        assert!(v.is_behind(&shown));
+        assert!(!v.adopt(&shown));
+        assert_eq!(v.render("car"), doc);
+        // A later "available" for a signal shown as available is not shown either.
+        v.apply(&state("e1", 50.0, 1_000_000));
+        let doc = v.render("car");
+        let code = "tractionbattery-stateofcharge";
+        let avail = written(&state("e9", 50.0, 9_000_000), code);
+        let mut restored = View::restore("car", &doc, &v.cell_times()).expect("restorable");
+        assert!(restored.is_behind(&avail));
+        assert!(restored.adopt(&avail));
+        assert_eq!(restored.render("car"), doc);
     }
 
     #[test]
