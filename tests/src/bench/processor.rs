@@ -415,7 +415,12 @@ async fn handled(admins: &[SocketAddr]) -> u64 {
 /// One run: a fresh topic and keyspace filled with `n` events; `instances` processors drain it;
 /// the plain loop does the same writes with the same total concurrency; replay catches up over the
 /// backlog.
-async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
+async fn processor_run(
+    n: u64,
+    body_bytes: usize,
+    instances: usize,
+    changelog_cache_bytes: Option<u64>,
+) -> Value {
     // The drain measured against the plain loop runs as shipped: the state changelog off (the test
     // harness turns it on for every suite). Its cost is measured by a second drain with it on.
     let mut s = settings(&[]);
@@ -449,9 +454,14 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
     let log_bytes_per_event = log_bytes as f64 / events as f64;
     // The changelog's cost: the same backlog drained again with it on, into a fresh keyspace and
     // group (so every event is applied again, not a duplicate).
-    let (with_changelog, changelog_rss) = if instances == 1 {
+    let (with_changelog, changelog_rss, read_back, from_store, cache_bytes, budget) = if instances
+        == 1
+    {
         let mut on = s.clone();
         on.processor.changelog = true;
+        if let Some(bytes) = changelog_cache_bytes {
+            on.processor.changelog_cache_bytes = bytes;
+        }
         on.kafka.consumer_group = format!("{}-changelog", s.kafka.consumer_group);
         on.cql.keyspace = format!("{}_changelog", s.cql.keyspace);
         let log = std::env::temp_dir().join(format!("{}.bench-changelog.log", s.cql.keyspace));
@@ -459,12 +469,23 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
         let admins = [p.admin];
         let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
         let rss = p.peak_rss_mb();
+        let loads = "carhook_processor_changelog_view_loads_total";
+        let read_back = metric_value(p.admin, &format!("{loads}{{from=\"changelog\"}}")).await;
+        let from_store = metric_value(p.admin, &format!("{loads}{{from=\"store\"}}")).await;
+        let cache_bytes = metric_value(p.admin, "carhook_processor_changelog_cache_bytes").await;
         drop(p);
         let _ = std::fs::remove_file(&log);
         drop_keyspace(&on).await;
-        (rate, rss)
+        (
+            rate,
+            rss,
+            read_back,
+            from_store,
+            cache_bytes,
+            on.processor.changelog_cache_bytes,
+        )
     } else {
-        (f64::NAN, f64::NAN)
+        (f64::NAN, f64::NAN, f64::NAN, f64::NAN, f64::NAN, 0)
     };
     let changes = crate::record_count(&s.kafka.brokers, &s.kafka.state_topic);
     let plain = plain_loop(&s, n, body_bytes, concurrency).await;
@@ -479,6 +500,8 @@ async fn processor_run(n: u64, body_bytes: usize, instances: usize) -> Value {
         "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss,
         "state_changes": changes, "drain_with_changelog_per_sec": with_changelog,
         "changelog_drain_ratio": with_changelog / drain, "changelog_peak_rss_mb": changelog_rss,
+        "changelog_cache_budget_bytes": budget, "changelog_cache_bytes_at_end": cache_bytes,
+        "changelog_views_read_back": read_back, "changelog_views_from_store": from_store,
         "processor_log_bytes_per_event": log_bytes_per_event})
 }
 
@@ -489,14 +512,20 @@ fn plain_concurrency(s: &Settings) -> usize {
 }
 
 /// `runs` processor runs; every figure as median and spread.
-pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs: usize) -> Value {
+pub async fn processor_figures(
+    n: u64,
+    body_bytes: usize,
+    instances: usize,
+    runs: usize,
+    changelog_cache_bytes: Option<u64>,
+) -> Value {
     let mut all = Vec::new();
     for r in 0..runs {
         eprintln!(
             "bench:   run {}/{runs} ({n} events of {body_bytes} B, {instances} processor(s))",
             r + 1
         );
-        let v = processor_run(n, body_bytes, instances).await;
+        let v = processor_run(n, body_bytes, instances, changelog_cache_bytes).await;
         eprintln!("bench:   {v}");
         all.push(v);
     }
@@ -517,6 +546,8 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
         "drain_with_changelog_per_sec",
         "changelog_drain_ratio",
         "changelog_peak_rss_mb",
+        "changelog_cache_bytes_at_end",
+        "changelog_views_read_back",
         "processor_log_bytes_per_event",
     ] {
         out.insert(k.to_string(), summary(&pick(k)));
@@ -527,6 +558,11 @@ pub async fn processor_figures(n: u64, body_bytes: usize, instances: usize, runs
         all.first().map_or(Value::Null, |v| v["body_bytes"].clone()),
     );
     out.insert("instances".into(), json!(instances));
+    out.insert(
+        "changelog_cache_budget_bytes".into(),
+        all.first()
+            .map_or(Value::Null, |v| v["changelog_cache_budget_bytes"].clone()),
+    );
     out.insert(
         "concurrency".into(),
         all.first()

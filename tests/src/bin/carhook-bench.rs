@@ -184,6 +184,10 @@ struct Args {
     /// End-to-end load rate; default half the sustained maximum of receiver and processor together, measured first
     #[arg(long)]
     rate: Option<u32>,
+    /// `processor.changelog_cache_bytes` for the processor figure's drain with the changelog on;
+    /// default the shipped default
+    #[arg(long, env = "BENCH_CHANGELOG_CACHE_BYTES")]
+    changelog_cache_bytes: Option<u64>,
 }
 
 fn machine() -> String {
@@ -242,10 +246,11 @@ async fn main() {
     }
     if wants(Figure::Processor) {
         eprintln!("bench: processor 4 KB ...");
-        let p4 = processor_figures(args.events, 4096, 1, runs).await;
+        let p4 = processor_figures(args.events, 4096, 1, runs, args.changelog_cache_bytes).await;
         eprintln!("bench: processor 50 KB ...");
-        let p50 = processor_figures(args.events / 5, 50_000, 1, runs).await;
-        md.push_str(&format!("Processor as shipped (state changelog off), median (min–max) of {runs} runs; the plain loop runs {} workers, the processor's concurrency budget; the changelog rows are a second drain of the same backlog with it on:\n\n", p4["concurrency"]));
+        let p50 =
+            processor_figures(args.events / 5, 50_000, 1, runs, args.changelog_cache_bytes).await;
+        md.push_str(&format!("Processor as shipped (state changelog off), median (min–max) of {runs} runs; the plain loop runs {} workers, the processor's concurrency budget; the changelog rows are a second drain of the same backlog with it on (`processor.changelog_cache_bytes` {}):\n\n", p4["concurrency"], p4["changelog_cache_budget_bytes"]));
         md.push_str("| figure | 4 KB | 50 KB | target |\n|---|---|---|---|\n");
         for (label, key, target) in [
             ("processor drain events/s", "processor_drain_per_sec", ""),
@@ -273,6 +278,16 @@ async fn main() {
                 "changelog_peak_rss_mb",
                 "",
             ),
+            (
+                "changelog views in memory at the end, document bytes",
+                "changelog_cache_bytes_at_end",
+                "",
+            ),
+            (
+                "changelog views read back from the changelog",
+                "changelog_views_read_back",
+                "",
+            ),
             ("state changelog records written", "state_changes", ""),
             (
                 "processor log bytes per event (stdout + stderr, `info`)",
@@ -292,7 +307,7 @@ async fn main() {
     }
     if wants(Figure::ProcessorTwo) {
         eprintln!("bench: two processors, 4 KB ...");
-        let p2 = processor_figures(args.events, 4096, 2, runs).await;
+        let p2 = processor_figures(args.events, 4096, 2, runs, None).await;
         md.push_str(&format!(
             "Two processor instances in one group vs the plain loop at {} workers (4 KB), median (min–max) of {runs} runs: drain {} events/s, plain loop {}, ratio {} (target ≥ 0.8); peak RSS {} MB.\n\n",
             p2["concurrency"],
