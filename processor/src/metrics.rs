@@ -23,7 +23,7 @@ pub struct Metrics {
     pub state_changes: Counter,
     /// State changelog views loaded into memory, by where from (restore, changelog, store).
     pub changelog_view_loads: Family<Labels, Counter>,
-    /// Bytes of documents the state changelog's views hold in memory.
+    /// Memory the state changelog's views take, estimated (bytes).
     pub changelog_cache_bytes: Gauge,
     pub processing_duration: Histogram,
     pub store_errors: Family<Labels, Counter>,
@@ -221,7 +221,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "changelog_cache",
-            "Document bytes the state changelog's views hold in memory (bounded by processor.changelog_cache_bytes, past which committed views are dropped)",
+            "Memory the state changelog's views take, estimated from their documents and cells (bounded by processor.changelog_cache_bytes, past which committed views are dropped)",
             Unit::Bytes,
             m.changelog_cache_bytes.clone(),
         );

@@ -579,6 +579,16 @@ impl View {
         }
     }
 
+    /// How many cells it holds.
+    pub fn cells(&self) -> usize {
+        let signal_cells: usize = self
+            .signals
+            .values()
+            .map(|c| usize::from(c.value.is_some()) + usize::from(c.availability.is_some()))
+            .sum();
+        signal_cells + self.errors.len()
+    }
+
     /// True when no cell is known.
     pub fn is_empty(&self) -> bool {
         self.signals.is_empty() && self.errors.is_empty()

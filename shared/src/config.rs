@@ -556,9 +556,10 @@ pub struct ProcessorSettings {
     /// vehicle's state, in the same transaction as the offsets. Off by default: it costs a third to a
     /// half of the drain rate today (README, "Following vehicle state").
     pub changelog: bool,
-    /// The changelog's vehicle views kept in memory, in bytes of their documents: past it the
-    /// least recently used views whose last record is committed are dropped, and read back from
-    /// the changelog when their vehicle's next event comes (README, "Following vehicle state").
+    /// Memory the changelog's vehicle views may take, in bytes (estimated from their documents
+    /// and cells): past it the least recently used views whose last record is committed are
+    /// dropped, and read back from the changelog when their vehicle's next event comes (README,
+    /// "Following vehicle state").
     pub changelog_cache_bytes: u64,
 }
 

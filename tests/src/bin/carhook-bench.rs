@@ -279,7 +279,7 @@ async fn main() {
                 "",
             ),
             (
-                "changelog views in memory at the end, document bytes",
+                "changelog views in memory at the end, estimated bytes",
                 "changelog_cache_bytes_at_end",
                 "",
             ),
