@@ -60,6 +60,9 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long reading one record back from the changelog may take before the record is retried.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Consumers reading records back at once (each reads one record at a time).
+const FETCHERS: usize = 4;
+
 /// One changelog record to produce: the vehicle's whole document after the event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -343,8 +346,8 @@ pub struct Changelog {
     /// `processor.changelog_cache_bytes`.
     budget: usize,
     views: Mutex<Views>,
-    /// Reads single records back from the changelog (one at a time).
-    fetcher: Arc<Mutex<Option<BaseConsumer<RestoreContext>>>>,
+    /// Read records back from the changelog, each one record at a time ([`FETCHERS`]).
+    fetchers: Arc<[Mutex<Option<BaseConsumer<RestoreContext>>>]>,
     metrics: Metrics,
 }
 
@@ -373,7 +376,7 @@ impl Changelog {
             kafka,
             budget: usize::try_from(cache_bytes).unwrap_or(usize::MAX),
             views: Mutex::new(Views::default()),
-            fetcher: Arc::new(Mutex::new(None)),
+            fetchers: (0..FETCHERS).map(|_| Mutex::new(None)).collect(),
             metrics,
         }
     }
@@ -422,6 +425,7 @@ impl Changelog {
     pub fn reset(&self) {
         if let Ok(mut v) = self.views.lock() {
             *v = Views::default();
+            self.metrics.changelog_cache_bytes.set(0);
         }
     }
 
@@ -431,6 +435,9 @@ impl Changelog {
             for partition in partitions {
                 v.drop_partition(*partition);
             }
+            self.metrics
+                .changelog_cache_bytes
+                .set(i64::try_from(v.bytes).unwrap_or(i64::MAX));
         }
     }
 
@@ -503,7 +510,10 @@ impl Changelog {
         plan: &Plan,
     ) -> Result<(), StoreError> {
         if let Whose::Here(vehicle) = whose(source, plan) {
-            let entry = self.entry(store, source, vehicle).await?;
+            let mut entry = self.entry(store, source, vehicle).await?;
+            // The record is about to change it: kept until it commits (or is taken back), so
+            // [`Changelog::observe`] finds it.
+            entry.touched = entry.touched.max(source.offset);
             self.put(source.partition, vehicle, entry)?;
         }
         Ok(())
@@ -774,15 +784,28 @@ impl Changelog {
         vehicle: &str,
     ) -> Result<Option<Kept>, StoreError> {
         let kafka = self.kafka.clone();
-        let fetcher = Arc::clone(&self.fetcher);
+        let fetchers = Arc::clone(&self.fetchers);
         let vehicle = vehicle.to_owned();
         tokio::task::spawn_blocking(move || {
-            let mut slot = fetcher.lock().map_err(|e| e.to_string())?;
+            // A free one, else the partition's (each waits for its current read).
+            let i = (0..fetchers.len())
+                .find(|i| fetchers[*i].try_lock().is_ok())
+                .unwrap_or(usize::try_from(partition).unwrap_or(0) % fetchers.len());
+            let mut slot = fetchers[i].lock().map_err(|e| e.to_string())?;
             if slot.is_none() {
                 *slot = Some(changelog_consumer(&kafka, false)?);
             }
             let consumer = slot.as_ref().ok_or("no fetch consumer")?;
-            fetch_record(consumer, &kafka.state_topic, partition, offset, &vehicle)
+            let started = Instant::now();
+            let read = fetch_record(consumer, &kafka.state_topic, partition, offset, &vehicle);
+            tracing::debug!(
+                partition,
+                offset,
+                vehicle,
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "vehicle view read back from the state changelog"
+            );
+            read
         })
         .await
         .map_err(transient)?
@@ -952,7 +975,10 @@ fn changelog_consumer(
     } else {
         config
             .set("fetch.message.max.bytes", "65536")
-            .set("queued.max.messages.kbytes", "256");
+            .set("queued.max.messages.kbytes", "1024")
+            // A batch larger than the queue (records of large documents) must not hold the next
+            // read back for librdkafka's default second.
+            .set("fetch.queue.backoff.ms", "1");
     }
     config
         .create_with_context(RestoreContext)

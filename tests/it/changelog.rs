@@ -293,14 +293,16 @@ async fn a_late_error_between_two_resolutions_is_not_recorded(cache_bytes: &str,
     assert_eq!(ids, ["ev-1", "ev-2", "ev-5"]);
     assert_eq!(mine.last().map(doc), state_document(&s, car).await);
     if cache_bytes == "1" && !restart {
-        assert!(
+        // Each event after the first reads the view back once: the view loaded while the event's
+        // cells are written is kept for it until it commits.
+        assert_eq!(
             metric_value(
                 p.addr,
                 "carhook_processor_changelog_view_loads_total{from=\"changelog\"}"
             )
-            .await
-                >= 3.0,
-            "the views were read back from the changelog"
+            .await,
+            4.0,
+            "one read back per event after the first"
         );
     }
 }
