@@ -454,40 +454,24 @@ async fn processor_run(
     let log_bytes_per_event = log_bytes as f64 / events as f64;
     // The changelog's cost: the same backlog drained again with it on, into a fresh keyspace and
     // group (so every event is applied again, not a duplicate).
-    let (with_changelog, changelog_rss, read_back, from_store, cache_bytes, budget) = if instances
-        == 1
-    {
-        let mut on = s.clone();
-        on.processor.changelog = true;
-        if let Some(bytes) = changelog_cache_bytes {
-            on.processor.changelog_cache_bytes = bytes;
-        }
-        on.kafka.consumer_group = format!("{}-changelog", s.kafka.consumer_group);
-        on.cql.keyspace = format!("{}_changelog", s.cql.keyspace);
-        let log = std::env::temp_dir().join(format!("{}.bench-changelog.log", s.cql.keyspace));
-        let p = start_processor(&on, "bench-changelog", &log).await;
-        let admins = [p.admin];
-        let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
-        let rss = p.peak_rss_mb();
-        let loads = "carhook_processor_changelog_view_loads_total";
-        let read_back = metric_value(p.admin, &format!("{loads}{{from=\"changelog\"}}")).await;
-        let from_store = metric_value(p.admin, &format!("{loads}{{from=\"store\"}}")).await;
-        let cache_bytes = metric_value(p.admin, "carhook_processor_changelog_cache_bytes").await;
-        drop(p);
-        let _ = std::fs::remove_file(&log);
-        drop_keyspace(&on).await;
-        (
-            rate,
-            rss,
-            read_back,
-            from_store,
-            cache_bytes,
-            on.processor.changelog_cache_bytes,
-        )
+    // The changelog's cost: the same backlog drained again with it on, into a fresh keyspace and
+    // group (so every event is applied again, not a duplicate), first with the changelog empty,
+    // then once more with it holding every vehicle's record, as after a restart: the processor
+    // restores from it, and reads back the views its cache could not keep.
+    let mut on = s.clone();
+    on.processor.changelog = true;
+    if let Some(bytes) = changelog_cache_bytes {
+        on.processor.changelog_cache_bytes = bytes;
+    }
+    let (cold, changes, restored) = if instances == 1 {
+        let cold = changelog_drain(&on, n, "changelog").await;
+        let changes = crate::record_count(&s.kafka.brokers, &s.kafka.state_topic);
+        let restored = changelog_drain(&on, n, "changelog-restored").await;
+        (cold, changes, restored)
     } else {
-        (f64::NAN, f64::NAN, f64::NAN, f64::NAN, f64::NAN, 0)
+        let none = ChangelogDrain::default();
+        (none.clone(), 0, none)
     };
-    let changes = crate::record_count(&s.kafka.brokers, &s.kafka.state_topic);
     let plain = plain_loop(&s, n, body_bytes, concurrency).await;
     let replay_rate = if instances == 1 {
         replay_rate(&s, n).await
@@ -498,11 +482,50 @@ async fn processor_run(
     json!({"events": n, "body_bytes": bytes, "instances": instances, "concurrency": concurrency,
         "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain, "ratio": drain / plain,
         "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss,
-        "state_changes": changes, "drain_with_changelog_per_sec": with_changelog,
-        "changelog_drain_ratio": with_changelog / drain, "changelog_peak_rss_mb": changelog_rss,
-        "changelog_cache_budget_bytes": budget, "changelog_cache_bytes_at_end": cache_bytes,
-        "changelog_views_read_back": read_back, "changelog_views_from_store": from_store,
+        "state_changes": changes, "drain_with_changelog_per_sec": cold.rate,
+        "changelog_drain_ratio": cold.rate / drain, "changelog_peak_rss_mb": cold.rss,
+        "changelog_cache_budget_bytes": on.processor.changelog_cache_bytes,
+        "changelog_cache_bytes_at_end": cold.cache_bytes,
+        "changelog_views_read_back": cold.read_back, "changelog_views_from_store": cold.from_store,
+        "drain_with_changelog_restored_per_sec": restored.rate,
+        "changelog_restored_drain_ratio": restored.rate / drain,
+        "changelog_restored_peak_rss_mb": restored.rss,
+        "changelog_restored_views_read_back": restored.read_back,
         "processor_log_bytes_per_event": log_bytes_per_event})
+}
+
+/// One drain of the backlog with the changelog on.
+#[derive(Debug, Clone, Default)]
+struct ChangelogDrain {
+    rate: f64,
+    rss: f64,
+    /// Views read back from the changelog, loaded from the store, and the cache at the end.
+    read_back: f64,
+    from_store: f64,
+    cache_bytes: f64,
+}
+
+/// Drains `on`'s backlog with one processor in a fresh keyspace and group named after `name`.
+async fn changelog_drain(on: &Settings, n: u64, name: &str) -> ChangelogDrain {
+    let mut on = on.clone();
+    on.kafka.consumer_group = format!("{}-{name}", on.kafka.consumer_group);
+    on.cql.keyspace = format!("{}_{}", on.cql.keyspace, name.replace('-', "_"));
+    let log = std::env::temp_dir().join(format!("{}.bench.log", on.cql.keyspace));
+    let p = start_processor(&on, &format!("bench-{name}"), &log).await;
+    let admins = [p.admin];
+    let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
+    let loads = "carhook_processor_changelog_view_loads_total";
+    let drain = ChangelogDrain {
+        rate,
+        rss: p.peak_rss_mb(),
+        read_back: metric_value(p.admin, &format!("{loads}{{from=\"changelog\"}}")).await,
+        from_store: metric_value(p.admin, &format!("{loads}{{from=\"store\"}}")).await,
+        cache_bytes: metric_value(p.admin, "carhook_processor_changelog_cache_bytes").await,
+    };
+    drop(p);
+    let _ = std::fs::remove_file(&log);
+    drop_keyspace(&on).await;
+    drain
 }
 
 /// The plain loop's concurrency for one processor instance: the processor's own budget
@@ -548,6 +571,10 @@ pub async fn processor_figures(
         "changelog_peak_rss_mb",
         "changelog_cache_bytes_at_end",
         "changelog_views_read_back",
+        "drain_with_changelog_restored_per_sec",
+        "changelog_restored_drain_ratio",
+        "changelog_restored_peak_rss_mb",
+        "changelog_restored_views_read_back",
         "processor_log_bytes_per_event",
     ] {
         out.insert(k.to_string(), summary(&pick(k)));

@@ -288,6 +288,26 @@ async fn main() {
                 "changelog_views_read_back",
                 "",
             ),
+            (
+                "drain with changelog on, restored from a full changelog, events/s",
+                "drain_with_changelog_restored_per_sec",
+                "",
+            ),
+            (
+                "that drain / drain without changelog",
+                "changelog_restored_drain_ratio",
+                "",
+            ),
+            (
+                "processor peak RSS MB, restored from a full changelog",
+                "changelog_restored_peak_rss_mb",
+                "",
+            ),
+            (
+                "views read back in that drain",
+                "changelog_restored_views_read_back",
+                "",
+            ),
             ("state changelog records written", "state_changes", ""),
             (
                 "processor log bytes per event (stdout + stderr, `info`)",
