@@ -387,10 +387,15 @@ impl Changelog {
         let mut views = self.lock()?;
         views.put(partition, vehicle, entry);
         views.evict(self.budget);
+        self.report(&views);
+        Ok(())
+    }
+
+    /// Publishes the cache's size.
+    fn report(&self, views: &Views) {
         self.metrics
             .changelog_cache_bytes
             .set(i64::try_from(views.bytes).unwrap_or(i64::MAX));
-        Ok(())
     }
 
     fn loaded(&self, from: &str) {
@@ -435,9 +440,7 @@ impl Changelog {
             for partition in partitions {
                 v.drop_partition(*partition);
             }
-            self.metrics
-                .changelog_cache_bytes
-                .set(i64::try_from(v.bytes).unwrap_or(i64::MAX));
+            self.report(&v);
         }
     }
 
@@ -466,9 +469,7 @@ impl Changelog {
             }
         }
         v.evict(self.budget);
-        self.metrics
-            .changelog_cache_bytes
-            .set(i64::try_from(v.bytes).unwrap_or(i64::MAX));
+        self.report(&v);
     }
 
     /// Takes back what records that will be processed again did to the views, latest first: each
@@ -813,10 +814,9 @@ impl Changelog {
     }
 
     /// The vehicle's stored cells, less those written by records of `partition` at or past
-    /// `start` (they are processed again, and their change records produced then), and the bytes
-    /// of their documents. The writer of each cell is found through the claim of the event id it names, read
-    /// concurrently; `ahead` names an event known to be such a record (the one being processed),
-    /// whose claim is not read.
+    /// `start` (they are processed again, and their change records produced then; see
+    /// [`Changelog::written_before`], `ahead` is the one being processed), and the bytes of their
+    /// documents.
     async fn committed_cells(
         &self,
         store: &Store,
@@ -826,20 +826,14 @@ impl Changelog {
         ahead: Option<&str>,
     ) -> Result<(View, usize), StoreError> {
         let cells = store.cells(vehicle).await?;
-        let later = self
-            .later_writers(store, partition, start, &cells, ahead)
-            .await?;
         let mut view = View::default();
         let mut document_bytes = 0;
-        for c in &cells {
-            let skip = c
-                .event_id
-                .as_deref()
-                .is_some_and(|id| Some(id) == ahead || later.contains(id));
-            if !skip {
-                view.put(c);
-                document_bytes += c.doc.len();
-            }
+        for c in &self
+            .written_before(store, partition, start, cells, ahead)
+            .await?
+        {
+            view.put(c);
+            document_bytes += c.doc.len();
         }
         Ok((view, document_bytes))
     }
@@ -867,32 +861,27 @@ impl Changelog {
         if cells.is_empty() {
             return Ok(false);
         }
-        let later = self
-            .later_writers(store, partition, start, &cells, processing)
-            .await?;
         let mut took = false;
-        for c in &cells {
-            let skip = c
-                .event_id
-                .as_deref()
-                .is_some_and(|id| Some(id) == processing || later.contains(id));
-            if !skip {
-                took |= view.adopt(c);
-            }
+        for c in &self
+            .written_before(store, partition, start, cells, processing)
+            .await?
+        {
+            took |= view.adopt(c);
         }
         Ok(took)
     }
 
-    /// The event ids among `cells`' writers whose claim names a record of `partition` at or past
-    /// `start` (read concurrently); `ahead`'s claim is not read.
-    async fn later_writers(
+    /// `cells` less those written by a record of `partition` at or past `start` (found through
+    /// the claim of the event id each names, read concurrently) or by `ahead`, an event known to
+    /// be such a record, whose claim is not read.
+    async fn written_before(
         &self,
         store: &Store,
         partition: i32,
         start: i64,
-        cells: &[StoredCell],
+        mut cells: Vec<StoredCell>,
         ahead: Option<&str>,
-    ) -> Result<HashSet<String>, StoreError> {
+    ) -> Result<Vec<StoredCell>, StoreError> {
         use futures::stream::{self, StreamExt, TryStreamExt};
         let mut writers: Vec<String> = cells
             .iter()
@@ -902,7 +891,7 @@ impl Changelog {
         writers.sort_unstable();
         writers.dedup();
         let events_topic = self.kafka.events_topic.as_str();
-        stream::iter(writers)
+        let later: HashSet<String> = stream::iter(writers)
             .map(|id| async move {
                 let claim = store.read_decided_claim(&id).await?;
                 let is_later = claim.is_some_and(|c| {
@@ -915,7 +904,13 @@ impl Changelog {
             .buffer_unordered(CLAIM_READS)
             .try_filter_map(|id| std::future::ready(Ok(id)))
             .try_collect()
-            .await
+            .await?;
+        cells.retain(|c| {
+            c.event_id
+                .as_deref()
+                .is_none_or(|id| Some(id) != ahead && !later.contains(id))
+        });
+        Ok(cells)
     }
 }
 

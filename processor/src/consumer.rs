@@ -825,8 +825,8 @@ impl Worker {
     ) -> Result<Vec<Written>, KafkaError> {
         let kafka = &self.settings.kafka;
         let mut owned: Vec<Outgoing> = Vec::new();
-        // Per element of `owned`: for a change record, its events partition and vehicle.
-        let mut changes: Vec<Option<(i32, &str)>> = Vec::new();
+        // Each change record: its index in `owned`, its events partition and vehicle.
+        let mut changes: Vec<(usize, i32, &str)> = Vec::new();
         for d in runs.iter().flat_map(|r| &r.done) {
             if let Disposition::Applied(applied) = &d.disposition {
                 for v in &applied.refresh_requests {
@@ -870,8 +870,7 @@ impl Worker {
                             value: Some(tp),
                         });
                     }
-                    changes.resize(owned.len(), None);
-                    changes.push(Some((d.msg.partition(), c.vehicle.as_str())));
+                    changes.push((owned.len(), d.msg.partition(), c.vehicle.as_str()));
                     owned.push((
                         kafka.state_topic.clone(),
                         Some(c.vehicle.as_bytes().to_vec()),
@@ -942,19 +941,20 @@ impl Worker {
             }
             sends.push(self.producer.send(rec, Duration::from_secs(20)));
         }
-        changes.resize(owned.len(), None);
-        let mut written = Vec::new();
-        for (r, change) in join_all(sends).await.into_iter().zip(changes) {
-            let delivery = r.map_err(|(e, _)| e)?;
-            if let Some((events_partition, vehicle)) = change {
-                written.push(Written {
-                    events_partition,
-                    vehicle: vehicle.to_owned(),
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                });
-            }
-        }
+        let deliveries = join_all(sends)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|(e, _)| e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let written = changes
+            .into_iter()
+            .map(|(i, events_partition, vehicle)| Written {
+                events_partition,
+                vehicle: vehicle.to_owned(),
+                partition: deliveries[i].partition,
+                offset: deliveries[i].offset,
+            })
+            .collect();
         let group = group.ok_or(KafkaError::Canceled)?;
         let offsets = offsets.clone();
         crate::txn::call(&self.producer, TRANSACTION_BUDGET, move |p, t| {

@@ -83,6 +83,14 @@ async fn records_until(
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The event id header of each record, in order.
+fn event_ids(records: &[OwnedMessage]) -> Vec<String> {
+    records
+        .iter()
+        .filter_map(|m| header(m, headers::EVENT_ID))
+        .collect()
+}
+
 fn doc(m: &OwnedMessage) -> Value {
     serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default()
 }
@@ -127,10 +135,7 @@ async fn only_real_changes_are_recorded_in_order_and_the_last_record_is_the_stat
     produce_raw(&s.kafka.brokers, &s.kafka.events_topic, &records).await;
     let by = records_until(&s, car, "cl-e6").await;
     let mine = by.get(car).cloned().unwrap_or_default();
-    let ids: Vec<String> = mine
-        .iter()
-        .filter_map(|m| header(m, headers::EVENT_ID))
-        .collect();
+    let ids = event_ids(&mine);
     assert_eq!(
         ids,
         ["cl-e1", "cl-e2", "cl-e3", "cl-e4", "cl-e6"],
@@ -235,10 +240,7 @@ async fn a_restarted_processor_restores_its_views_from_the_changelog_not_from_th
     .await;
     let by = records_until(&s, car, "rs-2").await;
     let mine = by.get(car).cloned().unwrap_or_default();
-    let ids: Vec<String> = mine
-        .iter()
-        .filter_map(|m| header(m, headers::EVENT_ID))
-        .collect();
+    let ids = event_ids(&mine);
     assert_eq!(ids, ["rs-1", "rs-2"]);
     assert_eq!(
         mine.last()
@@ -286,10 +288,7 @@ async fn a_late_error_between_two_resolutions_is_not_recorded(cache_bytes: &str,
     }
     let by = records_until(&s, car, "ev-5").await;
     let mine = by.get(car).cloned().unwrap_or_default();
-    let ids: Vec<String> = mine
-        .iter()
-        .filter_map(|m| header(m, headers::EVENT_ID))
-        .collect();
+    let ids = event_ids(&mine);
     assert_eq!(ids, ["ev-1", "ev-2", "ev-5"]);
     assert_eq!(mine.last().map(doc), state_document(&s, car).await);
     if cache_bytes == "1" && !restart {
@@ -435,10 +434,7 @@ async fn records_a_dead_owner_applied_but_never_committed_get_their_change_recor
         ("cl-new", vec!["new-0", "new-1", "new-2"]),
     ] {
         let recs = by.get(car).cloned().unwrap_or_default();
-        let ids: Vec<String> = recs
-            .iter()
-            .filter_map(|m| header(m, headers::EVENT_ID))
-            .collect();
+        let ids = event_ids(&recs);
         assert_eq!(ids, want, "{car}: one record per change, in order");
         let values: Vec<Value> = recs
             .iter()

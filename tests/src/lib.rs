@@ -696,6 +696,24 @@ pub async fn delete_topics(settings: &Settings) {
     let _ = admin.delete_topics(&refs, &opts).await;
 }
 
+/// Spawns `program` with exactly `env`, its stdout and stderr both written to `out`.
+pub fn spawn_logged(
+    program: &std::path::Path,
+    args: &[&str],
+    env: Vec<(String, String)>,
+    out: std::fs::File,
+) -> std::process::Child {
+    let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()))
+}
+
 /// The `CARHOOK__*` environment that reproduces `settings` for a child process.
 pub fn child_env(s: &Settings, admin: SocketAddr, instance: &str) -> Vec<(String, String)> {
     [
@@ -892,15 +910,7 @@ impl ChildService {
             .append(true)
             .open(log)
             .unwrap_or_else(|e| panic!("{e}"));
-        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = std::process::Command::new(workspace_bin(bin))
-            .args(args)
-            .env_clear()
-            .envs(env)
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let child = spawn_logged(&workspace_bin(bin), args, env, out);
         Self {
             child,
             addr: admin,

@@ -89,15 +89,7 @@ impl Child {
         log: &std::path::Path,
     ) -> Self {
         let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("{e}"));
-        let err = out.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let child = std::process::Command::new(bin)
-            .args(args)
-            .env_clear()
-            .envs(env)
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let child = crate::spawn_logged(bin, args, env, out);
         let c = Self { child, admin };
         eventually(Duration::from_secs(60), || async {
             get(admin, "/ready").await.0 == 200
