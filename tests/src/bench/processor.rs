@@ -170,7 +170,14 @@ async fn replay_rate(s: &Settings, n: u64) -> f64 {
             .unwrap_or(0)
         }
     };
-    let (rate, _) = timed(n, n / 10, Duration::from_secs(900), committed).await;
+    let (rate, _) = timed(
+        n,
+        n / 10,
+        Duration::from_secs(900),
+        &[child.id()],
+        committed,
+    )
+    .await;
     let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
     assert!(
         status.success(),
@@ -294,19 +301,57 @@ fn assigned_partitions(a: &[u8]) -> usize {
     n
 }
 
+/// CPU milliseconds per record over a timed span: the service doing the work (all its processes),
+/// the broker and the store. On a 2-core machine the three share the cores, so this shows where a
+/// change in throughput comes from.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerRecord {
+    service: f64,
+    kafka: f64,
+    cassandra: f64,
+}
+
+impl CpuPerRecord {
+    fn json(&self, prefix: &str) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(format!("{prefix}_cpu_ms_service"), json!(self.service));
+        m.insert(format!("{prefix}_cpu_ms_kafka"), json!(self.kafka));
+        m.insert(format!("{prefix}_cpu_ms_cassandra"), json!(self.cassandra));
+        m
+    }
+}
+
 /// Times the span between `warm_up` and `n` records done, as `done()` reports them; polls every
-/// 10 ms. Returns (records/s over that span, seconds).
-async fn timed<F, Fut>(n: u64, warm_up: u64, within: Duration, mut done: F) -> (f64, f64)
+/// 10 ms. Returns records/s over that span and the CPU each record cost `services` (their pids),
+/// the broker and the store over it.
+async fn timed<F, Fut>(
+    n: u64,
+    warm_up: u64,
+    within: Duration,
+    services: &[u32],
+    mut done: F,
+) -> (f64, CpuPerRecord)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = u64>,
 {
+    let stack: Vec<u32> = ["kafka", "cassandra"]
+        .iter()
+        .map(|c| crate::bench::stack_pid(c).unwrap_or(0))
+        .collect();
+    let cpu = || -> [f64; 3] {
+        [
+            services.iter().map(|p| crate::bench::cpu_secs(*p)).sum(),
+            crate::bench::cpu_secs(stack[0]),
+            crate::bench::cpu_secs(stack[1]),
+        ]
+    };
     let deadline = Instant::now() + within;
     let mut t0 = None;
     loop {
         let d = done().await;
         if t0.is_none() && d >= warm_up {
-            t0 = Some(Instant::now());
+            t0 = Some((Instant::now(), cpu(), d));
         }
         if d >= n {
             break;
@@ -317,13 +362,28 @@ where
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(0.001);
-    ((n - warm_up) as f64 / secs, secs)
+    let (end, (start, cpu0, d0)) = (cpu(), t0.unwrap_or((Instant::now(), [0.0; 3], n)));
+    let secs = start.elapsed().as_secs_f64().max(0.001);
+    let records = (n.saturating_sub(d0)).max(1) as f64;
+    let per = |i: usize| (end[i] - cpu0[i]) * 1000.0 / records;
+    (
+        (n - warm_up) as f64 / secs,
+        CpuPerRecord {
+            service: per(0),
+            kafka: per(1),
+            cassandra: per(2),
+        },
+    )
 }
 
 /// The same CQL writes as the processor (claim + state writes per event) from `concurrency`
 /// workers taking events from a shared counter; timed like the drain.
-async fn plain_loop(s: &Settings, n: u64, body_bytes: usize, concurrency: usize) -> f64 {
+async fn plain_loop(
+    s: &Settings,
+    n: u64,
+    body_bytes: usize,
+    concurrency: usize,
+) -> (f64, CpuPerRecord) {
     let session = Arc::new(
         shared::cql::connect(&s.cql)
             .await
@@ -384,7 +444,8 @@ async fn plain_loop(s: &Settings, n: u64, body_bytes: usize, concurrency: usize)
         }));
     }
     let counter = Arc::clone(&done);
-    let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || {
+    let me = [std::process::id()];
+    let (rate, cpu) = timed(n, n / 10, Duration::from_secs(900), &me, || {
         let c = Arc::clone(&counter);
         async move { c.load(Ordering::Relaxed) }
     })
@@ -392,7 +453,7 @@ async fn plain_loop(s: &Settings, n: u64, body_bytes: usize, concurrency: usize)
     for t in tasks {
         let _ = t.await;
     }
-    rate
+    (rate, cpu)
 }
 
 /// Events handled by the processors at `admins` (every outcome).
@@ -432,7 +493,11 @@ async fn processor_run(
     // The processors run and share the partitions before the backlog appears (all at once).
     settled(&s, instances).await;
     let bytes = prefill(&s, n, body_bytes).await;
-    let (drain, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
+    let pids: Vec<u32> = procs.iter().map(|p| p.child.id()).collect();
+    let (drain, drain_cpu) = timed(n, n / 10, Duration::from_secs(900), &pids, || {
+        handled(&admins)
+    })
+    .await;
     let rss = procs.iter().map(Child::peak_rss_mb).fold(0.0_f64, f64::max);
     let events = handled(&admins).await.max(1);
     drop(procs); // SIGTERM: each writes out its queued lines before it exits
@@ -464,14 +529,14 @@ async fn processor_run(
         let none = ChangelogDrain::default();
         (none.clone(), 0, none)
     };
-    let plain = plain_loop(&s, n, body_bytes, concurrency).await;
+    let (plain, plain_cpu) = plain_loop(&s, n, body_bytes, concurrency).await;
     let replay_rate = if instances == 1 {
         replay_rate(&s, n).await
     } else {
         f64::NAN
     };
     drop_keyspace(&s).await;
-    json!({"events": n, "body_bytes": bytes, "instances": instances, "concurrency": concurrency,
+    let mut v = json!({"events": n, "body_bytes": bytes, "instances": instances, "concurrency": concurrency,
         "processor_drain_per_sec": drain, "plain_cql_loop_per_sec": plain, "ratio": drain / plain,
         "replay_per_sec": replay_rate, "replay_to_drain": replay_rate / drain, "processor_peak_rss_mb": rss,
         "state_changes": changes, "drain_with_changelog_per_sec": cold.rate,
@@ -483,13 +548,20 @@ async fn processor_run(
         "changelog_restored_drain_ratio": restored.rate / drain,
         "changelog_restored_peak_rss_mb": restored.rss,
         "changelog_restored_views_read_back": restored.read_back,
-        "processor_log_bytes_per_event": log_bytes_per_event})
+        "processor_log_bytes_per_event": log_bytes_per_event});
+    if let Value::Object(m) = &mut v {
+        m.extend(drain_cpu.json("drain"));
+        m.extend(cold.cpu.json("changelog"));
+        m.extend(plain_cpu.json("plain"));
+    }
+    v
 }
 
 /// One drain of the backlog with the changelog on.
 #[derive(Debug, Clone, Default)]
 struct ChangelogDrain {
     rate: f64,
+    cpu: CpuPerRecord,
     rss: f64,
     /// Views read back from the changelog, loaded from the store, and the cache at the end.
     read_back: f64,
@@ -505,10 +577,14 @@ async fn changelog_drain(on: &Settings, n: u64, name: &str) -> ChangelogDrain {
     let log = std::env::temp_dir().join(format!("{}.bench.log", on.cql.keyspace));
     let p = start_processor(&on, &format!("bench-{name}"), &log).await;
     let admins = [p.admin];
-    let (rate, _) = timed(n, n / 10, Duration::from_secs(900), || handled(&admins)).await;
+    let (rate, cpu) = timed(n, n / 10, Duration::from_secs(900), &[p.child.id()], || {
+        handled(&admins)
+    })
+    .await;
     let loads = "carhook_processor_changelog_view_loads_total";
     let drain = ChangelogDrain {
         rate,
+        cpu,
         rss: p.peak_rss_mb(),
         read_back: metric_value(p.admin, &format!("{loads}{{from=\"changelog\"}}")).await,
         from_store: metric_value(p.admin, &format!("{loads}{{from=\"store\"}}")).await,
@@ -568,6 +644,14 @@ pub async fn processor_figures(
         "changelog_restored_peak_rss_mb",
         "changelog_restored_views_read_back",
         "processor_log_bytes_per_event",
+        "drain_cpu_ms_service",
+        "drain_cpu_ms_kafka",
+        "drain_cpu_ms_cassandra",
+        "changelog_cpu_ms_service",
+        "changelog_cpu_ms_kafka",
+        "changelog_cpu_ms_cassandra",
+        "plain_cpu_ms_service",
+        "plain_cpu_ms_cassandra",
     ] {
         out.insert(k.to_string(), summary(&pick(k)));
     }

@@ -310,6 +310,26 @@ async fn main() {
             ),
             ("state changelog records written", "state_changes", ""),
             (
+                "CPU ms per event, drain without changelog: processor",
+                "drain_cpu_ms_service",
+                "",
+            ),
+            ("… Kafka", "drain_cpu_ms_kafka", ""),
+            ("… Cassandra", "drain_cpu_ms_cassandra", ""),
+            (
+                "CPU ms per event, drain with changelog: processor",
+                "changelog_cpu_ms_service",
+                "",
+            ),
+            ("… Kafka", "changelog_cpu_ms_kafka", ""),
+            ("… Cassandra", "changelog_cpu_ms_cassandra", ""),
+            (
+                "CPU ms per event, plain CQL loop: the loop (bench process)",
+                "plain_cpu_ms_service",
+                "",
+            ),
+            ("… Cassandra", "plain_cpu_ms_cassandra", ""),
+            (
                 "processor log bytes per event (stdout + stderr, `info`)",
                 "processor_log_bytes_per_event",
                 "",
