@@ -313,7 +313,7 @@ impl Views {
         }
         for (p, v) in victims {
             if let Some(e) = self.take(p, &v) {
-                let times = e.ahead.then(|| Arc::from(e.view.cell_times().to_string()));
+                let times = e.ahead.then(|| Arc::from(e.view.cell_times_text()));
                 if let Some(last) = self
                     .partitions
                     .get_mut(&p)
@@ -553,7 +553,7 @@ impl Changelog {
                     entry.view.names()
                 },
                 document: entry.view.render_text(vehicle),
-                cell_times: entry.view.cell_times().to_string(),
+                cell_times: entry.view.cell_times_text(),
             }
         });
         match &change {
@@ -682,7 +682,7 @@ impl Changelog {
         };
         let document = view.render(vehicle);
         let text = document.to_string();
-        let times = view.cell_times().to_string();
+        let times = view.cell_times_text();
         let document_bytes = text.len();
         let change = (document != before).then(|| Change {
             vehicle: vehicle.to_owned(),
@@ -1192,7 +1192,7 @@ mod tests {
         let times = |car: &str| v.partitions[&0].last[car].times.clone();
         assert_eq!(
             times("ahead").as_deref(),
-            Some(View::default().cell_times().to_string().as_str())
+            Some(View::default().cell_times_text().as_str())
         );
         assert_eq!(times("fresh"), None);
         // Once its record commits, the pending view can go too.

@@ -224,6 +224,15 @@ fn newer<P>(
     wins.then(|| slot.replace(new))
 }
 
+/// Cell times as a JSON object, in the iterator's (sorted) order.
+struct TimesMap<I>(I);
+
+impl<'k, I: Iterator<Item = (&'k str, i64)> + Clone> Serialize for TimesMap<I> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.clone())
+    }
+}
+
 /// A signal's two cells.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct SignalCells {
@@ -676,6 +685,34 @@ impl View {
         serde_json::json!({ "v": v, "a": a, "e": e })
     }
 
+    /// [`View::cell_times`] as JSON text, written straight from the cells: the same bytes as that
+    /// value's serde_json text (keys sorted), without building the tree, which took about a tenth of
+    /// the processor's CPU in a 50 KB drain with the changelog on (`perf`, many signals per event).
+    pub fn cell_times_text(&self) -> String {
+        let values = self
+            .signals
+            .iter()
+            .filter_map(|(code, c)| c.value.as_ref().map(|s| (code.as_str(), s.ts)));
+        let availability = self
+            .signals
+            .iter()
+            .filter_map(|(code, c)| c.availability.as_ref().map(|s| (code.as_str(), s.ts)));
+        let errors = self.errors.iter().map(|(key, s)| (key.as_str(), s.ts));
+        // Fields in the order serde_json's sorted map writes them.
+        #[derive(Serialize)]
+        struct Times<A, E, V> {
+            a: A,
+            e: E,
+            v: V,
+        }
+        serde_json::to_string(&Times {
+            a: TimesMap(availability),
+            e: TimesMap(errors),
+            v: TimesMap(values),
+        })
+        .unwrap_or_default()
+    }
+
     /// Rebuilds a view from a changelog record: its document and its cell times header.
     pub fn restore(vehicle: &str, doc: &Value, times: &Value) -> Result<View, ViewError> {
         let bad = |message: String| ViewError::Record {
@@ -983,6 +1020,11 @@ mod tests {
                 after.to_string(),
                 "step {i}: the text is the value's serde_json text"
             );
+            assert_eq!(
+                v.cell_times_text(),
+                v.cell_times().to_string(),
+                "step {i}: the cell times text is the value's serde_json text"
+            );
             let mut expected = changed(&before, &after);
             expected.sort();
             assert_eq!(applied.changed, expected, "step {i}");
@@ -993,6 +1035,13 @@ mod tests {
             undos.iter().any(|a| a.changed.is_empty()),
             "some step changed nothing"
         );
+        let times = v.cell_times();
+        for kind in ["a", "e", "v"] {
+            assert!(
+                times[kind].as_object().is_some_and(|m| !m.is_empty()),
+                "the steps write {kind} cells, so the cell times text is checked with them"
+            );
+        }
         while let Some(applied) = undos.pop() {
             v.undo(applied);
             history.pop();
