@@ -23,7 +23,7 @@
 #   secrets/, tls/                        development passwords, CA and certificates (never in git)
 #   conf/                                 generated configuration (rewritten on every start)
 #   data/kafka, data/cassandra            persistent data; kafka-cluster-id keeps the KRaft cluster id
-#                                         (Cassandra's commit log is in /dev/shm/carhook-<n>-commitlog
+#                                         (Cassandra's commit log is in /dev/shm/carhook-<id>-commitlog
 #                                         when /dev/shm has room, see cassandra_commitlog_dir)
 #   logs/<component>.log                  logs;  run/<component>.pid  pid files
 #
@@ -510,12 +510,15 @@ kafka_secure_probe() { # the same request over SASL_SSL as user carhook: TLS and
 
 # -------------------------------------------------------------------------------------- Cassandra
 
-# Where Cassandra's commit log lives: a directory of this stack in /dev/shm (tmpfs) when it has 1 GiB
-# free, else the data directory. Segments a crash left in the other place are moved here first, so a
-# restart still replays them.
+# Where Cassandra's commit log lives: a directory of this data directory in /dev/shm (tmpfs) when it
+# has 1 GiB free, else the data directory. The /dev/shm name carries a random id kept in the data
+# directory, so a new data directory (a fresh clone at the same path, or the old one deleted) never
+# replays another node's segments. Segments a crash left in the other place are moved here first, so
+# a restart still replays them.
 cassandra_commitlog_dir() {
-  local disk="$DATA/cassandra/commitlog" free dir other
-  local shm="/dev/shm/carhook-$(printf '%s' "$STACK_DIR" | cksum | cut -d' ' -f1)-commitlog"
+  local disk="$DATA/cassandra/commitlog" id="$DATA/cassandra/commitlog-id" free dir other shm
+  [[ -s $id ]] || od -An -N8 -tx1 /dev/urandom | tr -d ' \n' >"$id"
+  shm="/dev/shm/carhook-$(cat "$id")-commitlog"
   dir=$disk
   if [[ -d $shm ]]; then
     dir=$shm
