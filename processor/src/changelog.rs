@@ -74,7 +74,7 @@ pub struct Change {
     pub document: String,
     /// Signal codes (and `error:<key>`) whose part of the document changed.
     pub changed: Vec<String>,
-    /// Cell times the document was rendered from (JSON, see [`View::cell_times`]).
+    /// Cell times the document was rendered from (JSON, see [`View::cell_times_text`]).
     pub cell_times: String,
 }
 

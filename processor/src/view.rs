@@ -664,8 +664,9 @@ impl View {
         self.signals.keys().cloned().chain(errors).collect()
     }
 
-    /// Every cell's write timestamp: `{"v":{code:ts},"a":{code:ts},"e":{key:ts}}`. With the
-    /// rendered document it is enough to rebuild the view ([`View::restore`]).
+    /// [`View::cell_times_text`] as a value: the tests' reference for its bytes, and the input
+    /// [`View::restore`] takes in them.
+    #[cfg(test)]
     pub fn cell_times(&self) -> Value {
         let mut v = Map::new();
         let mut a = Map::new();
@@ -685,9 +686,11 @@ impl View {
         serde_json::json!({ "v": v, "a": a, "e": e })
     }
 
-    /// [`View::cell_times`] as JSON text, written straight from the cells: the same bytes as that
-    /// value's serde_json text (keys sorted), without building the tree, which took about a tenth of
-    /// the processor's CPU in a 50 KB drain with the changelog on (`perf`, many signals per event).
+    /// Every cell's write timestamp as JSON text, `{"a":{code:ts},"e":{key:ts},"v":{code:ts}}`
+    /// (availability, error and value cells). With the rendered document it is enough to rebuild the
+    /// view ([`View::restore`]). Written straight from the cells rather than through a serde_json
+    /// tree, which a `perf` profile of a 50 KB drain put at about 8 % of the processor's samples (the
+    /// bench showed no gain beyond run-to-run spread); the bytes equal that tree's text.
     pub fn cell_times_text(&self) -> String {
         let values = self
             .signals

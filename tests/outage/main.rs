@@ -392,7 +392,7 @@ async fn store_keeps_every_acknowledged_write_across_a_kill_9() {
     let session = shared::cql::connect(&s.cql)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let kept: Vec<i32> = session
+    let kept: HashSet<i32> = session
         .query_unpaged(format!("SELECT k FROM {ks}.acked"), ())
         .await
         .unwrap_or_else(|e| panic!("{e}"))
@@ -402,7 +402,6 @@ async fn store_keeps_every_acknowledged_write_across_a_kill_9() {
         .unwrap_or_else(|e| panic!("{e}"))
         .map(|row| row.unwrap_or_else(|e| panic!("{e}")).0)
         .collect();
-    let kept: HashSet<i32> = kept.into_iter().collect();
     let lost: Vec<i32> = acked
         .iter()
         .copied()
@@ -419,11 +418,11 @@ async fn store_keeps_every_acknowledged_write_across_a_kill_9() {
 }
 
 fn kill9_stack(component: &str) {
-    let pidfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../.stack/run/{component}.pid"));
-    if let Ok(pid) = std::fs::read_to_string(pidfile) {
-        let pid = pid.trim().to_string();
-        let _ = Command::new("kill").arg("-KILL").arg(&pid).status();
+    if let Some(pid) = stack_pid(component) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
         // Wait until it is really gone (its ports released) before anyone restarts it.
         let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
         let deadline = Instant::now() + Duration::from_secs(30);

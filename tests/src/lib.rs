@@ -69,6 +69,14 @@ pub fn stack_dir() -> std::path::PathBuf {
     )
 }
 
+/// The pid of a component of the local stack (`kafka`, `cassandra`), from its pid file; None when
+/// it is not recorded.
+pub fn stack_pid(component: &str) -> Option<u32> {
+    std::fs::read_to_string(stack_dir().join("run").join(format!("{component}.pid")))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+}
+
 /// A development credential file of the stack, as a string path.
 pub fn stack_file(relative: &str) -> String {
     stack_dir().join(relative).to_string_lossy().into_owned()

@@ -26,15 +26,3 @@ fn clock_ticks() -> f64 {
             .unwrap_or(100.0)
     })
 }
-
-/// The pid of a component of the local stack (`kafka`, `cassandra`), from its pid file; None when
-/// it is not recorded.
-pub fn stack_pid(component: &str) -> Option<u32> {
-    std::fs::read_to_string(
-        crate::stack_dir()
-            .join("run")
-            .join(format!("{component}.pid")),
-    )
-    .ok()
-    .and_then(|p| p.trim().parse().ok())
-}

@@ -337,7 +337,7 @@ where
 {
     let stack: Vec<u32> = ["kafka", "cassandra"]
         .iter()
-        .map(|c| crate::bench::stack_pid(c).unwrap_or(0))
+        .map(|c| crate::stack_pid(c).unwrap_or(0))
         .collect();
     let cpu = || -> [f64; 3] {
         [
@@ -509,8 +509,6 @@ async fn processor_run(
         let _ = std::fs::remove_file(l);
     }
     let log_bytes_per_event = log_bytes as f64 / events as f64;
-    // The changelog's cost: the same backlog drained again with it on, into a fresh keyspace and
-    // group (so every event is applied again, not a duplicate).
     // The changelog's cost: the same backlog drained again with it on, into a fresh keyspace and
     // group (so every event is applied again, not a duplicate), first with the changelog empty,
     // then once more with it holding every vehicle's record, as after a restart: the processor
