@@ -43,6 +43,7 @@
 //! resumes by itself. A poison record is dead-lettered inside the transaction and the partition
 //! moves on.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -228,8 +229,11 @@ fn is_fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_fatal())
 }
 
-/// A record to produce inside the transaction: topic, key, value, headers.
-type Outgoing = (String, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
+/// A record to produce inside the transaction: topic, key, value, headers. The value borrows
+/// what the finished records already hold (a change record's document, a dead letter's payload):
+/// librdkafka copies it when it is sent, and one more copy of every document of a commit is what
+/// the processor's memory can least afford with large vehicles.
+type Outgoing<'a> = (String, Option<Vec<u8>>, Cow<'a, [u8]>, OwnedHeaders);
 
 /// One finished record.
 struct Done {
@@ -842,7 +846,7 @@ impl Worker {
                     owned.push((
                         kafka.events_topic.clone(),
                         Some(v.as_bytes().to_vec()),
-                        body.to_string().into_bytes(),
+                        Cow::Owned(body.to_string().into_bytes()),
                         h,
                     ));
                 }
@@ -874,7 +878,7 @@ impl Worker {
                     owned.push((
                         kafka.state_topic.clone(),
                         Some(c.vehicle.as_bytes().to_vec()),
-                        c.document.clone().into_bytes(),
+                        Cow::Borrowed(c.document.as_bytes()),
                         h,
                     ));
                 }
@@ -908,7 +912,7 @@ impl Worker {
                         owned.push((
                             kafka.actions_topic.clone(),
                             key,
-                            a.body.to_string().into_bytes(),
+                            Cow::Owned(a.body.to_string().into_bytes()),
                             h,
                         ));
                     }
@@ -917,24 +921,24 @@ impl Worker {
                     owned.push((
                         kafka.dlq_topic.clone(),
                         d.msg.key().map(<[u8]>::to_vec),
-                        d.msg.payload().unwrap_or_default().to_vec(),
+                        Cow::Borrowed(d.msg.payload().unwrap_or_default()),
                         dead_letter_headers(&d.msg, p),
                     ));
                 }
                 _ => {}
             }
             if self.emit_actions {
-                owned.extend(crate::poll::triggers::records(
-                    &kafka.poll_topic,
-                    &d.msg,
-                    &d.disposition,
-                ));
+                owned.extend(
+                    crate::poll::triggers::records(&kafka.poll_topic, &d.msg, &d.disposition)
+                        .into_iter()
+                        .map(|(topic, key, value, h)| (topic, key, Cow::Owned(value), h)),
+                );
             }
         }
         let mut sends = Vec::new();
         for (topic, key, payload, h) in &owned {
             let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
-                .payload(payload.as_slice())
+                .payload(payload.as_ref())
                 .headers(h.clone());
             if let Some(k) = key {
                 rec = rec.key(k.as_slice());

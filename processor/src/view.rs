@@ -209,19 +209,24 @@ fn availability_tie(raw: &Value) -> Option<Vec<String>> {
         .map_or_else(|| NO_ERROR_KEY.to_owned(), Value::to_string)])
 }
 
+/// What a cell held before a write replaced it (None: nothing), kept until the write's record is
+/// committed so it can be taken back. Boxed: an undo log holds one per cell a plan wrote, most of
+/// them None on a vehicle's first event, and a 50 KB event writes some 250 cells.
+type Prior<P> = Option<Box<Stamped<P>>>;
+
 /// Keeps the cell the store keeps: the higher write timestamp, at equal timestamps the greater
-/// document (`tie`). When `new` wins, returns the cell it replaced (None: there was none).
+/// document (`tie`). When `new` wins, returns the cell it replaced.
 fn newer<P>(
     slot: &mut Option<Stamped<P>>,
     new: Stamped<P>,
     tie: fn(&Stamped<P>) -> Option<Vec<String>>,
-) -> Option<Option<Stamped<P>>> {
+) -> Option<Prior<P>> {
     let wins = match slot {
         None => true,
         Some(cur) if new.ts != cur.ts => new.ts > cur.ts,
         Some(cur) => matches!((tie(cur), tie(&new)), (Some(a), Some(b)) if b > a),
     };
-    wins.then(|| slot.replace(new))
+    wins.then(|| slot.replace(new).map(Box::new))
 }
 
 /// Cell times as a JSON object, in the iterator's (sorted) order.
@@ -258,9 +263,9 @@ pub enum ViewError {
 /// A cell a plan replaced, and what it held before (None: nothing).
 #[derive(Debug, Clone)]
 enum Replaced {
-    Value(String, Option<Stamped<ValuePart>>),
-    Availability(String, Option<Stamped<AvailabilityPart>>),
-    Error(String, Option<Stamped<Value>>),
+    Value(String, Prior<ValuePart>),
+    Availability(String, Prior<AvailabilityPart>),
+    Error(String, Prior<Value>),
 }
 
 /// What applying one plan did to a view: the cells it replaced, so it can be taken back
@@ -340,7 +345,7 @@ fn is_active(part: &Value) -> bool {
 impl View {
     /// Adds a stored value cell (raw JSON document, write timestamp); returns the cell it
     /// replaced when it won.
-    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Option<Stamped<ValuePart>>> {
+    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Prior<ValuePart>> {
         let s = self.signals.entry(code.to_owned()).or_default();
         let new = Stamped {
             ts,
@@ -356,7 +361,7 @@ impl View {
         code: &str,
         doc: &str,
         ts: i64,
-    ) -> Option<Option<Stamped<AvailabilityPart>>> {
+    ) -> Option<Prior<AvailabilityPart>> {
         let s = self.signals.entry(code.to_owned()).or_default();
         let raw = parse(doc);
         let new = Stamped {
@@ -368,7 +373,7 @@ impl View {
     }
 
     /// Adds a stored vehicle-error cell.
-    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Option<Stamped<Value>>> {
+    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Prior<Value>> {
         let mut slot = self.errors.remove(key);
         let part = parse(doc);
         let tie = Some(vec![part.to_string()]);
@@ -453,7 +458,7 @@ impl View {
         match replaced {
             Replaced::Value(code, before) => {
                 let now = self.signals.get(code).and_then(|c| c.value.as_ref());
-                before.as_ref().map(|s| &s.part) != now.map(|s| &s.part)
+                before.as_deref().map(|s| &s.part) != now.map(|s| &s.part)
             }
             Replaced::Availability(code, before) => {
                 let now = self
@@ -470,7 +475,7 @@ impl View {
             }
             Replaced::Error(key, before) => {
                 let now = self.errors.get(key).map(|s| &s.part);
-                shown_error(before.as_ref().map(|s| &s.part)) != shown_error(now)
+                shown_error(before.as_deref().map(|s| &s.part)) != shown_error(now)
             }
         }
     }
@@ -479,16 +484,16 @@ impl View {
     fn take_back(&mut self, replaced: Replaced) {
         match replaced {
             Replaced::Value(code, prior) => {
-                self.signals.entry(code.clone()).or_default().value = prior;
+                self.signals.entry(code.clone()).or_default().value = prior.map(|p| *p);
                 self.drop_if_empty(&code);
             }
             Replaced::Availability(code, prior) => {
-                self.signals.entry(code.clone()).or_default().availability = prior;
+                self.signals.entry(code.clone()).or_default().availability = prior.map(|p| *p);
                 self.drop_if_empty(&code);
             }
             Replaced::Error(key, prior) => match prior {
                 Some(p) => {
-                    self.errors.insert(key, p);
+                    self.errors.insert(key, *p);
                 }
                 None => {
                     self.errors.remove(&key);
@@ -521,7 +526,10 @@ impl View {
                 .entry(code)
                 .or_insert_with(|| self.signals.contains_key(code));
         }
-        let mut replaced = Vec::new();
+        // Sized once: grown by doubling, the log of a large event was mostly unused capacity, and
+        // it is held until the event's record commits.
+        let mut replaced =
+            Vec::with_capacity(plan.values.len() + plan.availability.len() + plan.errors.len());
         for w in &plan.values {
             let code = w.code.as_str();
             if let Some(prior) = self.put_value(code, &w.value.doc, w.value.timestamp) {
@@ -540,6 +548,7 @@ impl View {
                 replaced.push(Replaced::Error(w.key.clone(), prior));
             }
         }
+        replaced.shrink_to_fit();
         // Each cell's state before the plan is the prior of its first replacement.
         let mut signals: BTreeSet<&str> = BTreeSet::new();
         let mut errors: BTreeSet<&str> = BTreeSet::new();
