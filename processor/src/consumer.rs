@@ -163,6 +163,13 @@ pub fn consumer(
         // (default 1 s), however soon the loop empties it: with 50 KB events one batch takes the
         // whole queue, and the next one would wait out the second.
         .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
+        // The prefetch bound above only decides whether another fetch is sent: one fetch answer
+        // (up to 50 MB by default, 1 MB per partition, compressed) is decompressed and queued
+        // whole. With lz4-compressed JSON that was tens of MB of decompressed record batches at
+        // once, held until their last record is consumed (heaptrack: 49 MB of the 50 KB drain's
+        // heap peak). 1 MiB of compressed batches per answer (librdkafka's minimum here: it must
+        // be at least `message.max.bytes`) still brings hundreds of records per round trip.
+        .set("fetch.max.bytes", FETCH_MAX_BYTES)
         .set(
             "client.id",
             format!("carhook-processor-{}", settings.processor.instance_id),
@@ -199,6 +206,9 @@ pub fn transactional_producer(
 /// waits for it): with librdkafka's queue, one batch processing, the runs committing and the runs
 /// waiting (each just under this plus one batch), the processor holds at most about six times this.
 const PREFETCH_BYTES: usize = 4 << 20;
+
+/// Compressed bytes one fetch answer may carry (see `consumer`); replay's consumer uses it too.
+pub const FETCH_MAX_BYTES: &str = "1048576";
 
 /// How long librdkafka waits before fetching again for a partition whose prefetch queue was full
 /// (see `consumer`); replay's consumer uses it too.

@@ -226,6 +226,7 @@ pub async fn replay(
             "fetch.queue.backoff.ms",
             crate::consumer::FETCH_QUEUE_BACKOFF_MS,
         )
+        .set("fetch.max.bytes", crate::consumer::FETCH_MAX_BYTES)
         .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
