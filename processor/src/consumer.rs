@@ -153,27 +153,11 @@ pub fn consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
-        // Prefetch bounded by memory, not by librdkafka's 64 MB default: with 50 KB events that
-        // alone would exceed the processor's memory budget.
-        .set(
-            "queued.max.messages.kbytes",
-            (PREFETCH_BYTES / 1024).to_string(),
-        )
-        // When that queue is full, librdkafka postpones the partition's next fetch by this much
-        // (default 1 s), however soon the loop empties it: with 50 KB events one batch takes the
-        // whole queue, and the next one would wait out the second.
-        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
-        // The prefetch bound above only decides whether another fetch is sent: one fetch answer
-        // (up to 50 MB by default, 1 MB per partition, compressed) is decompressed and queued
-        // whole. With lz4-compressed JSON that was tens of MB of decompressed record batches at
-        // once, held until their last record is consumed (heaptrack: 49 MB of the 50 KB drain's
-        // heap peak). 1 MiB of compressed batches per answer (librdkafka's minimum here: it must
-        // be at least `message.max.bytes`) still brings hundreds of records per round trip.
-        .set("fetch.max.bytes", FETCH_MAX_BYTES)
         .set(
             "client.id",
             format!("carhook-processor-{}", settings.processor.instance_id),
         );
+    bound_prefetch(&mut c);
     c.create_with_context(GroupContext {
         metrics,
         revoked: std::sync::Mutex::new(Vec::new()),
@@ -207,12 +191,26 @@ pub fn transactional_producer(
 /// waiting (each just under this plus one batch), the processor holds at most about six times this.
 const PREFETCH_BYTES: usize = 4 << 20;
 
-/// Compressed bytes one fetch answer may carry (see `consumer`); replay's consumer uses it too.
-pub const FETCH_MAX_BYTES: &str = "1048576";
-
-/// How long librdkafka waits before fetching again for a partition whose prefetch queue was full
-/// (see `consumer`); replay's consumer uses it too.
-pub const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+/// Bounds what librdkafka holds for a consumer of the events topic: the processor's and replay's.
+pub fn bound_prefetch(c: &mut ClientConfig) -> &mut ClientConfig {
+    // Prefetch bounded by memory, not by librdkafka's 64 MB default: with 50 KB events that
+    // alone would exceed the processor's memory budget.
+    c.set(
+        "queued.max.messages.kbytes",
+        (PREFETCH_BYTES / 1024).to_string(),
+    )
+    // When that queue is full, librdkafka postpones the partition's next fetch by this much
+    // (default 1 s), however soon the loop empties it: with 50 KB events one batch takes the
+    // whole queue, and the next one would wait out the second.
+    .set("fetch.queue.backoff.ms", "20")
+    // The prefetch bound above only decides whether another fetch is sent: one fetch answer
+    // (up to 50 MB by default, 1 MB per partition, compressed) is decompressed and queued
+    // whole. With lz4-compressed JSON that was tens of MB of decompressed record batches at
+    // once, held until their last record is consumed (heaptrack: 49 MB of the 50 KB drain's
+    // heap peak). 1 MiB of compressed batches per answer (librdkafka's minimum here: it must
+    // be at least `message.max.bytes`) still brings hundreds of records per round trip.
+    .set("fetch.max.bytes", "1048576")
+}
 
 /// How long one transaction may take from its first call to its end: librdkafka's
 /// `transaction.timeout.ms` (set below), after which the broker aborts it anyway.

@@ -216,18 +216,14 @@ pub async fn replay(
         .group
         .clone()
         .unwrap_or_else(|| default_group(&settings.kafka.consumer_group, req));
-    let consumer: StreamConsumer = shared::kafka::base_config(&settings.kafka)
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("queued.max.messages.kbytes", "4096")
-        .set(
-            "fetch.queue.backoff.ms",
-            crate::consumer::FETCH_QUEUE_BACKOFF_MS,
-        )
-        .set("fetch.max.bytes", crate::consumer::FETCH_MAX_BYTES)
-        .create()?;
+    let consumer: StreamConsumer = crate::consumer::bound_prefetch(
+        shared::kafka::base_config(&settings.kafka)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed"),
+    )
+    .create()?;
     let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
         .topics()

@@ -526,8 +526,8 @@ impl View {
                 .entry(code)
                 .or_insert_with(|| self.signals.contains_key(code));
         }
-        // Sized once: grown by doubling, the log of a large event was mostly unused capacity, and
-        // it is held until the event's record commits.
+        // Room for every write of the plan, then shrunk to what was replaced: grown by doubling,
+        // the log of a large event was mostly unused capacity, held until its record commits.
         let mut replaced =
             Vec::with_capacity(plan.values.len() + plan.availability.len() + plan.errors.len());
         for w in &plan.values {
