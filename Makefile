@@ -58,6 +58,7 @@ test: stack-up
 ## bench: measure each figure next to its limit (release build, real broker and store); writes bench/.
 ## BENCH_ARGS picks figures and runs, e.g. BENCH_ARGS='--figure processor --runs 3' (see --help).
 bench: stack-up
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) # the receiver figure's load
 	cargo build --release --bin carhook-bench --bin processor --bin receiver
 	BENCH_GIT=$$(git rev-parse --short HEAD) target/release/carhook-bench $(BENCH_ARGS)
 
