@@ -2,193 +2,300 @@
 //!
 //! A validly signed body is persisted whatever it contains, so nothing here can fail the request:
 //! fields of the wrong type are simply absent, and a body that is not JSON yields an empty
-//! [`Routing`]. Values are read by visitors straight from the parser, so large arrays
-//! (`data.signals`, legacy `payload.vehicles[].data`) are skipped without being materialised;
-//! `serde(untagged)` would buffer a whole subtree first, which is why it is not used here.
+//! [`Routing`]. The parse reads only the objects that hold routing fields (the top level, `data`,
+//! `data.vehicle`, `payload`, `payload.vehicles[0]`, `meta`) and their keys and string values;
+//! every other value is passed over by [`skip`], which finds where a value ends without parsing
+//! it. So `data.signals`, most of a 50 KB body, costs a vector scan and nothing is built for it.
+//!
+//! What it reads, it checks as a JSON parser would: object syntax, strings (UTF-8, escapes, no
+//! raw control characters), nothing after the top-level object, and no routing key twice in one
+//! object (serde's derive refuses that too, and which copy counts would be a guess). What it skips,
+//! it checks only for strings that end and brackets that balance. The tests hold it equal to a
+//! full parse on every well-formed body and name the malformed ones where the two differ.
 
-use std::fmt;
-use std::marker::PhantomData;
+mod skip;
 
-use serde::de::value::MapAccessDeserializer;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
+use std::borrow::Cow;
 
-/// Visitor methods that read every JSON scalar other than a string as `Default::default()`.
-macro_rules! non_string_scalars_are_default {
-    () => {
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(Default::default())
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(Default::default())
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(Default::default())
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(Default::default())
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(Default::default())
-        }
-    };
+/// A routing field as read: a string value, or `None` for any other JSON value.
+type Field = Option<String>;
+
+/// A cursor over the body. Every method returns `None` for input it cannot read, which ends the
+/// parse with an empty [`Routing`].
+struct Reader<'a> {
+    b: &'a [u8],
+    i: usize,
 }
 
-fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
-    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-    Ok(())
-}
-
-fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
-    while seq.next_element::<IgnoredAny>()?.is_some() {}
-    Ok(())
-}
-
-/// A string field that tolerates any JSON type: non-strings become `None`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Lenient(Option<String>);
-
-impl<'de> Deserialize<'de> for Lenient {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Lenient;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
+impl<'a> Reader<'a> {
+    /// The next byte that is not JSON whitespace, not consumed; `None` at the end.
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(&c) = self.b.get(self.i) {
+            if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+                return Some(c);
             }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Lenient, E> {
-                Ok(Lenient(Some(s.to_owned())))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Lenient, A::Error> {
-                skip_map(map).map(|()| Lenient(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Lenient, A::Error> {
-                skip_seq(seq).map(|()| Lenient(None))
-            }
-            non_string_scalars_are_default!();
+            self.i += 1;
         }
-        d.deserialize_any(V)
+        None
+    }
+
+    /// Consumes `c`, the next byte after whitespace.
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// The string at the cursor, checked and unescaped as serde_json reads a string.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        let start = self.i;
+        let end = skip::string(self.b, start)?;
+        self.i = end;
+        let raw = &self.b[start + 1..end - 1];
+        if raw.contains(&b'\\') {
+            serde_json::from_slice::<String>(&self.b[start..end])
+                .ok()
+                .map(Cow::Owned)
+        } else if raw.iter().any(|&c| c < 0x20) {
+            None
+        } else {
+            std::str::from_utf8(raw).ok().map(Cow::Borrowed)
+        }
+    }
+
+    /// Passes over the value at the cursor.
+    fn skip(&mut self) -> Option<()> {
+        self.i = match self.peek()? {
+            b'"' => skip::string(self.b, self.i)?,
+            b'{' | b'[' => skip::container(self.b, self.i)?,
+            _ => return self.scalar(),
+        };
+        Some(())
+    }
+
+    /// Passes over a number, `true`, `false` or `null`.
+    fn scalar(&mut self) -> Option<()> {
+        let rest = &self.b[self.i..];
+        let len = rest
+            .iter()
+            .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+            .unwrap_or(rest.len());
+        let word = &rest[..len];
+        self.i += len;
+        let number = matches!(word.first(), Some(b'-' | b'0'..=b'9'))
+            && word
+                .iter()
+                .all(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'));
+        (number || matches!(word, b"true" | b"false" | b"null")).then_some(())
+    }
+
+    /// A routing field: a string is kept, any other value passed over.
+    fn field(&mut self) -> Option<Field> {
+        if self.peek()? == b'"' {
+            Some(Some(self.string()?.into_owned()))
+        } else {
+            self.skip().map(|()| None)
+        }
+    }
+
+    /// Calls `member(key, self)` for each member of the object at the cursor, with the cursor on
+    /// the member's value (which `member` must consume). Any other value is passed over.
+    fn object(&mut self, mut member: impl FnMut(&str, &mut Self) -> Option<()>) -> Option<()> {
+        if self.peek()? != b'{' {
+            return self.skip();
+        }
+        self.i += 1;
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let key = self.string()?;
+            self.eat(b':')?;
+            member(&key, self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// `vehicleId` of the first entry of the array at the cursor (legacy `payload.vehicles`); the
+    /// other entries are passed over. Any other value gives `None`.
+    fn first_listed_vehicle(&mut self) -> Option<Field> {
+        if self.peek()? != b'[' {
+            return self.skip().map(|()| None);
+        }
+        self.i += 1;
+        if self.eat(b']').is_some() {
+            return Some(None);
+        }
+        let mut id = None;
+        let mut seen = Seen::default();
+        self.object(|key, r| match key {
+            "vehicleId" => {
+                seen.first(0)?;
+                id = r.field()?;
+                Some(())
+            }
+            _ => r.skip(),
+        })?;
+        loop {
+            match self.peek()? {
+                b',' => {
+                    self.i += 1;
+                    self.skip()?;
+                }
+                b']' => {
+                    self.i += 1;
+                    return Some(id);
+                }
+                _ => return None,
+            }
+        }
     }
 }
 
-/// Reads an object as `T`; any other JSON value is skipped and gives `T::default()`.
-struct LenientObj<T>(PhantomData<T>);
-
-impl<T> LenientObj<T> {
-    fn new() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<'de, T: Deserialize<'de> + Default> Visitor<'de> for LenientObj<T> {
-    type Value = T;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-        T::deserialize(MapAccessDeserializer::new(map))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
-        skip_seq(seq).map(|()| T::default())
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<T, E> {
-        Ok(T::default())
-    }
-    non_string_scalars_are_default!();
-}
-
-impl<'de, T: Deserialize<'de> + Default> DeserializeSeed<'de> for LenientObj<T> {
-    type Value = T;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-fn lenient_obj<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
-    d: D,
-) -> Result<T, D::Error> {
-    LenientObj::new().deserialize(d)
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct RawVehicle {
-    id: Lenient,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct RawData {
-    #[serde(deserialize_with = "lenient_obj")]
-    vehicle: RawVehicle,
-    challenge: Lenient,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct RawLegacyVehicle {
-    vehicle_id: Lenient,
-}
-
-/// `vehicleId` of the first entry of legacy `payload.vehicles`; the other entries (and their
-/// `data` arrays) are skipped unread.
+/// Which routing keys of one object were read: a second copy makes the body unroutable.
 #[derive(Default)]
-struct FirstVehicleId(Lenient);
+struct Seen(u8);
 
-impl<'de> Deserialize<'de> for FirstVehicleId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = FirstVehicleId;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FirstVehicleId, A::Error> {
-                let first = seq.next_element_seed(LenientObj::<RawLegacyVehicle>::new())?;
-                skip_seq(seq)?;
-                Ok(FirstVehicleId(first.unwrap_or_default().vehicle_id))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FirstVehicleId, A::Error> {
-                skip_map(map).map(|()| FirstVehicleId::default())
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<FirstVehicleId, E> {
-                Ok(FirstVehicleId::default())
-            }
-            non_string_scalars_are_default!();
-        }
-        d.deserialize_any(V)
+impl Seen {
+    fn first(&mut self, bit: u8) -> Option<()> {
+        let mask = 1 << bit;
+        let fresh = self.0 & mask == 0;
+        self.0 |= mask;
+        fresh.then_some(())
     }
 }
 
-/// Legacy v2 `payload`: the VERIFY challenge, or an event's ids.
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct RawPayload {
-    challenge: Lenient,
-    event_id: Lenient,
-    vehicle_id: Lenient,
-    vehicles: FirstVehicleId,
+/// Every routing field, where the body has it.
+#[derive(Default)]
+struct Raw {
+    event_id: Field,
+    event_type: Field,
+    event_name: Field,
+    vehicle_id: Field,
+    data_vehicle_id: Field,
+    data_challenge: Field,
+    payload_event_id: Field,
+    payload_vehicle_id: Field,
+    payload_first_listed: Field,
+    payload_challenge: Field,
+    delivery_id: Field,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct RawMeta {
-    delivery_id: Lenient,
-}
+impl Raw {
+    /// Reads the routing fields of a body that is one JSON object.
+    fn read(body: &[u8]) -> Option<Self> {
+        let mut r = Reader { b: body, i: 0 };
+        // Only objects are envelopes.
+        if r.peek()? != b'{' {
+            return None;
+        }
+        let mut raw = Self::default();
+        let mut seen = Seen::default();
+        r.object(|key, r| {
+            match key {
+                "eventId" => {
+                    seen.first(0)?;
+                    raw.event_id = r.field()?;
+                }
+                "eventType" => {
+                    seen.first(1)?;
+                    raw.event_type = r.field()?;
+                }
+                "eventName" => {
+                    seen.first(2)?;
+                    raw.event_name = r.field()?;
+                }
+                "vehicleId" => {
+                    seen.first(3)?;
+                    raw.vehicle_id = r.field()?;
+                }
+                "data" => {
+                    seen.first(4)?;
+                    raw.read_data(r)?;
+                }
+                "payload" => {
+                    seen.first(5)?;
+                    raw.read_payload(r)?;
+                }
+                "meta" => {
+                    seen.first(6)?;
+                    let mut seen = Seen::default();
+                    r.object(|key, r| match key {
+                        "deliveryId" => {
+                            seen.first(0)?;
+                            raw.delivery_id = r.field()?;
+                            Some(())
+                        }
+                        _ => r.skip(),
+                    })?;
+                }
+                _ => r.skip()?,
+            }
+            Some(())
+        })?;
+        // Nothing but whitespace may follow the object.
+        r.peek().is_none().then_some(raw)
+    }
 
-#[derive(Deserialize, Default)]
-#[serde(default, rename_all = "camelCase")]
-struct RawEnvelope {
-    event_id: Lenient,
-    event_type: Lenient,
-    event_name: Lenient,
-    vehicle_id: Lenient,
-    #[serde(deserialize_with = "lenient_obj")]
-    data: RawData,
-    #[serde(deserialize_with = "lenient_obj")]
-    payload: RawPayload,
-    #[serde(deserialize_with = "lenient_obj")]
-    meta: RawMeta,
+    /// `data`: the vehicle's id and a VERIFY's challenge.
+    fn read_data(&mut self, r: &mut Reader<'_>) -> Option<()> {
+        let mut seen = Seen::default();
+        r.object(|key, r| match key {
+            "vehicle" => {
+                seen.first(0)?;
+                let mut seen = Seen::default();
+                r.object(|key, r| match key {
+                    "id" => {
+                        seen.first(0)?;
+                        self.data_vehicle_id = r.field()?;
+                        Some(())
+                    }
+                    _ => r.skip(),
+                })
+            }
+            "challenge" => {
+                seen.first(1)?;
+                self.data_challenge = r.field()?;
+                Some(())
+            }
+            _ => r.skip(),
+        })
+    }
+
+    /// Legacy v2 `payload`: the VERIFY challenge, or an event's ids.
+    fn read_payload(&mut self, r: &mut Reader<'_>) -> Option<()> {
+        let mut seen = Seen::default();
+        r.object(|key, r| {
+            match key {
+                "challenge" => {
+                    seen.first(0)?;
+                    self.payload_challenge = r.field()?;
+                }
+                "eventId" => {
+                    seen.first(1)?;
+                    self.payload_event_id = r.field()?;
+                }
+                "vehicleId" => {
+                    seen.first(2)?;
+                    self.payload_vehicle_id = r.field()?;
+                }
+                "vehicles" => {
+                    seen.first(3)?;
+                    self.payload_first_listed = r.first_listed_vehicle()?;
+                }
+                _ => r.skip()?,
+            }
+            Some(())
+        })
+    }
 }
 
 /// What the receiver needs from a body: ids and type for headers and logs, the record key,
@@ -214,26 +321,21 @@ pub struct Routing {
 impl Routing {
     /// Reads routing fields from any bytes. Never fails.
     pub fn sniff(body: &[u8]) -> Self {
-        // serde would also read a struct from a JSON array; only objects are envelopes.
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Self::default();
-        }
-        let Ok(raw) = serde_json::from_slice::<RawEnvelope>(body) else {
+        let Some(raw) = Raw::read(body) else {
             return Self::default();
         };
-        let non_empty = |l: Lenient| l.0.filter(|s| !s.is_empty());
+        let non_empty = |f: Field| f.filter(|s| !s.is_empty());
         let event_type = non_empty(raw.event_type)
             .or_else(|| non_empty(raw.event_name).map(|n| n.to_ascii_uppercase()));
-        let payload = raw.payload;
         Self {
-            event_id: non_empty(raw.event_id).or_else(|| non_empty(payload.event_id)),
+            event_id: non_empty(raw.event_id).or_else(|| non_empty(raw.payload_event_id)),
             event_type,
             vehicle_id: non_empty(raw.vehicle_id)
-                .or_else(|| non_empty(raw.data.vehicle.id))
-                .or_else(|| non_empty(payload.vehicle_id))
-                .or_else(|| non_empty(payload.vehicles.0)),
-            delivery_id: non_empty(raw.meta.delivery_id),
-            challenge: non_empty(raw.data.challenge).or_else(|| non_empty(payload.challenge)),
+                .or_else(|| non_empty(raw.data_vehicle_id))
+                .or_else(|| non_empty(raw.payload_vehicle_id))
+                .or_else(|| non_empty(raw.payload_first_listed)),
+            delivery_id: non_empty(raw.delivery_id),
+            challenge: non_empty(raw.data_challenge).or_else(|| non_empty(raw.payload_challenge)),
             is_json_object: true,
         }
     }
@@ -520,14 +622,17 @@ mod tests {
             "x",
         ];
         fn gen(rng: &mut rand::rngs::StdRng, depth: u32) -> Value {
-            match rng.random_range(0..if depth == 0 { 6 } else { 9 }) {
+            match rng.random_range(0..if depth == 0 { 7 } else { 11 }) {
                 0 => Value::Null,
                 1 => json!(rng.random_bool(0.5)),
                 2 => json!(rng.random_range(-1000..1000)),
                 3 => json!(rng.random::<f64>() * 1e6),
                 4 => json!(""),
                 5 => json!(format!("s{}", rng.random_range(0..100))),
-                6 | 7 => {
+                // What a structure scan could mistake for structure, sometimes longer than its
+                // 64-byte blocks.
+                6 => json!(r#"s"]}{[\"#.repeat(rng.random_range(1..30))),
+                7 | 8 => {
                     let mut m = Map::new();
                     for _ in 0..rng.random_range(0..6) {
                         let k = KEYS[rng.random_range(0..KEYS.len())];
@@ -554,8 +659,8 @@ mod tests {
     }
 
     /// Where the two differ, on purpose: input a full parse rejects but the routing parse need not
-    /// read. Skipped values are checked for syntax, not for meaning, so the body is still routed;
-    /// a repeated routing key fails both the old and the streaming parse (serde's derive).
+    /// read. Skipped values are checked only for strings that end and brackets that balance, so the
+    /// body is still routed; a repeated routing key makes it unroutable (as serde's derive did).
     #[test]
     fn bodies_a_full_parse_rejects() {
         let keyed = |r: Routing| r.key().map(str::to_owned);
@@ -580,8 +685,32 @@ mod tests {
         latin1.extend_from_slice(b"\xe9\"}]}}");
         assert_eq!(reference(&latin1), Routing::default());
         assert_eq!(keyed(Routing::sniff(&latin1)).as_deref(), Some("v"));
-        // Syntax errors anywhere fail both.
-        same(br#"{"vehicleId":"v","data":{"signals":[1,]}}"#);
-        same(br#"{"vehicleId":"v"} trailing"#);
+        // Syntax errors inside a skipped value: passed over.
+        for bad in [
+            &br#"{"vehicleId":"v","data":{"signals":[1,]}}"#[..],
+            br#"{"vehicleId":"v","data":{"signals":[{"a":1]}}}"#,
+            br#"{"vehicleId":"v","data":{"signals":[tru, 01, {"a" "b"}]}}"#,
+        ] {
+            assert_eq!(reference(bad), Routing::default());
+            assert_eq!(keyed(Routing::sniff(bad)).as_deref(), Some("v"));
+        }
+        // Syntax errors where the routing parse reads fail both: the objects that hold routing
+        // fields, their keys and string values, an unterminated value, what follows the body.
+        for bad in [
+            &br#"{"vehicleId":"v",}"#[..],
+            br#"{"vehicleId":"v" "eventId":"e"}"#,
+            br#"{"vehicleId":"v","data":{"vehicle":{"id":"w",}}}"#,
+            br#"{"vehicleId":"v","payload":{"vehicles":[{"vehicleId":"a"} {"vehicleId":"b"}]}}"#,
+            br#"{"vehicleId":"v\x"}"#,
+            b"{\"vehicleId\":\"v\x01\"}",
+            b"{\"vehicleId\":\"\xff\"}",
+            br#"{"vehicleId":"v","version":nul}"#,
+            br#"{"vehicleId":"v","data":{"signals":[[]}}"#,
+            br#"{"vehicleId":"v","data":"abc}"#,
+            br#"{"vehicleId":"v"} trailing"#,
+        ] {
+            same(bad);
+            assert_eq!(Routing::sniff(bad), Routing::default());
+        }
     }
 }
