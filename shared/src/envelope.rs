@@ -658,6 +658,35 @@ mod tests {
         }
     }
 
+    /// Cut short or corrupted bodies: the routing parse never panics, and a body cut anywhere
+    /// before its last byte is never routed (its top-level object cannot be complete).
+    #[test]
+    fn cut_and_corrupted_bodies_never_panic_and_cut_ones_never_route() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        for shape in protocol_shapes() {
+            let body = serde_json::to_vec(&shape).unwrap_or_default();
+            for cut in 0..body.len() {
+                assert_eq!(
+                    Routing::sniff(&body[..cut]),
+                    Routing::default(),
+                    "{}",
+                    String::from_utf8_lossy(&body[..cut])
+                );
+            }
+            for _ in 0..2_000 {
+                let mut bad = body.clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..bad.len());
+                    bad[at] = *b"\"{}[]:,\\ a0\xff"
+                        .get(rng.random_range(0..12))
+                        .unwrap_or(&b'x');
+                }
+                let _ = Routing::sniff(&bad);
+            }
+        }
+    }
+
     /// Where the two differ, on purpose: input a full parse rejects but the routing parse need not
     /// read. Skipped values are checked only for strings that end and brackets that balance, so the
     /// body is still routed; a repeated routing key makes it unroutable (as serde's derive did).
