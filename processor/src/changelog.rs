@@ -14,8 +14,9 @@
 //! - on the first touch of a partition after assignment, its changelog partition is read to its
 //!   end (read_committed: only committed records): the offset of each vehicle's last record, and
 //!   the record itself for the most recent ones, as many as the cache holds (the pattern Kafka
-//!   Streams uses to restore a state store from its changelog). Changelog partition p holds the
-//!   vehicles of events partition p (same count, same key, same partitioner);
+//!   Streams uses to restore a state store from its changelog); partitions restoring at the same
+//!   time share that budget. Changelog partition p holds the vehicles of events partition p (same
+//!   count, same key, same partitioner);
 //! - a vehicle whose last record was not kept is read back from the changelog at that record's
 //!   offset (a compacted topic keeps every key's last record);
 //! - a vehicle with no record yet is read from the store, without the cells written by records of
@@ -37,6 +38,7 @@
 //! key and its last record's offset.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -346,6 +348,10 @@ pub struct Changelog {
     /// `processor.changelog_cache_bytes`.
     budget: usize,
     views: Mutex<Views>,
+    /// Bytes of records kept by the restores in progress, all partitions together: they share the
+    /// budget, so a rebalance that assigns many partitions at once does not hold a budget per
+    /// partition while they restore.
+    restoring: Arc<AtomicUsize>,
     /// Read records back from the changelog, each one record at a time ([`FETCHERS`]).
     fetchers: Arc<[Mutex<Option<BaseConsumer<RestoreContext>>>]>,
     metrics: Metrics,
@@ -376,6 +382,7 @@ impl Changelog {
             kafka,
             budget: usize::try_from(cache_bytes).unwrap_or(usize::MAX),
             views: Mutex::new(Views::default()),
+            restoring: Arc::new(AtomicUsize::new(0)),
             fetchers: (0..FETCHERS).map(|_| Mutex::new(None)).collect(),
             metrics,
         }
@@ -613,10 +620,13 @@ impl Changelog {
         cell.get_or_try_init(|| async {
             let kafka = self.kafka.clone();
             let budget = self.budget;
-            let restored = tokio::task::spawn_blocking(move || restore(&kafka, partition, budget))
-                .await
-                .map_err(transient)?
-                .map_err(transient)?;
+            let restoring = Arc::clone(&self.restoring);
+            let restored = tokio::task::spawn_blocking(move || {
+                restore(&kafka, partition, Keeping::new(budget, &restoring))
+            })
+            .await
+            .map_err(transient)?
+            .map_err(transient)?;
             let mut views = self.lock()?;
             let mut added = 0;
             if let Some(pv) = views
@@ -947,7 +957,8 @@ impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 struct Restored {
     /// Each vehicle's last record's offset.
     last: HashMap<String, i64>,
-    /// The most recent of those records, as many as fit in the cache.
+    /// The most recent of those records, as many as fit in the budget the restores in progress
+    /// share.
     kept: HashMap<String, Kept>,
 }
 
@@ -1039,8 +1050,12 @@ fn cell_times<'m>(m: &'m rdkafka::message::BorrowedMessage<'_>) -> &'m [u8] {
 }
 
 /// Reads changelog partition `partition` to its end (committed records only): each vehicle's last
-/// record's offset, and the most recent records up to `budget` bytes.
-fn restore(kafka: &KafkaSettings, partition: i32, budget: usize) -> Result<Restored, String> {
+/// record's offset, and the most recent records `keeping` has room for.
+fn restore(
+    kafka: &KafkaSettings,
+    partition: i32,
+    keeping: Keeping<'_>,
+) -> Result<Restored, String> {
     let topic = &kafka.state_topic;
     let started = Instant::now();
     let consumer = changelog_consumer(kafka, true)?;
@@ -1051,7 +1066,7 @@ fn restore(kafka: &KafkaSettings, partition: i32, budget: usize) -> Result<Resto
     let (restored, read) = if high <= low {
         (Restored::default(), 0)
     } else {
-        read_to_end(&consumer, topic, partition, budget, started)?
+        read_to_end(&consumer, topic, partition, keeping, started)?
     };
     tracing::info!(
         topic = topic.as_str(),
@@ -1065,23 +1080,92 @@ fn restore(kafka: &KafkaSettings, partition: i32, budget: usize) -> Result<Resto
     Ok(restored)
 }
 
+/// What a restore keeps: each vehicle's last record's offset, and the most recent records, within
+/// the budget that all restores in progress share.
+struct Keeping<'a> {
+    out: Restored,
+    /// Kept records by offset, oldest first: the oldest go when the restores are over the budget.
+    order: BTreeMap<i64, String>,
+    budget: usize,
+    /// Bytes all restores in progress keep ([`Changelog::restoring`]).
+    all: &'a AtomicUsize,
+    /// This restore's part of `all`, given back when it ends: its records then count in the cache.
+    mine: usize,
+}
+
+impl<'a> Keeping<'a> {
+    fn new(budget: usize, all: &'a AtomicUsize) -> Self {
+        Self {
+            out: Restored::default(),
+            order: BTreeMap::new(),
+            budget,
+            all,
+            mine: 0,
+        }
+    }
+
+    fn hold(&mut self, bytes: usize) {
+        self.mine += bytes;
+        self.all.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn release(&mut self, bytes: usize) {
+        self.mine -= bytes;
+        self.all.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Record `offset` of `vehicle`: its document and cell times, or `None` for a tombstone (the
+    /// vehicle has no record). Replaces the vehicle's earlier record, then drops this restore's
+    /// oldest records while all restores together keep more than the budget.
+    fn record(&mut self, vehicle: &str, offset: i64, record: Option<Kept>) {
+        if let Some(prev) = self.out.last.remove(vehicle) {
+            self.order.remove(&prev);
+            if let Some(k) = self.out.kept.remove(vehicle) {
+                self.release(kept_weight(&k));
+            }
+        }
+        let Some(k) = record else {
+            return;
+        };
+        self.out.last.insert(vehicle.to_owned(), offset);
+        self.hold(kept_weight(&k));
+        self.out.kept.insert(vehicle.to_owned(), k);
+        self.order.insert(offset, vehicle.to_owned());
+        while self.all.load(Ordering::Relaxed) > self.budget {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some(k) = self.out.kept.remove(&oldest) {
+                self.release(kept_weight(&k));
+            }
+        }
+    }
+
+    fn finish(mut self) -> Restored {
+        std::mem::take(&mut self.out)
+    }
+}
+
+impl Drop for Keeping<'_> {
+    fn drop(&mut self) {
+        self.all.fetch_sub(self.mine, Ordering::Relaxed);
+    }
+}
+
 /// Reads changelog partition `partition` from its beginning to its end: each vehicle's last
-/// record's offset, the most recent records up to `budget` bytes, and how many records were read.
+/// record's offset, the most recent records `keeping` has room for, and how many records were
+/// read.
 fn read_to_end(
     consumer: &BaseConsumer<RestoreContext>,
     topic: &str,
     partition: i32,
-    budget: usize,
+    mut keeping: Keeping<'_>,
     started: Instant,
 ) -> Result<(Restored, u64), String> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)
         .and_then(|()| consumer.assign(&tpl))
         .map_err(|e| format!("{topic}[{partition}]: assign: {e}"))?;
-    let mut out = Restored::default();
-    // Kept records by offset, oldest first, and their bytes: the oldest go past the budget.
-    let mut kept_order: BTreeMap<i64, String> = BTreeMap::new();
-    let mut kept_bytes = 0usize;
     let mut read = 0u64;
     loop {
         match consumer.poll(Duration::from_millis(200)) {
@@ -1090,29 +1174,10 @@ fn read_to_end(
                 let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
                     continue;
                 };
-                if let Some(prev) = out.last.remove(key) {
-                    kept_order.remove(&prev);
-                    if let Some(k) = out.kept.remove(key) {
-                        kept_bytes -= kept_weight(&k);
-                    }
-                }
-                // A tombstone: the vehicle has no record.
-                let Some(doc) = m.payload() else {
-                    continue;
-                };
-                out.last.insert(key.to_owned(), m.offset());
-                let k = (doc.to_vec(), cell_times(&m).to_vec());
-                kept_bytes += kept_weight(&k);
-                out.kept.insert(key.to_owned(), k);
-                kept_order.insert(m.offset(), key.to_owned());
-                while kept_bytes > budget {
-                    let Some((_, oldest)) = kept_order.pop_first() else {
-                        break;
-                    };
-                    if let Some(k) = out.kept.remove(&oldest) {
-                        kept_bytes -= kept_weight(&k);
-                    }
-                }
+                let record = m
+                    .payload()
+                    .map(|doc| (doc.to_vec(), cell_times(&m).to_vec()));
+                keeping.record(key, m.offset(), record);
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
             Some(Err(e)) => return Err(format!("{topic}[{partition}]: {e}")),
@@ -1124,12 +1189,74 @@ fn read_to_end(
             None => {}
         }
     }
-    Ok((out, read))
+    Ok((keeping.finish(), read))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kept(bytes: usize) -> Option<Kept> {
+        Some((vec![b'd'; bytes], Vec::new()))
+    }
+
+    /// Restores running at the same time share the budget: together they never keep more than it
+    /// (before, each kept up to the whole budget, so a rebalance assigning n partitions held n
+    /// budgets until the restores were done), each keeps its own most recent records, and what a
+    /// restore held is given back when it ends.
+    #[test]
+    fn restores_in_progress_share_the_budget() {
+        let all = AtomicUsize::new(0);
+        let mut a = Keeping::new(1_000, &all);
+        let mut b = Keeping::new(1_000, &all);
+        for i in 0..20 {
+            a.record(&format!("a{i}"), i, kept(100));
+            b.record(&format!("b{i}"), i, kept(100));
+            assert!(
+                all.load(Ordering::Relaxed) <= 1_000,
+                "{}",
+                all.load(Ordering::Relaxed)
+            );
+        }
+        let held: usize = a
+            .out
+            .kept
+            .values()
+            .chain(b.out.kept.values())
+            .map(kept_weight)
+            .sum();
+        assert_eq!(held, all.load(Ordering::Relaxed));
+        assert!(a.out.kept.contains_key("a19") && b.out.kept.contains_key("b19"));
+        assert!(!a.out.kept.contains_key("a0") && !b.out.kept.contains_key("b0"));
+        // Every vehicle's last offset is known, kept or not.
+        assert_eq!((a.out.last.len(), b.out.last.len()), (20, 20));
+        let restored = a.finish();
+        assert_eq!(
+            all.load(Ordering::Relaxed),
+            held - restored.kept.values().map(kept_weight).sum::<usize>()
+        );
+        drop(b);
+        assert_eq!(all.load(Ordering::Relaxed), 0);
+    }
+
+    /// A later record of a vehicle replaces its earlier one, a tombstone removes it, and the bytes
+    /// held follow.
+    #[test]
+    fn a_restore_keeps_each_vehicles_last_record_only() {
+        let all = AtomicUsize::new(0);
+        let mut k = Keeping::new(10_000, &all);
+        k.record("v", 1, kept(100));
+        k.record("w", 2, kept(50));
+        k.record("v", 3, kept(300));
+        assert_eq!(all.load(Ordering::Relaxed), 350);
+        k.record("w", 4, None);
+        assert_eq!(all.load(Ordering::Relaxed), 300);
+        let r = k.finish();
+        assert_eq!(r.last.get("v"), Some(&3));
+        assert_eq!(r.last.get("w"), None);
+        assert_eq!(r.kept.get("v").map(kept_weight), Some(300));
+        assert_eq!(all.load(Ordering::Relaxed), 0);
+    }
 
     fn partition(committed: i64) -> PartitionViews {
         PartitionViews {
