@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 /// mimalloc instead of the system allocator: glibc's malloc, with the consolidation of freed
-/// chunks its 50 KB bodies trigger, was about 7 % of the receiver's CPU per request under load
+/// chunks its 50 KB bodies trigger, was about 6 % of the receiver's CPU per request under load
 /// (`perf`, `bench/latest.md`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

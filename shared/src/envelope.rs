@@ -314,7 +314,8 @@ pub struct Routing {
     pub delivery_id: Option<String>,
     /// The VERIFY challenge (`data.challenge`, legacy `payload.challenge`).
     pub challenge: Option<String>,
-    /// Whether the body parsed as a JSON object at all.
+    /// Whether the body was read as one JSON object (its skipped values are checked only for
+    /// strings that end and brackets that balance, see the module doc).
     pub is_json_object: bool,
 }
 
