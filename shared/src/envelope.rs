@@ -124,6 +124,29 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Calls `member(key, self)` for each member of the object at the cursor whose key is one of
+    /// `keys`, with the cursor on its value (which `member` must consume); other members are passed
+    /// over. One of `keys` given twice makes the body unroutable: serde's derive refuses that too,
+    /// and which copy counts would be a guess. Any value other than an object is passed over.
+    fn fields(
+        &mut self,
+        keys: &[&'static str],
+        mut member: impl FnMut(&'static str, &mut Self) -> Option<()>,
+    ) -> Option<()> {
+        let mut seen = 0u32;
+        self.object(|key, r| {
+            let Some(k) = keys.iter().position(|&known| known == key) else {
+                return r.skip();
+            };
+            let bit = 1 << k;
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            member(keys[k], r)
+        })
+    }
+
     /// `vehicleId` of the first entry of the array at the cursor (legacy `payload.vehicles`); the
     /// other entries are passed over. Any other value gives `None`.
     fn first_listed_vehicle(&mut self) -> Option<Field> {
@@ -135,14 +158,9 @@ impl<'a> Reader<'a> {
             return Some(None);
         }
         let mut id = None;
-        let mut seen = Seen::default();
-        self.object(|key, r| match key {
-            "vehicleId" => {
-                seen.first(0)?;
-                id = r.field()?;
-                Some(())
-            }
-            _ => r.skip(),
+        self.fields(&["vehicleId"], |_, r| {
+            id = r.field()?;
+            Some(())
         })?;
         loop {
             match self.peek()? {
@@ -157,19 +175,6 @@ impl<'a> Reader<'a> {
                 _ => return None,
             }
         }
-    }
-}
-
-/// Which routing keys of one object were read: a second copy makes the body unroutable.
-#[derive(Default)]
-struct Seen(u8);
-
-impl Seen {
-    fn first(&mut self, bit: u8) -> Option<()> {
-        let mask = 1 << bit;
-        let fresh = self.0 & mask == 0;
-        self.0 |= mask;
-        fresh.then_some(())
     }
 }
 
@@ -198,46 +203,30 @@ impl Raw {
             return None;
         }
         let mut raw = Self::default();
-        let mut seen = Seen::default();
-        r.object(|key, r| {
+        let keys = [
+            "eventId",
+            "eventType",
+            "eventName",
+            "vehicleId",
+            "data",
+            "payload",
+            "meta",
+        ];
+        r.fields(&keys, |key, r| {
             match key {
-                "eventId" => {
-                    seen.first(0)?;
-                    raw.event_id = r.field()?;
-                }
-                "eventType" => {
-                    seen.first(1)?;
-                    raw.event_type = r.field()?;
-                }
-                "eventName" => {
-                    seen.first(2)?;
-                    raw.event_name = r.field()?;
-                }
-                "vehicleId" => {
-                    seen.first(3)?;
-                    raw.vehicle_id = r.field()?;
-                }
-                "data" => {
-                    seen.first(4)?;
-                    raw.read_data(r)?;
-                }
-                "payload" => {
-                    seen.first(5)?;
-                    raw.read_payload(r)?;
-                }
-                "meta" => {
-                    seen.first(6)?;
-                    let mut seen = Seen::default();
-                    r.object(|key, r| match key {
-                        "deliveryId" => {
-                            seen.first(0)?;
-                            raw.delivery_id = r.field()?;
-                            Some(())
-                        }
-                        _ => r.skip(),
+                "eventId" => raw.event_id = r.field()?,
+                "eventType" => raw.event_type = r.field()?,
+                "eventName" => raw.event_name = r.field()?,
+                "vehicleId" => raw.vehicle_id = r.field()?,
+                "data" => raw.read_data(r)?,
+                "payload" => raw.read_payload(r)?,
+                _ => {
+                    // meta
+                    r.fields(&["deliveryId"], |_, r| {
+                        raw.delivery_id = r.field()?;
+                        Some(())
                     })?;
                 }
-                _ => r.skip()?,
             }
             Some(())
         })?;
@@ -247,51 +236,28 @@ impl Raw {
 
     /// `data`: the vehicle's id and a VERIFY's challenge.
     fn read_data(&mut self, r: &mut Reader<'_>) -> Option<()> {
-        let mut seen = Seen::default();
-        r.object(|key, r| match key {
-            "vehicle" => {
-                seen.first(0)?;
-                let mut seen = Seen::default();
-                r.object(|key, r| match key {
-                    "id" => {
-                        seen.first(0)?;
-                        self.data_vehicle_id = r.field()?;
-                        Some(())
-                    }
-                    _ => r.skip(),
+        r.fields(&["vehicle", "challenge"], |key, r| {
+            if key == "vehicle" {
+                r.fields(&["id"], |_, r| {
+                    self.data_vehicle_id = r.field()?;
+                    Some(())
                 })
-            }
-            "challenge" => {
-                seen.first(1)?;
+            } else {
                 self.data_challenge = r.field()?;
                 Some(())
             }
-            _ => r.skip(),
         })
     }
 
     /// Legacy v2 `payload`: the VERIFY challenge, or an event's ids.
     fn read_payload(&mut self, r: &mut Reader<'_>) -> Option<()> {
-        let mut seen = Seen::default();
-        r.object(|key, r| {
+        let keys = ["challenge", "eventId", "vehicleId", "vehicles"];
+        r.fields(&keys, |key, r| {
             match key {
-                "challenge" => {
-                    seen.first(0)?;
-                    self.payload_challenge = r.field()?;
-                }
-                "eventId" => {
-                    seen.first(1)?;
-                    self.payload_event_id = r.field()?;
-                }
-                "vehicleId" => {
-                    seen.first(2)?;
-                    self.payload_vehicle_id = r.field()?;
-                }
-                "vehicles" => {
-                    seen.first(3)?;
-                    self.payload_first_listed = r.first_listed_vehicle()?;
-                }
-                _ => r.skip()?,
+                "challenge" => self.payload_challenge = r.field()?,
+                "eventId" => self.payload_event_id = r.field()?,
+                "vehicleId" => self.payload_vehicle_id = r.field()?,
+                _ => self.payload_first_listed = r.first_listed_vehicle()?,
             }
             Some(())
         })

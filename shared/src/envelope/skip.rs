@@ -35,10 +35,8 @@ impl Masks {
         let close = u8x16::splat(b'}');
         let bit5 = u8x16::splat(0x20);
         let mut m = Self::default();
-        for (k, chunk) in block.chunks_exact(16).enumerate() {
-            let Ok(lanes) = <[u8; 16]>::try_from(chunk) else {
-                unreachable!("chunks_exact(16) yields 16 bytes")
-            };
+        let (chunks, _) = block.as_chunks::<16>();
+        for (k, &lanes) in chunks.iter().enumerate() {
             let v = u8x16::new(lanes);
             // `[` | 0x20 == `{` and `]` | 0x20 == `}`; no other byte maps onto either.
             let folded = v | bit5;
@@ -95,11 +93,11 @@ pub fn container(b: &[u8], start: usize) -> Option<usize> {
     let mut escape_carry = false;
     let mut tail = [b' '; 64];
     while pos < b.len() {
-        let block: &[u8; 64] = match b.get(pos..pos + 64).map(<&[u8; 64]>::try_from) {
-            Some(Ok(full)) => full,
-            _ => {
+        let rest = &b[pos..];
+        let block: &[u8; 64] = match rest.first_chunk::<64>() {
+            Some(full) => full,
+            None => {
                 // The last, short block, padded with spaces (which are never structure).
-                let rest = &b[pos..];
                 tail[..rest.len()].copy_from_slice(rest);
                 tail[rest.len()..].fill(b' ');
                 &tail
