@@ -14,17 +14,18 @@
 //! documents are serde_json objects, keys in sorted order: a value document starts with its body,
 //! then its event id), so a view settles ties as the store does.
 //!
-//! Memory: a view is held for many vehicles at once, so a value's body is kept as its JSON text
-//! (serde_json's compact form, the same bytes the store and the changelog hold), not as a tree of
-//! `Value`s, and the document is written from the parts without building one.
+//! Memory: a view is held for many vehicles at once, and a large vehicle has hundreds of cells, so
+//! a cell is kept small. A value cell's six shown fields are their JSON texts (serde_json's compact
+//! form, the same bytes the store and the changelog hold) back to back in one allocation; an
+//! available signal's availability cell allocates nothing. The document is written from those
+//! texts ([`View::render_text`]) without building a tree of `Value`s.
 //!
 //! Bookkeeping (the last event seen, its delivery time) is not part of the document: it changes on
 //! every event, so a changelog keyed on it would change on every event too.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::LazyLock;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -33,180 +34,252 @@ use crate::effects::Plan;
 /// The document schema's version (the `version` field); bumped on any incompatible change.
 pub const DOCUMENT_VERSION: u32 = 1;
 
-/// A cell's part, its write timestamp (µs), and for availability and error cells a key that
-/// orders like the stored document at equal timestamps (None: not known, the cell is kept). A value
-/// cell's key is its body and event id ([`value_tie`]).
+/// How an availability or error cell settles a tie at equal timestamps: a key that orders like the
+/// stored document's bytes. A value cell's key comes from its part ([`value_tie`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Tie(Option<Box<str>>);
+
+/// Sorts after every JSON text: an availability document without an `error` key.
+const NO_ERROR_KEY: &str = "\u{7f}";
+
+impl Tie {
+    /// Not known: at equal timestamps the cell held is kept.
+    const UNKNOWN: Tie = Tie(None);
+
+    /// An availability document without an `error` key. Kept as the empty string, which is no
+    /// JSON text and takes no allocation (most availability cells have no error key).
+    fn no_error_key() -> Self {
+        Tie(Some(Box::default()))
+    }
+
+    fn text(t: String) -> Self {
+        Tie(Some(t.into_boxed_str()))
+    }
+
+    fn key(&self) -> Option<&str> {
+        match self.0.as_deref() {
+            Some("") => Some(NO_ERROR_KEY),
+            other => other,
+        }
+    }
+}
+
+/// A cell's part, its write timestamp (µs), and for availability and error cells its tie key.
 #[derive(Debug, Clone, PartialEq)]
 struct Stamped<P> {
     ts: i64,
     part: P,
-    tie: Option<Vec<String>>,
+    tie: Tie,
 }
 
-/// What the document shows of a value cell.
-#[derive(Debug, Clone)]
-struct ValuePart {
-    /// The body's JSON text (`null` without one).
-    body: Box<RawValue>,
-    oem_updated_at: Value,
-    fetched_at: Value,
-    event_id: Value,
-    logic_version: Value,
+/// The fields of a value cell the document shows, in the order [`ValuePart`] keeps them.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Body,
+    OemUpdatedAt,
+    FetchedAt,
+    EventId,
+    LogicVersion,
     /// `webhook` or `poll`.
-    source: Value,
+    Source,
 }
 
-impl PartialEq for ValuePart {
-    fn eq(&self, other: &Self) -> bool {
-        self.body.get() == other.body.get()
-            && self.oem_updated_at == other.oem_updated_at
-            && self.fetched_at == other.fetched_at
-            && self.event_id == other.event_id
-            && self.logic_version == other.logic_version
-            && self.source == other.source
-    }
+/// What the document shows of a value cell: the JSON texts of its body, `oemUpdatedAt`,
+/// `fetchedAt`, `eventId`, `logicVersion` and `source` (`null` when absent), back to back in one
+/// string, and where each of the first five ends. Two parts are equal exactly when each field's
+/// text is: the texts are serde_json's compact form, one text per value.
+#[derive(Debug, Clone, PartialEq)]
+struct ValuePart {
+    text: Box<str>,
+    ends: [u32; 5],
 }
 
-/// A stored value document's fields the document shows (others are ignored).
+/// A field present in the stored document, even as `null` (absent is `None`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A stored value document's fields the document shows, as their texts (others are ignored).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct StoredValue<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     body: Option<&'a RawValue>,
-    #[serde(default)]
-    oem_updated_at: Value,
-    #[serde(default)]
-    fetched_at: Value,
-    #[serde(default)]
-    event_id: Value,
-    #[serde(default)]
-    logic_version: Value,
-    #[serde(default)]
-    source: Value,
+    #[serde(borrow, default, deserialize_with = "present")]
+    oem_updated_at: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    fetched_at: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    logic_version: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    source: Option<&'a RawValue>,
 }
 
+const NULL_TEXT: &str = "null";
+
 impl ValuePart {
-    fn new(body: Box<RawValue>, fields: [Value; 5]) -> Self {
-        let [oem_updated_at, fetched_at, event_id, logic_version, source] = fields;
+    /// From the six fields' texts, in [`Field`] order.
+    fn new(mut fields: [&str; 6]) -> Self {
         // Values stored before polling existed carry no source: they all came from webhooks.
         // Filled in here so a view read from the store and one restored from the changelog are
         // equal.
-        let source = if source.is_null() {
-            Value::from("webhook")
-        } else {
-            source
-        };
-        Self {
-            body,
-            oem_updated_at,
-            fetched_at,
-            event_id,
-            logic_version,
-            source,
+        if fields[Field::Source as usize] == NULL_TEXT {
+            fields[Field::Source as usize] = "\"webhook\"";
         }
+        let mut text = String::with_capacity(fields.iter().map(|f| f.len()).sum());
+        let mut ends = [0; 5];
+        for (i, f) in fields.iter().enumerate() {
+            text.push_str(f);
+            if let Some(end) = ends.get_mut(i) {
+                // A Kafka record is far below 4 GiB; past it the field reads as null.
+                *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
+            }
+        }
+        Self {
+            text: text.into_boxed_str(),
+            ends,
+        }
+    }
+
+    /// A field's JSON text.
+    fn get(&self, field: Field) -> &str {
+        let i = field as usize;
+        let start = i.checked_sub(1).map_or(0, |p| self.ends[p] as usize);
+        let end = self.ends.get(i).map_or(self.text.len(), |&e| e as usize);
+        self.text.get(start..end).unwrap_or(NULL_TEXT)
     }
 
     /// From a stored value document (JSON text); an unreadable one shows nothing.
     fn from_doc(doc: &str) -> Self {
+        fn text(f: Option<&RawValue>) -> &str {
+            f.map_or(NULL_TEXT, RawValue::get)
+        }
         match serde_json::from_str::<StoredValue<'_>>(doc) {
-            Ok(v) => Self::new(
-                v.body.unwrap_or(RawValue::NULL).to_owned(),
-                [
-                    v.oem_updated_at,
-                    v.fetched_at,
-                    v.event_id,
-                    v.logic_version,
-                    v.source,
-                ],
-            ),
-            Err(_) => Self::new(RawValue::NULL.to_owned(), Default::default()),
+            Ok(v) => Self::new([
+                text(v.body),
+                text(v.oem_updated_at),
+                text(v.fetched_at),
+                text(v.event_id),
+                text(v.logic_version),
+                text(v.source),
+            ]),
+            Err(_) => Self::new([NULL_TEXT; 6]),
         }
     }
 
     /// From a signal's entry in a document.
     fn from_entry(entry: &Value) -> Self {
-        let field = |f: &str| entry.get(f).cloned().unwrap_or(Value::Null);
-        let body = entry
-            .get("body")
-            .and_then(|b| RawValue::from_string(b.to_string()).ok())
-            .unwrap_or_else(|| RawValue::NULL.to_owned());
-        Self::new(
-            body,
-            [
-                field("oemUpdatedAt"),
-                field("fetchedAt"),
-                field("eventId"),
-                field("logicVersion"),
-                field("source"),
-            ],
-        )
+        let texts = [
+            "body",
+            "oemUpdatedAt",
+            "fetchedAt",
+            "eventId",
+            "logicVersion",
+            "source",
+        ]
+        .map(|f| {
+            entry
+                .get(f)
+                .map_or_else(|| NULL_TEXT.to_owned(), Value::to_string)
+        });
+        Self::new(texts.each_ref().map(String::as_str))
     }
 }
 
 /// A value document's bytes are `{"body":…,"eventId":…,…`: body, then event id, decide a tie.
-fn value_tie(s: &Stamped<ValuePart>) -> Option<Vec<String>> {
-    Some(vec![
-        s.part.body.get().to_owned(),
-        s.part.event_id.to_string(),
-    ])
+fn value_tie(s: &Stamped<ValuePart>) -> Option<(&str, &str)> {
+    Some((s.part.get(Field::Body), s.part.get(Field::EventId)))
 }
 
-fn stored_tie<P>(s: &Stamped<P>) -> Option<Vec<String>> {
-    s.tie.clone()
+fn stored_tie<P>(s: &Stamped<P>) -> Option<(&str, &str)> {
+    s.tie.key().map(|k| (k, ""))
 }
 
-/// What the document shows of an availability cell: the status, and while the signal is not
-/// available, the error and since when. "Available since" is not shown: every good value moves it.
+/// What the document shows of an availability cell: nothing beyond "available" (None), or for a
+/// signal that is not available its status, error and since when. "Available since" is not shown:
+/// every good value moves it.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct AvailabilityPart(Option<Box<Away>>);
+
+/// A signal that is not available.
 #[derive(Debug, Clone, PartialEq)]
-struct AvailabilityPart {
+struct Away {
     status: Box<str>,
     error: Value,
     since: Value,
 }
 
+/// A stored availability document's fields the document shows, and its `error` key's text for
+/// the tie.
+#[derive(Deserialize)]
+struct StoredAvailability<'a> {
+    #[serde(borrow, default)]
+    status: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+}
+
+static NULL: Value = Value::Null;
+
+/// A JSON text as a value (`null` if it is not one; the texts here were written by serde_json).
+fn value_of(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
 impl AvailabilityPart {
-    fn from_raw(raw: &Value) -> Self {
-        let status = raw
+    fn away(status: &str, error: Value, since: Value) -> Self {
+        if status == "available" {
+            return Self(None);
+        }
+        Self(Some(Box::new(Away {
+            status: status.into(),
+            error,
+            since,
+        })))
+    }
+
+    /// From a stored availability document, with its tie key; an unreadable one shows
+    /// "available" and keeps the cell at equal timestamps.
+    fn from_doc(doc: &str) -> (Self, Tie) {
+        let Ok(a) = serde_json::from_str::<StoredAvailability<'_>>(doc) else {
+            return (Self(None), Tie::UNKNOWN);
+        };
+        // The bytes start with `{"error":…` when it has that key, else with `{"eventId"`
+        // (greater): the error decides a tie; two without one render alike.
+        let tie = a
+            .error
+            .map_or_else(Tie::no_error_key, |e| Tie::text(e.get().to_owned()));
+        let status = a.status.as_deref().unwrap_or("available");
+        let error = a.error.map_or(Value::Null, |e| value_of(e.get()));
+        let since = a.since.map_or(Value::Null, |s| value_of(s.get()));
+        (Self::away(status, error, since), tie)
+    }
+
+    /// From a signal's entry in a document.
+    fn from_entry(entry: &Value) -> Self {
+        let field = |f: &str| entry.get(f).cloned().unwrap_or(Value::Null);
+        let status = entry
             .get("status")
             .and_then(Value::as_str)
             .unwrap_or("available");
-        let away = status != "available";
-        Self {
-            status: status.into(),
-            error: raw
-                .get("error")
-                .filter(|e| away && !e.is_null())
-                .cloned()
-                .unwrap_or(Value::Null),
-            since: raw
-                .get("since")
-                .filter(|_| away)
-                .cloned()
-                .unwrap_or(Value::Null),
-        }
+        Self::away(status, field("error"), field("unavailableSince"))
     }
-}
 
-/// What the document shows for a signal without an availability cell.
-static AVAILABLE: LazyLock<AvailabilityPart> = LazyLock::new(|| AvailabilityPart {
-    status: "available".into(),
-    error: Value::Null,
-    since: Value::Null,
-});
+    fn status(&self) -> &str {
+        self.0.as_ref().map_or("available", |a| &a.status)
+    }
 
-/// Sorts after every JSON text: an availability document without an `error` key.
-const NO_ERROR_KEY: &str = "\u{7f}";
+    fn error(&self) -> &Value {
+        self.0.as_ref().map_or(&NULL, |a| &a.error)
+    }
 
-fn parse(doc: &str) -> Value {
-    serde_json::from_str(doc).unwrap_or(Value::Null)
-}
-
-/// An availability document's bytes start with `{"error":…` when it has that key, else with
-/// `{"eventId"` (greater): the error decides a tie; two without one render alike.
-fn availability_tie(raw: &Value) -> Option<Vec<String>> {
-    Some(vec![raw
-        .get("error")
-        .map_or_else(|| NO_ERROR_KEY.to_owned(), Value::to_string)])
+    fn since(&self) -> &Value {
+        self.0.as_ref().map_or(&NULL, |a| &a.since)
+    }
 }
 
 /// What a cell held before a write replaced it (None: nothing), kept until the write's record is
@@ -214,13 +287,12 @@ fn availability_tie(raw: &Value) -> Option<Vec<String>> {
 /// them None on a vehicle's first event, and a 50 KB event writes some 250 cells.
 type Prior<P> = Option<Box<Stamped<P>>>;
 
+/// A cell's tie key: the texts that order like its stored bytes, None when not known.
+type TieOf<P> = fn(&Stamped<P>) -> Option<(&str, &str)>;
+
 /// Keeps the cell the store keeps: the higher write timestamp, at equal timestamps the greater
 /// document (`tie`). When `new` wins, returns the cell it replaced.
-fn newer<P>(
-    slot: &mut Option<Stamped<P>>,
-    new: Stamped<P>,
-    tie: fn(&Stamped<P>) -> Option<Vec<String>>,
-) -> Option<Prior<P>> {
+fn newer<P>(slot: &mut Option<Stamped<P>>, new: Stamped<P>, tie: TieOf<P>) -> Option<Prior<P>> {
     let wins = match slot {
         None => true,
         Some(cur) if new.ts != cur.ts => new.ts > cur.ts,
@@ -248,7 +320,7 @@ struct SignalCells {
 /// A vehicle's cells, as far as the document is concerned.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct View {
-    signals: BTreeMap<String, SignalCells>,
+    signals: BTreeMap<Box<str>, SignalCells>,
     /// Error key → its state cell (the stored error document; shown while in `ERROR`).
     errors: BTreeMap<String, Stamped<Value>>,
 }
@@ -260,12 +332,12 @@ pub enum ViewError {
     Record { vehicle: String, message: String },
 }
 
-/// A cell a plan replaced, and what it held before (None: nothing).
+/// A cell a plan replaced (signal code or error key), and what it held before (None: nothing).
 #[derive(Debug, Clone)]
 enum Replaced {
-    Value(String, Prior<ValuePart>),
-    Availability(String, Prior<AvailabilityPart>),
-    Error(String, Prior<Value>),
+    Value(Box<str>, Prior<ValuePart>),
+    Availability(Box<str>, Prior<AvailabilityPart>),
+    Error(Box<str>, Prior<Value>),
 }
 
 /// What applying one plan did to a view: the cells it replaced, so it can be taken back
@@ -285,53 +357,6 @@ impl Applied {
     }
 }
 
-/// A signal's entry in the document (fields in the order serde_json writes a `Value` object).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SignalEntry<'a> {
-    body: &'a RawValue,
-    error: &'a Value,
-    event_id: &'a Value,
-    fetched_at: &'a Value,
-    logic_version: &'a Value,
-    oem_updated_at: &'a Value,
-    /// `webhook` or `poll`; null without a value.
-    source: &'a Value,
-    status: &'a str,
-    unavailable_since: &'a Value,
-}
-
-/// The state document (fields in the order serde_json writes a `Value` object).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Document<'a> {
-    active_errors: Vec<Value>,
-    needs_reconnect: bool,
-    rate_limited_until: Option<i64>,
-    signals: BTreeMap<&'a str, SignalEntry<'a>>,
-    unsupported_signals: Vec<&'a str>,
-    vehicle_id: &'a str,
-    version: u32,
-}
-
-static NULL: Value = Value::Null;
-
-fn signal_entry(cells: &SignalCells) -> SignalEntry<'_> {
-    let value = cells.value.as_ref().map(|s| &s.part);
-    let avail = cells.availability.as_ref().map(|s| &s.part);
-    SignalEntry {
-        body: value.map_or(RawValue::NULL, |v| &v.body),
-        error: avail.map_or(&NULL, |a| &a.error),
-        event_id: value.map_or(&NULL, |v| &v.event_id),
-        fetched_at: value.map_or(&NULL, |v| &v.fetched_at),
-        logic_version: value.map_or(&NULL, |v| &v.logic_version),
-        oem_updated_at: value.map_or(&NULL, |v| &v.oem_updated_at),
-        source: value.map_or(&NULL, |v| &v.source),
-        status: avail.map_or("available", |a| &a.status),
-        unavailable_since: avail.map_or(&NULL, |a| &a.since),
-    }
-}
-
 /// An error cell's part as the document shows it: only while active.
 fn shown_error(part: Option<&Value>) -> Option<&Value> {
     part.filter(|p| p.is_object() && is_active(p))
@@ -342,17 +367,50 @@ fn is_active(part: &Value) -> bool {
     part.get("state").and_then(Value::as_str) == Some("ERROR")
 }
 
+/// Writes JSON into a byte buffer. Writing to a `Vec` cannot fail, nor can serializing a string
+/// or a `Value`, so the results are ignored.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn raw(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        let _ = serde_json::to_writer(&mut self.0, s);
+    }
+
+    fn value(&mut self, v: &Value) {
+        let _ = serde_json::to_writer(&mut self.0, v);
+    }
+
+    fn key(&mut self, first: &mut bool, k: &str) {
+        if !std::mem::take(first) {
+            self.raw(",");
+        }
+        self.str(k);
+        self.raw(":");
+    }
+}
+
+/// The active errors as the document shows them (each with its key), whether one asks to
+/// reconnect, and the latest back-off among them.
+struct ActiveErrors {
+    list: Vec<Value>,
+    needs_reconnect: bool,
+    rate_limited_until: Option<i64>,
+}
+
 impl View {
     /// Adds a stored value cell (raw JSON document, write timestamp); returns the cell it
     /// replaced when it won.
     fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Prior<ValuePart>> {
-        let s = self.signals.entry(code.to_owned()).or_default();
         let new = Stamped {
             ts,
             part: ValuePart::from_doc(doc),
-            tie: None,
+            tie: Tie::UNKNOWN,
         };
-        newer(&mut s.value, new, value_tie)
+        newer(&mut self.cells_mut(code).value, new, value_tie)
     }
 
     /// Adds a stored availability cell.
@@ -362,21 +420,21 @@ impl View {
         doc: &str,
         ts: i64,
     ) -> Option<Prior<AvailabilityPart>> {
-        let s = self.signals.entry(code.to_owned()).or_default();
-        let raw = parse(doc);
-        let new = Stamped {
-            ts,
-            part: AvailabilityPart::from_raw(&raw),
-            tie: availability_tie(&raw),
-        };
-        newer(&mut s.availability, new, stored_tie)
+        let (part, tie) = AvailabilityPart::from_doc(doc);
+        let new = Stamped { ts, part, tie };
+        newer(&mut self.cells_mut(code).availability, new, stored_tie)
+    }
+
+    /// A signal's cells, created empty if it has none.
+    fn cells_mut(&mut self, code: &str) -> &mut SignalCells {
+        self.signals.entry(code.into()).or_default()
     }
 
     /// Adds a stored vehicle-error cell.
     fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Prior<Value>> {
         let mut slot = self.errors.remove(key);
-        let part = parse(doc);
-        let tie = Some(vec![part.to_string()]);
+        let part = value_of(doc);
+        let tie = Tie::text(part.to_string());
         let replaced = newer(&mut slot, Stamped { ts, part, tie }, stored_tie);
         if let Some(s) = slot {
             self.errors.insert(key.to_owned(), s);
@@ -407,12 +465,12 @@ impl View {
         let held = match &cell.kind {
             CellKind::Value(code) => self
                 .signals
-                .get(code)
+                .get(code.as_str())
                 .and_then(|c| c.value.as_ref())
                 .map(|s| s.ts),
             CellKind::Availability(code) => self
                 .signals
-                .get(code)
+                .get(code.as_str())
                 .and_then(|c| c.availability.as_ref())
                 .map(|s| s.ts),
             CellKind::Error(key) => self.errors.get(key).map(|s| s.ts),
@@ -428,19 +486,21 @@ impl View {
         use crate::store::CellKind;
         let (doc, ts) = (cell.doc.as_str(), cell.timestamp);
         let existed = match &cell.kind {
-            CellKind::Value(code) | CellKind::Availability(code) => self.signals.contains_key(code),
+            CellKind::Value(code) | CellKind::Availability(code) => {
+                self.signals.contains_key(code.as_str())
+            }
             CellKind::Error(_) => true,
         };
         let replaced = match &cell.kind {
             CellKind::Value(code) => self
                 .put_value(code, doc, ts)
-                .map(|prior| Replaced::Value(code.clone(), prior)),
+                .map(|prior| Replaced::Value(code.as_str().into(), prior)),
             CellKind::Availability(code) => self
                 .put_availability(code, doc, ts)
-                .map(|prior| Replaced::Availability(code.clone(), prior)),
+                .map(|prior| Replaced::Availability(code.as_str().into(), prior)),
             CellKind::Error(key) => self
                 .put_error(key, doc, ts)
-                .map(|prior| Replaced::Error(key.clone(), prior)),
+                .map(|prior| Replaced::Error(key.as_str().into(), prior)),
         };
         let Some(replaced) = replaced else {
             return false;
@@ -469,12 +529,12 @@ impl View {
                 match before {
                     // No availability cell renders as available: a first one changes the entry
                     // only if it says something else, or if the signal is new.
-                    None => !existed || now.is_some_and(|p| *p != *AVAILABLE),
+                    None => !existed || now.is_some_and(|p| p.0.is_some()),
                     Some(b) => now != Some(&b.part),
                 }
             }
             Replaced::Error(key, before) => {
-                let now = self.errors.get(key).map(|s| &s.part);
+                let now = self.errors.get(&**key).map(|s| &s.part);
                 shown_error(before.as_deref().map(|s| &s.part)) != shown_error(now)
             }
         }
@@ -493,10 +553,10 @@ impl View {
             }
             Replaced::Error(key, prior) => match prior {
                 Some(p) => {
-                    self.errors.insert(key, *p);
+                    self.errors.insert(key.into(), *p);
                 }
                 None => {
-                    self.errors.remove(&key);
+                    self.errors.remove(&*key);
                 }
             },
         }
@@ -533,19 +593,19 @@ impl View {
         for w in &plan.values {
             let code = w.code.as_str();
             if let Some(prior) = self.put_value(code, &w.value.doc, w.value.timestamp) {
-                replaced.push(Replaced::Value(code.to_owned(), prior));
+                replaced.push(Replaced::Value(code.into(), prior));
             }
         }
         for w in &plan.availability {
             let code = w.code.as_str();
             let ts = w.availability.timestamp;
             if let Some(prior) = self.put_availability(code, &w.availability.doc, ts) {
-                replaced.push(Replaced::Availability(code.to_owned(), prior));
+                replaced.push(Replaced::Availability(code.into(), prior));
             }
         }
         for w in &plan.errors {
             if let Some(prior) = self.put_error(&w.key, &w.state.doc, w.state.timestamp) {
-                replaced.push(Replaced::Error(w.key.clone(), prior));
+                replaced.push(Replaced::Error(w.key.as_str().into(), prior));
             }
         }
         replaced.shrink_to_fit();
@@ -555,9 +615,9 @@ impl View {
         let mut seen: BTreeSet<(u8, &str)> = BTreeSet::new();
         for r in &replaced {
             let (kind, name) = match r {
-                Replaced::Value(c, _) => (0, c.as_str()),
-                Replaced::Availability(c, _) => (1, c.as_str()),
-                Replaced::Error(k, _) => (2, k.as_str()),
+                Replaced::Value(c, _) => (0, &**c),
+                Replaced::Availability(c, _) => (1, &**c),
+                Replaced::Error(k, _) => (2, &**k),
             };
             if !seen.insert((kind, name)) {
                 continue;
@@ -612,55 +672,137 @@ impl View {
         self.signals.is_empty() && self.errors.is_empty()
     }
 
-    /// The document, borrowing the view's parts.
-    fn document<'a>(&'a self, vehicle: &'a str) -> Document<'a> {
-        let mut signals = BTreeMap::new();
-        let mut unsupported = Vec::new();
-        for (code, cells) in &self.signals {
-            let entry = signal_entry(cells);
-            if entry.status == "unsupported" {
-                unsupported.push(code.as_str());
-            }
-            signals.insert(code.as_str(), entry);
-        }
-        let mut active = Vec::new();
-        let mut needs_reconnect = false;
-        let mut backoff_until: Option<i64> = None;
+    /// The active errors the document shows.
+    fn active_errors(&self) -> ActiveErrors {
+        let mut out = ActiveErrors {
+            list: Vec::new(),
+            needs_reconnect: false,
+            rate_limited_until: None,
+        };
         for (key, cell) in &self.errors {
             let Some(Value::Object(e)) = shown_error(Some(&cell.part)) else {
                 continue;
             };
-            needs_reconnect |= e
+            out.needs_reconnect |= e
                 .get("needsReconnect")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
             if let Some(b) = e.get("backoffUntil").and_then(Value::as_i64) {
-                backoff_until = Some(backoff_until.map_or(b, |x| x.max(b)));
+                out.rate_limited_until = Some(out.rate_limited_until.map_or(b, |x| x.max(b)));
             }
             let mut e = e.clone();
             e.insert("key".into(), Value::from(key.clone()));
-            active.push(Value::Object(e));
+            out.list.push(Value::Object(e));
         }
-        Document {
-            active_errors: active,
-            needs_reconnect,
-            rate_limited_until: backoff_until,
-            signals,
-            unsupported_signals: unsupported,
-            vehicle_id: vehicle,
-            version: DOCUMENT_VERSION,
-        }
+        out
     }
 
     /// The state document's JSON text (schema in the README, "Vehicle state document"): the
-    /// same bytes as [`View::render`]'s value written by serde_json.
+    /// same bytes as [`View::render`]'s value written by serde_json (keys in sorted order),
+    /// written straight from the cells' texts. This is what every change record carries.
     pub fn render_text(&self, vehicle: &str) -> String {
-        serde_json::to_string(&self.document(vehicle)).unwrap_or_default()
+        let active = self.active_errors();
+        let mut o = Out(Vec::with_capacity(256 + 256 * self.signals.len()));
+        o.raw("{\"activeErrors\":");
+        o.value(&Value::Array(active.list));
+        o.raw(",\"needsReconnect\":");
+        o.raw(if active.needs_reconnect {
+            "true"
+        } else {
+            "false"
+        });
+        o.raw(",\"rateLimitedUntil\":");
+        match active.rate_limited_until {
+            Some(t) => o.raw(&t.to_string()),
+            None => o.raw(NULL_TEXT),
+        }
+        o.raw(",\"signals\":{");
+        let mut unsupported = Vec::new();
+        let mut first = true;
+        for (code, cells) in &self.signals {
+            o.key(&mut first, code);
+            let value = cells.value.as_ref().map(|s| &s.part);
+            let field = |f: Field| value.map_or(NULL_TEXT, |v| v.get(f));
+            let avail = cells.availability.as_ref().map(|s| &s.part);
+            let status = avail.map_or("available", AvailabilityPart::status);
+            if status == "unsupported" {
+                unsupported.push(&**code);
+            }
+            o.raw("{\"body\":");
+            o.raw(field(Field::Body));
+            o.raw(",\"error\":");
+            o.value(avail.map_or(&NULL, AvailabilityPart::error));
+            o.raw(",\"eventId\":");
+            o.raw(field(Field::EventId));
+            o.raw(",\"fetchedAt\":");
+            o.raw(field(Field::FetchedAt));
+            o.raw(",\"logicVersion\":");
+            o.raw(field(Field::LogicVersion));
+            o.raw(",\"oemUpdatedAt\":");
+            o.raw(field(Field::OemUpdatedAt));
+            // `source` is null without a value.
+            o.raw(",\"source\":");
+            o.raw(field(Field::Source));
+            o.raw(",\"status\":");
+            o.str(status);
+            o.raw(",\"unavailableSince\":");
+            o.value(avail.map_or(&NULL, AvailabilityPart::since));
+            o.raw("}");
+        }
+        o.raw("},\"unsupportedSignals\":[");
+        let mut first = true;
+        for code in unsupported {
+            if !std::mem::take(&mut first) {
+                o.raw(",");
+            }
+            o.str(code);
+        }
+        o.raw("],\"vehicleId\":");
+        o.str(vehicle);
+        o.raw(",\"version\":");
+        o.raw(&DOCUMENT_VERSION.to_string());
+        o.raw("}");
+        // Every piece is UTF-8: the texts are `str`s and serde_json writes UTF-8.
+        String::from_utf8(o.0).unwrap_or_default()
     }
 
-    /// The state document as a JSON value.
+    /// The state document as a JSON value, built as a tree from the cells (not by parsing
+    /// [`View::render_text`], so each checks the other in the tests). For `processor state` and
+    /// the rare whole-document comparisons; change records use the text.
     pub fn render(&self, vehicle: &str) -> Value {
-        serde_json::to_value(self.document(vehicle)).unwrap_or(Value::Null)
+        let active = self.active_errors();
+        let mut signals = Map::new();
+        let mut unsupported = Vec::new();
+        for (code, cells) in &self.signals {
+            let value = cells.value.as_ref().map(|s| &s.part);
+            let field = |f: Field| value.map_or(Value::Null, |v| value_of(v.get(f)));
+            let avail = cells.availability.as_ref().map(|s| &s.part);
+            let status = avail.map_or("available", AvailabilityPart::status);
+            if status == "unsupported" {
+                unsupported.push(Value::from(&**code));
+            }
+            let entry = serde_json::json!({
+                "body": field(Field::Body),
+                "error": avail.map_or(&NULL, AvailabilityPart::error),
+                "eventId": field(Field::EventId),
+                "fetchedAt": field(Field::FetchedAt),
+                "logicVersion": field(Field::LogicVersion),
+                "oemUpdatedAt": field(Field::OemUpdatedAt),
+                "source": field(Field::Source),
+                "status": status,
+                "unavailableSince": avail.map_or(&NULL, AvailabilityPart::since),
+            });
+            signals.insert(code.to_string(), entry);
+        }
+        serde_json::json!({
+            "activeErrors": active.list,
+            "needsReconnect": active.needs_reconnect,
+            "rateLimitedUntil": active.rate_limited_until,
+            "signals": signals,
+            "unsupportedSignals": unsupported,
+            "vehicleId": vehicle,
+            "version": DOCUMENT_VERSION,
+        })
     }
 
     /// What a first record names: every signal, and every active error.
@@ -670,7 +812,11 @@ impl View {
             .iter()
             .filter(|(_, c)| shown_error(Some(&c.part)).is_some())
             .map(|(k, _)| format!("error:{k}"));
-        self.signals.keys().cloned().chain(errors).collect()
+        self.signals
+            .keys()
+            .map(|k| k.to_string())
+            .chain(errors)
+            .collect()
     }
 
     /// [`View::cell_times_text`] as a value: the tests' reference for its bytes, and the input
@@ -681,10 +827,10 @@ impl View {
         let mut a = Map::new();
         for (code, cells) in &self.signals {
             if let Some(s) = &cells.value {
-                v.insert(code.clone(), Value::from(s.ts));
+                v.insert(code.to_string(), Value::from(s.ts));
             }
             if let Some(s) = &cells.availability {
-                a.insert(code.clone(), Value::from(s.ts));
+                a.insert(code.to_string(), Value::from(s.ts));
             }
         }
         let e: Map<String, Value> = self
@@ -704,11 +850,11 @@ impl View {
         let values = self
             .signals
             .iter()
-            .filter_map(|(code, c)| c.value.as_ref().map(|s| (code.as_str(), s.ts)));
+            .filter_map(|(code, c)| c.value.as_ref().map(|s| (&**code, s.ts)));
         let availability = self
             .signals
             .iter()
-            .filter_map(|(code, c)| c.availability.as_ref().map(|s| (code.as_str(), s.ts)));
+            .filter_map(|(code, c)| c.availability.as_ref().map(|s| (&**code, s.ts)));
         let errors = self.errors.iter().map(|(key, s)| (key.as_str(), s.ts));
         // Fields in the order serde_json's sorted map writes them.
         #[derive(Serialize)]
@@ -758,26 +904,21 @@ impl View {
                 cells.value = Some(Stamped {
                     ts: t,
                     part: ValuePart::from_entry(entry),
-                    tie: None,
+                    tie: Tie::UNKNOWN,
                 });
             }
             if let Some(t) = ts("a", code)? {
-                let mut raw = entry.clone();
-                if let Some(m) = raw.as_object_mut() {
-                    let since = m.remove("unavailableSince").unwrap_or(Value::Null);
-                    m.insert("since".into(), since);
-                }
                 // An available cell's stored document may carry `"error":null` (a resolved
                 // incompatibility) or no error key; the document does not say which.
-                let part = AvailabilityPart::from_raw(&raw);
-                let tie = if part.error.is_null() {
-                    Some(vec![NO_ERROR_KEY.to_owned()])
+                let part = AvailabilityPart::from_entry(entry);
+                let tie = if part.error().is_null() {
+                    Tie::no_error_key()
                 } else {
-                    Some(vec![part.error.to_string()])
+                    Tie::text(part.error().to_string())
                 };
                 cells.availability = Some(Stamped { ts: t, part, tie });
             }
-            view.signals.insert(code.clone(), cells);
+            view.signals.insert(code.as_str().into(), cells);
         }
         let mut active: BTreeMap<String, Value> = BTreeMap::new();
         for e in doc
@@ -799,10 +940,10 @@ impl View {
                 // is not in the document (its tie is unknown).
                 let (part, tie) = match active.remove(key) {
                     Some(doc) => {
-                        let tie = Some(vec![doc.to_string()]);
+                        let tie = Tie::text(doc.to_string());
                         (doc, tie)
                     }
-                    None => (Value::Null, None),
+                    None => (Value::Null, Tie::UNKNOWN),
                 };
                 view.errors
                     .insert(key.clone(), Stamped { ts: t, part, tie });
@@ -1118,6 +1259,131 @@ mod tests {
         assert!(restored.is_behind(&avail));
         assert!(restored.adopt(&avail));
         assert_eq!(restored.render("car"), doc);
+    }
+
+    /// A large vehicle has hundreds of cells and the cache holds many vehicles: a signal's two
+    /// cells stay a few words (see the module's note on memory), the rest is one text per value.
+    #[test]
+    fn a_signals_cells_stay_small() {
+        let word = std::mem::size_of::<usize>();
+        assert!(std::mem::size_of::<Stamped<ValuePart>>() <= 8 * word);
+        assert!(std::mem::size_of::<Stamped<AvailabilityPart>>() <= 4 * word);
+        assert!(std::mem::size_of::<SignalCells>() <= 13 * word);
+    }
+
+    /// At equal timestamps the store keeps the greater availability document: one without an
+    /// `error` key (its bytes go on `{"eventId"`) is greater than one with it (`{"error"`).
+    #[test]
+    fn at_equal_timestamps_an_availability_without_an_error_key_wins() {
+        use crate::store::{CellKind, StoredCell};
+        let cell = |doc: Value| StoredCell {
+            kind: CellKind::Availability("s".into()),
+            doc: doc.to_string(),
+            timestamp: 5,
+            event_id: None,
+        };
+        let with = json!({"status": "unsupported", "error": {"type": "COMPATIBILITY"}, "since": 1, "eventId": "a"});
+        let without = json!({"status": "available", "since": 2, "eventId": "b"});
+        let (with_text, without_text) = (with.to_string(), without.to_string());
+        assert!(with_text < without_text, "the store's byte order");
+        for order in [[&with, &without], [&without, &with]] {
+            let mut v = View::default();
+            for doc in order {
+                v.put(&cell(doc.clone()));
+            }
+            assert_eq!(v.render("car")["signals"]["s"]["status"], "available");
+            let mut r =
+                View::restore("car", &v.render("car"), &v.cell_times()).expect("restorable");
+            r.put(&cell(with.clone()));
+            assert_eq!(
+                r.render("car")["signals"]["s"]["status"],
+                "available",
+                "restored"
+            );
+        }
+    }
+
+    /// The document's text is written from the cells' texts, its value built as a tree: both
+    /// must say the same for every shape a cell takes, and a view restored from them must too.
+    #[test]
+    fn text_and_value_agree_on_every_shape_and_survive_a_restore() {
+        use crate::store::{CellKind, StoredCell};
+        let cell = |kind: CellKind, doc: Value, timestamp: i64| StoredCell {
+            kind,
+            doc: doc.to_string(),
+            timestamp,
+            event_id: None,
+        };
+        let odd = "a\"b\\c/\u{e9}\u{1}\u{2028}";
+        let mut v = View::default();
+        // A value without a source (stored before polling), with escapes and extreme numbers.
+        v.put(&cell(
+            CellKind::Value(odd.into()),
+            json!({"body": {"s": odd, "n": [1.5e300, -0.0, 12_345_678_901_234_567_890_u64, -7]},
+                   "eventId": "e\"1", "oemUpdatedAt": "2026-01-01T00:00:00Z", "fetchedAt": 5,
+                   "logicVersion": 2, "ignored": true}),
+            10,
+        ));
+        v.put(&cell(
+            CellKind::Value("polled".into()),
+            json!({"body": null, "eventId": "p1", "oemUpdatedAt": 7, "source": "poll"}),
+            11,
+        ));
+        v.put(&cell(
+            CellKind::Availability(odd.into()),
+            json!({"status": "unavailable", "error": {"type": "X", "code": "Y\u{0}"}, "since": 9, "eventId": "e1"}),
+            12,
+        ));
+        v.put(&cell(
+            CellKind::Availability("unsupported-only".into()),
+            json!({"status": "unsupported", "error": {"type": "COMPATIBILITY"}, "since": 3}),
+            13,
+        ));
+        v.put(&cell(
+            CellKind::Availability("polled".into()),
+            json!({"status": "available", "error": null, "since": 4, "eventId": "p1"}),
+            14,
+        ));
+        v.put(&cell(
+            CellKind::Value("unreadable".into()),
+            Value::String("{not json".into()),
+            15,
+        ));
+        v.put(&cell(
+            CellKind::Error("RATE_LIMIT:VEHICLE".into()),
+            json!({"state": "ERROR", "needsReconnect": false, "backoffUntil": 99, "eventId": "x"}),
+            16,
+        ));
+        v.put(&cell(
+            CellKind::Error("AUTH:\"k\"".into()),
+            json!({"state": "ERROR", "needsReconnect": true, "backoffUntil": 42}),
+            17,
+        ));
+        v.put(&cell(
+            CellKind::Error("gone".into()),
+            json!({"state": "RESOLVED", "needsReconnect": true}),
+            18,
+        ));
+        let vehicle = "car\u{7f}\"";
+        let doc = v.render(vehicle);
+        let text = v.render_text(vehicle);
+        assert_eq!(text, doc.to_string());
+        assert_eq!(doc["needsReconnect"], true);
+        assert_eq!(doc["rateLimitedUntil"], 99);
+        assert_eq!(doc["unsupportedSignals"], json!(["unsupported-only"]));
+        assert_eq!(doc["signals"][odd]["source"], "webhook");
+        assert_eq!(
+            doc["signals"][odd]["body"]["n"][2],
+            12_345_678_901_234_567_890_u64
+        );
+        assert_eq!(doc["signals"][odd]["unavailableSince"], 9);
+        assert_eq!(doc["signals"]["polled"]["error"], Value::Null);
+        assert_eq!(doc["signals"]["unsupported-only"]["eventId"], Value::Null);
+        assert_eq!(doc["signals"]["unreadable"]["source"], "webhook");
+        assert_eq!(doc["activeErrors"].as_array().map(Vec::len), Some(2));
+        let r = View::restore(vehicle, &doc, &v.cell_times()).expect("restorable");
+        assert_eq!(r.render_text(vehicle), text);
+        assert_eq!(r.cell_times_text(), v.cell_times_text());
     }
 
     #[test]
