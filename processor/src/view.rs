@@ -23,7 +23,7 @@
 //! Bookkeeping (the last event seen, its delivery time) is not part of the document: it changes on
 //! every event, so a changelog keyed on it would change on every event too.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{btree_map, BTreeMap, HashSet};
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -350,10 +350,36 @@ pub struct Applied {
     pub changed: Vec<String>,
 }
 
+impl Replaced {
+    /// Which cell it names: its kind and its signal code or error key.
+    fn cell(&self) -> (u8, &str) {
+        match self {
+            Replaced::Value(c, _) => (0, c),
+            Replaced::Availability(c, _) => (1, c),
+            Replaced::Error(k, _) => (2, k),
+        }
+    }
+}
+
 impl Applied {
     /// True when some cell took the write (whether or not the document shows the difference).
     pub fn replaced_any(&self) -> bool {
         !self.replaced.is_empty()
+    }
+}
+
+/// Whether a signal's entry shows availability `now` differently than `before` (`existed`: the
+/// signal had an entry before).
+fn availability_differs(
+    before: Option<&Stamped<AvailabilityPart>>,
+    now: Option<&AvailabilityPart>,
+    existed: bool,
+) -> bool {
+    match before {
+        // No availability cell renders as available: a first one changes the entry only if it
+        // says something else, or if the signal is new.
+        None => !existed || now.is_some_and(|p| p.0.is_some()),
+        Some(b) => now != Some(&b.part),
     }
 }
 
@@ -410,7 +436,7 @@ impl View {
             part: ValuePart::from_doc(doc),
             tie: Tie::UNKNOWN,
         };
-        newer(&mut self.cells_mut(code).value, new, value_tie)
+        newer(&mut self.cells_mut(code).0.value, new, value_tie)
     }
 
     /// Adds a stored availability cell.
@@ -422,12 +448,15 @@ impl View {
     ) -> Option<Prior<AvailabilityPart>> {
         let (part, tie) = AvailabilityPart::from_doc(doc);
         let new = Stamped { ts, part, tie };
-        newer(&mut self.cells_mut(code).availability, new, stored_tie)
+        newer(&mut self.cells_mut(code).0.availability, new, stored_tie)
     }
 
-    /// A signal's cells, created empty if it has none.
-    fn cells_mut(&mut self, code: &str) -> &mut SignalCells {
-        self.signals.entry(code.into()).or_default()
+    /// A signal's cells, created empty if it has none, and whether it had an entry.
+    fn cells_mut(&mut self, code: &str) -> (&mut SignalCells, bool) {
+        match self.signals.entry(code.into()) {
+            btree_map::Entry::Occupied(o) => (o.into_mut(), true),
+            btree_map::Entry::Vacant(v) => (v.insert(SignalCells::default()), false),
+        }
     }
 
     /// Adds a stored vehicle-error cell.
@@ -526,12 +555,7 @@ impl View {
                     .get(code)
                     .and_then(|c| c.availability.as_ref())
                     .map(|s| &s.part);
-                match before {
-                    // No availability cell renders as available: a first one changes the entry
-                    // only if it says something else, or if the signal is new.
-                    None => !existed || now.is_some_and(|p| p.0.is_some()),
-                    Some(b) => now != Some(&b.part),
-                }
+                availability_differs(before.as_deref(), now, existed)
             }
             Replaced::Error(key, before) => {
                 let now = self.errors.get(&**key).map(|s| &s.part);
@@ -574,63 +598,89 @@ impl View {
     /// of the document is derived from them (`unsupportedSignals` from statuses, `needsReconnect`
     /// and `rateLimitedUntil` from active errors).
     pub fn apply_tracked(&mut self, plan: &Plan) -> Applied {
-        // Whether each signal the plan writes had an entry before it.
-        let mut existed: BTreeMap<&str, bool> = BTreeMap::new();
-        for code in plan
-            .values
-            .iter()
-            .map(|w| w.code.as_str())
-            .chain(plan.availability.iter().map(|w| w.code.as_str()))
-        {
-            existed
-                .entry(code)
-                .or_insert_with(|| self.signals.contains_key(code));
-        }
         // Room for every write of the plan, then shrunk to what was replaced: grown by doubling,
         // the log of a large event was mostly unused capacity, held until its record commits.
-        let mut replaced =
-            Vec::with_capacity(plan.values.len() + plan.availability.len() + plan.errors.len());
+        let writes = plan.values.len() + plan.availability.len() + plan.errors.len();
+        let mut replaced = Vec::with_capacity(writes);
+        // Per replacement: whether the document shows its cell differently right after the write,
+        // and whether the signal had an entry just before it (used for availability only). Unless
+        // the plan writes a cell twice, that is what the plan changed: no other write of the plan
+        // touches the cell, and a signal given an entry earlier in the plan (by its value) is a
+        // change anyway.
+        let mut shown = Vec::with_capacity(writes);
         for w in &plan.values {
             let code = w.code.as_str();
-            if let Some(prior) = self.put_value(code, &w.value.doc, w.value.timestamp) {
+            let (cells, _) = self.cells_mut(code);
+            let new = Stamped {
+                ts: w.value.timestamp,
+                part: ValuePart::from_doc(&w.value.doc),
+                tie: Tie::UNKNOWN,
+            };
+            if let Some(prior) = newer(&mut cells.value, new, value_tie) {
+                let now = cells.value.as_ref().map(|s| &s.part);
+                shown.push((prior.as_deref().map(|s| &s.part) != now, true));
                 replaced.push(Replaced::Value(code.into(), prior));
             }
         }
         for w in &plan.availability {
             let code = w.code.as_str();
-            let ts = w.availability.timestamp;
-            if let Some(prior) = self.put_availability(code, &w.availability.doc, ts) {
+            let (cells, existed) = self.cells_mut(code);
+            let (part, tie) = AvailabilityPart::from_doc(&w.availability.doc);
+            let new = Stamped {
+                ts: w.availability.timestamp,
+                part,
+                tie,
+            };
+            if let Some(prior) = newer(&mut cells.availability, new, stored_tie) {
+                let now = cells.availability.as_ref().map(|s| &s.part);
+                shown.push((
+                    availability_differs(prior.as_deref(), now, existed),
+                    existed,
+                ));
                 replaced.push(Replaced::Availability(code.into(), prior));
             }
         }
         for w in &plan.errors {
             if let Some(prior) = self.put_error(&w.key, &w.state.doc, w.state.timestamp) {
+                let now = self.errors.get(w.key.as_str()).map(|s| &s.part);
+                shown.push((
+                    shown_error(prior.as_deref().map(|s| &s.part)) != shown_error(now),
+                    true,
+                ));
                 replaced.push(Replaced::Error(w.key.as_str().into(), prior));
             }
         }
         replaced.shrink_to_fit();
-        // Each cell's state before the plan is the prior of its first replacement.
-        let mut signals: BTreeSet<&str> = BTreeSet::new();
-        let mut errors: BTreeSet<&str> = BTreeSet::new();
-        let mut seen: BTreeSet<(u8, &str)> = BTreeSet::new();
-        for r in &replaced {
-            let (kind, name) = match r {
-                Replaced::Value(c, _) => (0, &**c),
-                Replaced::Availability(c, _) => (1, &**c),
-                Replaced::Error(k, _) => (2, &**k),
-            };
-            if !seen.insert((kind, name)) {
-                continue;
-            }
-            let existed = existed.get(name).copied().unwrap_or(false);
-            if self.shows_differently(r, existed) {
-                if kind == 2 {
-                    errors.insert(name);
+        // A cell the plan wrote twice (a code listed twice in one event): its state before the
+        // plan is the prior of its first replacement, and what the document shows now is the
+        // last write's, so the first replacement is compared with the view as it is now.
+        let mut seen: HashSet<(u8, &str)> = HashSet::with_capacity(replaced.len());
+        let twice = replaced.iter().any(|r| !seen.insert(r.cell()));
+        if twice {
+            seen.clear();
+            for (r, s) in replaced.iter().zip(shown.iter_mut()) {
+                if seen.insert(r.cell()) {
+                    // The signal existed before the plan if it did before its first write.
+                    s.0 = self.shows_differently(r, s.1);
                 } else {
-                    signals.insert(name);
+                    s.0 = false;
                 }
             }
         }
+        let mut signals: Vec<&str> = Vec::new();
+        let mut errors: Vec<&str> = Vec::new();
+        for (r, (differs, _)) in replaced.iter().zip(&shown) {
+            if *differs {
+                match r {
+                    Replaced::Value(c, _) | Replaced::Availability(c, _) => signals.push(c),
+                    Replaced::Error(k, _) => errors.push(k),
+                }
+            }
+        }
+        signals.sort_unstable();
+        signals.dedup();
+        errors.sort_unstable();
+        errors.dedup();
         let changed = signals
             .into_iter()
             .map(str::to_owned)
@@ -1206,6 +1256,80 @@ mod tests {
             );
         }
         assert!(v.is_empty(), "every cell undone");
+    }
+
+    /// An event listing one signal twice: the document changes by what the last winning write
+    /// shows against what the view showed before the event, not by the first write. Here the
+    /// first listing reports the signal unavailable and the second (a stale value, so only its
+    /// availability wins, at the same delivery time) available again: nothing changed.
+    #[test]
+    fn a_signal_listed_twice_changes_the_document_by_its_last_write() {
+        // Epoch milliseconds (smaller numbers read as seconds).
+        const T: i64 = 1_764_000_000_000;
+        let soc = |extra: &str, soc: f64, oem: i64| {
+            format!(
+                r#"{{"code":"tractionbattery-stateofcharge","name":"StateOfCharge","group":"TractionBattery","body":{{"value":{soc},"unit":"percent"}},"meta":{{"oemUpdatedAt":{oem}}}{extra}}}"#
+            )
+        };
+        let unavailable = r#"{"code":"tractionbattery-stateofcharge","name":"StateOfCharge","group":"TractionBattery","status":{"value":"ERROR","error":{"type":"VEHICLE_STATE","code":"UNKNOWN"}}}"#;
+        let event = |id: &str, signals: &[String], at: i64| {
+            let body = format!(
+                r#"{{"eventId":"{id}","eventType":"VEHICLE_STATE","data":{{"vehicle":{{"id":"car"}},"user":{{"id":"u"}},"signals":[{}]}},"meta":{{"webhookId":"w","deliveryId":"d-{id}","deliveredAt":{at},"mode":"LIVE","signalCount":{}}}}}"#,
+                signals.join(","),
+                signals.len()
+            );
+            let e = Event::parse(body.as_bytes()).expect("valid test event");
+            effects::plan(&e, ctx(at))
+        };
+        let mut v = View::default();
+        v.apply(&event("e1", &[soc("", 50.0, T + 2_000)], T + 2_000));
+        let cases = [
+            // Unavailable, then available again with a stale value: no change.
+            (
+                "e2",
+                vec![unavailable.to_owned(), soc("", 40.0, T + 1_000)],
+                T + 3_000,
+            ),
+            // Available with a stale value, then unavailable at the same delivery time: the tie
+            // keeps the available document (its bytes are greater), so again nothing.
+            (
+                "e3",
+                vec![soc("", 40.0, T + 1_000), unavailable.to_owned()],
+                T + 4_000,
+            ),
+            // A fresher value listed twice: a change.
+            (
+                "e4",
+                vec![soc("", 55.0, T + 5_000), soc("", 56.0, T + 5_500)],
+                T + 6_000,
+            ),
+        ];
+        let mut saw_no_change = false;
+        for (id, signals, at) in cases {
+            let plan = event(id, &signals, at);
+            assert!(
+                plan.availability.len() >= 2,
+                "{id}: the plan writes the signal's availability twice"
+            );
+            let before = v.render("car");
+            let applied = v.apply_tracked(&plan);
+            let after = v.render("car");
+            let mut expected = changed(&before, &after);
+            expected.sort();
+            assert_eq!(applied.changed, expected, "{id}");
+            saw_no_change |= expected.is_empty() && applied.replaced_any();
+            let mut undone = v.clone();
+            undone.undo(applied);
+            assert_eq!(
+                undone.render("car"),
+                before,
+                "{id}: undo restores the document"
+            );
+        }
+        assert!(
+            saw_no_change,
+            "some event replaced cells without changing the document"
+        );
     }
 
     /// The stored cell a plan's write of `kind` makes.
