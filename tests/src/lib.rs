@@ -956,7 +956,9 @@ pub async fn metric_value(admin: SocketAddr, line_prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(line_prefix))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+        // From 0.0: `Sum` for f64 starts at -0.0, which the bench printed as "-0.00" for a
+        // metric with no line yet.
+        .fold(0.0, |sum, v| sum + v)
 }
 
 /// POSTs without any `SC-Signature` header; `None` when the connection fails.
