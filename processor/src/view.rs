@@ -287,6 +287,14 @@ impl AvailabilityPart {
 /// them None on a vehicle's first event, and a 50 KB event writes some 250 cells.
 type Prior<P> = Option<Box<Stamped<P>>>;
 
+/// A write that won: the cell it replaced, whether the document shows the cell differently right
+/// after it, and whether the signal had an entry just before it (errors: always).
+struct Won<P> {
+    prior: Prior<P>,
+    differs: bool,
+    existed: bool,
+}
+
 /// A cell's tie key: the texts that order like its stored bytes, None when not known.
 type TieOf<P> = fn(&Stamped<P>) -> Option<(&str, &str)>;
 
@@ -428,27 +436,43 @@ struct ActiveErrors {
 }
 
 impl View {
-    /// Adds a stored value cell (raw JSON document, write timestamp); returns the cell it
-    /// replaced when it won.
-    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Prior<ValuePart>> {
+    /// Adds a stored value cell (raw JSON document, write timestamp); when it wins, returns the
+    /// cell it replaced and whether the document shows the cell differently now.
+    fn put_value(&mut self, code: &str, doc: &str, ts: i64) -> Option<Won<ValuePart>> {
         let new = Stamped {
             ts,
             part: ValuePart::from_doc(doc),
             tie: Tie::UNKNOWN,
         };
-        newer(&mut self.cells_mut(code).0.value, new, value_tie)
+        let (cells, existed) = self.cells_mut(code);
+        let prior = newer(&mut cells.value, new, value_tie)?;
+        let now = cells.value.as_ref().map(|s| &s.part);
+        let differs = prior.as_deref().map(|s| &s.part) != now;
+        Some(Won {
+            prior,
+            differs,
+            existed,
+        })
     }
 
-    /// Adds a stored availability cell.
+    /// Adds a stored availability cell, as [`View::put_value`].
     fn put_availability(
         &mut self,
         code: &str,
         doc: &str,
         ts: i64,
-    ) -> Option<Prior<AvailabilityPart>> {
+    ) -> Option<Won<AvailabilityPart>> {
         let (part, tie) = AvailabilityPart::from_doc(doc);
         let new = Stamped { ts, part, tie };
-        newer(&mut self.cells_mut(code).0.availability, new, stored_tie)
+        let (cells, existed) = self.cells_mut(code);
+        let prior = newer(&mut cells.availability, new, stored_tie)?;
+        let now = cells.availability.as_ref().map(|s| &s.part);
+        let differs = availability_differs(prior.as_deref(), now, existed);
+        Some(Won {
+            prior,
+            differs,
+            existed,
+        })
     }
 
     /// A signal's cells, created empty if it has none, and whether it had an entry.
@@ -459,16 +483,24 @@ impl View {
         }
     }
 
-    /// Adds a stored vehicle-error cell.
-    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Prior<Value>> {
+    /// Adds a stored vehicle-error cell, as [`View::put_value`].
+    fn put_error(&mut self, key: &str, doc: &str, ts: i64) -> Option<Won<Value>> {
         let mut slot = self.errors.remove(key);
         let part = value_of(doc);
         let tie = Tie::text(part.to_string());
         let replaced = newer(&mut slot, Stamped { ts, part, tie }, stored_tie);
+        let differs = replaced.as_ref().map(|prior| {
+            let now = slot.as_ref().map(|s| &s.part);
+            shown_error(prior.as_deref().map(|s| &s.part)) != shown_error(now)
+        });
         if let Some(s) = slot {
             self.errors.insert(key.to_owned(), s);
         }
-        replaced
+        Some(Won {
+            prior: replaced?,
+            differs: differs?,
+            existed: true,
+        })
     }
 
     /// Adds a stored cell of any kind.
@@ -514,31 +546,28 @@ impl View {
     pub fn adopt(&mut self, cell: &crate::store::StoredCell) -> bool {
         use crate::store::CellKind;
         let (doc, ts) = (cell.doc.as_str(), cell.timestamp);
-        let existed = match &cell.kind {
-            CellKind::Value(code) | CellKind::Availability(code) => {
-                self.signals.contains_key(code.as_str())
-            }
-            CellKind::Error(_) => true,
-        };
-        let replaced = match &cell.kind {
+        let won = match &cell.kind {
             CellKind::Value(code) => self
                 .put_value(code, doc, ts)
-                .map(|prior| Replaced::Value(code.as_str().into(), prior)),
-            CellKind::Availability(code) => self
-                .put_availability(code, doc, ts)
-                .map(|prior| Replaced::Availability(code.as_str().into(), prior)),
+                .map(|w| (w.differs, Replaced::Value(code.as_str().into(), w.prior))),
+            CellKind::Availability(code) => self.put_availability(code, doc, ts).map(|w| {
+                (
+                    w.differs,
+                    Replaced::Availability(code.as_str().into(), w.prior),
+                )
+            }),
             CellKind::Error(key) => self
                 .put_error(key, doc, ts)
-                .map(|prior| Replaced::Error(key.as_str().into(), prior)),
+                .map(|w| (w.differs, Replaced::Error(key.as_str().into(), w.prior))),
         };
-        let Some(replaced) = replaced else {
-            return false;
-        };
-        let same = !self.shows_differently(&replaced, existed);
-        if !same {
-            self.take_back(replaced);
+        match won {
+            None => false,
+            Some((false, _)) => true,
+            Some((true, replaced)) => {
+                self.take_back(replaced);
+                false
+            }
         }
-        same
     }
 
     /// Whether the document shows the cell `replaced` names differently now than with what it
@@ -610,44 +639,23 @@ impl View {
         let mut shown = Vec::with_capacity(writes);
         for w in &plan.values {
             let code = w.code.as_str();
-            let (cells, _) = self.cells_mut(code);
-            let new = Stamped {
-                ts: w.value.timestamp,
-                part: ValuePart::from_doc(&w.value.doc),
-                tie: Tie::UNKNOWN,
-            };
-            if let Some(prior) = newer(&mut cells.value, new, value_tie) {
-                let now = cells.value.as_ref().map(|s| &s.part);
-                shown.push((prior.as_deref().map(|s| &s.part) != now, true));
-                replaced.push(Replaced::Value(code.into(), prior));
+            if let Some(won) = self.put_value(code, &w.value.doc, w.value.timestamp) {
+                shown.push((won.differs, won.existed));
+                replaced.push(Replaced::Value(code.into(), won.prior));
             }
         }
         for w in &plan.availability {
             let code = w.code.as_str();
-            let (cells, existed) = self.cells_mut(code);
-            let (part, tie) = AvailabilityPart::from_doc(&w.availability.doc);
-            let new = Stamped {
-                ts: w.availability.timestamp,
-                part,
-                tie,
-            };
-            if let Some(prior) = newer(&mut cells.availability, new, stored_tie) {
-                let now = cells.availability.as_ref().map(|s| &s.part);
-                shown.push((
-                    availability_differs(prior.as_deref(), now, existed),
-                    existed,
-                ));
-                replaced.push(Replaced::Availability(code.into(), prior));
+            let ts = w.availability.timestamp;
+            if let Some(won) = self.put_availability(code, &w.availability.doc, ts) {
+                shown.push((won.differs, won.existed));
+                replaced.push(Replaced::Availability(code.into(), won.prior));
             }
         }
         for w in &plan.errors {
-            if let Some(prior) = self.put_error(&w.key, &w.state.doc, w.state.timestamp) {
-                let now = self.errors.get(w.key.as_str()).map(|s| &s.part);
-                shown.push((
-                    shown_error(prior.as_deref().map(|s| &s.part)) != shown_error(now),
-                    true,
-                ));
-                replaced.push(Replaced::Error(w.key.as_str().into(), prior));
+            if let Some(won) = self.put_error(&w.key, &w.state.doc, w.state.timestamp) {
+                shown.push((won.differs, won.existed));
+                replaced.push(Replaced::Error(w.key.as_str().into(), won.prior));
             }
         }
         replaced.shrink_to_fit();
