@@ -321,6 +321,7 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{protocol_shapes, set_path, variants};
 
     #[test]
     fn key_prefers_vehicle_then_data_vehicle_then_event() {
@@ -447,60 +448,6 @@ mod tests {
         );
     }
 
-    /// Every body shape the protocol doc and the example files show.
-    fn protocol_shapes() -> Vec<serde_json::Value> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/protocol");
-        let mut out = Vec::new();
-        let examples = std::fs::read_dir(dir.join("examples")).unwrap_or_else(|e| panic!("{e}"));
-        for entry in examples.flatten() {
-            let raw = std::fs::read(entry.path()).unwrap_or_else(|e| panic!("{e}"));
-            out.push(serde_json::from_slice(&raw).unwrap_or_else(|e| panic!("{e}")));
-        }
-        let examples_found = out.len();
-        assert!(examples_found >= 4, "protocol examples missing");
-        // The inline bodies of SMARTCAR.md (`{…}` in back-quotes) that are complete JSON.
-        let doc =
-            std::fs::read_to_string(dir.join("SMARTCAR.md")).unwrap_or_else(|e| panic!("{e}"));
-        for quoted in doc.split('`').skip(1).step_by(2) {
-            if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(quoted) {
-                out.push(v);
-            }
-        }
-        assert!(
-            out.len() >= examples_found + 3,
-            "SMARTCAR.md bodies missing"
-        );
-        out
-    }
-
-    /// Values every routing field is tried with: each JSON type, empty and escaped strings, and the
-    /// objects/arrays the other routing rules look into.
-    fn variants() -> Vec<Option<serde_json::Value>> {
-        use serde_json::json;
-        [
-            json!("x-1"),
-            json!(""),
-            json!("ü \"q\" \\ \u{1F697} \n"),
-            json!(5),
-            json!(-1),
-            json!(1.5e300),
-            json!(18446744073709551615_u64),
-            json!(true),
-            json!(null),
-            json!([]),
-            json!(["a", {"vehicleId": "b"}]),
-            json!([{"vehicleId": "first", "data": [{"path": "/odometer", "body": {"distance": 1}}]}, {"vehicleId": "second"}]),
-            json!([{"vehicleId": 7}, {"vehicleId": "second"}]),
-            json!({}),
-            json!({"id": "obj-id", "vehicleId": "obj-vid", "challenge": "obj-ch", "eventId": "obj-ev", "deliveryId": "obj-d"}),
-            json!({"vehicle": {"id": "nested"}, "vehicles": [{"vehicleId": "listed"}], "challenge": ["x"]}),
-        ]
-        .into_iter()
-        .map(Some)
-        .chain([None])
-        .collect()
-    }
-
     /// Paths the routing parse reads (and the containers they sit in).
     const ROUTING_PATHS: &[&[&str]] = &[
         &["eventId"],
@@ -520,32 +467,6 @@ mod tests {
         &["meta"],
         &["meta", "deliveryId"],
     ];
-
-    fn set_path(v: &mut serde_json::Value, path: &[&str], to: Option<serde_json::Value>) {
-        let Some((last, parents)) = path.split_last() else {
-            return;
-        };
-        let mut cur = v;
-        for p in parents {
-            let Some(next) = cur.as_object_mut().map(|o| {
-                o.entry(p.to_string())
-                    .or_insert_with(|| serde_json::json!({}))
-            }) else {
-                return;
-            };
-            cur = next;
-        }
-        if let Some(o) = cur.as_object_mut() {
-            match to {
-                Some(x) => {
-                    o.insert(last.to_string(), x);
-                }
-                None => {
-                    o.remove(*last);
-                }
-            }
-        }
-    }
 
     #[test]
     fn streaming_parse_equals_a_full_parse_on_every_protocol_shape() {

@@ -28,3 +28,5 @@ pub mod shutdown;
 pub mod signature;
 pub mod smartcar_api;
 pub mod telemetry;
+#[cfg(test)]
+mod testkit;
