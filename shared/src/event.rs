@@ -655,7 +655,12 @@ impl Event {
         let root: wire::Field<wire::Root<'_>> =
             serde_json::from_slice(body).map_err(|e| EventError::NotJson(e.to_string()))?;
         let wire::Field::Got(root) = root else {
-            return Err(EventError::NotObject);
+            // Not an object; read whole to tell NotObject from NotJson (an array nested deeper
+            // than serde_json's limit is not JSON it accepts, though passing over it succeeds).
+            return match serde_json::from_slice::<Value>(body) {
+                Err(e) => Err(EventError::NotJson(e.to_string())),
+                Ok(_) => Err(EventError::NotObject),
+            };
         };
         if root.is_legacy_shape()? {
             // Rare, and read as a whole (`payload`'s shape depends on `eventName`).
@@ -1534,6 +1539,14 @@ mod tests {
             };
             assert_eq!(signals.len(), 2);
         }
+        // A body that is not an object is read whole: nesting past the limit is not JSON.
+        let deep_array = deep.as_bytes();
+        assert!(matches!(
+            Event::parse(deep_array),
+            Err(EventError::NotJson(_))
+        ));
+        same(deep_array);
+        same(b"[1]");
         // Where the parse reads, it rejects the same: in a body, in a code.
         for read in [
             event("1").replace(r#"{"value":1}"#, r#"{"value":1e400}"#),
