@@ -185,10 +185,11 @@ pub fn transactional_producer(
     c.create()
 }
 
-/// Bytes of records librdkafka may prefetch, bytes of payload one batch may hold, and the payload
-/// at which waiting runs are handed to a transaction (or, with one in flight, at which the loop
-/// waits for it): with librdkafka's queue, one batch processing, the runs committing and the runs
-/// waiting (each just under this plus one batch), the processor holds at most about six times this.
+/// Bytes of records librdkafka may prefetch, bytes of payload one batch may hold, and the bytes
+/// (payloads and the change records they will produce, [`held_bytes`]) at which waiting runs are
+/// handed to a transaction (or, with one in flight, at which the loop waits for it): with
+/// librdkafka's queue, one batch processing, the runs committing and the runs waiting (each just
+/// under this plus one batch), the processor holds at most about six times this.
 const PREFETCH_BYTES: usize = 4 << 20;
 
 /// Bounds what librdkafka holds for a consumer of the events topic: the processor's and replay's.
@@ -301,7 +302,7 @@ impl Worker {
         // Processed, not yet committed, in processing order (several batches' runs of a partition
         // can wait for one transaction). They are handed to a transaction once the oldest has
         // waited `commit_interval_ms`, or they hold `batch_max` records or a batch's worth of
-        // payload bytes, or at once when no record arrives.
+        // bytes (payloads and change records), or at once when no record arrives.
         let mut pending: Vec<PartitionRun> = Vec::new();
         let mut pending_since: Option<Instant> = None;
         // The transaction in flight, if any: it commits while the loop collects and processes the
@@ -1117,9 +1118,22 @@ fn by_partition(batch: Vec<OwnedMessage>) -> BTreeMap<i32, Vec<OwnedMessage>> {
 fn pending_size(runs: &[PartitionRun]) -> (usize, usize) {
     runs.iter()
         .flat_map(|r| &r.done)
-        .fold((0, 0), |(n, bytes), d| {
-            (n + 1, bytes + d.msg.payload().map_or(0, <[u8]>::len))
-        })
+        .fold((0, 0), |(n, bytes), d| (n + 1, bytes + held_bytes(d)))
+}
+
+/// What a processed record holds until its transaction: its payload, and the state changelog
+/// records it will produce (each the vehicle's whole document and its cell times, often larger
+/// than the event; librdkafka copies them again when they are sent).
+fn held_bytes(d: &Done) -> usize {
+    let changes = match &d.disposition {
+        Disposition::Applied(a) => a
+            .changes
+            .iter()
+            .map(|c| c.document.len() + c.cell_times.len())
+            .sum(),
+        _ => 0,
+    };
+    d.msg.payload().map_or(0, <[u8]>::len) + changes
 }
 
 /// The offset each partition commits to: one past the last record processed in `runs` (a
@@ -1267,6 +1281,30 @@ mod tests {
             "processed again from each partition's first record"
         );
         assert_eq!(pending_size(&runs), (10, 20), "ten records of two bytes");
+    }
+
+    /// The bound on what waits for a transaction counts the change records a run will produce,
+    /// not only the events' payloads: with the changelog on, a 50 KB event's change record (the
+    /// vehicle's whole document and its cell times) is as large again.
+    #[test]
+    fn waiting_runs_are_sized_with_the_change_records_they_will_produce() {
+        let change = |doc: usize, times: usize| crate::changelog::Change {
+            vehicle: "v".into(),
+            event_id: "e".into(),
+            event_type: "VEHICLE_STATE".into(),
+            document: "d".repeat(doc),
+            changed: vec!["a-b".into()],
+            cell_times: "t".repeat(times),
+        };
+        let mut r = run(0, 0..3);
+        r.done[1].disposition = Disposition::Applied(crate::pipeline::Applied {
+            plans: Vec::new(),
+            changes: vec![change(1_000, 200), change(50, 5)],
+            undo: Vec::new(),
+            refresh: false,
+            refresh_requests: Vec::new(),
+        });
+        assert_eq!(pending_size(&[r]), (3, 3 * 2 + 1_200 + 55));
     }
 
     #[test]
