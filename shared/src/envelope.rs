@@ -321,7 +321,7 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testkit::{protocol_shapes, set_path, variants};
+    use crate::testkit::{protocol_shapes, variants};
 
     #[test]
     fn key_prefers_vehicle_then_data_vehicle_then_event() {
@@ -470,19 +470,8 @@ mod tests {
 
     #[test]
     fn streaming_parse_equals_a_full_parse_on_every_protocol_shape() {
-        let mut checked = 0;
-        for shape in protocol_shapes() {
-            same(&serde_json::to_vec(&shape).unwrap_or_default());
-            same(&serde_json::to_vec_pretty(&shape).unwrap_or_default());
-            for path in ROUTING_PATHS {
-                for to in variants() {
-                    let mut v = shape.clone();
-                    set_path(&mut v, path, to);
-                    same(&serde_json::to_vec(&v).unwrap_or_default());
-                    checked += 1;
-                }
-            }
-        }
+        let checked =
+            crate::testkit::each_shape_with_each_field_set(ROUTING_PATHS, &variants(), same);
         assert!(checked > 500, "{checked}");
     }
 

@@ -92,3 +92,26 @@ pub(crate) fn set_path(v: &mut serde_json::Value, path: &[&str], to: Option<serd
         _ => {}
     }
 }
+
+/// Every protocol shape, compact and pretty, then compact with each of `paths` set to each of
+/// `variants` (`None` removes it), handed to `check`; returns how many bodies had a field set.
+pub(crate) fn each_shape_with_each_field_set(
+    paths: &[&[&str]],
+    variants: &[Option<serde_json::Value>],
+    mut check: impl FnMut(&[u8]),
+) -> usize {
+    let mut set = 0;
+    for shape in protocol_shapes() {
+        check(&serde_json::to_vec(&shape).unwrap_or_default());
+        check(&serde_json::to_vec_pretty(&shape).unwrap_or_default());
+        for path in paths {
+            for to in variants {
+                let mut v = shape.clone();
+                set_path(&mut v, path, to.clone());
+                check(&serde_json::to_vec(&v).unwrap_or_default());
+                set += 1;
+            }
+        }
+    }
+    set
+}
