@@ -282,6 +282,7 @@ impl Worker {
     /// clients and rejoins the group, instead of rewinding the same batch forever.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LoopError> {
         let producer = self.producer.clone();
+        let started = Instant::now();
         match tokio::task::spawn_blocking(move || {
             producer.init_transactions(Duration::from_secs(30))
         })
@@ -290,6 +291,11 @@ impl Worker {
             Ok(r) => r.map_err(LoopError::Setup)?,
             Err(_) => return Err(LoopError::Setup(KafkaError::Canceled)),
         }
+        tracing::info!(
+            stage = "transactions initialised",
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "start-up stage done"
+        );
         if let Some(c) = &self.pipeline.changelog {
             c.reset();
         }

@@ -29,7 +29,7 @@ pub mod txn;
 pub mod view;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::registry::Registry;
 use shared::admin::{Admin, Readiness};
@@ -122,14 +122,26 @@ async fn run_inner(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(), StartError> {
+    // Each start-up stage is logged with the time it took, so a slow start names its stage.
+    let started = Instant::now();
+    let stage = |stage: &'static str| {
+        tracing::info!(
+            stage,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "start-up stage done"
+        );
+    };
     let Some(session) = connect_store(settings, readiness, shutdown).await else {
         return Ok(());
     };
+    stage("store connected");
     if settings.cql.migrate {
         shared::cql::migrate(&session, &settings.cql).await?;
+        stage("schema migrated");
     }
     if settings.kafka.create_topics {
         shared::kafka::ensure_topics(&settings.kafka).await?;
+        stage("topics ensured");
     }
     let store = Store::prepare(
         Arc::clone(&session),
@@ -139,6 +151,7 @@ async fn run_inner(
     .await?
     .with_latency(metrics.cql_duration.clone());
     readiness.set("store", true);
+    stage("statements prepared");
     let p = &settings.processor;
     let mut pipeline = Pipeline::new(
         store,

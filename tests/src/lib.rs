@@ -260,11 +260,22 @@ where
         shutdown,
         task: Some(task),
     };
-    eventually(ready_within, || async {
-        get(running.admin, ready_path).await.0 == 200
-    })
-    .await;
-    running
+    // On time-out the panic names what the service still waits for (its `/ready` lists the
+    // conditions that do not hold: store, consumer, transactions, ...), so a slow start-up in a
+    // test run says which stage it was.
+    let deadline = Instant::now() + ready_within;
+    loop {
+        let (status, body) = get(running.admin, ready_path).await;
+        if status == 200 {
+            return running;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready within {ready_within:?}; its {ready_path} answered {status}: {}",
+            body.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Starts the receiver (webhook and admin listeners on ephemeral ports) and waits until it is ready.
