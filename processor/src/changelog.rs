@@ -145,6 +145,16 @@ pub struct Undo {
     what: Taken,
 }
 
+impl Undo {
+    /// About the memory it holds until its record commits (the cells or the entry it replaced).
+    pub fn held_bytes(&self) -> usize {
+        match &self.what {
+            Taken::Cells { applied, .. } => applied.held_bytes(),
+            Taken::Entry(entry) => entry.weight,
+        }
+    }
+}
+
 /// What a record did to a vehicle's entry.
 #[derive(Debug, Clone)]
 enum Taken {

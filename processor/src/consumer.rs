@@ -65,7 +65,7 @@ use shared::headers;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::changelog::Written;
+use crate::changelog::{Undo, Written};
 use crate::dead_letter::{dead_letter_headers, header_str};
 use crate::lanes::{self, LaneResult};
 use crate::metrics::Metrics;
@@ -901,7 +901,7 @@ impl Worker {
             match &d.disposition {
                 Disposition::Applied(applied) if self.emit_actions => {
                     for (plan, a) in applied
-                        .plans
+                        .emits
                         .iter()
                         .flat_map(|p| p.actions.iter().map(move |a| (p, a)))
                     {
@@ -1031,7 +1031,7 @@ impl Worker {
                         let secs = (now - at).max(0) as f64 / 1000.0;
                         self.metrics.freshness.observe(secs);
                     }
-                    let actions: Vec<_> = applied.plans.iter().flat_map(|p| &p.actions).collect();
+                    let actions: Vec<_> = applied.emits.iter().flat_map(|p| &p.actions).collect();
                     self.metrics
                         .state_changes
                         .inc_by(applied.changes.len() as u64);
@@ -1127,16 +1127,20 @@ fn pending_size(runs: &[PartitionRun]) -> (usize, usize) {
         .fold((0, 0), |(n, bytes), d| (n + 1, bytes + held_bytes(d)))
 }
 
-/// What a processed record holds until its transaction: its payload, and the state changelog
-/// records it will produce (each the vehicle's whole document and its cell times, often larger
-/// than the event; librdkafka copies them again when they are sent).
+/// What a processed record holds until its transaction: its payload, the buffers of the state
+/// changelog records it will produce (each the vehicle's whole document and its cell times, often
+/// larger than the event; librdkafka copies them again when they are sent), and the view cells it
+/// replaced, kept to undo it (about the previous document for an event that refreshes every
+/// signal). Its plans' cells are not held (see `pipeline::Emits`); its actions are small.
 fn held_bytes(d: &Done) -> usize {
     let changes = match &d.disposition {
-        Disposition::Applied(a) => a
-            .changes
-            .iter()
-            .map(|c| c.document.len() + c.cell_times.len())
-            .sum(),
+        Disposition::Applied(a) => {
+            a.changes
+                .iter()
+                .map(|c| c.document.capacity() + c.cell_times.capacity())
+                .sum::<usize>()
+                + a.undo.iter().map(Undo::held_bytes).sum::<usize>()
+        }
         _ => 0,
     };
     d.msg.payload().map_or(0, <[u8]>::len) + changes
@@ -1304,7 +1308,7 @@ mod tests {
         };
         let mut r = run(0, 0..3);
         r.done[1].disposition = Disposition::Applied(crate::pipeline::Applied {
-            plans: Vec::new(),
+            emits: Vec::new(),
             changes: vec![change(1_000, 200), change(50, 5)],
             undo: Vec::new(),
             refresh: false,

@@ -10,18 +10,20 @@ use rdkafka::message::{Message, OwnedMessage};
 use shared::clock::EpochMillis;
 use shared::event::{Event, EventKind};
 use shared::headers;
+use shared::ids::VehicleId;
 
 use crate::changelog::{Change, Changelog, Observed, Undo};
 use crate::dead_letter::{header_str, Poison};
-use crate::effects::{self, Context, Plan};
+use crate::effects::{self, Action, Context, Plan};
 use crate::metrics::Metrics;
 use crate::store::{Claim, Position, Store, StoreError};
 
 /// A record whose effects are durable.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// One plan per vehicle concerned; their actions are emitted.
-    pub plans: Vec<Plan>,
+    /// Per vehicle concerned, what its plan leaves for the transaction: actions to emit, a
+    /// refresh poll to ask for.
+    pub emits: Vec<Emits>,
     /// State changelog records (none when nothing a reader sees changed, or the changelog is off).
     pub changes: Vec<Change>,
     /// How to take the record back out of the changelog's views if it is processed again.
@@ -31,6 +33,29 @@ pub struct Applied {
     /// Vehicles of other partitions this record wrote (a legacy body listing several): their
     /// owners are asked to refresh them (control records produced in the same transaction).
     pub refresh_requests: Vec<String>,
+}
+
+/// What a vehicle's plan leaves for its transaction once its writes are durable: the actions to
+/// emit and whether a refresh poll is asked for. A record waits for its transaction with this, not
+/// with the plan, whose cells hold the event's signal texts again (about the payload's size); they
+/// are not needed once written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emits {
+    pub vehicle: Option<VehicleId>,
+    /// Actions whose flag really changed (the pipeline dropped the others).
+    pub actions: Vec<Action>,
+    /// A vehicle error was RESOLVED: one refresh poll is requested.
+    pub refresh_poll: bool,
+}
+
+impl From<Plan> for Emits {
+    fn from(plan: Plan) -> Self {
+        Self {
+            vehicle: plan.vehicle,
+            actions: plan.actions,
+            refresh_poll: plan.refresh_poll,
+        }
+    }
 }
 
 /// What became of a record.
@@ -272,7 +297,7 @@ impl Pipeline {
                     .processing_duration
                     .observe(started.elapsed().as_secs_f64());
                 Ok(Disposition::Applied(Applied {
-                    plans,
+                    emits: plans.into_iter().map(Emits::from).collect(),
                     changes,
                     undo,
                     refresh: false,
@@ -328,7 +353,7 @@ impl Pipeline {
             .inspect_err(|e| self.count_store_error(e))?;
         let event_id = format!("refresh:{}:{}", msg.partition(), msg.offset());
         Ok(Disposition::Applied(Applied {
-            plans: Vec::new(),
+            emits: Vec::new(),
             changes: change
                 .map(|mut c| {
                     c.event_id = event_id;

@@ -374,6 +374,25 @@ impl Applied {
     pub fn replaced_any(&self) -> bool {
         !self.replaced.is_empty()
     }
+
+    /// About the memory the replaced cells hold until the record commits: a value's texts (an
+    /// event that refreshes every signal holds about the previous document), a fixed share for an
+    /// availability or error cell (small documents, held as values).
+    pub fn held_bytes(&self) -> usize {
+        const CELL: usize = 64;
+        const VALUE_CELL: usize = 128;
+        self.replaced
+            .iter()
+            .map(|r| match r {
+                Replaced::Value(code, prior) => {
+                    code.len() + prior.as_ref().map_or(0, |p| p.part.text.len())
+                }
+                Replaced::Availability(code, _) | Replaced::Error(code, _) => {
+                    code.len() + VALUE_CELL
+                }
+            } + CELL)
+            .sum()
+    }
 }
 
 /// Whether a signal's entry shows availability `now` differently than `before` (`existed`: the
@@ -755,12 +774,48 @@ impl View {
         out
     }
 
+    /// About the length of [`View::render_text`]'s document, counted from the cells' texts, so its
+    /// buffer is allocated once at the document's size: a change record waits for its transaction
+    /// in that buffer, and one grown by doubling holds up to twice the document. Exact for the
+    /// fixed text and the values; an unavailable signal's error and an active error are estimated
+    /// (rare; when larger the buffer grows once).
+    fn text_capacity(&self, vehicle: &str, active: &ActiveErrors) -> usize {
+        // `{"activeErrors":`, `,"needsReconnect":false`, `,"rateLimitedUntil":` + an i64,
+        // `,"signals":{`, `},"unsupportedSignals":[`, `],"vehicleId":` + the quoted id,
+        // `,"version":` + a small number, `}`.
+        const DOCUMENT: usize = 160;
+        // Per signal besides its code: the quotes, `:` and `,` around it; the nine keys with their
+        // punctuation (`{"body":` … `,"unavailableSince":`, `}`: 114 bytes); the longest status
+        // (`"unsupported"`); `null` for the error and the since of an available signal.
+        const SIGNAL: usize = 4 + 114 + 13 + 8;
+        // A signal without a value shows six `null`s; an unavailable one its error (estimated).
+        const NO_VALUE: usize = 6 * NULL_TEXT.len();
+        const AWAY: usize = 128;
+        const ERROR: usize = 256;
+        let signals: usize = self
+            .signals
+            .iter()
+            .map(|(code, cells)| {
+                let value = cells.value.as_ref().map_or(NO_VALUE, |v| v.part.text.len());
+                let away = cells.availability.as_ref().map(|a| &a.part);
+                let away = away.map_or(0, |a| match a.0 {
+                    None => 0,
+                    // Listed once more, quoted, among the unsupported signals.
+                    Some(_) if a.status() == "unsupported" => AWAY + code.len() + 3,
+                    Some(_) => AWAY,
+                });
+                code.len() + SIGNAL + value + away
+            })
+            .sum();
+        DOCUMENT + vehicle.len() + signals + ERROR * active.list.len()
+    }
+
     /// The state document's JSON text (schema in the README, "Vehicle state document"): the
     /// same bytes as [`View::render`]'s value written by serde_json (keys in sorted order),
     /// written straight from the cells' texts. This is what every change record carries.
     pub fn render_text(&self, vehicle: &str) -> String {
         let active = self.active_errors();
-        let mut o = Out(Vec::with_capacity(256 + 256 * self.signals.len()));
+        let mut o = Out(Vec::with_capacity(self.text_capacity(vehicle, &active)));
         o.raw("{\"activeErrors\":");
         o.value(&Value::Array(active.list));
         o.raw(",\"needsReconnect\":");
@@ -921,12 +976,29 @@ impl View {
             e: E,
             v: V,
         }
-        serde_json::to_string(&Times {
-            a: TimesMap(availability),
-            e: TimesMap(errors),
-            v: TimesMap(values),
-        })
-        .unwrap_or_default()
+        // Sized like the document (see `text_capacity`): per cell its quoted code, `:`, `,` and
+        // an i64; the three keys and braces.
+        let capacity = 32
+            + self
+                .signals
+                .iter()
+                .map(|(code, c)| {
+                    (code.len() + 24)
+                        * (usize::from(c.value.is_some()) + usize::from(c.availability.is_some()))
+                })
+                .sum::<usize>()
+            + self.errors.keys().map(|k| k.len() + 24).sum::<usize>();
+        let mut out = Vec::with_capacity(capacity);
+        let _ = serde_json::to_writer(
+            &mut out,
+            &Times {
+                a: TimesMap(availability),
+                e: TimesMap(errors),
+                v: TimesMap(values),
+            },
+        );
+        // serde_json writes UTF-8.
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// Rebuilds a view from a changelog record: its document and its cell times header.
@@ -1391,6 +1463,70 @@ mod tests {
         assert!(restored.is_behind(&avail));
         assert!(restored.adopt(&avail));
         assert_eq!(restored.render("car"), doc);
+    }
+
+    /// An event of `n` signals whose bodies each carry a string of `body_bytes`.
+    fn many(id: &str, n: usize, body_bytes: usize, oem: i64) -> Plan {
+        let signals: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"code": format!("group{}-signal{i}", i % 19), "name": format!("Signal{i}"),
+                    "group": format!("Group{}", i % 19),
+                    "body": {"unit": "text", "value": "x".repeat(body_bytes)},
+                    "meta": {"oemUpdatedAt": oem + i as i64}})
+            })
+            .collect();
+        let body = json!({"eventId": id, "eventType": "VEHICLE_STATE",
+            "data": {"vehicle": {"id": "car"}, "user": {"id": "u"}, "signals": signals},
+            "meta": {"webhookId": "w", "deliveryId": format!("d-{id}"), "deliveredAt": oem,
+                "mode": "LIVE", "signalCount": n}});
+        let body = serde_json::to_vec(&body).expect("a test event");
+        let e = Event::parse(&body).expect("valid test event");
+        effects::plan(&e, ctx(oem))
+    }
+
+    /// A change record waits for its transaction in the buffers its document and cell times were
+    /// written to, and the bound on what waits counts those buffers: each is allocated once at
+    /// about its text's size, not reserved at a guess and grown by doubling (which held up to
+    /// twice the text), whatever the signals' size, with unavailable and unsupported signals and
+    /// an active error.
+    #[test]
+    fn a_change_records_buffers_are_allocated_at_their_texts_size() {
+        for (n, body_bytes) in [(1, 1), (40, 10), (200, 100), (200, 300), (50, 2_000)] {
+            // Times as they are (2025, milliseconds; cells store microseconds).
+            let at = 1_764_000_000_000;
+            let mut v = View::default();
+            v.apply(&state("e1", 50.0, at));
+            v.apply(&error("e2", "ERROR", at + 1));
+            v.apply(&many("e3", n, body_bytes, at + 2));
+            for (what, text) in [
+                ("document", v.render_text("car")),
+                ("cell times", v.cell_times_text()),
+            ] {
+                let (len, cap) = (text.len(), text.capacity());
+                assert!(
+                    len <= cap && cap <= len + len / 8 + 64,
+                    "{n} signals of {body_bytes} B: {what} of {len} B in a buffer of {cap} B"
+                );
+            }
+        }
+    }
+
+    /// A record waiting for its transaction keeps the cells it replaced, to be undone: the bound
+    /// on what waits counts them, about the previous values' texts (an event that refreshes every
+    /// signal keeps about the previous document); a stale event replaces and keeps nothing.
+    #[test]
+    fn an_applied_plan_is_sized_with_the_cells_it_replaced() {
+        let at = 1_764_000_000_000;
+        let mut v = View::default();
+        v.apply(&many("e1", 100, 200, at));
+        let previous = v.render_text("car").len();
+        let held = v.apply_tracked(&many("e2", 100, 200, at + 1_000)).held_bytes();
+        assert!(
+            100 * 200 < held && held < previous + 100 * 256,
+            "refreshing 100 signals of 200 B (previous document {previous} B) keeps {held} B"
+        );
+        let stale = v.apply_tracked(&many("e0", 100, 200, at - 1_000));
+        assert_eq!(stale.held_bytes(), 0, "a stale event keeps nothing");
     }
 
     /// A large vehicle has hundreds of cells and the cache holds many vehicles: a signal's two

@@ -32,7 +32,7 @@ pub fn requests(msg: &OwnedMessage, disposition: &Disposition) -> Vec<PollReques
             .collect(),
         // A state refresh (control record) is carhook's own, not an event: it asks for nothing.
         Disposition::Applied(a) if !a.refresh => a
-            .plans
+            .emits
             .iter()
             .filter(|p| p.refresh_poll)
             .filter_map(|p| p.vehicle.as_ref())
