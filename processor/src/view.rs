@@ -1520,7 +1520,9 @@ mod tests {
         let mut v = View::default();
         v.apply(&many("e1", 100, 200, at));
         let previous = v.render_text("car").len();
-        let held = v.apply_tracked(&many("e2", 100, 200, at + 1_000)).held_bytes();
+        let held = v
+            .apply_tracked(&many("e2", 100, 200, at + 1_000))
+            .held_bytes();
         assert!(
             100 * 200 < held && held < previous + 100 * 256,
             "refreshing 100 signals of 200 B (previous document {previous} B) keeps {held} B"
