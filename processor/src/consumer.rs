@@ -282,7 +282,7 @@ impl Worker {
     /// clients and rejoins the group, instead of rewinding the same batch forever.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), LoopError> {
         let producer = self.producer.clone();
-        let started = Instant::now();
+        let mut stages = crate::StartUp::begin();
         match tokio::task::spawn_blocking(move || {
             producer.init_transactions(Duration::from_secs(30))
         })
@@ -291,11 +291,7 @@ impl Worker {
             Ok(r) => r.map_err(LoopError::Setup)?,
             Err(_) => return Err(LoopError::Setup(KafkaError::Canceled)),
         }
-        tracing::info!(
-            stage = "transactions initialised",
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "start-up stage done"
-        );
+        stages.done("transactions initialised");
         if let Some(c) = &self.pipeline.changelog {
             c.reset();
         }

@@ -116,21 +116,32 @@ pub async fn run(
     result
 }
 
+/// Logs each start-up stage with the time it took (`took_ms`), so a slow start names its stage.
+pub(crate) struct StartUp {
+    at: Instant,
+}
+
+impl StartUp {
+    pub(crate) fn begin() -> Self {
+        Self { at: Instant::now() }
+    }
+
+    /// `stage` is done: logs how long it took since the previous one (or the beginning).
+    pub(crate) fn done(&mut self, stage: &'static str) {
+        let took_ms = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(stage, took_ms, "start-up stage done");
+        self.at = Instant::now();
+    }
+}
+
 async fn run_inner(
     settings: &Settings,
     readiness: &Readiness,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(), StartError> {
-    // Each start-up stage is logged with the time it took, so a slow start names its stage.
-    let started = Instant::now();
-    let stage = |stage: &'static str| {
-        tracing::info!(
-            stage,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "start-up stage done"
-        );
-    };
+    let mut stages = StartUp::begin();
+    let mut stage = |stage: &'static str| stages.done(stage);
     let Some(session) = connect_store(settings, readiness, shutdown).await else {
         return Ok(());
     };
