@@ -1,4 +1,4 @@
-//! The services' allocator: mimalloc, and how soon it hands freed memory back to the OS.
+//! The processor's allocator: mimalloc, and how soon it hands freed memory back to the OS.
 //!
 //! This is the only crate of the workspace allowed unsafe code, for one FFI call: mimalloc's
 //! options are set through its C API (or environment variables read when the process starts),
@@ -18,7 +18,7 @@ pub const PURGE_DELAY_MS: i64 = 100;
 /// second. The processor frees about as fast as it allocates (per 50 KB event its payload, texts,
 /// documents and records), and kept up to a second's worth of freed pages resident. Its peak RSS
 /// in the 50 KB drain (`bench/latest.md`, session 16, medians of 3 runs): 106 MB with the default,
-/// 85 MB with 100 ms, 82 MB with 10 ms; with the changelog on 164, 150 and 149 MB. At 10 ms the
+/// 86 MB with 100 ms, 82 MB with 10 ms; with the changelog on 164, 149 and 149 MB. At 10 ms the
 /// purges and the page faults after them cost about 0.2 ms of CPU per 50 KB event more (1.01
 /// against 0.78 ms); at 100 ms none measurable (0.82). The delay is checked when a thread next
 /// allocates or frees, so a busy service purges on time. `MIMALLOC_PURGE_DELAY` in the

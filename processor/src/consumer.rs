@@ -186,7 +186,8 @@ pub fn transactional_producer(
 }
 
 /// Bytes of records librdkafka may prefetch, bytes of payload one batch may hold, and the bytes
-/// (payloads and the change records they will produce, [`held_bytes`]) at which waiting runs are
+/// (payloads, the change records they will produce and the view cells kept to undo them,
+/// [`held_bytes`]) at which waiting runs are
 /// handed to a transaction (or, with one in flight, at which the loop waits for it): with
 /// librdkafka's queue, one batch processing, the runs committing and the runs waiting (each just
 /// under this plus one batch), the processor holds at most about six times this.
@@ -304,7 +305,8 @@ impl Worker {
         // Processed, not yet committed, in processing order (several batches' runs of a partition
         // can wait for one transaction). They are handed to a transaction once the oldest has
         // waited `commit_interval_ms`, or they hold `batch_max` records or a batch's worth of
-        // bytes (payloads and change records), or at once when no record arrives.
+        // bytes (`held_bytes`: payloads, change records, undo cells), or at once when no record
+        // arrives.
         let mut pending: Vec<PartitionRun> = Vec::new();
         let mut pending_since: Option<Instant> = None;
         // The transaction in flight, if any: it commits while the loop collects and processes the
