@@ -116,7 +116,12 @@ pub async fn run(
     result
 }
 
-/// Logs each start-up stage with the time it took (`took_ms`), so a slow start names its stage.
+/// A start-up stage taking longer than this is logged at WARN.
+const SLOW_STAGE: Duration = Duration::from_secs(10);
+
+/// Logs each start-up stage with the time it took (`took_ms`), so a slow start names its stage:
+/// at WARN when it took longer than [`SLOW_STAGE`] (a start-up is then on its way to failing a
+/// readiness probe; the tests log at WARN), else at INFO.
 pub(crate) struct StartUp {
     at: Instant,
 }
@@ -128,8 +133,13 @@ impl StartUp {
 
     /// `stage` is done: logs how long it took since the previous one (or the beginning).
     pub(crate) fn done(&mut self, stage: &'static str) {
-        let took_ms = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(stage, took_ms, "start-up stage done");
+        let took = self.at.elapsed();
+        let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        if took > SLOW_STAGE {
+            tracing::warn!(stage, took_ms, "start-up stage slow");
+        } else {
+            tracing::info!(stage, took_ms, "start-up stage done");
+        }
         self.at = Instant::now();
     }
 }
