@@ -146,6 +146,21 @@ pub struct Undo {
 }
 
 impl Undo {
+    /// An undo of the cells `applied` replaced in `vehicle`'s view, for the crate's tests.
+    #[cfg(test)]
+    pub(crate) fn of_cells(vehicle: &str, applied: view::Applied) -> Self {
+        Self {
+            partition: 0,
+            offset: 0,
+            vehicle: vehicle.to_owned(),
+            what: Taken::Cells {
+                applied,
+                recorded: true,
+                ahead: false,
+            },
+        }
+    }
+
     /// About the memory it holds until its record commits (the cells or the entry it replaced).
     pub fn held_bytes(&self) -> usize {
         match &self.what {

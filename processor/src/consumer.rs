@@ -1291,9 +1291,29 @@ mod tests {
         assert_eq!(pending_size(&runs), (10, 20), "ten records of two bytes");
     }
 
+    /// A one-signal event whose body carries `value`.
+    fn location(id: &str, value: &str, oem: i64) -> crate::effects::Plan {
+        let body = format!(
+            r#"{{"eventId":"{id}","eventType":"VEHICLE_STATE","data":{{"vehicle":{{"id":"car"}},"user":{{"id":"u"}},"signals":[{{"code":"location-preciselocation","name":"PreciseLocation","group":"Location","body":{{"value":"{value}"}},"meta":{{"oemUpdatedAt":{oem}}}}}]}},"meta":{{"webhookId":"w","deliveryId":"d-{id}","deliveredAt":{oem},"mode":"LIVE","signalCount":1}}}}"#
+        );
+        let event = shared::event::Event::parse(body.as_bytes()).expect("a valid test event");
+        let at = shared::clock::EpochMillis::new(oem).expect("a valid test time");
+        crate::effects::plan(
+            &event,
+            crate::effects::Context {
+                received_at: at,
+                delivered_at: at,
+                logic_version: 1,
+                rate_limit_backoff_secs: 900,
+                max_skew_ms: 60_000,
+            },
+        )
+    }
+
     /// The bound on what waits for a transaction counts the change records a run will produce,
     /// not only the events' payloads: with the changelog on, a 50 KB event's change record (the
-    /// vehicle's whole document and its cell times) is as large again.
+    /// vehicle's whole document and its cell times) is as large again; and the view cells a
+    /// record replaced, kept to undo it, are about the previous values.
     #[test]
     fn waiting_runs_are_sized_with_the_change_records_they_will_produce() {
         let change = |doc: usize, times: usize| crate::changelog::Change {
@@ -1312,7 +1332,23 @@ mod tests {
             refresh: false,
             refresh_requests: Vec::new(),
         });
-        assert_eq!(pending_size(&[r]), (3, 3 * 2 + 1_200 + 55));
+        assert_eq!(
+            pending_size(std::slice::from_ref(&r)),
+            (3, 3 * 2 + 1_200 + 55)
+        );
+        // A record that replaced a 5 000-byte value keeps it to undo the record.
+        let at = 1_764_000_000_000;
+        let mut view = crate::view::View::default();
+        view.apply(&location("e1", &"x".repeat(5_000), at));
+        let applied = view.apply_tracked(&location("e2", &"y".repeat(5_000), at + 1));
+        let undo = crate::changelog::Undo::of_cells("car", applied);
+        let kept = undo.held_bytes();
+        assert!(kept > 5_000, "the replaced value's text is counted: {kept}");
+        r.done[2].disposition = Disposition::Applied(crate::pipeline::Applied {
+            undo: vec![undo],
+            ..Default::default()
+        });
+        assert_eq!(pending_size(&[r]), (3, 3 * 2 + 1_200 + 55 + kept));
     }
 
     #[test]
