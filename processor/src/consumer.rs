@@ -187,10 +187,10 @@ pub fn transactional_producer(
 
 /// Bytes of records librdkafka may prefetch, bytes of payload one batch may hold, and the bytes
 /// (payloads, the change records they will produce and the view cells kept to undo them,
-/// [`held_bytes`]) at which waiting runs are
-/// handed to a transaction (or, with one in flight, at which the loop waits for it): with
-/// librdkafka's queue, one batch processing, the runs committing and the runs waiting (each just
-/// under this plus one batch), the processor holds at most about six times this.
+/// [`held_bytes`]) at which waiting runs are handed to a transaction (or, with one in flight, at
+/// which the loop waits for it): with librdkafka's queue, one batch processing, the runs
+/// committing and the runs waiting (each just under this plus one batch), the processor holds at
+/// most about six times this.
 const PREFETCH_BYTES: usize = 4 << 20;
 
 /// Bounds what librdkafka holds for a consumer of the events topic: the processor's and replay's.
@@ -1291,25 +1291,6 @@ mod tests {
         assert_eq!(pending_size(&runs), (10, 20), "ten records of two bytes");
     }
 
-    /// A one-signal event whose body carries `value`.
-    fn location(id: &str, value: &str, oem: i64) -> crate::effects::Plan {
-        let body = format!(
-            r#"{{"eventId":"{id}","eventType":"VEHICLE_STATE","data":{{"vehicle":{{"id":"car"}},"user":{{"id":"u"}},"signals":[{{"code":"location-preciselocation","name":"PreciseLocation","group":"Location","body":{{"value":"{value}"}},"meta":{{"oemUpdatedAt":{oem}}}}}]}},"meta":{{"webhookId":"w","deliveryId":"d-{id}","deliveredAt":{oem},"mode":"LIVE","signalCount":1}}}}"#
-        );
-        let event = shared::event::Event::parse(body.as_bytes()).expect("a valid test event");
-        let at = shared::clock::EpochMillis::new(oem).expect("a valid test time");
-        crate::effects::plan(
-            &event,
-            crate::effects::Context {
-                received_at: at,
-                delivered_at: at,
-                logic_version: 1,
-                rate_limit_backoff_secs: 900,
-                max_skew_ms: 60_000,
-            },
-        )
-    }
-
     /// The bound on what waits for a transaction counts the change records a run will produce,
     /// not only the events' payloads: with the changelog on, a 50 KB event's change record (the
     /// vehicle's whole document and its cell times) is as large again; and the view cells a
@@ -1339,8 +1320,8 @@ mod tests {
         // A record that replaced a 5 000-byte value keeps it to undo the record.
         let at = 1_764_000_000_000;
         let mut view = crate::view::View::default();
-        view.apply(&location("e1", &"x".repeat(5_000), at));
-        let applied = view.apply_tracked(&location("e2", &"y".repeat(5_000), at + 1));
+        view.apply(&crate::view::testing::many("e1", 1, 5_000, at));
+        let applied = view.apply_tracked(&crate::view::testing::many("e2", 1, 5_000, at + 1));
         let undo = crate::changelog::Undo::of_cells("car", applied);
         let kept = undo.held_bytes();
         assert!(kept > 5_000, "the replaced value's text is counted: {kept}");

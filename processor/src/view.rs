@@ -1123,15 +1123,16 @@ pub fn changed(before: &Value, after: &Value) -> Vec<String> {
     out
 }
 
+/// Plans of test events, for this module's tests and the crate's others.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::effects::{self, Context};
-    use serde_json::json;
+pub(crate) mod testing {
+    use crate::effects::{self, Context, Plan};
+    use serde_json::{json, Value};
     use shared::clock::EpochMillis;
     use shared::event::Event;
 
-    fn ctx(received: i64) -> Context {
+    /// A pipeline context whose receive and delivery times are `received`.
+    pub(crate) fn ctx(received: i64) -> Context {
         Context {
             received_at: EpochMillis::new(received).expect("a valid test time"),
             delivered_at: EpochMillis::new(received).expect("a valid test time"),
@@ -1140,6 +1141,34 @@ mod tests {
             max_skew_ms: 60_000,
         }
     }
+
+    /// An event of `n` signals whose bodies each carry a string of `body_bytes`.
+    pub(crate) fn many(id: &str, n: usize, body_bytes: usize, oem: i64) -> Plan {
+        let signals: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"code": format!("group{}-signal{i}", i % 19), "name": format!("Signal{i}"),
+                    "group": format!("Group{}", i % 19),
+                    "body": {"unit": "text", "value": "x".repeat(body_bytes)},
+                    "meta": {"oemUpdatedAt": oem + i as i64}})
+            })
+            .collect();
+        let body = json!({"eventId": id, "eventType": "VEHICLE_STATE",
+            "data": {"vehicle": {"id": "car"}, "user": {"id": "u"}, "signals": signals},
+            "meta": {"webhookId": "w", "deliveryId": format!("d-{id}"), "deliveredAt": oem,
+                "mode": "LIVE", "signalCount": n}});
+        let body = serde_json::to_vec(&body).expect("a test event");
+        let e = Event::parse(&body).expect("valid test event");
+        effects::plan(&e, ctx(oem))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{ctx, many};
+    use super::*;
+    use crate::effects;
+    use serde_json::json;
+    use shared::event::Event;
 
     fn state(id: &str, soc: f64, oem: i64) -> Plan {
         let body = format!(
@@ -1463,25 +1492,6 @@ mod tests {
         assert!(restored.is_behind(&avail));
         assert!(restored.adopt(&avail));
         assert_eq!(restored.render("car"), doc);
-    }
-
-    /// An event of `n` signals whose bodies each carry a string of `body_bytes`.
-    fn many(id: &str, n: usize, body_bytes: usize, oem: i64) -> Plan {
-        let signals: Vec<Value> = (0..n)
-            .map(|i| {
-                json!({"code": format!("group{}-signal{i}", i % 19), "name": format!("Signal{i}"),
-                    "group": format!("Group{}", i % 19),
-                    "body": {"unit": "text", "value": "x".repeat(body_bytes)},
-                    "meta": {"oemUpdatedAt": oem + i as i64}})
-            })
-            .collect();
-        let body = json!({"eventId": id, "eventType": "VEHICLE_STATE",
-            "data": {"vehicle": {"id": "car"}, "user": {"id": "u"}, "signals": signals},
-            "meta": {"webhookId": "w", "deliveryId": format!("d-{id}"), "deliveredAt": oem,
-                "mode": "LIVE", "signalCount": n}});
-        let body = serde_json::to_vec(&body).expect("a test event");
-        let e = Event::parse(&body).expect("valid test event");
-        effects::plan(&e, ctx(oem))
     }
 
     /// A change record waits for its transaction in the buffers its document and cell times were
