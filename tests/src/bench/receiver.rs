@@ -5,7 +5,11 @@
 //! - **baseline**: the same hyper setup reading the body the receiver's way and awaiting an acks=all
 //!   produce of it with the receiver's producer settings and key; no verification, no parse, no
 //!   logging — what any receiver that acknowledges after Kafka must at least spend;
-//! - **plain producer**: an rdkafka loop producing records of the same size, 64 in flight.
+//! - **plain producer**: an rdkafka loop producing records of the same size, 64 in flight;
+//! - **Go reference** (when `go` is on the PATH): `bench/go-receiver`, what a Go developer would
+//!   write with net/http and franz-go for the same job (HMAC over the body, the vehicle id read
+//!   with encoding/json, an acks=all LZ4 produce awaited), without logging, metrics or spans. It is
+//!   a competitor, not a limit: it is not part of the ratio.
 //!
 //! Per size: a warm-up, then three rounds of (bare, baseline, receiver) back to back and the plain
 //! producer; the median of the three is reported, and the ratio is to min(bare, baseline, producer).
@@ -125,6 +129,30 @@ fn rss_mb(pid: u32) -> (f64, f64) {
             / 1024.0
     };
     (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+/// Builds `bench/go-receiver` into the target directory: the Go reference receiver's binary, or
+/// why there is none (no `go` on the PATH, or the build failed; its modules come from the Go
+/// module proxy).
+pub fn build_go_reference() -> Result<PathBuf, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/go-receiver");
+    let out = release_bin("bench-go-receiver");
+    let built = Command::new("go")
+        .args(["build", "-trimpath", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(&src)
+        .output()
+        .map_err(|e| format!("go build in {}: {e}", src.display()))?;
+    if built.status.success() {
+        Ok(out)
+    } else {
+        Err(format!(
+            "go build in {} failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&built.stderr).trim()
+        ))
+    }
 }
 
 /// A server process under test, killed when dropped.
@@ -321,8 +349,14 @@ async fn at_rate(server: &Server, rate: u32, body_bytes: usize, duration: Durati
         "p99_ms": r.latency_ms.get("p99"), "cpu_ms_per_req": cpu_ms_per_req, "statuses": r.statuses, "skipped": r.skipped})
 }
 
-/// All figures for one body size.
-async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
+/// All figures for one body size; `go_reference` is the Go reference receiver's binary, or why
+/// it is not measured.
+async fn one_size(
+    body_bytes: usize,
+    secs: u64,
+    rounds: usize,
+    go_reference: &Result<PathBuf, String>,
+) -> Value {
     let s = settings(&[]);
     shared::kafka::ensure_topics(&s.kafka)
         .await
@@ -384,14 +418,34 @@ async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
         ),
         Err(_) => None,
     };
+    let go = match go_reference {
+        Ok(bin) => {
+            let addr = free_port();
+            let mut cmd = Command::new(bin);
+            cmd.env_clear()
+                .env("GO_RECEIVER_LISTEN", addr.to_string())
+                .env("GO_RECEIVER_BROKERS", &s.kafka.brokers)
+                .env("GO_RECEIVER_TOPIC", &s.kafka.events_topic)
+                .env("GO_RECEIVER_TOKENS", format!("{TOKEN},{OLD_TOKEN}"));
+            Some(start("go", &mut cmd, addr, &dir.join("go.log")).await)
+        }
+        Err(why) => {
+            eprintln!("bench: Go reference receiver not measured: {why}");
+            None
+        }
+    };
     let mut servers = vec![&bare, &base, &recv];
     servers.extend(before.as_ref());
+    servers.extend(go.as_ref());
+    // Where the optional servers' runs are in `runs`.
+    let before_i = before.as_ref().map(|_| 3);
+    let go_i = go.as_ref().map(|_| servers.len() - 1);
 
     eprintln!("bench: {} B bodies, warm-up", body.len());
     for srv in &servers {
         wrk(srv, &body_file, &sig, 3);
     }
-    let mut runs: [Vec<Run>; 4] = Default::default();
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); servers.len()];
     let mut producer = Vec::new();
     for round in 0..rounds {
         eprintln!("bench: {} B bodies, round {}", body.len(), round + 1);
@@ -416,19 +470,30 @@ async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
             "runs": runs[i].iter().map(|r| json!({"acked_per_sec": r.acked_per_sec, "p99_ms": r.p99_ms, "cpu_ms_per_req": r.cpu_ms_per_req, "non_2xx": r.non_2xx})).collect::<Vec<_>>()})
     };
     let (bare_v, base_v, recv_v) = (fig(0), fig(1), fig(2));
-    let before_v = before.as_ref().map(|b| {
-        let (rss, hwm) = rss_mb(b.child.id());
-        let cpu: Vec<f64> = (0..rounds)
-            .map(|k| runs[3][k].cpu_ms_per_req / runs[1][k].cpu_ms_per_req)
-            .collect();
-        let mut v = fig(3);
+    // Per-round CPU ratios of server `i` to server `to`, each pair measured back to back.
+    let cpu_ratios = |i: usize, to: usize| -> Vec<f64> {
+        (0..rounds)
+            .map(|k| runs[i][k].cpu_ms_per_req / runs[to][k].cpu_ms_per_req)
+            .collect()
+    };
+    let other = |srv: &Server, i: usize| {
+        let (rss, hwm) = rss_mb(srv.child.id());
+        let mut v = fig(i);
         v["ratio_to_limit"] = json!(
-            med(3, |r| r.acked_per_sec)
+            med(i, |r| r.acked_per_sec)
                 / med(0, |r| r.acked_per_sec).min(med(1, |r| r.acked_per_sec))
         );
-        v["cpu_ratio_to_baseline"] = json!(median(cpu));
+        v["cpu_ratio_to_baseline"] = json!(median(cpu_ratios(i, 1)));
         v["rss_mb"] = json!(rss);
         v["peak_rss_mb"] = json!(hwm);
+        v
+    };
+    let before_v = before.as_ref().zip(before_i).map(|(b, i)| other(b, i));
+    let go_v = go.as_ref().zip(go_i).map(|(g, i)| {
+        let mut v = other(g, i);
+        v["receiver_cpu_ratio_to_go"] = json!(median(cpu_ratios(2, i)));
+        v["receiver_throughput_ratio_to_go"] =
+            json!(med(2, |r| r.acked_per_sec) / med(i, |r| r.acked_per_sec));
         v
     });
     let producer_rate = median(producer.clone());
@@ -443,16 +508,20 @@ async fn one_size(body_bytes: usize, secs: u64, rounds: usize) -> Value {
         Some(b) => Some(at_rate(b, half, body_bytes, Duration::from_secs(secs)).await),
         None => None,
     };
+    let go_half = match &go {
+        Some(g) => Some(at_rate(g, half, body_bytes, Duration::from_secs(secs)).await),
+        None => None,
+    };
     let base_half = at_rate(&base, half, body_bytes, Duration::from_secs(secs)).await;
-    // Per-round ratios, each from servers measured back to back.
-    let per_round_cpu: Vec<f64> = (0..rounds)
-        .map(|k| runs[2][k].cpu_ms_per_req / runs[1][k].cpu_ms_per_req)
-        .collect();
+    let per_round_cpu = cpu_ratios(2, 1);
     drop(servers);
-    drop((bare, base, recv, before));
+    drop((bare, base, recv, before, go));
     json!({
         "receiver_before": before_v,
         "receiver_before_at_half_max": before_half,
+        "go_reference": go_v,
+        "go_reference_at_half_max": go_half,
+        "go_reference_skipped": go_reference.as_ref().err(),
         "body_bytes": body.len(),
         "receiver": recv_v,
         "baseline": base_v,
@@ -477,8 +546,9 @@ pub async fn figures(secs: u64) -> (Value, Value, String) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let r4 = one_size(4096, secs, rounds).await;
-    let r50 = one_size(50_000, secs, rounds).await;
+    let go_reference = build_go_reference();
+    let r4 = one_size(4096, secs, rounds, &go_reference).await;
+    let r50 = one_size(50_000, secs, rounds, &go_reference).await;
     (r4.clone(), r50.clone(), table(&r4, &r50, secs, rounds))
 }
 
@@ -609,6 +679,51 @@ fn table(r4: &Value, r50: &Value, secs: u64, rounds: usize) -> String {
         &r50["receiver_log_bytes_per_request"],
         "",
     );
+    if !r4["go_reference"].is_null() {
+        let (g4, g50) = (&r4["go_reference"], &r50["go_reference"]);
+        for (label, key) in [
+            (
+                "Go reference (net/http + franz-go, HMAC, encoding/json, no logging) req/s",
+                "throughput_per_sec",
+            ),
+            (
+                "receiver / Go reference req/s",
+                "receiver_throughput_ratio_to_go",
+            ),
+            (
+                "Go reference CPU ms per acknowledged request",
+                "cpu_ms_per_req",
+            ),
+            (
+                "receiver CPU / Go reference CPU (median of per-round ratios)",
+                "receiver_cpu_ratio_to_go",
+            ),
+            ("Go reference p99 ms at max (wrk, closed loop)", "p99_ms"),
+            ("Go reference peak RSS MB (VmHWM)", "peak_rss_mb"),
+        ] {
+            row(&mut md, label, &g4[key], &g50[key], "");
+        }
+        for (label, key) in [
+            (
+                "Go reference p99 ms at the receiver's half max (open loop)",
+                "p99_ms",
+            ),
+            (
+                "Go reference CPU ms per request at that rate",
+                "cpu_ms_per_req",
+            ),
+        ] {
+            row(
+                &mut md,
+                label,
+                &r4["go_reference_at_half_max"][key],
+                &r50["go_reference_at_half_max"][key],
+                "",
+            );
+        }
+    } else if let Some(why) = r4["go_reference_skipped"].as_str() {
+        md.push_str(&format!("\nGo reference receiver not measured: {why}\n"));
+    }
     if !r4["receiver_before"].is_null() {
         let (b4, b50) = (&r4["receiver_before"], &r50["receiver_before"]);
         row(
