@@ -11,8 +11,9 @@
 //!   with encoding/json, an acks=all LZ4 produce awaited), without logging, metrics or spans. It is
 //!   a competitor, not a limit: it is not part of the ratio.
 //!
-//! Per size: a warm-up, then three rounds of (bare, baseline, receiver) back to back and the plain
-//! producer; the median of the three is reported, and the ratio is to min(bare, baseline, producer).
+//! Per size: a warm-up, then three rounds of (bare, baseline, receiver, Go reference) back to back
+//! and the plain producer; the median of the three is reported, and the ratio is to min(bare,
+//! baseline, producer).
 //! CPU per acknowledged request is `utime + stime` of the server process (all its threads, librdkafka's
 //! included) over the run, divided by the 2xx answers; RSS is the receiver's after the last run. The
 //! receiver runs with production logging (JSON lines at `info`, to a file) and spans on. Latency at
